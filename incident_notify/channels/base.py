@@ -1,0 +1,274 @@
+"""The channel contract: what every built-in or third-party channel implements.
+
+A channel type (``twitter``, ``sms``, ...) is a `Channel` subclass registered in the
+entry-point group ``incident_notify.channels``. A playbook names channel *instances*
+(``status_twitter: {type: twitter, sender: "@acme_status"}``); each instance becomes one
+object of that class, built with the instance's `ChannelSpec` and the secrets mapping.
+
+Rules a channel follows:
+
+* `send` sends exactly one message to exactly one recipient (one tweet of a thread is one
+  delivery) and returns a `Receipt`, or raises `TransientChannelError` (retry / fail over:
+  429, 5xx, timeouts, connection errors, SMTP 4xx) or `PermanentChannelError` (never
+  retried: invalid recipient, unsubscribed, auth failure, over-long, duplicate).
+* Error messages never contain a secret value: build them from the provider's error code
+  and text, never from request headers or the client object's repr.
+* Heavy client libraries (tweepy, twilio, smtplib's TLS set-up) are imported inside the
+  methods that need them, never at module level, to keep the CLI's start-up fast.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from incident_notify.errors import IncidentNotifyError
+
+
+# --------------------------------------------------------------------------- errors
+class ChannelError(IncidentNotifyError):
+    """A send or check failed. `code` is the provider's error code when there is one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        channel: str = "",
+        code: str | None = None,
+        hint: str = "",
+    ) -> None:
+        super().__init__(message, hint)
+        self.channel = channel
+        self.code = code
+
+
+class TransientChannelError(ChannelError):
+    """Worth retrying later or on another channel (429, 5xx, timeout, connection refused).
+
+    `retry_after` (seconds) is set when the provider said when to come back (a 429's
+    ``x-rate-limit-reset``); the dispatcher then pauses the whole channel until then.
+    `maybe_delivered` is True when the request may have reached the provider before the
+    failure (a timeout after sending): such a delivery is "unknown", not "failed".
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        channel: str = "",
+        code: str | None = None,
+        hint: str = "",
+        retry_after: float | None = None,
+        maybe_delivered: bool = False,
+    ) -> None:
+        super().__init__(message, channel=channel, code=code, hint=hint)
+        self.retry_after = retry_after
+        self.maybe_delivered = maybe_delivered
+
+
+class PermanentChannelError(ChannelError):
+    """Do not retry this delivery on this channel.
+
+    `opt_out` is True when the recipient has unsubscribed (Twilio 21610, replied STOP):
+    the opt-out list records it. `recipient_problem` is True when the address itself is
+    bad (invalid number, unknown user): the dispatcher may still try the person's next
+    channel. Auth and configuration failures set neither.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        channel: str = "",
+        code: str | None = None,
+        hint: str = "",
+        opt_out: bool = False,
+        recipient_problem: bool = False,
+    ) -> None:
+        super().__init__(message, channel=channel, code=code, hint=hint)
+        self.opt_out = opt_out
+        self.recipient_problem = recipient_problem
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class ChannelLimits:
+    """What a channel accepts and how fast. Declared by the channel, used everywhere."""
+
+    length_rule: str
+    """How a message is measured: 'twitter-weighted', 'sms-segments', 'chars', 'email'."""
+    max_length: int | None
+    """Maximum in the rule's unit (280 weighted, 10,000 chars); None for no limit."""
+    rate_per_second: float
+    """Sustained sends per second (token bucket refill)."""
+    burst: int = 1
+    """Token bucket size: sends allowed at once after a quiet spell."""
+    concurrency: int = 4
+    """Requests in flight at once for one channel instance."""
+    threads: bool = False
+    """True when an over-long message can be split into a reply thread."""
+    broadcast: bool = False
+    """True for a public broadcast channel (a Twitter account): one send reaches everyone."""
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """Rendered, limit-checked content of one delivery."""
+
+    text: str
+    """Tweet / thread part / SMS / DM text, or the plain-text part of an email."""
+    subject: str | None = None
+    """Email subject (one line)."""
+    html: str | None = None
+    """Email HTML part (rendered with autoescape)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message to one recipient on one channel instance. The unit of sending and audit."""
+
+    key: str
+    """Idempotency key: incident, update number, channel, recipient, thread part."""
+    incident_id: str
+    update_no: int
+    channel: str
+    """Channel instance name from the playbook (``status_twitter``)."""
+    recipient: str
+    """Address in the channel's form: E.164 phone, email, ``@handle``; '' for a broadcast."""
+    message: OutgoingMessage
+    contact_id: str = ""
+    """The contact's id (for audit and opt-outs); '' for a broadcast."""
+    audience: str = ""
+    part: int = 1
+    """1-based thread part; `parts` > 1 only for a tweet thread."""
+    parts: int = 1
+    reply_to: str | None = None
+    """Provider id to thread onto: a tweet id (in_reply_to_tweet_id) or an email Message-ID."""
+    thread_refs: tuple[str, ...] = ()
+    """Email: earlier Message-IDs of this incident, for the References header."""
+    fallback_from: str | None = None
+    """Set when this delivery was re-routed from another (down) channel."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the provider said when it accepted a delivery."""
+
+    provider_id: str
+    """Tweet id, DM event id, Twilio message SID (SM...), or email Message-ID."""
+    sent_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    segments: int = 1
+    """SMS segments billed (Twilio num_segments); 1 otherwise."""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    """Extra provider facts worth auditing (status, recipient user id)."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """Result of `Channel.check`: can this channel send right now?"""
+
+    ok: bool
+    detail: str
+    latency_ms: float | None = None
+
+
+class ChannelOptions(BaseModel):
+    """Base of each channel type's options (validated from the playbook, unknown keys refused).
+
+    Every channel type accepts `api_base` (where its client sends requests; the sandbox
+    sets it) on top of its own options.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_base: str | None = None
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """A channel instance as the playbook defines it."""
+
+    name: str
+    type: str
+    sender: str = ""
+    """Sender identity: the Twitter account, the From number or the From address."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Type-specific options, already validated by the class's `Options` model."""
+    fallback: tuple[str, ...] = ()
+    rate_per_second: float | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+
+
+class Channel(ABC):
+    """Base class of every channel type."""
+
+    type_name: ClassVar[str]
+    """The name a playbook uses in ``type:`` (equal to the entry-point name)."""
+    Options: ClassVar[type[ChannelOptions]] = ChannelOptions
+    """Pydantic model of the type-specific options; unknown keys are refused."""
+    default_limits: ClassVar[ChannelLimits]
+    """The provider's documented limits; a playbook may lower the rate, never raise length."""
+    secret_names: ClassVar[tuple[str, ...]] = ()
+    """Environment variables this channel reads its credentials from."""
+    api_base_env: ClassVar[str | None] = None
+    """Environment variable that overrides `api_base` (the sandbox exports it)."""
+
+    def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.secrets = secrets
+        self.options = self.Options.model_validate(dict(spec.options))
+        base = self.default_limits
+        self.limits = ChannelLimits(
+            length_rule=base.length_rule,
+            max_length=base.max_length,
+            rate_per_second=spec.rate_per_second or base.rate_per_second,
+            burst=spec.burst or base.burst,
+            concurrency=spec.concurrency or base.concurrency,
+            threads=base.threads,
+            broadcast=base.broadcast,
+        )
+
+    # -- helpers for subclasses
+    def api_base(self, default: str) -> str:
+        """The base URL requests go to: options, then the env override, then `default`."""
+        if self.options.api_base:
+            return self.options.api_base.rstrip("/")
+        if self.api_base_env and self.secrets.get(self.api_base_env):
+            return self.secrets[self.api_base_env].rstrip("/")
+        if self.api_base_env and os.environ.get(self.api_base_env):
+            return os.environ[self.api_base_env].rstrip("/")
+        return default
+
+    def secret(self, name: str) -> str:
+        """A credential by env-var name; a clear error naming the variable when missing."""
+        value = self.secrets.get(name) or os.environ.get(name)
+        if not value:
+            raise PermanentChannelError(
+                f"channel {self.name!r} ({self.type_name}) needs the credential {name}, "
+                "which is not set",
+                channel=self.name,
+                code="missing-credential",
+                hint=f"export {name}=... or put it in the secrets file (--secrets FILE); "
+                "for a rehearsal use --sandbox",
+            )
+        return value
+
+    # -- the contract
+    @abstractmethod
+    def send(self, delivery: Delivery) -> Receipt:
+        """Send one delivery; raise Transient/PermanentChannelError on failure."""
+
+    @abstractmethod
+    def check(self) -> Health:
+        """Verify credentials and reachability without sending anything."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most channels hold nothing
+        """Release connections (SMTP keeps one open for many recipients)."""

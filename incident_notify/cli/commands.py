@@ -1,0 +1,5 @@
+"""Imports every command module so its commands register on the app."""
+
+from incident_notify.cli import (  # noqa: F401
+    audit_cmd,
+)

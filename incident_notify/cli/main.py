@@ -1,0 +1,112 @@
+"""Entry point: the Typer app, global options, and the one place errors become exit codes.
+
+Every command module registers itself on `app` (or adds a sub-app). Heavy libraries are
+imported inside command functions only, so `incident-notify --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from incident_notify import __version__
+from incident_notify.cli import output
+from incident_notify.errors import IncidentNotifyError, ProblemsError
+from incident_notify.exit_codes import ExitCode
+
+app = typer.Typer(
+    name="incident-notify",
+    help=(
+        "Tell the incident team and customers what is happening, on every channel, "
+        "with failover when one is down, and keep a tamper-evident record of every word."
+    ),
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"incident-notify {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only warnings, errors and results.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Incident mass notification from YAML playbooks."""
+    output.state.debug = debug
+    output.state.quiet = quiet
+
+
+def _register() -> None:
+    # Importing a command module registers its commands on `app`; these modules are
+    # cheap to import (no tweepy / twilio / jinja2 at module level).
+    from incident_notify.cli import commands  # noqa: F401
+
+
+def report_error(exc: IncidentNotifyError, command: str) -> int:
+    """Print one paragraph (or one line per located problem) and return the exit code."""
+    code = int(exc.exit_code)
+    if output.state.json:
+        if isinstance(exc, ProblemsError):
+            errors = [p.to_dict() for p in exc.problems]
+        else:
+            errors = [{"message": exc.message, "hint": exc.hint}]
+        output.emit_json(command, None, exit_code=code, errors=errors)
+        return code
+    con = output.err_console()
+    if isinstance(exc, ProblemsError):
+        for problem in exc.problems:
+            con.print(f"[bold red]error:[/] {problem}", markup=True, highlight=False)
+        con.print(f"{len(exc.problems)} problem(s). {exc.hint}".rstrip(), markup=False)
+    else:
+        text = f"error: {exc.message}"
+        if exc.hint:
+            text += f"\n  hint: {exc.hint}"
+        con.print(text, markup=False, highlight=False)
+    return code
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point: never shows a traceback unless --debug is given."""
+    _register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), "")
+    output.state.json = "--json" in args
+    debug = "--debug" in args
+    try:
+        # Standalone mode: Typer prints usage errors itself (exit 2) and turns
+        # typer.Exit into the process exit code; our own errors come out here.
+        app(args=args, prog_name="incident-notify", standalone_mode=True)
+    except IncidentNotifyError as exc:
+        if debug:
+            raise
+        sys.exit(report_error(exc, command))
+    except KeyboardInterrupt:
+        output.err_console().print("interrupted.", markup=False)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as exc:
+        if debug:
+            raise
+        output.err_console().print(
+            f"error: unexpected {type(exc).__name__}: {exc}\n"
+            "  hint: this is a bug; rerun with --debug for the traceback and report it",
+            markup=False,
+            highlight=False,
+        )
+        sys.exit(int(ExitCode.ERROR))

@@ -1,0 +1,81 @@
+"""Rendering results: rich on a TTY, plain lines otherwise, one JSON envelope with --json.
+
+The JSON envelope (documented in docs/json-output.md) is always::
+
+    {"schema": "incident-notify/v1", "command": "<name>", "ok": bool,
+     "exit_code": int, "data": {...}, "errors": [...]}
+
+Human text goes to stderr when --json is on, so stdout holds only the document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+JSON_SCHEMA = "incident-notify/v1"
+
+
+@dataclass
+class OutputState:
+    json: bool = False
+    quiet: bool = False
+    debug: bool = False
+
+
+state = OutputState()
+
+
+def _no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def console() -> Console:
+    """Where human output goes: stdout normally, stderr when stdout carries JSON."""
+    return Console(
+        file=sys.stderr if state.json else sys.stdout,
+        no_color=_no_color(),
+        highlight=False,
+        soft_wrap=not sys.stdout.isatty(),
+    )
+
+
+def err_console() -> Console:
+    return Console(file=sys.stderr, no_color=_no_color(), highlight=False)
+
+
+def info(message: str) -> None:
+    """A progress/info line for humans; silent with --quiet."""
+    if not state.quiet:
+        console().print(message)
+
+
+def envelope(
+    command: str, data: Any, *, exit_code: int = 0, errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    return {
+        "schema": JSON_SCHEMA,
+        "command": command,
+        "ok": exit_code == 0,
+        "exit_code": exit_code,
+        "data": data,
+        "errors": errors or [],
+    }
+
+
+def emit_json(
+    command: str, data: Any, *, exit_code: int = 0, errors: list[dict[str, Any]] | None = None
+) -> None:
+    """Write the one JSON document of this command to stdout."""
+    doc = envelope(command, data, exit_code=exit_code, errors=errors)
+    sys.stdout.write(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def is_tty() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()

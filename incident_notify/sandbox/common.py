@@ -1,0 +1,240 @@
+"""Pieces shared by the local provider emulators: fault injection, a record of what was
+received, and a threaded HTTP server on 127.0.0.1 with a small control API.
+
+Every emulator exposes, in-process:
+
+* ``faults``: a `Faults` object (thread-safe setters) — outage, added latency, a rate limit,
+  recipients that fail;
+* ``received``: a `Recorder` of every accepted message (a list of dicts);
+* ``start()`` / ``stop()`` and ``url`` (``http://127.0.0.1:PORT``) or ``port``.
+
+HTTP emulators also answer a control API so another process (a test, or a user of
+``incident-notify sandbox``) can inspect and steer them:
+
+* ``GET /_sandbox/received`` -> ``{"received": [...]}``
+* ``POST /_sandbox/faults`` with a JSON body of `Faults` fields -> the new faults
+* ``POST /_sandbox/reset`` -> clears records, faults and rate-limit windows
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+
+@dataclass
+class Faults:
+    """Fault injection settings. Change them with `update` (thread-safe)."""
+
+    outage: bool = False
+    """Answer every request with 503 (HTTP) or 421 (SMTP)."""
+    latency_ms: float = 0.0
+    """Sleep this long before answering each request."""
+    rate_limit: int | None = None
+    """At most this many accepted requests per `rate_window_s`; then 429."""
+    rate_window_s: float = 900.0
+    """Length of the rate-limit window (Twitter's is 15 minutes)."""
+    bad_recipients: list[str] = field(default_factory=list)
+    """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
+    fail_next: int = 0
+    """Fail this many next requests with 503, then work again (tests of retries)."""
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                if key.startswith("_") or not hasattr(self, key):
+                    raise ValueError(f"unknown fault setting {key!r}")
+                setattr(self, key, value)
+
+    def take_fail_next(self) -> bool:
+        """True (and count one down) when the next request must fail."""
+        with self._lock:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                return True
+            return False
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+    def reset(self) -> None:
+        fresh = Faults()
+        self.update(**fresh.snapshot())
+
+
+class Recorder:
+    """Thread-safe list of what an emulator accepted."""
+
+    def __init__(self) -> None:
+        self._items: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add(self, item: dict[str, Any]) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.all())
+
+
+class RateWindow:
+    """Fixed-window counter for the emulated rate limit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._start = time.time()
+        self._count = 0
+
+    def hit(self, limit: int | None, window_s: float) -> tuple[bool, int, float]:
+        """Count one request. Returns (allowed, remaining, reset_epoch)."""
+        with self._lock:
+            now = time.time()
+            if now - self._start >= window_s:
+                self._start, self._count = now, 0
+            reset = self._start + window_s
+            if limit is None:
+                self._count += 1
+                return True, 10**6, reset
+            if self._count >= limit:
+                return False, 0, reset
+            self._count += 1
+            return True, limit - self._count, reset
+
+    def reset(self) -> None:
+        with self._lock:
+            self._start, self._count = time.time(), 0
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # Fan-out opens many connections at once; the default backlog of 5 drops some.
+    request_queue_size = 256
+
+
+class EmulatorHandler(BaseHTTPRequestHandler):
+    """Base request handler: JSON helpers and the control API. Subclasses add routes.
+
+    `self.emulator` is the owning `HttpEmulator`.
+    """
+
+    protocol_version = "HTTP/1.1"
+    emulator: ClassVar[HttpEmulator]
+
+    def log_message(self, format: str, *args: Any) -> None:  # silence stderr logging
+        return
+
+    # -- helpers
+    def read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def send_json(
+        self, status: int, payload: Any, headers: dict[str, str] | None = None
+    ) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def handle_control(self, method: str) -> bool:
+        """Serve /_sandbox/* routes; True when the request was one of them."""
+        if not self.path.startswith("/_sandbox/"):
+            return False
+        emu = self.emulator
+        if method == "GET" and self.path == "/_sandbox/received":
+            self.send_json(200, {"received": emu.received.all()})
+        elif method == "GET" and self.path == "/_sandbox/faults":
+            self.send_json(200, emu.faults.snapshot())
+        elif method == "POST" and self.path == "/_sandbox/faults":
+            try:
+                emu.faults.update(**json.loads(self.read_body() or b"{}"))
+            except (ValueError, TypeError) as exc:
+                self.send_json(400, {"error": str(exc)})
+                return True
+            self.send_json(200, emu.faults.snapshot())
+        elif method == "POST" and self.path == "/_sandbox/reset":
+            self.read_body()
+            emu.reset()
+            self.send_json(200, {"ok": True})
+        else:
+            self.send_json(404, {"error": "unknown control route"})
+        return True
+
+    def apply_latency(self) -> None:
+        delay = self.emulator.faults.latency_ms
+        if delay > 0:
+            time.sleep(delay / 1000.0)
+
+
+class HttpEmulator:
+    """A threaded HTTP server on 127.0.0.1 (port 0 = any free port) in a daemon thread."""
+
+    handler_class: ClassVar[type[EmulatorHandler]]
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.faults = Faults()
+        self.received = Recorder()
+        self.rate = RateWindow()
+        handler = type(
+            f"{self.handler_class.__name__}Bound", (self.handler_class,), {"emulator": self}
+        )
+        self._server = _QuietServer((host, port), handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> HttpEmulator:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=type(self).__name__, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.faults.reset()
+        self.rate.reset()
+
+    def __enter__(self) -> HttpEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
