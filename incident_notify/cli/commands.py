@@ -2,4 +2,9 @@
 
 from incident_notify.cli import (  # noqa: F401
     audit_cmd,
+    config_cmd,
+    drill_cmd,
+    incident_cmd,
+    playbook_cmd,
+    sandbox_cmd,
 )

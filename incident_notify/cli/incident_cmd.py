@@ -1,0 +1,287 @@
+"""Lifecycle commands: declare, update, resolve, reopen, resume, status, timeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from incident_notify.cli import output
+from incident_notify.cli.main import app
+from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
+
+if TYPE_CHECKING:
+    from incident_notify.notify import Runtime, SendOutcome
+
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Send without asking for confirmation.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show the plan and messages; record and send nothing.")
+]
+MessageOpt = Annotated[
+    str, typer.Option("--message", "-m", help="Free-text update, rendered through the "
+                      "stage's templates as {{ message }}.")
+]
+SandboxOpt = Annotated[
+    bool, typer.Option("--sandbox", envvar="INCIDENT_NOTIFY_SANDBOX",
+                       help="Send to the local provider emulators, no credentials needed.")
+]
+SecretsOpt = Annotated[
+    Path | None, typer.Option("--secrets", help="dotenv-style file of credentials.",
+                              show_default=False)
+]
+PlaybookOpt = Annotated[
+    Path | None, typer.Option("--playbook", help="Use this playbook file instead of the "
+                              "recorded path (if it moved).", show_default=False)
+]
+
+
+@contextmanager
+def runtime(audit_log: Path | None, sandbox: bool = False,
+            secrets: Path | None = None) -> Iterator[Runtime]:
+    from incident_notify.config import load_settings
+    from incident_notify.notify import open_runtime
+
+    settings = load_settings({"audit_log": audit_log, "sandbox": sandbox,
+                              "secrets_file": secrets})
+    rt = open_runtime(settings)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def _send(command: str, json: bool, yes: bool, dry_run: bool,
+          action: Callable[[Any, Any], SendOutcome]) -> None:
+    """Run a sending action with confirmation, progress and the summary/exit code."""
+    from incident_notify.cli.progress import LiveProgress, make_confirm, print_outcome
+
+    output.state.json = json
+    confirm = None if dry_run else make_confirm(yes, json)
+    progress = LiveProgress()
+    with progress:
+        outcome = action(confirm, progress)
+    if json:
+        output.emit_json(command, outcome.to_dict(), exit_code=int(outcome.exit_code))
+    else:
+        if outcome.dry_run and outcome.preflight is not None:
+            from incident_notify.cli.progress import print_preflight
+
+            print_preflight(outcome.preflight)
+        print_outcome(outcome)
+    raise typer.Exit(int(outcome.exit_code))
+
+
+@app.command()
+def declare(
+    playbook: Annotated[Path, typer.Argument(help="The incident playbook (YAML).")],
+    sets: SetOpt = None,
+    vars_file: VarsOpt = None,
+    message: MessageOpt = "",
+    stage: Annotated[str | None, typer.Option("--stage", help="Start at this stage "
+                                              "(default: the playbook's first).")] = None,
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Open an incident from a playbook and notify everyone its first stage names.
+
+    The incident id (INC-YYYYMMDD-NNNN) is printed; use it with update / resolve.
+    Variables come from --set, --vars and INCIDENT_NOTIFY_VAR_<NAME>.
+    """
+    from incident_notify import notify
+    from incident_notify.messages import collect_variables
+    from incident_notify.playbook import load_playbook
+
+    output.state.json = json
+    values = collect_variables(load_playbook(playbook), sets or [], vars_file)
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send("declare", json, yes, dry_run, lambda confirm, progress: notify.declare(
+            rt, playbook, values, message=message, stage=stage, dry_run=dry_run,
+            confirm=confirm, progress=progress))
+
+
+@app.command()
+def update(
+    incident: Annotated[str, typer.Argument(help="Incident id, e.g. INC-20261122-0001.")],
+    stage: Annotated[str | None, typer.Option("--stage", help="Move to this stage.")] = None,
+    sets: SetOpt = None,
+    message: MessageOpt = "",
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
+    playbook: PlaybookOpt = None,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Move an incident to its next stage, or post a free-text update at the same stage.
+
+    Only the transitions the playbook allows are accepted. Tweets continue the
+    incident's thread; emails thread by References.
+    """
+    from incident_notify import notify
+    from incident_notify.messages import parse_set
+
+    output.state.json = json
+    values = parse_set(sets or [])
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send("update", json, yes, dry_run, lambda confirm, progress: notify.update(
+            rt, incident, stage=stage, sets=values, message=message, dry_run=dry_run,
+            confirm=confirm, progress=progress, playbook=playbook))
+
+
+@app.command()
+def resolve(
+    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    message: MessageOpt = "",
+    sets: SetOpt = None,
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
+    playbook: PlaybookOpt = None,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Close an incident with the playbook's final stage; it then refuses updates."""
+    from incident_notify import notify
+    from incident_notify.messages import parse_set
+
+    output.state.json = json
+    values = parse_set(sets or [])
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send("resolve", json, yes, dry_run, lambda confirm, progress: notify.resolve(
+            rt, incident, sets=values, message=message, dry_run=dry_run, confirm=confirm,
+            progress=progress, playbook=playbook))
+
+
+@app.command()
+def reopen(
+    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    stage: Annotated[str | None, typer.Option("--stage", help="Reopen at this stage "
+                                              "(default: the first).")] = None,
+    message: MessageOpt = "",
+    sets: SetOpt = None,
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
+    playbook: PlaybookOpt = None,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Reopen a resolved incident (and notify, as at its first stage)."""
+    from incident_notify import notify
+    from incident_notify.messages import parse_set
+
+    output.state.json = json
+    values = parse_set(sets or [])
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send("reopen", json, yes, dry_run, lambda confirm, progress: notify.reopen(
+            rt, incident, stage=stage, sets=values, message=message, dry_run=dry_run,
+            confirm=confirm, progress=progress, playbook=playbook))
+
+
+@app.command()
+def resume(
+    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    include_unknown: Annotated[
+        bool, typer.Option("--include-unknown",
+                           help="Also re-send deliveries whose outcome is unknown (they may "
+                           "have been delivered already).")
+    ] = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
+    playbook: PlaybookOpt = None,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """After a crash or Ctrl-C: send exactly what has no recorded outcome.
+
+    Deliveries that were attempted without a recorded answer are listed as unknown and
+    re-sent only with --include-unknown.
+    """
+    from incident_notify import notify
+
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send("resume", json, True, False, lambda confirm, progress: notify.resume(
+            rt, incident, include_unknown=include_unknown, progress=progress,
+            playbook=playbook))
+
+
+@app.command()
+def status(
+    incident: Annotated[str | None, typer.Argument(help="One incident (default: all open).")]
+    = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include resolved incidents.")] = False,
+    audit_log: AuditLogOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Open incidents: stage, age, last update, deliveries per channel, failovers."""
+    from incident_notify.status import incident_summaries
+
+    output.state.json = json
+    with runtime(audit_log) as rt:
+        rows = incident_summaries(rt, incident, include_resolved=all_ or incident is not None)
+    if json:
+        output.emit_json("status", {"incidents": rows})
+        return
+    con = output.console()
+    if not rows:
+        con.print("No open incidents." if not incident else f"No incident {incident}.")
+        return
+    from incident_notify.cli.render_results import table
+
+    t = table("incident", "title", "stage", "status", "age", "last update", "updates",
+              "deliveries", "failovers")
+    for r in rows:
+        counts = ", ".join(f"{ch}: {c.get('sent', 0)} sent"
+                           + (f"/{c['failed']} failed" if c.get("failed") else "")
+                           for ch, c in r["channels"].items())
+        t.add_row(r["id"], escape(r["title"]), r["stage"], r["status"], r["age"],
+                  r["last_event_at"][:19].replace("T", " "), str(r["updates"]),
+                  escape(counts), str(len(r["failovers"])))
+    con.print(t)
+    for r in rows:
+        if r["pending"] or r["in_doubt"]:
+            con.print(f"[yellow]{r['id']}: {r['pending']} unsent, {r['in_doubt']} unknown — "
+                      f"run: incident-notify resume {r['id']}[/]")
+
+
+@app.command()
+def timeline(
+    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    audit_log: AuditLogOpt = None,
+    deliveries: Annotated[bool, typer.Option("--deliveries",
+                                             help="List every delivery, not only totals.")]
+    = False,
+    json: JsonOpt = False,
+) -> None:
+    """Every event of an incident in order: what was said, on which channel, to whom."""
+    from incident_notify.status import timeline_entries
+
+    output.state.json = json
+    with runtime(audit_log) as rt:
+        entries = timeline_entries(rt, incident, deliveries=deliveries)
+    if json:
+        output.emit_json("timeline", {"incident": incident, "events": entries})
+        return
+    con = output.console()
+    for e in entries:
+        when = e["ts"][:19].replace("T", " ")
+        con.print(f"[dim]{when}[/] [bold]{escape(e['what'])}[/]")
+        for line in e.get("lines", []):
+            con.print(f"    {escape(line)}")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,190 @@
+"""What the commander sees while and after sending: preflight, prompt, progress, summary.
+
+On a terminal: rich progress bars per channel and a summary table. Otherwise (a runbook,
+a CI log, NO_COLOR): plain lines, no bars, no colour.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from incident_notify.cli import output
+from incident_notify.cli.render_results import print_preview, table
+from incident_notify.errors import AbortedError
+
+if TYPE_CHECKING:
+    from incident_notify.channels.base import Delivery
+    from incident_notify.notify import Preflight, SendOutcome
+
+
+def print_preflight(pre: Preflight) -> None:
+    from incident_notify.preview import PreviewResult
+
+    con = output.console()
+    what = {"incident.declared": "Declare", "incident.updated": "Update",
+            "incident.resolved": "Resolve", "incident.reopened": "Reopen"}.get(pre.event, "Send")
+    con.print(f"[bold]{what} {escape(pre.incident_id)}[/] — {escape(pre.playbook.model.title)}"
+              f" — stage [bold]{escape(pre.stage)}[/] (update {pre.update_no})\n")
+    print_preview(PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
+    t = table("channel", "type", "deliveries", "health", title="Audience per channel")
+    for name, health in sorted(pre.health.items()):
+        count = pre.audience_sizes.get(name, 0)
+        ctype = pre.playbook.model.channels[name].type
+        mark = "[green]healthy[/]" if health.ok else f"[bold red]DOWN[/] {escape(health.detail)}"
+        t.add_row(name, ctype, str(count), mark)
+    con.print(t)
+    for name in pre.unhealthy:
+        fb = pre.playbook.model.channels[name].fallback
+        where = f"will fail over to {', '.join(fb)}" if fb else "has no fallback channel"
+        con.print(f"[bold yellow]warning:[/] {escape(name)} is unhealthy and {where}")
+    if pre.skips:
+        reasons = Counter(s.reason for s in pre.skips)
+        for reason, n in reasons.most_common():
+            con.print(f"[yellow]skipped {n}:[/] {escape(reason)}")
+    if pre.contact_problems:
+        con.print(f"[yellow]{pre.contact_problems} invalid contact record(s) not loaded; "
+                  "run 'incident-notify contacts check' for details[/]")
+    for warning in pre.stats.warnings[:10]:
+        con.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def make_confirm(yes: bool, json_mode: bool) -> Any:
+    """The confirmation callback: --yes skips it; no TTY and no --yes refuses."""
+
+    def confirm(pre: Preflight) -> bool:
+        total = sum(pre.audience_sizes.values())
+        if not json_mode and not (yes and output.state.quiet):
+            print_preflight(pre)
+        if yes:
+            return True
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise AbortedError(
+                "refusing to send without confirmation: no terminal to ask on and no --yes",
+                hint="a runbook must be explicit: add --yes (preview first with --dry-run)")
+        answer = input(f"Send {total} deliveries on {len(pre.audience_sizes)} channel(s)? "
+                       "[y/N] ").strip().lower()
+        return answer in ("y", "yes")
+
+    return confirm
+
+
+class LiveProgress:
+    """Progress callback for the dispatcher; a context manager around the fan-out."""
+
+    def __init__(self, expected: Mapping[str, int] | None = None) -> None:
+        self.enabled = (sys.stdout.isatty() and not output.state.json
+                        and not output.state.quiet)
+        self.expected = dict(expected or {})
+        self.counts: dict[str, Counter[str]] = {}
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> LiveProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description:<22}"), BarColumn(), TextColumn(
+                    "{task.completed}/{task.total} {task.fields[detail]}"),
+                TimeElapsedColumn(), console=output.console(), transient=False)
+            self._progress.start()
+            for name, total in sorted(self.expected.items()):
+                self._task(name, total)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _task(self, channel: str, total: int | None = None) -> Any:
+        if self._progress is None:
+            return None
+        if channel not in self._tasks:
+            self._tasks[channel] = self._progress.add_task(
+                channel, total=total or self.expected.get(channel) or 0, detail="")
+        return self._tasks[channel]
+
+    def __call__(self, kind: str, delivery: Delivery, info: Mapping[str, Any]) -> None:
+        channel = delivery.channel
+        if kind in ("circuit_open", "circuit_closed", "failed_over", "retry"):
+            self._notice(kind, channel, info)
+        if kind not in ("sent", "failed", "failed_over", "unknown", "skipped"):
+            return
+        with self._lock:
+            c = self.counts.setdefault(channel, Counter())
+            c[kind] += 1
+            if self._progress is not None:
+                task = self._task(channel)
+                total = self._progress.tasks[task].total or 0
+                done = sum(c.values())
+                detail = " ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.items()))
+                self._progress.update(task, completed=done, total=max(total, done),
+                                      detail=detail)
+
+    def _notice(self, kind: str, channel: str, info: Mapping[str, Any]) -> None:
+        if output.state.quiet and kind == "retry":
+            return
+        if kind == "retry":
+            if self._progress is None and not output.state.json:
+                return  # plain output: retries are summarised, not streamed
+            text = f"[dim]{escape(channel)}: retrying ({escape(str(info.get('error', '')))})[/]"
+        elif kind == "circuit_open":
+            text = (f"[bold yellow]warning:[/] channel {escape(channel)} is down "
+                    f"({escape(str(info.get('reason', '')))}); failing over")
+        elif kind == "circuit_closed":
+            text = f"[green]channel {escape(channel)} recovered[/]"
+        else:
+            to = ", ".join(info.get("to", [])) or "(already reached)"
+            text = (f"[yellow]failover:[/] {escape(channel)} → {escape(to)} "
+                    f"({info.get('deliveries', 0)} deliveries)")
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            output.err_console().print(text) if output.state.json else output.console().print(
+                text)
+
+
+def print_outcome(outcome: SendOutcome) -> None:
+    con = output.console()
+    if outcome.dry_run:
+        con.print("[bold]Dry run:[/] nothing was recorded or sent.")
+        return
+    r = outcome.result
+    if r is None:
+        return
+    t = table("channel", "sent", "failed", "failed over", "skipped", "unknown", "not reached",
+              title=f"{outcome.incident_id} update {outcome.update_no} ({outcome.stage})")
+    for ch, c in sorted(r.counts.items()):
+        t.add_row(ch, *(str(c.get(k, 0)) for k in
+                        ("sent", "failed", "failed_over", "skipped", "unknown", "not_reached")))
+    con.print(t)
+    for f in r.failures[:20]:
+        con.print(f"[red]{f['outcome']}:[/] {escape(f['channel'])} → "
+                  f"{escape(str(f.get('recipient') or 'public'))}: {escape(str(f.get('error')))}")
+    if len(r.failures) > 20:
+        con.print(f"... and {len(r.failures) - 20} more (incident-notify audit show "
+                  f"--incident {outcome.incident_id} --status failed)")
+    for d in outcome.in_doubt[:20]:
+        con.print(f"[yellow]unknown:[/] {escape(d['key'])} may have been delivered; "
+                  "resend only with: incident-notify resume "
+                  f"{outcome.incident_id} --include-unknown")
+    if r.fatal:
+        con.print(f"[bold red]stopped:[/] {escape(r.fatal)}")
+    elif r.interrupted:
+        con.print(f"[bold yellow]interrupted:[/] the rest is recorded as planned; send it "
+                  f"with: incident-notify resume {outcome.incident_id}")
+    elif r.complete and not outcome.in_doubt:
+        con.print(f"[bold green]Everyone was reached[/] ({r.total('sent')} sent, "
+                  f"{r.elapsed_s:.1f}s).")
+    else:
+        con.print(f"[bold yellow]Partial delivery:[/] {r.total('sent')} sent, "
+                  f"{r.total('failed')} failed, {r.total('unknown')} unknown, "
+                  f"{r.total('not_reached')} not reachable.")

@@ -1,0 +1,84 @@
+"""Human renderings of results (tables, previews). JSON renderings live with the results."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from incident_notify.cli import output
+
+if TYPE_CHECKING:
+    from incident_notify.checks import PlaybookReport
+    from incident_notify.preview import PreviewResult
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A table that degrades to plain ASCII when stdout is not a terminal."""
+    tty = sys.stdout.isatty()
+    t = Table(title=title, box=box.ROUNDED if tty else box.ASCII2, show_lines=False,
+              title_justify="left")
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    return t
+
+
+def _mark(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
+
+
+def print_validation(reports: Sequence[PlaybookReport]) -> None:
+    con = output.console()
+    for report in reports:
+        name = report.name or report.path.name
+        if report.rows:
+            t = table("stage", "audience", "channel", "values", "length / limit", "",
+                      title=f"{name} ({report.path})")
+            seen: set[tuple[str, str, str, str]] = set()
+            for row in report.rows:
+                # One line per distinct (stage, channel, mode, measure) keeps it readable.
+                key = (row.stage, row.channel, row.mode, row.measure)
+                if key in seen:
+                    continue
+                seen.add(key)
+                channel = row.channel + (f" (fallback of {row.fallback_from})"
+                                         if row.fallback_from else "")
+                t.add_row(row.stage, row.audience or "", escape(channel), row.mode,
+                          escape(row.measure), _mark(row.ok))
+            con.print(t)
+        for problem in report.problems:
+            con.print(f"[bold red]error:[/] {escape(str(problem))}")
+        status = "[green]passed[/]" if report.ok else (
+            f"[bold red]failed[/] ({len(report.problems)} problem(s))")
+        con.print(f"{escape(str(report.path))}: {status}")
+    failed = sum(1 for r in reports if not r.ok)
+    con.print(f"\n{len(reports)} playbook(s) checked, {failed} failed.")
+
+
+def print_preview(result: PreviewResult) -> None:
+    con = output.console()
+    con.print(f"[bold]{escape(result.playbook)}[/] — stage [bold]{escape(result.stage)}[/]\n")
+    for m in result.messages:
+        head = f"[bold cyan]{escape(m.channel)}[/] ({m.channel_type}) → {escape(m.audience or '')}"
+        if m.fallback_from:
+            head += f"  [yellow](fallback when {escape(m.fallback_from)} is down)[/]"
+        con.print(head)
+        if m.subject is not None:
+            con.print(f"  Subject: {escape(m.subject)}")
+        for i, (part, meas) in enumerate(zip(m.parts, m.measures, strict=False), start=1):
+            label = f"part {i}/{len(m.parts)}, " if len(m.parts) > 1 else ""
+            limit = f"/{meas.limit}" if meas.limit is not None else ""
+            detail = f", {meas.detail}" if meas.detail else ""
+            counts = f"{label}{meas.value}{limit} {meas.unit}{detail}"
+            con.print(f"  [dim]({counts})[/] {_mark(meas.ok)}")
+            for line in part.splitlines() or [""]:
+                con.print(f"  │ {escape(line)}")
+        if m.html:
+            con.print("  [dim](HTML part also sent)[/]")
+        for problem in m.problems:
+            con.print(f"  [bold red]error:[/] {escape(str(problem))}")
+        con.print("")

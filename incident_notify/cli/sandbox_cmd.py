@@ -1,0 +1,213 @@
+"""`sandbox` (run the local emulators, steer their faults) and `channels check`."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from incident_notify.cli import output
+from incident_notify.cli.main import app
+from incident_notify.cli.options import JsonOpt
+from incident_notify.errors import ConfigError, UsageError
+from incident_notify.exit_codes import ExitCode
+
+sandbox_app = typer.Typer(
+    help="Run local Twitter, Twilio and SMTP emulators (no credentials, no internet).",
+    invoke_without_command=True,
+)
+app.add_typer(sandbox_app, name="sandbox")
+channels_app = typer.Typer(help="Check the channels a playbook uses.", no_args_is_help=True)
+app.add_typer(channels_app, name="channels")
+
+SERVICES = ("twitter", "twilio", "smtp")
+
+
+@sandbox_app.callback()
+def sandbox_main(
+    ctx: typer.Context,
+    twitter_port: Annotated[int, typer.Option(help="Port of the Twitter API emulator.")] = 0,
+    twilio_port: Annotated[int, typer.Option(help="Port of the Twilio API emulator.")] = 0,
+    smtp_port: Annotated[int, typer.Option(help="Port of the SMTP emulator.")] = 0,
+    control_port: Annotated[int, typer.Option(help="Port of the control API.")] = 0,
+    outage: Annotated[list[str] | None, typer.Option(
+        "--outage", help="Start with this service down (repeatable).", show_default=False)]
+    = None,
+) -> None:
+    """Start all three emulators and print the environment to export; Ctrl-C stops them.
+
+    While it runs, --sandbox on any other command uses it, and
+    'incident-notify sandbox fault twitter --outage' switches faults on and off.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from incident_notify.sandbox import Sandbox
+    from incident_notify.sandbox.control import ControlServer
+
+    sb = Sandbox(twitter_port=twitter_port, twilio_port=twilio_port, smtp_port=smtp_port)
+    sb.start()
+    control = ControlServer(sb, control_port).start()
+    for name in outage or []:
+        if name not in SERVICES:
+            raise UsageError(f"--outage {name!r}: expected one of {', '.join(SERVICES)}")
+        sb.emulators[name].faults.update(outage=True)
+    env = {**sb.env(), "INCIDENT_NOTIFY_SANDBOX_CONTROL": control.url}
+    path = sb.write_state()
+    data = jsonlib.loads(path.read_text())
+    data["env"] = env
+    path.write_text(jsonlib.dumps(data))
+    con = output.console()
+    con.print("# incident-notify sandbox is running (Ctrl-C to stop). To use it from a shell:")
+    for key, value in env.items():
+        con.print(f"export {key}={value}", markup=False)
+    con.print("# or simply pass --sandbox to any incident-notify command.", markup=False)
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            signal.pause() if hasattr(signal, "pause") else None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        control.stop()
+        sb.stop()
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        con.print("sandbox stopped.")
+
+
+def _control_url() -> str:
+    from incident_notify.sandbox import state_file
+
+    try:
+        data = jsonlib.loads(state_file().read_text())
+        return str(data["env"]["INCIDENT_NOTIFY_SANDBOX_CONTROL"])
+    except (OSError, ValueError, KeyError):
+        raise ConfigError("no running sandbox found",
+                          hint="start one in another terminal: incident-notify sandbox") from None
+
+
+def _call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(_control_url() + path, method=method,
+                                 data=jsonlib.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return jsonlib.loads(resp.read())
+    except OSError as exc:
+        raise ConfigError(f"the sandbox control API did not answer: {exc}",
+                          hint="is 'incident-notify sandbox' still running?") from None
+
+
+@sandbox_app.command("fault")
+def fault(
+    service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
+    outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
+                                                help="Switch a full outage on or off.")] = None,
+    latency_ms: Annotated[float | None, typer.Option(help="Added latency per request.")] = None,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests per window before 429; "
+                                                   "0 removes the limit.")] = None,
+    fail_next: Annotated[int | None, typer.Option(help="Fail the next N requests.")] = None,
+    bad_recipient: Annotated[list[str] | None, typer.Option(
+        help="A recipient to reject as invalid (repeatable).", show_default=False)] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Change the faults of a running sandbox's emulator."""
+    if service not in SERVICES:
+        raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
+    body: dict[str, Any] = {}
+    if outage is not None:
+        body["outage"] = outage
+    if latency_ms is not None:
+        body["latency_ms"] = latency_ms
+    if rate_limit is not None:
+        body["rate_limit"] = rate_limit or None
+    if fail_next is not None:
+        body["fail_next"] = fail_next
+    if bad_recipient:
+        body["bad_recipients"] = list(bad_recipient)
+    result = _call("POST", f"/{service}/faults", body)
+    if json:
+        output.emit_json("sandbox fault", {"service": service, "faults": result})
+    else:
+        output.console().print(f"{service}: {result}", markup=False)
+
+
+@sandbox_app.command("received")
+def received(
+    service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
+    json: JsonOpt = False,
+) -> None:
+    """List what a running sandbox's emulator has received."""
+    if service not in SERVICES:
+        raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
+    items = _call("GET", f"/{service}/received")["received"]
+    if json:
+        output.emit_json("sandbox received", {"service": service, "received": items})
+        return
+    for item in items:
+        output.console().print(jsonlib.dumps(item, ensure_ascii=False), markup=False)
+
+
+@channels_app.command("check")
+def check(
+    playbooks: Annotated[list[Path] | None, typer.Argument(
+        help="Playbooks whose channels to check (default: playbooks/).", show_default=False)]
+    = None,
+    sandbox: Annotated[bool, typer.Option("--sandbox", envvar="INCIDENT_NOTIFY_SANDBOX",
+                                          help="Check against the local emulators.")] = False,
+    secrets: Annotated[Path | None, typer.Option("--secrets", help="dotenv-style file of "
+                                                 "credentials.", show_default=False)] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Verify credentials and reachability of every channel (nothing is sent).
+
+    Twitter: GET /2/users/me; Twilio: the account; SMTP: EHLO and login. Exits 7 when a
+    required channel is down.
+    """
+    from incident_notify.config import load_settings
+    from incident_notify.notify import build_channels, check_health, open_runtime
+    from incident_notify.playbook import find_playbooks, load_playbook
+
+    output.state.json = json
+    settings = load_settings({"sandbox": sandbox, "secrets_file": secrets})
+    rt = open_runtime(settings)
+    rows: list[dict[str, Any]] = []
+    try:
+        for path in find_playbooks(playbooks or [settings.playbooks_dir]):
+            pb = load_playbook(path)
+            health = check_health(build_channels(rt, pb, list(pb.model.channels)))
+            for name, h in health.items():
+                rows.append({"playbook": pb.name, "channel": name,
+                             "type": pb.model.channels[name].type,
+                             "required": pb.model.channels[name].required, "ok": h.ok,
+                             "detail": h.detail, "latency_ms": h.latency_ms})
+    finally:
+        rt.close()
+    down = [r for r in rows if r["required"] and not r["ok"]]
+    code = int(ExitCode.CHANNEL_UNHEALTHY if down else ExitCode.OK)
+    if json:
+        output.emit_json("channels check", {"channels": rows}, exit_code=code)
+        raise typer.Exit(code)
+    from incident_notify.cli.render_results import table
+
+    t = table("playbook", "channel", "type", "status", "detail", "latency")
+    for r in rows:
+        status = "[green]healthy[/]" if r["ok"] else "[bold red]DOWN[/]"
+        latency = f"{r['latency_ms']:.0f} ms" if r["latency_ms"] is not None else ""
+        t.add_row(r["playbook"], r["channel"], r["type"], status, escape(r["detail"]), latency)
+    output.console().print(t)
+    if down:
+        output.console().print(f"[bold red]{len(down)} required channel(s) down.[/]")
+    raise typer.Exit(code)

@@ -1,0 +1,187 @@
+"""Effective settings and where each came from; secrets from the environment or a file.
+
+Precedence, lowest first: built-in defaults, the user config file
+(``<user config dir>/incident-notify/incident-notify.toml``), ``./incident-notify.toml``,
+environment variables (``INCIDENT_NOTIFY_*``), command-line options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from incident_notify.errors import ConfigError
+
+CONFIG_NAME = "incident-notify.toml"
+# Credentials the built-in channels read; `config show` masks them.
+KNOWN_SECRETS = (
+    "TWITTER_API_KEY", "TWITTER_API_SECRET", "TWITTER_ACCESS_TOKEN",
+    "TWITTER_ACCESS_TOKEN_SECRET", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
+    "SMTP_USERNAME", "SMTP_PASSWORD", "INCIDENT_NOTIFY_AUDIT_REDACT_KEY",
+)
+_ENV = {
+    "audit_log": "INCIDENT_NOTIFY_AUDIT_LOG",
+    "optouts": "INCIDENT_NOTIFY_OPTOUTS",
+    "secrets_file": "INCIDENT_NOTIFY_SECRETS_FILE",
+    "playbooks_dir": "INCIDENT_NOTIFY_PLAYBOOKS",
+    "contacts": "INCIDENT_NOTIFY_CONTACTS",
+    "sandbox": "INCIDENT_NOTIFY_SANDBOX",
+    "default_region": "INCIDENT_NOTIFY_REGION",
+    "redact_recipients": "INCIDENT_NOTIFY_REDACT_RECIPIENTS",
+}
+
+
+def state_dir() -> Path:
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("incident-notify"))
+
+
+def config_dir() -> Path:
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("incident-notify"))
+
+
+@dataclass
+class Settings:
+    playbooks_dir: Path = Path("playbooks")
+    contacts: list[Path] = field(default_factory=list)
+    """Extra contact sources used on top of those a playbook names."""
+    audit_log: Path | None = None
+    optouts: Path | None = None
+    secrets_file: Path | None = None
+    sandbox: bool = False
+    default_region: str = "US"
+    redact_recipients: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def audit_path(self) -> Path:
+        return self.audit_log or state_dir() / "audit.jsonl"
+
+    def optouts_path(self) -> Path:
+        return self.optouts or self.audit_path().parent / "optouts.jsonl"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                value = [str(v) for v in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = {"value": value, "source": self.sources.get(f.name, "default")}
+        out["audit_log"]["effective"] = str(self.audit_path())
+        out["optouts"]["effective"] = str(self.optouts_path())
+        return out
+
+
+def _coerce(name: str, raw: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if name == "contacts":
+            items = raw.split(os.pathsep) if isinstance(raw, str) else list(raw)
+            return [Path(str(i)) for i in items if str(i)]
+        if kind in ("bool",):
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if "Path" in str(kind):
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{origin}: {name}: {exc}") from None
+
+
+def config_files(cwd: Path | None = None) -> list[Path]:
+    return [config_dir() / CONFIG_NAME, (cwd or Path.cwd()) / CONFIG_NAME]
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, cwd: Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    names = {f.name for f in fields(Settings)} - {"sources"}
+    for path in config_files(cwd):
+        if not path.is_file():
+            continue
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}",
+                              hint="fix the file or remove it") from None
+        section = data.get("incident-notify", data)
+        for key, value in section.items():
+            if key not in names:
+                raise ConfigError(f"{path}: unknown setting {key!r}",
+                                  hint=f"known settings: {', '.join(sorted(names))}")
+            if key in ("secrets", "password", "token"):
+                raise ConfigError(f"{path}: secrets do not belong in the config file")
+            resolved = _coerce(key, value, str(path))
+            if isinstance(resolved, Path) and not resolved.is_absolute():
+                resolved = path.parent / resolved
+            if key == "contacts":
+                resolved = [p if p.is_absolute() else path.parent / p for p in resolved]
+            setattr(settings, key, resolved)
+            settings.sources[key] = str(path)
+    for key, var in _ENV.items():
+        if env.get(var):
+            setattr(settings, key, _coerce(key, env[var], var))
+            settings.sources[key] = f"env {var}"
+    for key, value in (overrides or {}).items():
+        if value is None or value == [] or (isinstance(value, bool) and not value):
+            continue
+        setattr(settings, key, _coerce(key, value, f"--{key}"))
+        settings.sources[key] = "command line"
+    return settings
+
+
+# ------------------------------------------------------------------------ secrets
+_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """A dotenv-style file: NAME=value lines, '#' comments, optional quotes and 'export'."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read secrets file {path}: {exc.strerror}",
+                          hint="check --secrets / INCIDENT_NOTIFY_SECRETS_FILE") from None
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
+        # Readable by others: refuse rather than quietly use leaked credentials.
+        raise ConfigError(f"secrets file {path} is readable by other users",
+                          hint=f"chmod 600 {path}")
+    secrets: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise ConfigError(f"{path}:{number}: expected NAME=value",
+                              hint="one NAME=value per line; '#' starts a comment")
+        value = match.group(2)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        secrets[match.group(1)] = value
+    return secrets
+
+
+def load_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables, overridden by the secrets file when one is named."""
+    env = dict(os.environ if environ is None else environ)
+    if settings.secrets_file is not None:
+        env.update(read_secrets_file(settings.secrets_file))
+    return env
+
+
+def mask(value: str) -> str:
+    return "(set, hidden)" if value else "(not set)"

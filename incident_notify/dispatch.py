@@ -1,0 +1,512 @@
+"""The fan-out engine: concurrent, rate-limited, retried, fails over, never sends twice.
+
+Each channel instance gets a `ChannelRunner`: a pool of worker threads (the channel's
+declared concurrency), a token bucket (its rate), a circuit breaker, and a pause used
+when the provider answers 429. Jobs are single deliveries, or the parts of one tweet
+thread, which a single worker sends in order so each part replies to the one before.
+
+Every request is preceded by a durable ``delivery.attempt`` record and followed by its
+outcome. A crash between the two leaves an attempt with no outcome, which `resume`
+reports as "unknown" instead of sending it again: nothing is lost, nothing sent twice.
+
+When a channel is down (circuit open, or retries exhausted by the deadline) the
+`Router` (the planner) re-routes its deliveries to the playbook's fallback channels.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from incident_notify.channels.base import (
+    Channel,
+    ChannelError,
+    Delivery,
+    OutgoingMessage,
+    PermanentChannelError,
+    Receipt,
+    TransientChannelError,
+)
+from incident_notify.errors import AuditError
+
+OUTCOME_KEYS = ("sent", "failed", "failed_over", "skipped", "unknown")
+
+
+# --------------------------------------------------------------------- interfaces
+class AuditSink(Protocol):
+    def append(self, event: str, **fields: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A delivery with the payload of its ``delivery.planned`` record."""
+
+    delivery: Delivery
+    payload: Mapping[str, Any]
+    channel_type: str = ""
+
+
+class Router(Protocol):
+    def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:
+        """Deliveries that carry `delivery` on fallback channels; [] when everyone is
+        already told on one; None when there is no other way to reach them."""
+        ...
+
+    def next_channel(self, delivery: Delivery) -> list[Planned] | None:
+        """After a permanent recipient error: the person's next channel, as `reroute`."""
+        ...
+
+    def opted_out(self, delivery: Delivery) -> None:
+        """The provider says the recipient unsubscribed (Twilio 21610)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    deadline_s: float = 300.0
+    """Give up on a channel for a delivery this long after its first attempt."""
+    breaker_threshold: int = 5
+    """Consecutive transient failures that open a channel's circuit."""
+    breaker_cooldown_s: float = 30.0
+    """After this, one probe request may try an open channel again."""
+    max_rate_limit_wait_s: float = 120.0
+    """A 429 asking for a longer wait than this counts as the channel being unavailable."""
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+        cap = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return random.uniform(cap / 2, cap)
+
+
+# --------------------------------------------------------------------- primitives
+class TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = max(rate, 1e-6)
+        self.capacity = max(burst, 1)
+        self._tokens = float(self.capacity)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Take one token, sleeping as needed; False when `stop` was set meanwhile."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return True
+                wait = (1 - self._tokens) / self.rate
+            if stop.wait(min(wait, 0.5)):
+                return False
+
+
+class CircuitBreaker:
+    def __init__(self, threshold: int, cooldown_s: float) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def allow(self) -> bool:
+        """May a request go? Open circuits let one probe through after the cooldown."""
+        with self._lock:
+            if self.opened_at is None:
+                return True
+            if not self._probing and time.monotonic() - self.opened_at >= self.cooldown_s:
+                self._probing = True
+                return True
+            return False
+
+    def success(self) -> bool:
+        """Record a success; True when this closed an open circuit."""
+        with self._lock:
+            was_open = self.opened_at is not None
+            self.failures, self.opened_at, self._probing = 0, None, False
+            return was_open
+
+    def failure(self) -> bool:
+        """Record a transient failure; True when this opened the circuit."""
+        with self._lock:
+            self.failures += 1
+            if self.opened_at is not None:
+                self.opened_at, self._probing = time.monotonic(), False
+                return False
+            if self.failures >= self.threshold:
+                self.opened_at = time.monotonic()
+                return True
+            return False
+
+    def force_open(self) -> None:
+        with self._lock:
+            self.opened_at = time.monotonic()
+
+
+# --------------------------------------------------------------------- results
+@dataclass
+class DispatchResult:
+    counts: dict[str, Counter[str]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    failovers: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    fatal: str | None = None
+    elapsed_s: float = 0.0
+
+    def add(self, channel: str, outcome: str) -> None:
+        self.counts.setdefault(channel, Counter())[outcome] += 1
+
+    def total(self, outcome: str) -> int:
+        return sum(c[outcome] for c in self.counts.values())
+
+    @property
+    def complete(self) -> bool:
+        """Every delivery reached its recipient on some channel."""
+        return (not self.interrupted and self.fatal is None
+                and self.total("failed") == 0 and self.total("unknown") == 0
+                and self.total("not_reached") == 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": {ch: {k: c.get(k, 0) for k in (*OUTCOME_KEYS, "not_reached")}
+                         for ch, c in sorted(self.counts.items())},
+            "totals": {k: self.total(k) for k in (*OUTCOME_KEYS, "not_reached")},
+            "failures": self.failures[:200],
+            "failovers": self.failovers,
+            "interrupted": self.interrupted,
+            "fatal": self.fatal,
+            "complete": self.complete,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+ProgressFn = Callable[[str, Delivery, Mapping[str, Any]], None]
+"""on_event(kind, delivery, info): kind is sent/failed/failed_over/unknown/retry/
+skipped/circuit_open/circuit_closed."""
+
+
+# --------------------------------------------------------------------- engine
+class ChannelRunner:
+    def __init__(self, channel: Channel, policy: RetryPolicy) -> None:
+        self.channel = channel
+        lim = channel.limits
+        self.bucket = TokenBucket(lim.rate_per_second, lim.burst)
+        self.breaker = CircuitBreaker(policy.breaker_threshold, policy.breaker_cooldown_s)
+        # (job, from_feeder); None tells a worker to stop.
+        self.queue: list[tuple[list[Delivery], bool] | None] = []
+        self.cond = threading.Condition()
+        self.paused_until = 0.0
+        self.threads: list[threading.Thread] = []
+
+
+class Dispatcher:
+    """Sends jobs through their channels; use once per update (or resume)."""
+
+    def __init__(
+        self,
+        channels: Mapping[str, Channel],
+        audit: AuditSink,
+        router: Router,
+        *,
+        incident_id: str,
+        policy: RetryPolicy | None = None,
+        on_event: ProgressFn | None = None,
+        channel_types: Mapping[str, str] | None = None,
+        max_queued: int = 2000,
+        down: Iterable[str] = (),
+    ) -> None:
+        self.channels = dict(channels)
+        self.audit = audit
+        self.router = router
+        self.incident_id = incident_id
+        self.policy = policy or RetryPolicy()
+        self.on_event = on_event
+        self.types = dict(channel_types or {n: c.type_name for n, c in channels.items()})
+        self.result = DispatchResult()
+        self.stop = threading.Event()
+        self._runners: dict[str, ChannelRunner] = {}
+        self._outstanding = 0
+        self._done = threading.Condition()
+        self._slots = threading.Semaphore(max_queued)
+        self._lock = threading.Lock()
+        self._down = set(down)
+
+    # -- public
+    def run(self, jobs: Iterable[Sequence[Delivery]]) -> DispatchResult:
+        """Send every job; returns when all are done (or stopped). Ctrl-C safe."""
+        started = time.monotonic()
+        for name in self._down:
+            self._runner(name).breaker.force_open()
+            self._emit_circuit(name, True, "health check failed before sending")
+        try:
+            for job in jobs:
+                if self.stop.is_set():
+                    break
+                while not self._slots.acquire(timeout=0.2):
+                    if self.stop.is_set():
+                        break
+                if self.stop.is_set():
+                    break
+                self._submit(list(job), from_feeder=True)
+            self._wait_all()
+        except KeyboardInterrupt:
+            self.result.interrupted = True
+            self.stop.set()
+            self._wait_all()
+        finally:
+            self._shutdown()
+            self.result.elapsed_s = time.monotonic() - started
+        if self.stop.is_set() and self.result.fatal is None:
+            self.result.interrupted = True
+        return self.result
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    # -- plumbing
+    def _runner(self, name: str) -> ChannelRunner:
+        with self._lock:
+            runner = self._runners.get(name)
+            if runner is None:
+                runner = ChannelRunner(self.channels[name], self.policy)
+                for i in range(max(1, runner.channel.limits.concurrency)):
+                    t = threading.Thread(target=self._worker, args=(runner,),
+                                         name=f"{name}-{i}", daemon=True)
+                    runner.threads.append(t)
+                    t.start()
+                self._runners[name] = runner
+            return runner
+
+    def _submit(self, job: list[Delivery], *, from_feeder: bool) -> None:
+        """Queue a job. Feeder jobs hold a slot (backpressure keeps memory flat);
+        re-routed jobs never wait for one, so two channels failing over into each
+        other cannot deadlock."""
+        runner = self._runner(job[0].channel)
+        with self._done:
+            self._outstanding += 1
+        with runner.cond:
+            runner.queue.append((job, from_feeder))
+            runner.cond.notify()
+
+    def _finish(self, from_feeder: bool) -> None:
+        if from_feeder:
+            self._slots.release()
+        with self._done:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._done.notify_all()
+
+    def _wait_all(self) -> None:
+        with self._done:
+            while self._outstanding > 0:
+                self._done.wait(timeout=0.2)
+
+    def _shutdown(self) -> None:
+        for runner in self._runners.values():
+            with runner.cond:
+                runner.queue.extend(None for _ in runner.threads)
+                runner.cond.notify_all()
+        for runner in self._runners.values():
+            for t in runner.threads:
+                t.join(timeout=60)
+
+    def _worker(self, runner: ChannelRunner) -> None:
+        while True:
+            with runner.cond:
+                while not runner.queue:
+                    runner.cond.wait()
+                item = runner.queue.pop(0)
+            if item is None:
+                return
+            job, from_feeder = item
+            try:
+                if not self.stop.is_set():
+                    self._run_job(runner, job)
+            except AuditError as exc:
+                # The record is the point of the tool: stop everything rather than
+                # send what cannot be recorded.
+                self.result.fatal = f"audit log write failed: {exc}"
+                self.stop.set()
+            except Exception as exc:  # a bug in a channel: record, never lose the job
+                name = runner.channel.name
+                self.result.fatal = f"unexpected {type(exc).__name__} in {name}: {exc}"
+                self.stop.set()
+            finally:
+                self._finish(from_feeder)
+
+    # -- one job (a delivery, or the parts of a thread in order)
+    def _run_job(self, runner: ChannelRunner, job: list[Delivery]) -> None:
+        reply_to = job[0].reply_to
+        for index, delivery in enumerate(job):
+            if self.stop.is_set():
+                return
+            if index > 0:
+                delivery = replace(delivery, reply_to=reply_to)
+            receipt = self._deliver(runner, delivery, whole=job if index == 0 else None)
+            if receipt is None:
+                if index > 0:
+                    # The thread is broken mid-way: the rest cannot reply to a missing part.
+                    for rest in job[index + 1:]:
+                        self._record(rest, "failed", {"error": "an earlier thread part failed",
+                                                      "permanent": True})
+                return
+            reply_to = receipt.provider_id
+
+    def _deliver(
+        self, runner: ChannelRunner, d: Delivery, whole: list[Delivery] | None
+    ) -> Receipt | None:
+        """Send one delivery with retries; None when it did not go out on this channel."""
+        policy = self.policy
+        first_attempt_at: float | None = None
+        attempt = 0
+        while True:
+            if self.stop.is_set():
+                return None
+            if not runner.breaker.allow():
+                self._failover(d, "channel down (circuit open)", whole)
+                return None
+            wait = runner.paused_until - time.time()
+            if wait > 0 and self.stop.wait(wait):
+                return None
+            if not runner.bucket.acquire(self.stop):
+                return None
+            attempt += 1
+            first_attempt_at = first_attempt_at or time.monotonic()
+            self.audit.append("delivery.attempt", incident=self.incident_id, channel=d.channel,
+                              recipient=d.recipient or None, key=d.key,
+                              payload={"attempt": attempt})
+            try:
+                receipt = runner.channel.send(d)
+            except TransientChannelError as exc:
+                if exc.maybe_delivered:
+                    self._record(d, "unknown", _err(exc, attempt))
+                    return None
+                elapsed = time.monotonic() - first_attempt_at
+                if exc.retry_after is not None:
+                    if exc.retry_after > policy.max_rate_limit_wait_s:
+                        runner.breaker.force_open()
+                        self._emit_circuit(d.channel, True, f"rate limited for "
+                                           f"{exc.retry_after:.0f}s")
+                        self._failover(d, f"rate limited for {exc.retry_after:.0f}s", whole)
+                        return None
+                    runner.paused_until = max(runner.paused_until, time.time() + exc.retry_after)
+                    self._emit("retry", d, {"error": str(exc), "attempt": attempt,
+                                            "retry_after": exc.retry_after})
+                    continue  # a rate limit is not a failure: the channel is up
+                if runner.breaker.failure():
+                    self._emit_circuit(d.channel, True, str(exc))
+                if attempt >= policy.max_attempts or elapsed >= policy.deadline_s:
+                    self._failover(d, f"gave up after {attempt} attempt(s): {exc}", whole)
+                    return None
+                self._emit("retry", d, {"error": str(exc), "attempt": attempt})
+                delay = min(policy.backoff(attempt),
+                            max(0.0, policy.deadline_s - elapsed))
+                if self.stop.wait(delay):
+                    return None
+                continue
+            except PermanentChannelError as exc:
+                self._permanent(d, exc, attempt)
+                return None
+            except ChannelError as exc:  # a channel raising the base class: treat as permanent
+                self._permanent(d, PermanentChannelError(str(exc), channel=d.channel,
+                                                         code=exc.code), attempt)
+                return None
+            if runner.breaker.success():
+                self._emit_circuit(d.channel, False, "recovered")
+            self._record(d, "sent", {
+                "provider_id": receipt.provider_id, "segments": receipt.segments,
+                "attempt": attempt, "channel_type": self.types.get(d.channel, ""),
+                "reply_to": d.reply_to, "detail": dict(receipt.detail),
+            })
+            return receipt
+
+    def _permanent(self, d: Delivery, exc: PermanentChannelError, attempt: int) -> None:
+        payload = {**_err(exc, attempt), "permanent": True}
+        if exc.opt_out:
+            self.router.opted_out(d)
+        if exc.opt_out or exc.recipient_problem:
+            nxt = self.router.next_channel(d)
+            if nxt is not None:
+                self._record(d, "failover", {**payload, "to": [p.delivery.key for p in nxt],
+                                             "reason": str(exc)}, outcome="failed_over")
+                self._start(nxt, d, str(exc))
+                return
+        self._record(d, "failed", payload)
+
+    def _failover(self, d: Delivery, reason: str, whole: list[Delivery] | None) -> None:
+        planned = self.router.reroute(d, reason)
+        if whole is not None and len(whole) > 1:
+            # A thread that never started: its parts travel as one message elsewhere.
+            for rest in whole[1:]:
+                self._record(rest, "failover", {"reason": reason, "to": [], "as_part_of": d.key},
+                             outcome="failed_over")
+        if planned is None:
+            self._record(d, "failed", {"error": reason, "permanent": False,
+                                       "no_fallback": True})
+            return
+        self._record(d, "failover", {"reason": reason, "to": [p.delivery.key for p in planned],
+                                     "to_channels": sorted({p.delivery.channel for p in planned})},
+                     outcome="failed_over")
+        self._start(planned, d, reason)
+
+    def _start(self, planned: list[Planned], original: Delivery, reason: str) -> None:
+        info = {"from": original.channel, "to": sorted({p.delivery.channel for p in planned}),
+                "reason": reason, "deliveries": len(planned)}
+        with self._lock:
+            self.result.failovers.append({"key": original.key, **info})
+        self._emit("failed_over", original, info)
+        for p in planned:
+            self.audit.append("delivery.planned", incident=self.incident_id,
+                              channel=p.delivery.channel, recipient=p.delivery.recipient or None,
+                              key=p.delivery.key, payload=dict(p.payload))
+            self._submit([p.delivery], from_feeder=False)
+
+    def _record(self, d: Delivery, event: str, payload: Mapping[str, Any],
+                outcome: str | None = None) -> None:
+        self.audit.append(f"delivery.{event}", incident=self.incident_id, channel=d.channel,
+                          recipient=d.recipient or None, key=d.key, payload=dict(payload))
+        kind = outcome or event
+        with self._lock:
+            self.result.add(d.channel, kind)
+            if kind in ("failed", "unknown"):
+                self.result.failures.append({"key": d.key, "channel": d.channel,
+                                             "recipient": d.recipient, "outcome": kind,
+                                             "error": payload.get("error")})
+        self._emit(kind, d, payload)
+
+    def _emit(self, kind: str, d: Delivery, info: Mapping[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, d, info)
+            except Exception:  # progress display must never break sending
+                pass
+
+    def _emit_circuit(self, channel: str, opened: bool, reason: str) -> None:
+        event = "channel.circuit_open" if opened else "channel.circuit_closed"
+        self.audit.append(event, incident=self.incident_id, channel=channel,
+                          payload={"reason": reason})
+        if self.on_event is not None:
+            dummy = Delivery(key="", incident_id=self.incident_id, update_no=0,
+                             channel=channel, recipient="", message=_EMPTY)
+            self._emit("circuit_open" if opened else "circuit_closed", dummy, {"reason": reason})
+
+
+def _err(exc: ChannelError, attempt: int) -> dict[str, Any]:
+    return {"error": exc.message, "code": exc.code, "attempt": attempt}
+
+
+_EMPTY = OutgoingMessage(text="")

@@ -1,0 +1,218 @@
+"""An incident's state is a fold over its audit records; there is no second store.
+
+Event vocabulary (payload keys in docs/audit-log.md):
+
+* ``incident.declared`` / ``incident.updated`` / ``incident.resolved`` /
+  ``incident.reopened``: the lifecycle; each starts update number N (``update_no``)
+  and carries the stage, variables and free-text message of that update.
+* ``message.rendered``: the exact text of one (update, audience, channel) message with
+  its digest; deliveries carry only the digest.
+* ``delivery.planned`` -> ``delivery.attempt`` -> ``delivery.sent`` | ``delivery.failed``
+  | ``delivery.unknown`` | ``delivery.skipped`` | ``delivery.failover``.
+* ``update.planned`` (every delivery of the update is in the log) and
+  ``update.completed`` (fan-out finished, with its summary).
+* ``channel.circuit_open`` / ``channel.circuit_closed``, ``optout.added``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+OUTCOMES = {
+    "delivery.sent": "sent",
+    "delivery.failed": "failed",
+    "delivery.unknown": "unknown",
+    "delivery.skipped": "skipped",
+    "delivery.failover": "failed_over",
+}
+LIFECYCLE = ("incident.declared", "incident.updated", "incident.resolved", "incident.reopened")
+
+
+@dataclass
+class DeliveryState:
+    key: str
+    channel: str
+    recipient: str | None
+    update_no: int
+    payload: dict[str, Any]
+    status: str = "planned"
+    """planned, attempting, sent, failed, unknown, skipped, failed_over."""
+    attempts: int = 0
+    provider_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class UpdateState:
+    update_no: int
+    event: str
+    stage: str
+    message: str
+    variables: dict[str, str]
+    ts: str
+    planned: bool = False
+    completed: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IncidentState:
+    id: str
+    playbook: str = ""
+    playbook_name: str = ""
+    title: str = ""
+    severity: str = ""
+    stage: str = ""
+    status: str = "open"
+    """open or resolved."""
+    declared_at: str = ""
+    last_event_at: str = ""
+    actor: str = ""
+    updates: list[UpdateState] = field(default_factory=list)
+    deliveries: dict[str, DeliveryState] = field(default_factory=dict)
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """digest -> {text, subject, html} from message.rendered."""
+    last_tweet: dict[str, str] = field(default_factory=dict)
+    """channel -> id of the last tweet sent (the next update replies to it)."""
+    email_refs: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    """(channel, contact id) -> Message-IDs sent so far, for References/In-Reply-To."""
+    failovers: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+
+    @property
+    def update_no(self) -> int:
+        return self.updates[-1].update_no if self.updates else 0
+
+    @property
+    def variables(self) -> dict[str, str]:
+        return dict(self.updates[-1].variables) if self.updates else {}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """channel -> status -> number of deliveries (all updates)."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self.deliveries.values():
+            per = out.setdefault(d.channel, {})
+            per[d.status] = per.get(d.status, 0) + 1
+        return out
+
+    def pending(self, update_no: int | None = None) -> list[DeliveryState]:
+        """Planned deliveries with no attempt and no outcome: safe to send."""
+        return [d for d in self.deliveries.values()
+                if d.status == "planned" and (update_no is None or d.update_no == update_no)]
+
+    def in_doubt(self, update_no: int | None = None) -> list[DeliveryState]:
+        """Attempted with no recorded answer, or recorded unknown: may have been delivered."""
+        return [d for d in self.deliveries.values()
+                if d.status in ("attempting", "unknown")
+                and (update_no is None or d.update_no == update_no)]
+
+    def unfinished_updates(self) -> list[UpdateState]:
+        return [u for u in self.updates if not u.completed]
+
+
+def fold(records: Iterable[Any], incident_id: str, *, keep_events: bool = False) -> IncidentState:
+    """Build an incident's state from its audit records (in log order)."""
+    state = IncidentState(id=incident_id)
+    for rec in records:
+        if rec.incident != incident_id:
+            continue
+        apply(state, rec)
+        if keep_events:
+            state.events.append(rec)
+    return state
+
+
+def apply(state: IncidentState, rec: Any) -> None:
+    event: str = rec.event
+    p: dict[str, Any] = dict(rec.payload or {})
+    state.last_event_at = rec.ts
+    if event in LIFECYCLE:
+        if event == "incident.declared":
+            state.playbook = p.get("playbook", "")
+            state.playbook_name = p.get("playbook_name", "")
+            state.title = p.get("title", "")
+            state.severity = p.get("severity", "")
+            state.declared_at = rec.ts
+            state.actor = rec.actor
+        state.stage = p.get("stage", state.stage)
+        state.status = "resolved" if event == "incident.resolved" else "open"
+        state.updates.append(UpdateState(
+            update_no=int(p.get("update_no", len(state.updates) + 1)), event=event,
+            stage=state.stage, message=p.get("message", ""),
+            variables=dict(p.get("variables", {})), ts=rec.ts))
+        return
+    if event == "message.rendered":
+        state.messages[p["digest"]] = p
+        return
+    if event in ("update.planned", "update.completed"):
+        for u in state.updates:
+            if u.update_no == p.get("update_no"):
+                if event == "update.planned":
+                    u.planned = True
+                else:
+                    u.completed = True
+                    u.summary = dict(p.get("summary", {}))
+        return
+    key = rec.key
+    if event == "delivery.planned" and key:
+        state.deliveries.setdefault(key, DeliveryState(
+            key=key, channel=rec.channel or "", recipient=rec.recipient,
+            update_no=int(p.get("update_no", 0)), payload=p))
+        return
+    d = state.deliveries.get(key) if key else None
+    if d is None:
+        if event == "delivery.failover" or event.startswith("channel."):
+            _note_failover(state, rec, p)
+        return
+    if event == "delivery.attempt":
+        d.attempts = max(d.attempts, int(p.get("attempt", d.attempts + 1)))
+        if d.status == "planned":
+            d.status = "attempting"
+        return
+    if event in OUTCOMES:
+        d.status = OUTCOMES[event]
+        d.error = p.get("error")
+        if event == "delivery.sent":
+            d.provider_id = p.get("provider_id")
+            ctype = p.get("channel_type")
+            if ctype == "twitter" and d.provider_id:
+                state.last_tweet[d.channel] = d.provider_id
+            elif ctype == "email" and d.provider_id:
+                contact = d.payload.get("contact_id") or d.recipient or ""
+                state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)
+        if event == "delivery.failover":
+            _note_failover(state, rec, p)
+
+
+def _note_failover(state: IncidentState, rec: Any, p: dict[str, Any]) -> None:
+    state.failovers.append({"ts": rec.ts, "event": rec.event, "channel": rec.channel, **p})
+
+
+def list_incidents(records: Iterable[Any]) -> dict[str, IncidentState]:
+    """Every incident in the log, folded in one pass."""
+    states: dict[str, IncidentState] = {}
+    for rec in records:
+        if not rec.incident:
+            continue
+        st = states.get(rec.incident)
+        if st is None:
+            st = states[rec.incident] = IncidentState(id=rec.incident)
+        apply(st, rec)
+    return states
+
+
+def age(ts: str, now: datetime) -> str:
+    """'3h12m' from an ISO timestamp to now."""
+    try:
+        start = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    seconds = max(0, int((now - start).total_seconds()))
+    hours, rem = divmod(seconds, 3600)
+    minutes = rem // 60
+    if hours >= 24:
+        return f"{hours // 24}d{hours % 24}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"

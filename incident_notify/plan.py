@@ -1,0 +1,351 @@
+"""Plan: (playbook, stage, variables, audiences) -> deliveries, and the failover router.
+
+Rules (docs/audiences.md):
+
+* internal audiences: every member on every channel the audience lists (where the member
+  has an address); opt-outs do not apply.
+* customers: the person's preferred order of channel kinds, restricted to the audience's
+  channels, first one reachable and not opted out; opted out everywhere -> skipped.
+* public: one broadcast per channel (a tweet, or a reply thread). When that channel is
+  down, the people in `fallback_select` hear on its fallback channels instead.
+* one delivery per person per channel instance per update, whichever audiences they are
+  in; the idempotency key is ``INCIDENT/UPDATE/CHANNEL/CONTACT/PART``, so planning the same
+  update twice (resume) never produces a second delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from incident_notify.channels.base import Delivery, OutgoingMessage
+from incident_notify.dispatch import Planned
+from incident_notify.messages import IncidentContext, RenderedMessage, compose
+from incident_notify.playbook import Audience, Playbook
+
+if TYPE_CHECKING:
+    from incident_notify.contacts import Contact, ContactSet
+    from incident_notify.incident import IncidentState
+    from incident_notify.optouts import OptOutStore
+    from incident_notify.render import Renderer
+
+# Channel type -> the contact field (kind) that addresses it.
+KIND_OF_TYPE = {"sms": "sms", "email": "email", "twitter_dm": "twitter_dm"}
+BROADCAST = "@public"
+
+
+def delivery_key(incident: str, update_no: int, channel: str, contact: str, part: int) -> str:
+    return f"{incident}/{update_no}/{channel}/{contact or BROADCAST}/{part}"
+
+
+def digest(rendered: RenderedMessage) -> str:
+    h = hashlib.sha256()
+    for piece in (*rendered.parts, rendered.subject or "", rendered.html or ""):
+        h.update(piece.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class Skip:
+    key: str
+    channel: str
+    contact_id: str
+    recipient: str | None
+    audience: str
+    reason: str
+
+
+@dataclass
+class PlanStats:
+    planned: int = 0
+    skipped: int = 0
+    people: int = 0
+    per_channel: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Planner:
+    """Expands one update of an incident into deliveries; re-routes them on failure."""
+
+    def __init__(
+        self,
+        pb: Playbook,
+        renderer: Renderer,
+        contacts: ContactSet,
+        optouts: OptOutStore,
+        *,
+        incident_id: str,
+        update_no: int,
+        stage: str,
+        values: Mapping[str, str],
+        ctx: IncidentContext,
+        state: IncidentState | None = None,
+    ) -> None:
+        self.pb = pb
+        self.renderer = renderer
+        self.contacts = contacts
+        self.optouts = optouts
+        self.incident_id = incident_id
+        self.update_no = update_no
+        self.stage = stage
+        self.values = dict(values)
+        self.ctx = ctx
+        self.state = state
+        self.stats = PlanStats()
+        self.skips: list[Skip] = []
+        self.rendered: dict[tuple[str, str, str | None], tuple[RenderedMessage, str]] = {}
+        """(audience, channel, fallback_from) -> (message, digest)."""
+        self.new_renders: list[dict[str, Any]] = []
+        """message.rendered payloads not yet written to the audit log."""
+        self._keys: set[str] = set()
+        if state is not None:
+            self._keys.update(k for k, d in state.deliveries.items() if d.update_no == update_no)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ rendering
+    def message(self, audience: str, channel: str,
+                fallback_from: str | None = None) -> tuple[RenderedMessage, str]:
+        key = (audience, channel, fallback_from)
+        with self._lock:
+            cached = self.rendered.get(key)
+        if cached is not None:
+            return cached
+        msg = compose(self.pb, self.renderer, self.stage, channel, audience, self.values,
+                      self.ctx, fallback_from=fallback_from)
+        if msg.problems:
+            from incident_notify.errors import LimitError
+
+            raise LimitError(list(msg.problems))
+        dg = digest(msg)
+        with self._lock:
+            if key not in self.rendered:
+                self.rendered[key] = (msg, dg)
+                self.new_renders.append({
+                    "digest": dg, "update_no": self.update_no, "audience": audience,
+                    "channel": channel, "channel_type": msg.channel_type,
+                    "parts": list(msg.parts), "subject": msg.subject, "html": msg.html,
+                    "fallback_from": fallback_from,
+                })
+            return self.rendered[key]
+
+    def render_all(self) -> list[RenderedMessage]:
+        """Render every primary message of the stage up front (preview, early errors)."""
+        out = []
+        for aname in self.pb.audiences_for(self.stage):
+            for ch in self.pb.model.audiences[aname].channels:
+                out.append(self.message(aname, ch)[0])
+        return out
+
+    def take_new_renders(self) -> list[dict[str, Any]]:
+        with self._lock:
+            renders, self.new_renders = self.new_renders, []
+        return renders
+
+    # ------------------------------------------------------------------ planning
+    def jobs(self) -> Iterator[list[Planned]]:
+        """Stream the update's jobs: one delivery each, or the parts of a thread."""
+        seen_people: set[str] = set()
+        order = sorted(self.pb.audiences_for(self.stage),
+                       key=lambda a: {"internal": 0, "public": 1}.get(
+                           self.pb.model.audiences[a].kind, 2))
+        for aname in order:
+            aud = self.pb.model.audiences[aname]
+            if aud.kind == "public":
+                for ch in aud.channels:
+                    job = self._broadcast(aname, ch)
+                    if job:
+                        yield job
+                continue
+            sel = aud.select
+            for person in self.contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids):
+                if person.id not in seen_people:
+                    seen_people.add(person.id)
+                    self.stats.people += 1
+                if aud.kind == "internal":
+                    yield from ([p] for p in self._internal(aname, aud, person))
+                else:
+                    planned = self._customer(aname, aud, person)
+                    if planned is not None:
+                        yield [planned]
+
+    def _broadcast(self, audience: str, channel: str) -> list[Planned]:
+        msg, dg = self.message(audience, channel)
+        reply_to = self.state.last_tweet.get(channel) if self.state else None
+        job = []
+        for i, text in enumerate(msg.parts, start=1):
+            key = delivery_key(self.incident_id, self.update_no, channel, "", i)
+            if not self._claim(key):
+                continue
+            d = Delivery(key=key, incident_id=self.incident_id, update_no=self.update_no,
+                         channel=channel, recipient="", message=OutgoingMessage(text=text),
+                         audience=audience, part=i, parts=len(msg.parts),
+                         reply_to=reply_to if i == 1 else None)
+            job.append(self._planned(d, dg, msg.channel_type))
+        return job
+
+    def _internal(self, audience: str, aud: Audience, person: Contact) -> Iterator[Planned]:
+        reached = 0
+        for ch in aud.channels:
+            planned = self._person_delivery(audience, ch, person, respect_optout=False)
+            if planned is not None:
+                reached += 1
+                yield planned
+            elif self._address(ch, person) is not None:
+                reached += 1  # already planned through another audience: still reached
+        if reached < aud.required_channels:
+            self.stats.warnings.append(
+                f"{person.id} ({audience}) is reachable on {reached} of the "
+                f"{aud.required_channels} channels required")
+
+    def _customer(self, audience: str, aud: Audience, person: Contact) -> Planned | None:
+        candidates = self._preferred(aud.channels, person)
+        reasons = []
+        for ch in candidates:
+            address = self._address(ch, person)
+            if address is None:
+                continue
+            kind = KIND_OF_TYPE[self.pb.model.channels[ch].type]
+            if self.optouts.is_opted_out(kind, address):
+                reasons.append(f"opted out of {kind}")
+                continue
+            key = delivery_key(self.incident_id, self.update_no, ch, person.id, 1)
+            if key in self._keys:
+                return None  # collapsed with another audience, or planned before a crash
+            return self._person_delivery(audience, ch, person, respect_optout=True)
+        reason = "; ".join(reasons) or "no address for any of the audience's channels"
+        channel = candidates[0] if candidates else aud.channels[0]
+        self._skip(audience, channel, person, reason)
+        return None
+
+    def _preferred(self, channels: list[str], person: Contact) -> list[str]:
+        """The audience's channels in the person's preferred order of kinds."""
+        if not person.channels:
+            return list(channels)
+        ordered = []
+        for kind in person.channels:
+            ordered += [c for c in channels
+                        if KIND_OF_TYPE.get(self.pb.model.channels[c].type) == kind
+                        and c not in ordered]
+        return ordered
+
+    def _address(self, channel: str, person: Contact) -> str | None:
+        kind = KIND_OF_TYPE.get(self.pb.model.channels[channel].type)
+        return person.address_for(kind) if kind else None
+
+    def _person_delivery(self, audience: str, channel: str, person: Contact, *,
+                         respect_optout: bool, fallback_from: str | None = None
+                         ) -> Planned | None:
+        address = self._address(channel, person)
+        if address is None:
+            return None
+        if respect_optout:
+            kind = KIND_OF_TYPE[self.pb.model.channels[channel].type]
+            if self.optouts.is_opted_out(kind, address):
+                return None
+        key = delivery_key(self.incident_id, self.update_no, channel, person.id, 1)
+        if not self._claim(key):
+            return None
+        msg, dg = self.message(audience, channel, fallback_from)
+        reply_to: str | None = None
+        refs: tuple[str, ...] = ()
+        if self.state is not None and msg.channel_type == "email":
+            previous = self.state.email_refs.get((channel, person.id), [])
+            if previous:
+                reply_to, refs = previous[-1], tuple(previous)
+        d = Delivery(key=key, incident_id=self.incident_id, update_no=self.update_no,
+                     channel=channel, recipient=address,
+                     message=OutgoingMessage(text=msg.parts[0], subject=msg.subject,
+                                             html=msg.html),
+                     contact_id=person.id, audience=audience, reply_to=reply_to,
+                     thread_refs=refs, fallback_from=fallback_from)
+        return self._planned(d, dg, msg.channel_type)
+
+    def _planned(self, d: Delivery, dg: str, channel_type: str) -> Planned:
+        self.stats.planned += 1
+        self.stats.per_channel[d.channel] = self.stats.per_channel.get(d.channel, 0) + 1
+        payload = {
+            "update_no": d.update_no, "audience": d.audience, "contact_id": d.contact_id,
+            "part": d.part, "parts": d.parts, "digest": dg, "channel_type": channel_type,
+            "reply_to": d.reply_to, "thread_refs": list(d.thread_refs),
+            "fallback_from": d.fallback_from,
+        }
+        return Planned(delivery=d, payload=payload, channel_type=channel_type)
+
+    def _claim(self, key: str) -> bool:
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            return True
+
+    def _skip(self, audience: str, channel: str, person: Contact, reason: str) -> None:
+        key = delivery_key(self.incident_id, self.update_no, channel, person.id, 1)
+        if not self._claim(key):
+            return
+        self.stats.skipped += 1
+        self.skips.append(Skip(key, channel, person.id, self._address(channel, person),
+                               audience, reason))
+
+    # ------------------------------------------------------------------ router
+    def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:
+        """The channel of `delivery` is down: carry it on the channel's fallbacks.
+
+        Returns None when nobody can be reached another way, or the new deliveries
+        (empty when everyone concerned is already told on a fallback channel).
+        """
+        fallbacks = self.pb.model.channels[delivery.channel].fallback
+        if not fallbacks:
+            return None
+        aud = self.pb.model.audiences.get(delivery.audience)
+        if delivery.contact_id == "":
+            if aud is None or aud.fallback_select.is_empty():
+                return None
+            sel = aud.fallback_select
+            people = self.contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids)
+        else:
+            person = self.contacts.contacts.get(delivery.contact_id)
+            people = iter([person] if person else [])
+        respect = aud is None or aud.kind != "internal"
+        return self._first_reachable(people, fallbacks, delivery.audience, respect,
+                                     fallback_from=delivery.channel)
+
+    def next_channel(self, delivery: Delivery) -> list[Planned] | None:
+        """A permanent recipient error: try the person's next channel in this audience."""
+        person = self.contacts.contacts.get(delivery.contact_id)
+        aud = self.pb.model.audiences.get(delivery.audience)
+        if person is None or aud is None or aud.kind == "public":
+            return None
+        candidates = self._preferred(aud.channels, person)
+        after = (candidates[candidates.index(delivery.channel) + 1:]
+                 if delivery.channel in candidates else candidates)
+        return self._first_reachable(iter([person]), after, delivery.audience,
+                                     aud.kind != "internal")
+
+    def _first_reachable(self, people: Iterator[Contact], channels: list[str], audience: str,
+                         respect_optout: bool, fallback_from: str | None = None
+                         ) -> list[Planned] | None:
+        """For each person, a delivery on the first of `channels` that reaches them."""
+        out: list[Planned] = []
+        covered = False
+        for person in people:
+            for ch in channels:
+                planned = self._person_delivery(audience, ch, person,
+                                                respect_optout=respect_optout,
+                                                fallback_from=fallback_from)
+                if planned is not None:
+                    out.append(planned)
+                    break
+                key = delivery_key(self.incident_id, self.update_no, ch, person.id, 1)
+                if self._address(ch, person) is not None and key in self._keys:
+                    covered = True  # already told on this channel in this update
+                    break
+        return out if (out or covered) else None
+
+    def opted_out(self, delivery: Delivery) -> None:
+        kind = KIND_OF_TYPE.get(self.pb.model.channels[delivery.channel].type)
+        if kind and delivery.recipient:
+            self.optouts.add(kind, delivery.recipient, "provider-opt-out")

@@ -1,0 +1,118 @@
+"""Shared fixtures: an isolated home for every test, the sandbox emulators, CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAYBOOKS = ROOT / "playbooks"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads or writes the real user's state, config or credentials."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / ".local" / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    for name in list(os.environ):
+        if name.startswith(("INCIDENT_NOTIFY_", "TWITTER_", "TWILIO_", "SMTP_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "160")
+    return home
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Any]:
+    from incident_notify.sandbox import Sandbox
+
+    sb = Sandbox().start()
+    try:
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def audit_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit" / "audit.jsonl"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+            cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess, as a user or a runbook would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "incident_notify", *args],
+                          capture_output=True, text=True, env=full_env, input=input,
+                          cwd=cwd or ROOT, timeout=timeout, check=False)
+
+
+def json_doc(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:  # pragma: no cover - shown on failure
+        raise AssertionError(f"stdout is not one JSON document: {exc}\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr}") from None
+    return doc
+
+
+def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
+                         subscribers: int = 0, rate: float = 1000.0, concurrency: int = 8,
+                         fallback_notice: bool = True) -> Path:
+    """A playbook + CSV of `people` team members, each told by SMS and email (internal),
+    and optionally a public Twitter account that falls back to SMS for `subscribers`
+    status subscribers (distinct people, phone numbers from +1 415 555 0000)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = ["id,name,email,phone,twitter,channels,groups,tags"]
+    for i in range(people):
+        rows.append(f"p{i:05d},Person {i},person{i}@example.com,+1202555{i:04d},,"
+                    f"sms;email,team,")
+    for i in range(subscribers):
+        rows.append(f"s{i:05d},Subscriber {i},sub{i}@example.org,+1415555{i:04d},,"
+                    f"sms;email,,status-subscriber")
+    (directory / "people.csv").write_text("\n".join(rows) + "\n")
+    limits = f"    rate_per_second: {rate}\n    burst: 100\n    concurrency: {concurrency}\n"
+    twitter_channel = ("  status_twitter:\n    type: twitter\n    sender: \"@acme_status\"\n"
+                       "    fallback: [team_sms, team_email]\n"
+                       "    rate_per_second: 50\n    burst: 10\n") if twitter else ""
+    public = ("  public:\n    kind: public\n    channels: [status_twitter]\n"
+              "    fallback_select: {tags: [status-subscriber]}\n") if twitter else ""
+    tweet = "      twitter: \"{{ incident.stage_title }}: problem at {{ site }}. {{ message }}\"\n"
+    notice = ('failover_notice: "Twitter/X is down; this update comes to you directly."\n'
+              if fallback_notice else "")
+    stage_block = ""
+    for stage in ("investigating", "identified", "monitoring", "resolved"):
+        stage_block += (f"  {stage}:\n    messages:\n"
+                        + (tweet if twitter else "")
+                        + "      sms: \"[{{ incident.id }}] {{ incident.stage_title }} at "
+                          "{{ site }}. {{ message }}\"\n"
+                        + "      email:\n        subject: \"[{{ incident.id }}] "
+                          "{{ incident.stage_title }} at {{ site }}\"\n"
+                        + "        text: \"Stage {{ stage }} at {{ site }}. {{ message }}\"\n")
+    text = (
+        "name: fanout\ntitle: Fan-out test\nseverity: sev1\ncontacts: [people.csv]\n"
+        + notice
+        + "variables:\n  site:\n    example: LON-2\n    max_length: 12\n"
+        + "channels:\n" + twitter_channel
+        + "  team_sms:\n    type: sms\n    sender: \"+15005550006\"\n" + limits
+        + "  team_email:\n    type: email\n    sender: \"Ops <ops@acme.example>\"\n"
+        + "    host: smtp.acme.example\n" + limits
+        + "audiences:\n" + public
+        + "  team:\n    kind: internal\n    select: {groups: [team]}\n"
+        + "    channels: [team_sms, team_email]\n"
+        + "stages:\n" + stage_block
+    )
+    path = directory / "fanout.yaml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,170 @@
+"""The fan-out engine end to end: real tweepy / twilio / smtplib against the emulators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incident_notify.config import Settings
+from incident_notify.dispatch import RetryPolicy
+from incident_notify.notify import declare, open_runtime, resume, update
+from tests.conftest import ROOT, json_doc, make_fanout_playbook, run_cli
+
+FAST = RetryPolicy(max_attempts=6, base_delay_s=0.05, max_delay_s=0.5, deadline_s=30,
+                   breaker_threshold=3, breaker_cooldown_s=60)
+
+
+def runtime(tmp_path: Path, sandbox: Any, policy: RetryPolicy = FAST) -> Any:
+    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
+                        sandbox=True)
+    rt = open_runtime(settings, sandbox=sandbox)
+    rt.policy = policy
+    return rt
+
+
+def sms_to(sandbox: Any) -> Counter[str]:
+    return Counter(r["to"] for r in sandbox.twilio.received.all())
+
+
+def mail_to(sandbox: Any) -> Counter[str]:
+    return Counter(rcpt for r in sandbox.smtp.received.all() for rcpt in r["rcpt_tos"])
+
+
+def test_thousand_sms_and_thousand_emails_each_exactly_once(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1000)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 0, outcome.to_dict()["result"]
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert len(sms) == 1000 and set(sms.values()) == {1}
+    assert len(mail) == 1000 and set(mail.values()) == {1}
+    result = outcome.result
+    assert result is not None
+    assert result.counts["team_sms"]["sent"] == 1000
+    assert result.counts["team_email"]["sent"] == 1000
+    assert rt.audit.verify().ok
+
+
+def test_rate_limit_429_reset_is_honoured(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 30)
+    sandbox.twilio.faults.update(rate_limit=10, rate_window_s=1.0)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert outcome.exit_code == 0, outcome.to_dict()["result"]
+    sms = sms_to(sandbox)
+    assert len(sms) == 30 and set(sms.values()) == {1}
+    # 30 messages at 10 per 1-second window need at least two resets.
+    assert elapsed >= 1.5
+    retries = [r for r in rt.audit.records(event_prefix="delivery.attempt")
+               if r.payload["attempt"] > 1]
+    assert retries, "a 429 must lead to a later attempt"
+
+
+def test_503s_are_retried_then_succeed(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 5)
+    sandbox.twilio.faults.update(fail_next=2)
+    sandbox.smtp.faults.update(fail_next=2)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 0, outcome.to_dict()["result"]
+    assert len(sms_to(sandbox)) == 5 and len(mail_to(sandbox)) == 5
+    attempts = Counter(r.key for r in rt.audit.records(event_prefix="delivery.attempt"))
+    assert max(attempts.values()) >= 2
+
+
+def test_twitter_outage_fails_over_then_recovers(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3, twitter=True, subscribers=4)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    assert first.exit_code == 0
+    tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+    assert len(tweets) == 1
+    subscriber_numbers = {f"+1415555{i:04d}" for i in range(4)}
+    assert not subscriber_numbers & set(sms_to(sandbox))
+
+    # Twitter goes down mid-incident: subscribers hear by SMS, with the notice.
+    sandbox.twitter.faults.update(outage=True)
+    second = update(rt, first.incident_id, stage="identified", sets={})
+    assert second.exit_code == 0, second.to_dict()["result"]
+    got = [r for r in sandbox.twilio.received.all() if r["to"] in subscriber_numbers]
+    assert {r["to"] for r in got} == subscriber_numbers and len(got) == 4
+    assert all("Twitter/X is down" in r["body"] for r in got)
+    failovers = list(rt.audit.records(event_prefix="delivery.failover"))
+    assert failovers and failovers[0].channel == "status_twitter"
+    assert second.result is not None and second.result.failovers
+
+    # Twitter is back: the next update goes to Twitter again, replying to the first tweet.
+    sandbox.twitter.faults.update(outage=False)
+    before = len(got)
+    third = update(rt, first.incident_id, stage="monitoring", sets={})
+    assert third.exit_code == 0
+    tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+    assert len(tweets) == 2
+    assert tweets[1]["in_reply_to_tweet_id"] == tweets[0]["id"]
+    after = [r for r in sandbox.twilio.received.all() if r["to"] in subscriber_numbers]
+    assert len(after) == before
+
+
+def test_permanent_error_is_not_retried_and_reported(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    sandbox.twilio.faults.update(bad_recipients=["+12025550001"])
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    attempts = Counter(r.key for r in rt.audit.records(event_prefix="delivery.attempt"))
+    bad = [k for k in attempts if "/team_sms/p00001/" in k]
+    assert bad and attempts[bad[0]] == 1
+    # Internal member p00001 is still reached by email; the SMS failure is reported.
+    assert "person1@example.com" in mail_to(sandbox)
+    assert outcome.exit_code == 5
+    assert outcome.result is not None
+    assert any(f["channel"] == "team_sms" for f in outcome.result.failures)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
+                                                                 sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1000, rate=2000, concurrency=4)
+    sandbox.twilio.faults.update(latency_ms=5)
+    sandbox.smtp.faults.update(latency_ms=5)
+    sandbox.write_state()  # subprocesses attach to this sandbox with --sandbox
+    audit = tmp_path / "audit.jsonl"
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox", "--json"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 400:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sent_before = len(sandbox.twilio.received) + len(sandbox.smtp.received)
+    assert sent_before < 2000, "the kill must land mid fan-out"
+
+    status = json_doc(run_cli("status", "--json", env=env))
+    incident = status["data"]["incidents"][0]["id"]
+    resumed = run_cli("resume", incident, "--sandbox", "--json", env=env)
+    doc = json_doc(resumed)
+    in_doubt = {d["recipient"] for d in doc["data"]["in_doubt"]}
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    # Nobody got anything twice; everyone got it once, except deliveries reported unknown.
+    assert set(sms.values()) <= {1} and set(mail.values()) <= {1}
+    expected_sms = {f"+1202555{i:04d}" for i in range(1000)}
+    expected_mail = {f"person{i}@example.com" for i in range(1000)}
+    assert expected_sms - set(sms) <= in_doubt
+    assert expected_mail - set(mail) <= in_doubt
+    assert len(in_doubt) <= 8, "at most the requests in flight at the kill are unknown"
+    assert resumed.returncode in (0, 5), resumed.stderr
+    assert run_cli("audit", "verify", env=env).returncode in (0, 8)

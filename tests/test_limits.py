@@ -1,0 +1,140 @@
+"""Channel limits, exactly: weighted tweet length, threads, SMS segments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import unicodedata
+
+import pytest
+
+from incident_notify.limits import (
+    check_email,
+    measure,
+    sms_segments,
+    split_sms,
+    split_thread,
+    tweet_length,
+)
+
+
+def test_exactly_280_passes_and_281_fails() -> None:
+    assert tweet_length("a" * 280) == 280
+    assert measure("twitter-weighted", "a" * 280).ok
+    assert not measure("twitter-weighted", "a" * 281).ok
+
+
+@pytest.mark.parametrize("url", ["https://x.co", "https://status.example.com/" + "p" * 200])
+def test_url_counts_23_whatever_its_length(url: str) -> None:
+    assert tweet_length(f"see {url}") == 4 + 23
+
+
+def test_text_with_an_unknown_tld_is_not_a_url() -> None:
+    # twitter-text links only real TLDs; .example counts character by character.
+    assert tweet_length("https://status.acme.example/" + "p" * 10) == 38
+
+
+def test_emoji_and_cjk_count_two() -> None:
+    assert tweet_length("😀") == 2
+    assert tweet_length("日本") == 4
+    assert tweet_length("日" * 140) == 280
+    assert not measure("twitter-weighted", "日" * 141).ok
+
+
+def test_nfc_normalisation() -> None:
+    decomposed = unicodedata.normalize("NFD", "é")
+    assert len(decomposed) == 2
+    assert tweet_length(decomposed) == 1
+
+
+def test_text_that_fits_is_one_unnumbered_part() -> None:
+    assert split_thread("short update") == ["short update"]
+
+
+def test_thread_parts_fit_keep_order_and_are_numbered() -> None:
+    words = [f"w{i}" for i in range(300)]
+    text = " ".join(words)
+    parts = split_thread(text)
+    n = len(parts)
+    assert n > 1
+    for i, part in enumerate(parts, start=1):
+        assert tweet_length(part) <= 280
+        assert part.endswith(f" {i}/{n}")
+    rejoined = " ".join(p.rsplit(" ", 1)[0] for p in parts).split()
+    assert rejoined == words
+
+
+def test_thread_numbering_width_past_nine_parts() -> None:
+    text = " ".join(["abcdefghij"] * 400)  # ~4,400 chars: more than 9 parts
+    parts = split_thread(text)
+    assert len(parts) >= 10
+    assert all(tweet_length(p) <= 280 for p in parts)
+    assert parts[-1].endswith(f" {len(parts)}/{len(parts)}")
+
+
+def test_thread_with_urls_and_emoji_stays_within_limit() -> None:
+    text = " ".join(["update 😀 https://status.acme.example/incident/4321"] * 40)
+    parts = split_thread(text)
+    assert all(tweet_length(p) <= 280 for p in parts)
+    assert all("https://status.acme.example/incident/4321" in p for p in parts[:-1])
+
+
+def test_single_overlong_word_is_hard_split_without_breaking_emoji() -> None:
+    text = "😀" * 200  # 400 weighted, one "word"
+    parts = split_thread(text)
+    assert all(tweet_length(p) <= 280 for p in parts)
+    assert "".join(p.rsplit(" ", 1)[0] for p in parts) == text
+
+
+@pytest.mark.parametrize(("text", "segments", "encoding"), [
+    ("a" * 160, 1, "GSM-7"),
+    ("a" * 161, 2, "GSM-7"),
+    ("a" * 306, 2, "GSM-7"),
+    ("a" * 307, 3, "GSM-7"),
+    ("€" * 80, 1, "GSM-7"),      # extension characters count 2 septets: 160
+    ("€" * 81, 2, "GSM-7"),
+    ("a" * 159 + "😀", 3, "UCS-2"),  # one emoji forces UCS-2 (161 units -> 3 x 67)
+    ("ж" * 70, 1, "UCS-2"),
+    ("ж" * 71, 2, "UCS-2"),
+])
+def test_sms_segments(text: str, segments: int, encoding: str) -> None:
+    info = sms_segments(text)
+    assert (info.segments, info.encoding) == (segments, encoding)
+
+
+def test_extension_char_never_split_across_segments() -> None:
+    # 152 plain septets then '€' (2 septets): it cannot straddle the 153 boundary.
+    text = "a" * 152 + "€" + "b" * 20
+    segments = split_sms(text)
+    assert segments[0] == "a" * 152
+    assert segments[1].startswith("€")
+    assert sms_segments(text).segments == 2
+
+
+def test_surrogate_pair_never_split_across_segments() -> None:
+    text = "ж" * 66 + "😀" + "ж" * 10  # the emoji would straddle units 67/68
+    segments = split_sms(text)
+    assert segments[0] == "ж" * 66
+    assert segments[1].startswith("😀")
+    assert "".join(segments) == text
+
+
+def test_sms_budget_in_measure() -> None:
+    assert measure("sms-segments", "a" * 459, max_segments=3).ok
+    m = measure("sms-segments", "a" * 460, max_segments=3)
+    assert not m.ok and m.value == 4 and "GSM-7" in m.detail
+
+
+def test_dm_and_email_limits() -> None:
+    assert measure("chars", "x" * 10_000).ok
+    assert not measure("chars", "x" * 10_001).ok
+    assert check_email("one line", "short\nlines") == []
+    assert check_email("two\nlines", "ok")
+    assert check_email("ok", "é" * 500)  # 1,000 bytes in one line
+
+
+def test_twitter_text_imports_in_a_fresh_interpreter() -> None:
+    # twitter-text-parser imports pkg_resources; pyproject pins setuptools<81 for that.
+    proc = subprocess.run([sys.executable, "-c", "import twitter_text; print('ok')"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
