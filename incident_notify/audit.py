@@ -1,0 +1,434 @@
+"""The audit log: append-only JSON Lines, SHA-256 hash-chained, locked, fsync'd.
+
+Format and guarantees: docs/audit-log.md. In short, each line is one record
+``{schema, seq, ts, actor, incident, event, channel, recipient, key, payload, prev, hash}``
+serialised canonically; `hash` is the SHA-256 of the record without `hash`, `prev` the
+hash of the record before, `seq` its 1-based position. Writers hold an exclusive `flock`
+while they read the tail, append and fsync, so several processes can append at once and
+the chain stays whole. A torn last line (a crash mid-write) is never dropped: the next
+append moves its bytes to a sidecar file and records that it did.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from incident_notify.errors import AuditError
+
+SCHEMA = 1
+GENESIS = "0" * 64
+EVENTS = (
+    "incident.declared", "incident.updated", "incident.resolved", "incident.reopened",
+    "message.rendered", "update.planned", "update.completed",
+    "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
+    "delivery.unknown", "delivery.skipped", "delivery.failover",
+    "channel.circuit_open", "channel.circuit_closed", "optout.added",
+    "audit.torn_tail_recovered",
+)
+FIELDS = ("schema", "seq", "ts", "actor", "incident", "event", "channel", "recipient", "key",
+          "payload", "prev", "hash")
+
+
+def default_audit_path() -> Path:
+    env = os.environ.get("INCIDENT_NOTIFY_AUDIT_LOG")
+    if env:
+        return Path(env)
+    from incident_notify.config import state_dir
+
+    return state_dir() / "audit.jsonl"
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in fields.items() if k != "hash"})).hexdigest()
+
+
+def redact(value: str, key: bytes) -> str:
+    """A keyed hash of a recipient: matchable by whoever holds the key, opaque otherwise."""
+    digest = hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+    return f"hmac-sha256:{digest[:32]}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What a caller asks to append; the log adds seq, ts, actor, prev and hash."""
+
+    event: str
+    incident: str | None = None
+    channel: str | None = None
+    recipient: str | None = None
+    key: str | None = None
+    payload: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    schema: int
+    seq: int
+    ts: str
+    actor: str
+    incident: str | None
+    event: str
+    channel: str | None
+    recipient: str | None
+    key: str | None
+    payload: dict[str, Any]
+    prev: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        return cls(**{f: data[f] for f in FIELDS})
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    records: int
+    first_bad_line: int | None = None
+    problem: str | None = None
+    torn_tail: bool = False
+    head: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "records": self.records, "first_bad_line": self.first_bad_line,
+                "problem": self.problem, "torn_tail": self.torn_tail, "head": self.head}
+
+
+@dataclass
+class _Tail:
+    seq: int = 0
+    hash: str = GENESIS
+    torn: bytes = b""
+    end: int = 0
+    """Offset just after the last complete line."""
+
+
+class AuditLog:
+    """One audit log file. Safe to use from several threads and several processes."""
+
+    def __init__(self, path: Path, *, actor: str | None = None,
+                 redact_key: bytes | None = None) -> None:
+        self.path = Path(path)
+        self.actor = actor or _default_actor()
+        self.redact_key = redact_key
+        self._thread_lock = threading.Lock()
+
+    @property
+    def head_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".head")
+
+    # ------------------------------------------------------------------ writing
+    def append(self, event: str, *, incident: str | None = None, channel: str | None = None,
+               recipient: str | None = None, key: str | None = None,
+               payload: Mapping[str, Any] | None = None) -> AuditRecord:
+        """Append one record; it is on disk (fsync'd) when this returns."""
+        return self.append_many([AuditEntry(event, incident, channel, recipient, key,
+                                            payload)])[0]
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Append several records with one lock, one write and one fsync."""
+        if not entries:
+            return []
+        for e in entries:
+            if not e.event or e.event != e.event.lower() or "." not in e.event:
+                raise AuditError(f"invalid audit event name {e.event!r}")
+        with self._thread_lock:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                tail = self._read_tail(fd)
+                prefix: list[AuditEntry] = []
+                if tail.torn:
+                    prefix.append(self._recover_torn(fd, tail))
+                records = []
+                seq, prev = tail.seq, tail.hash
+                for e in [*prefix, *entries]:
+                    seq += 1
+                    fields = {
+                        "schema": SCHEMA, "seq": seq, "ts": _now(), "actor": self.actor,
+                        "incident": e.incident, "event": e.event, "channel": e.channel,
+                        "recipient": self._redact(e.recipient), "key": e.key,
+                        "payload": dict(e.payload or {}), "prev": prev,
+                    }
+                    fields["hash"] = record_hash(fields)
+                    prev = fields["hash"]
+                    records.append(AuditRecord.from_dict(fields))
+                data = b"".join(canonical(r.to_dict()) + b"\n" for r in records)
+                try:
+                    written = os.write(fd, data)
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}",
+                                     hint="free disk space or fix permissions; nothing was "
+                                     "sent that is not recorded") from None
+                self._write_head(seq, prev)
+                return records[len(prefix):]
+            finally:
+                os.close(fd)
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}",
+                             hint="check the path (--audit-log / INCIDENT_NOTIFY_AUDIT_LOG) "
+                             "and its permissions") from None
+
+    def _read_tail(self, fd: int) -> _Tail:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return _Tail()
+        chunk = 1 << 16
+        pos, buf = size, b""
+        # Read backwards until the buffer holds the whole last complete line: two
+        # newlines, or one newline and the start of the file.
+        while pos > 0 and buf.count(b"\n") < 2:
+            start = max(0, pos - chunk)
+            buf = os.pread(fd, pos - start, start) + buf
+            pos = start
+        last_nl = buf.rfind(b"\n")
+        torn = buf[last_nl + 1:] if last_nl >= 0 else buf
+        complete = buf[: last_nl + 1] if last_nl >= 0 else b""
+        end = pos + len(complete)
+        lines = complete.rstrip(b"\n").split(b"\n") if complete else []
+        if not lines or not lines[-1]:
+            return _Tail(torn=torn, end=end)
+        # When the file starts mid-buffer, lines[0] may be partial; only lines[-1] is used.
+        try:
+            last = json.loads(lines[-1])
+            return _Tail(seq=int(last["seq"]), hash=str(last["hash"]), torn=torn, end=end)
+        except (ValueError, KeyError, TypeError):
+            raise AuditError(f"{self.path}: the last record is not valid; refusing to extend "
+                             "a damaged chain", hint="run 'incident-notify audit verify'") \
+                from None
+
+    def _recover_torn(self, fd: int, tail: _Tail) -> AuditEntry:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        sidecar = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+        with open(sidecar, "wb") as out:
+            out.write(tail.torn)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(sidecar, 0o600)
+        os.ftruncate(fd, tail.end)
+        return AuditEntry("audit.torn_tail_recovered", payload={
+            "bytes": len(tail.torn), "sidecar": str(sidecar),
+            "sha256": hashlib.sha256(tail.torn).hexdigest(), "offset": tail.end})
+
+    def _write_head(self, seq: int, head: str) -> None:
+        tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"seq": seq, "hash": head}))
+            os.replace(tmp, self.head_path)
+        except OSError:
+            pass  # the head is a truncation check, not the record itself
+
+    def _redact(self, recipient: str | None) -> str | None:
+        if recipient and self.redact_key:
+            return redact(recipient, self.redact_key)
+        return recipient
+
+    # ------------------------------------------------------------------ reading
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, bytes) of complete lines; a torn last line is not yielded."""
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}") from None
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.endswith(b"\n"):
+                    return
+                yield number, raw
+
+    def records(self, *, incident: str | None = None, event_prefix: str | None = None,
+                channel: str | None = None, since: datetime | None = None
+                ) -> Iterator[AuditRecord]:
+        """Stream records in log order, filtered."""
+        since_s = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+        for number, raw in self._lines():
+            if incident is not None and incident.encode() not in raw:
+                continue  # cheap pre-filter before parsing
+            try:
+                rec = AuditRecord.from_dict(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                raise AuditError(f"{self.path}:{number}: not a valid audit record",
+                                 hint="run 'incident-notify audit verify' to check the log") \
+                    from None
+            if incident is not None and rec.incident != incident:
+                continue
+            if event_prefix is not None and not rec.event.startswith(event_prefix):
+                continue
+            if channel is not None and rec.channel != channel:
+                continue
+            if since_s is not None and rec.ts < since_s:
+                continue
+            yield rec
+
+    def verify(self, expected_head: str | None = None) -> VerifyResult:
+        """Check every record, the chain and the head; name the first bad line."""
+        prev, seq, count = GENESIS, 0, 0
+        if not self.path.exists():
+            return VerifyResult(ok=True, records=0)
+        torn = False
+        with open(self.path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.endswith(b"\n"):
+                    torn = True
+                    return VerifyResult(False, count, number, "torn last line (a write was "
+                                        "interrupted); the next append preserves it in a "
+                                        "sidecar file", torn_tail=True, head=prev)
+                problem = _check_line(raw, seq, prev)
+                if problem:
+                    return VerifyResult(False, count, number, problem, head=prev)
+                data = json.loads(raw)
+                prev, seq, count = data["hash"], data["seq"], count + 1
+        head = self._read_head()
+        if head is not None:
+            if head["seq"] > seq:
+                return VerifyResult(False, count, seq + 1, f"records after line {seq} were "
+                                    f"removed (the head says {head['seq']} records)", torn,
+                                    prev)
+            if head["seq"] == seq and head["hash"] != prev:
+                return VerifyResult(False, count, seq, "the last record does not match the "
+                                    "recorded head", torn, prev)
+        if expected_head is not None and expected_head != prev:
+            return VerifyResult(False, count, None, "the chain's head is not the expected "
+                                f"{expected_head[:12]}", torn, prev)
+        return VerifyResult(True, count, head=prev)
+
+    def _read_head(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.head_path.read_text())
+            return {"seq": int(data["seq"]), "hash": str(data["hash"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def close(self) -> None:
+        """Nothing is held open between appends."""
+
+
+def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "not valid JSON (the line was altered)"
+    if not isinstance(data, dict) or set(data) != set(FIELDS):
+        return "not an audit record (fields missing or added)"
+    if data["schema"] != SCHEMA:
+        return f"unknown schema {data['schema']!r}"
+    if canonical(data) + b"\n" != raw:
+        return "not in canonical form (the line was altered)"
+    if data["seq"] != seq + 1:
+        return f"sequence {data['seq']} where {seq + 1} was expected (a record was removed " \
+               "or reordered)"
+    if data["prev"] != prev:
+        return "does not chain to the record before it (a record was removed, inserted or " \
+               "reordered)"
+    if record_hash(data) != data["hash"]:
+        return "hash mismatch (the record was altered)"
+    return None
+
+
+def _default_actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class _Slot:
+    entry: AuditEntry
+    done: bool = False
+    record: AuditRecord | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class GroupCommitWriter:
+    """Many threads append; concurrent appends share one write and one fsync.
+
+    Whoever finds no write in progress becomes the leader and writes every queued entry;
+    the others wait until their entry is durable. `append` returns only then.
+    """
+
+    log: AuditLog
+    max_batch: int = 1024
+    _pending: list[_Slot] = field(default_factory=list)
+    _writing: bool = False
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def append(self, event: str, **fields: Any) -> AuditRecord:
+        slot = _Slot(AuditEntry(event, **fields))
+        with self._cond:
+            self._pending.append(slot)
+            while not slot.done:
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                self._writing = True
+                batch, self._pending = (self._pending[: self.max_batch],
+                                        self._pending[self.max_batch:])
+                self._cond.release()
+                try:
+                    records = self.log.append_many([s.entry for s in batch])
+                    for s, r in zip(batch, records, strict=True):
+                        s.record = r
+                except BaseException as exc:  # every waiter must learn of the failure
+                    for s in batch:
+                        s.error = exc
+                finally:
+                    self._cond.acquire()
+                    for s in batch:
+                        s.done = True
+                    self._writing = False
+                    self._cond.notify_all()
+        if slot.error is not None:
+            if isinstance(slot.error, AuditError):
+                raise slot.error
+            raise AuditError(f"audit write failed: {slot.error}") from slot.error
+        assert slot.record is not None
+        return slot.record
+
+    def records(self, **filters: Any) -> Iterator[AuditRecord]:
+        return self.log.records(**filters)
+
+    def close(self) -> None:
+        """Every append is durable when it returns; nothing to flush."""
+
+    def __enter__(self) -> GroupCommitWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

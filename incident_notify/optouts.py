@@ -1,0 +1,97 @@
+"""The opt-out list: who asked not to be contacted on which channel kind.
+
+An append-only JSON Lines file of ``{"kind", "address", "ts", "reason", "action"}``;
+``action`` is ``optout`` or ``optin`` and the last one for an address wins. A Twilio 21610
+(the recipient replied STOP) adds an opt-out automatically. Customers who opted out are
+skipped on that channel; internal audiences ignore the list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from incident_notify.contacts import InvalidField, normalise_address
+
+
+def default_optout_path() -> Path:
+    env = os.environ.get("INCIDENT_NOTIFY_OPTOUTS")
+    if env:
+        return Path(env)
+    from incident_notify.config import state_dir
+
+    return state_dir() / "optouts.jsonl"
+
+
+class OptOutStore:
+    def __init__(self, path: Path, region: str = "US") -> None:
+        self.path = Path(path)
+        self.region = region
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], dict[str, Any]] | None = None
+
+    def _key(self, kind: str, address: str) -> tuple[str, str]:
+        try:
+            return kind, normalise_address(kind, address, self.region)
+        except InvalidField:
+            return kind, address.strip().lower()
+
+    def _load(self) -> dict[tuple[str, str], dict[str, Any]]:
+        if self._state is None:
+            state: dict[tuple[str, str], dict[str, Any]] = {}
+            try:
+                with open(self.path, encoding="utf-8") as handle:
+                    for line in handle:
+                        if not line.endswith("\n"):
+                            break
+                        try:
+                            item = json.loads(line)
+                            state[(item["kind"], item["address"])] = item
+                        except (ValueError, KeyError):
+                            continue
+            except FileNotFoundError:
+                pass
+            self._state = state
+        return self._state
+
+    def _append(self, item: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(item, ensure_ascii=False) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add(self, kind: str, address: str, reason: str = "manual") -> bool:
+        """Record an opt-out; False when the address was already opted out."""
+        key = self._key(kind, address)
+        with self._lock:
+            state = self._load()
+            if state.get(key, {}).get("action") == "optout":
+                return False
+            item = {"kind": key[0], "address": key[1], "action": "optout", "reason": reason,
+                    "ts": datetime.now(UTC).isoformat()}
+            self._append(item)
+            state[key] = item
+            return True
+
+    def remove(self, kind: str, address: str, reason: str = "manual") -> None:
+        key = self._key(kind, address)
+        with self._lock:
+            item = {"kind": key[0], "address": key[1], "action": "optin", "reason": reason,
+                    "ts": datetime.now(UTC).isoformat()}
+            self._append(item)
+            self._load()[key] = item
+
+    def is_opted_out(self, kind: str, address: str) -> bool:
+        with self._lock:
+            return self._load().get(self._key(kind, address), {}).get("action") == "optout"
+
+    def all(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [v for v in self._load().values() if v.get("action") == "optout"]
