@@ -1,0 +1,108 @@
+"""What the twitter and twitter_dm channels share: a tweepy v2 Client pointed at the API
+base, and the mapping of tweepy errors to our error classes.
+
+The base URL is swapped by giving the client a `requests.Session` whose `request()`
+rewrites ``https://api.twitter.com`` before OAuth 1.0a signs the request, so the signature
+covers the URL actually requested (the sandbox verifies it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from incident_notify.channels.base import Channel, PermanentChannelError, TransientChannelError
+
+TWITTER_API = "https://api.twitter.com"
+CREDENTIALS = ("TWITTER_API_KEY", "TWITTER_API_SECRET", "TWITTER_ACCESS_TOKEN",
+               "TWITTER_ACCESS_TOKEN_SECRET")
+# tweepy logs request parameters and bodies at DEBUG; keep that out of our logs.
+logging.getLogger("tweepy").setLevel(logging.WARNING)
+
+
+def make_client(channel: Channel) -> Any:
+    import requests
+    import tweepy
+
+    base = channel.api_base(TWITTER_API)
+
+    class RewritingSession(requests.Session):
+        def request(self, method: str | bytes, url: str | bytes, *args: Any,
+                    **kwargs: Any) -> requests.Response:
+            text = url.decode() if isinstance(url, bytes) else url
+            for origin in (TWITTER_API, "https://api.x.com"):
+                if text.startswith(origin):
+                    text = base + text[len(origin):]
+            kwargs.setdefault("timeout", (5, 20))
+            return super().request(method, text, *args, **kwargs)
+
+    key, secret, token, token_secret = (channel.secret(n) for n in CREDENTIALS)
+    client = tweepy.Client(consumer_key=key, consumer_secret=secret, access_token=token,
+                           access_token_secret=token_secret, wait_on_rate_limit=False)
+    client.session = RewritingSession()
+    return client
+
+
+def _api_text(exc: Any) -> str:
+    parts = list(getattr(exc, "api_messages", []) or [])
+    response = getattr(exc, "response", None)
+    if not parts and response is not None:
+        try:
+            body = response.json()
+            parts = [body.get("detail") or body.get("title") or ""]
+        except ValueError:
+            parts = []
+    status = getattr(response, "status_code", "?")
+    return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
+
+
+def map_error(channel: str, exc: BaseException) -> PermanentChannelError | TransientChannelError:
+    import requests
+    import tweepy
+
+    if isinstance(exc, PermanentChannelError | TransientChannelError):
+        return exc
+    if isinstance(exc, tweepy.TooManyRequests):
+        reset = getattr(exc, "reset_time", None)
+        if reset is None and exc.response is not None:
+            raw = exc.response.headers.get("x-rate-limit-reset")
+            reset = int(raw) if raw else None
+        wait = max(1.0, reset - time.time()) if reset else 60.0
+        return TransientChannelError(f"{channel}: Twitter rate limit reached; resets in "
+                                     f"{wait:.0f}s", channel=channel, code="429",
+                                     retry_after=wait)
+    if isinstance(exc, tweepy.TwitterServerError):
+        return TransientChannelError(f"{channel}: Twitter is unavailable ({_api_text(exc)})",
+                                     channel=channel, code=str(exc.response.status_code))
+    if isinstance(exc, tweepy.Unauthorized):
+        return PermanentChannelError(
+            f"{channel}: Twitter rejected the credentials ({_api_text(exc)})", channel=channel,
+            code="auth", hint="check TWITTER_API_KEY, TWITTER_API_SECRET, TWITTER_ACCESS_TOKEN "
+            "and TWITTER_ACCESS_TOKEN_SECRET (user context, read and write)")
+    if isinstance(exc, tweepy.Forbidden):
+        text = _api_text(exc)
+        if "duplicate" in text.lower():
+            return PermanentChannelError(f"{channel}: Twitter refused a duplicate tweet "
+                                         f"({text})", channel=channel, code="duplicate",
+                                         hint="an identical update was already posted")
+        return PermanentChannelError(f"{channel}: Twitter refused the request ({text})",
+                                     channel=channel, code="403", recipient_problem=True)
+    if isinstance(exc, tweepy.NotFound):
+        return PermanentChannelError(f"{channel}: not found ({_api_text(exc)})",
+                                     channel=channel, code="404", recipient_problem=True)
+    if isinstance(exc, tweepy.BadRequest):
+        return PermanentChannelError(f"{channel}: Twitter refused the request "
+                                     f"({_api_text(exc)})", channel=channel, code="400")
+    if isinstance(exc, tweepy.HTTPException):
+        return PermanentChannelError(f"{channel}: {_api_text(exc)}", channel=channel,
+                                     code=str(exc.response.status_code))
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return TransientChannelError(f"{channel}: Twitter did not answer in time",
+                                     channel=channel, code="timeout", maybe_delivered=True)
+    if isinstance(exc, requests.exceptions.RequestException):
+        return TransientChannelError(f"{channel}: cannot reach Twitter "
+                                     f"({type(exc).__name__})", channel=channel,
+                                     code="connection")
+    return TransientChannelError(f"{channel}: {type(exc).__name__} talking to Twitter",
+                                 channel=channel, code="error", maybe_delivered=True)

@@ -1,0 +1,255 @@
+"""Email through SMTP with the standard library's smtplib.
+
+STARTTLS (default), implicit TLS, or plain SMTP towards a loopback host only (the sandbox);
+AUTH from ``SMTP_USERNAME`` / ``SMTP_PASSWORD`` when set. Messages are multipart (text and
+HTML), carry a Message-ID derived from the delivery's idempotency key (a resend after a
+crash has the same Message-ID, so mail systems can drop the duplicate), and thread the
+incident's updates with In-Reply-To / References. Connections are pooled and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import queue
+import smtplib
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, getaddresses
+from typing import Any, ClassVar, Literal
+
+from incident_notify.channels.base import (
+    Channel,
+    ChannelLimits,
+    ChannelOptions,
+    ChannelSpec,
+    Delivery,
+    Health,
+    PermanentChannelError,
+    Receipt,
+    TransientChannelError,
+)
+from incident_notify.errors import ConfigError
+
+DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+
+
+class EmailOptions(ChannelOptions):
+    host: str = "localhost"
+    port: int | None = None
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    cafile: str | None = None
+    reply_to: str | None = None
+    list_unsubscribe: str | None = None
+    timeout_s: float = 20.0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EmailChannel(Channel):
+    type_name: ClassVar[str] = "email"
+    Options = EmailOptions
+    default_limits = ChannelLimits(length_rule="email", max_length=None, rate_per_second=10.0,
+                                   burst=20, concurrency=4)
+    secret_names = ("SMTP_USERNAME", "SMTP_PASSWORD")
+    api_base_env = "INCIDENT_NOTIFY_SMTP_URL"
+    options: EmailOptions
+
+    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+        super().__init__(spec, secrets)
+        self.host, self.port, self.tls = self._endpoint()
+        if self.tls == "none" and not _is_loopback(self.host):
+            raise ConfigError(
+                f"channel {spec.name!r}: tls: none is only allowed towards this machine "
+                f"(the sandbox), not {self.host}",
+                hint="use tls: starttls or implicit; credentials never travel in clear")
+        addresses = getaddresses([spec.sender])
+        if not spec.sender or not addresses or "@" not in addresses[0][1]:
+            raise ConfigError(f"channel {spec.name!r} (email) needs a sender address, e.g. "
+                              "\"Acme Status <status@acme.example>\"")
+        self.from_name, self.from_addr = addresses[0]
+        self.domain = self.from_addr.rsplit("@", 1)[1]
+        self._pool: queue.LifoQueue[smtplib.SMTP] = queue.LifoQueue()
+        self._lock = threading.Lock()
+
+    def _endpoint(self) -> tuple[str, int, str]:
+        url = self.api_base("")
+        if url:
+            parsed = urllib.parse.urlparse(url)
+            tls = {"smtps": "implicit", "smtp": "none"}.get(parsed.scheme, "none")
+            if parsed.scheme == "smtp" and parsed.query == "starttls":
+                tls = "starttls"
+            return parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS[tls], tls
+        tls = self.options.tls
+        return self.options.host, self.options.port or DEFAULT_PORTS[tls], tls
+
+    # ------------------------------------------------------------------ connections
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.options.cafile)
+        return context
+
+    def _connect(self) -> smtplib.SMTP:
+        timeout = self.options.timeout_s
+        try:
+            conn: smtplib.SMTP
+            if self.tls == "implicit":
+                conn = smtplib.SMTP_SSL(self.host, self.port, timeout=timeout,
+                                        context=self._context())
+            else:
+                conn = smtplib.SMTP(self.host, self.port, timeout=timeout)
+            conn.ehlo()
+            if self.tls == "starttls":
+                conn.starttls(context=self._context())
+                conn.ehlo()
+            user = self.secrets.get("SMTP_USERNAME")
+            password = self.secrets.get("SMTP_PASSWORD")
+            if user and password:
+                conn.login(user, password)
+            return conn
+        except Exception as exc:
+            raise self._map(exc, sent_data=False) from None
+
+    def _take(self) -> smtplib.SMTP:
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def _give(self, conn: smtplib.SMTP) -> None:
+        self._pool.put(conn)
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._pool.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conn.quit()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ messages
+    def message_id(self, key: str) -> str:
+        return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}.incident-notify@{self.domain}>"
+
+    def build(self, delivery: Delivery) -> EmailMessage:
+        m = delivery.message
+        msg = EmailMessage()
+        msg["From"] = Address(self.from_name, addr_spec=self.from_addr) if self.from_name \
+            else self.from_addr
+        msg["To"] = delivery.recipient
+        msg["Subject"] = (m.subject or "").replace("\r", " ").replace("\n", " ")
+        msg["Date"] = format_datetime(time_now())
+        msg["Message-ID"] = self.message_id(delivery.key)
+        refs = list(delivery.thread_refs)
+        if delivery.reply_to:
+            msg["In-Reply-To"] = delivery.reply_to
+            if delivery.reply_to not in refs:
+                refs.append(delivery.reply_to)
+        if refs:
+            msg["References"] = " ".join(refs)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg["X-Incident-Id"] = delivery.incident_id
+        if self.options.reply_to:
+            msg["Reply-To"] = self.options.reply_to
+        if self.options.list_unsubscribe:
+            msg["List-Unsubscribe"] = f"<{self.options.list_unsubscribe}>"
+        msg.set_content(m.text)
+        if m.html:
+            msg.add_alternative(m.html, subtype="html")
+        return msg
+
+    def send(self, delivery: Delivery) -> Receipt:
+        msg = self.build(delivery)
+        for attempt in (1, 2):
+            conn = self._take()
+            try:
+                conn.send_message(msg, from_addr=self.from_addr, to_addrs=[delivery.recipient])
+            except smtplib.SMTPServerDisconnected as exc:
+                # A pooled connection the server closed while idle: reconnect once.
+                if attempt == 1:
+                    continue
+                raise self._map(exc, sent_data=False) from None
+            except Exception as exc:
+                mapped = self._map(exc, sent_data=isinstance(exc, socket.timeout))
+                try:
+                    conn.rset()
+                    self._give(conn)
+                except Exception:
+                    pass
+                raise mapped from None
+            self._give(conn)
+            return Receipt(provider_id=str(msg["Message-ID"]), detail={"to": delivery.recipient})
+        raise TransientChannelError(f"{self.name}: SMTP connection lost", channel=self.name)
+
+    def check(self) -> Health:
+        started = time.monotonic()
+        try:
+            conn = self._connect()
+            conn.noop()
+            conn.quit()
+        except (PermanentChannelError, TransientChannelError) as exc:
+            return Health(ok=False, detail=exc.message)
+        user = self.secrets.get("SMTP_USERNAME")
+        detail = f"EHLO ok at {self.host}:{self.port}" + (f", authenticated as {user}"
+                                                           if user else "")
+        return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)
+
+    def _map(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
+            TransientChannelError:
+        name = self.name
+        if isinstance(exc, PermanentChannelError | TransientChannelError):
+            return exc
+        if isinstance(exc, smtplib.SMTPAuthenticationError):
+            return PermanentChannelError(f"{name}: the SMTP server rejected the login "
+                                         f"({exc.smtp_code})", channel=name, code="auth",
+                                         hint="check SMTP_USERNAME and SMTP_PASSWORD")
+        if isinstance(exc, smtplib.SMTPRecipientsRefused):
+            code, text = next(iter(exc.recipients.values()), (550, b""))
+            reason = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+            if 400 <= code < 500:
+                return TransientChannelError(f"{name}: recipient deferred ({code} {reason})",
+                                             channel=name, code=str(code))
+            return PermanentChannelError(f"{name}: recipient refused ({code} {reason})",
+                                         channel=name, code=str(code), recipient_problem=True)
+        if isinstance(exc, smtplib.SMTPResponseException):
+            reason = exc.smtp_error.decode("utf-8", "replace") \
+                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            if 400 <= exc.smtp_code < 500:
+                return TransientChannelError(f"{name}: SMTP {exc.smtp_code} {reason}",
+                                             channel=name, code=str(exc.smtp_code))
+            return PermanentChannelError(f"{name}: SMTP {exc.smtp_code} {reason}",
+                                         channel=name, code=str(exc.smtp_code))
+        if isinstance(exc, ssl.SSLError):
+            return PermanentChannelError(f"{name}: TLS failed ({exc.reason})", channel=name,
+                                         code="tls", hint="set cafile: on the channel if the "
+                                         "server uses a private certificate authority")
+        if isinstance(exc, socket.timeout | TimeoutError):
+            return TransientChannelError(f"{name}: the SMTP server did not answer in time",
+                                         channel=name, code="timeout",
+                                         maybe_delivered=sent_data)
+        if isinstance(exc, OSError | smtplib.SMTPException):
+            return TransientChannelError(f"{name}: cannot reach the SMTP server "
+                                         f"{self.host}:{self.port} ({type(exc).__name__})",
+                                         channel=name, code="connection")
+        return TransientChannelError(f"{name}: {type(exc).__name__} talking SMTP",
+                                     channel=name, code="error")
+
+
+def time_now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

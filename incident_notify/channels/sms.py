@@ -1,0 +1,154 @@
+"""SMS through Twilio's Messages API with the real `twilio` client.
+
+Credentials: ``TWILIO_ACCOUNT_SID``, ``TWILIO_AUTH_TOKEN``. The sandbox (or any test
+double of Twilio) is reached by setting ``api_base`` / ``INCIDENT_NOTIFY_TWILIO_API_BASE``:
+a `TwilioHttpClient` subclass rewrites ``https://api.twilio.com`` to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
+
+from incident_notify.channels.base import (
+    Channel,
+    ChannelLimits,
+    ChannelOptions,
+    ChannelSpec,
+    Delivery,
+    Health,
+    PermanentChannelError,
+    Receipt,
+    TransientChannelError,
+)
+from incident_notify.errors import ConfigError
+
+TWILIO_API = "https://api.twilio.com"
+# Twilio's documented sending rates (messages segments per second): US/Canada long code
+# 1 MPS, toll-free 3 MPS (default verified), short code 100 MPS.
+RATES = {"long_code": 1.0, "toll_free": 3.0, "short_code": 100.0}
+RECIPIENT_CODES = {21211, 21614, 21612, 21408, 21610, 21612, 30006}
+_quiet = logging.getLogger("incident_notify.twilio")
+_quiet.setLevel(logging.WARNING)
+
+
+class SMSOptions(ChannelOptions):
+    messaging_service_sid: str | None = None
+    status_callback: str | None = None
+    max_segments: int = 3
+    sender_kind: Literal["long_code", "toll_free", "short_code"] = "long_code"
+    timeout_s: float = 20.0
+
+
+class SMSChannel(Channel):
+    type_name: ClassVar[str] = "sms"
+    Options = SMSOptions
+    default_limits = ChannelLimits(length_rule="sms-segments", max_length=None,
+                                   rate_per_second=1.0, burst=1, concurrency=4)
+    secret_names = ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")
+    api_base_env = "INCIDENT_NOTIFY_TWILIO_API_BASE"
+    options: SMSOptions
+
+    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+        super().__init__(spec, secrets)
+        if not spec.sender and not self.options.messaging_service_sid:
+            raise ConfigError(f"channel {spec.name!r} (sms) needs a sender (From number) or "
+                              "messaging_service_sid")
+        if spec.rate_per_second is None:
+            rate = RATES[self.options.sender_kind]
+            self.limits = replace(self.limits, rate_per_second=rate, burst=max(1, int(rate)))
+        self._local = threading.local()
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from twilio.http.http_client import TwilioHttpClient
+            from twilio.rest import Client
+
+            base = self.api_base(TWILIO_API)
+
+            class Rewriting(TwilioHttpClient):
+                def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+                    if url.startswith(TWILIO_API):
+                        url = base + url[len(TWILIO_API):]
+                    return super().request(method, url, *args, **kwargs)
+
+            http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
+            client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
+                            http_client=http)
+            self._local.client = client
+        return client
+
+    def send(self, delivery: Delivery) -> Receipt:
+        kwargs: dict[str, Any] = {"to": delivery.recipient, "body": delivery.message.text}
+        if self.spec.sender:
+            kwargs["from_"] = self.spec.sender
+        else:
+            kwargs["messaging_service_sid"] = self.options.messaging_service_sid
+        if self.options.status_callback:
+            kwargs["status_callback"] = self.options.status_callback
+        try:
+            message = self._client().messages.create(**kwargs)
+        except Exception as exc:
+            raise self._map(exc) from None
+        return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
+                       detail={"status": message.status})
+
+    def check(self) -> Health:
+        started = time.monotonic()
+        try:
+            sid = self.secret("TWILIO_ACCOUNT_SID")
+            account = self._client().api.v2010.accounts(sid).fetch()
+        except Exception as exc:
+            err = exc if isinstance(exc, PermanentChannelError) else self._map(exc)
+            return Health(ok=False, detail=err.message)
+        latency = (time.monotonic() - started) * 1000
+        return Health(ok=account.status == "active", detail=f"account {account.status}",
+                      latency_ms=latency)
+
+    def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
+        """Twilio / transport errors to our classes, with no credential in the text."""
+        import requests
+        from twilio.base.exceptions import TwilioRestException
+
+        name = self.name
+        if isinstance(exc, PermanentChannelError | TransientChannelError):
+            return exc
+        if isinstance(exc, TwilioRestException):
+            code, status = exc.code, exc.status
+            text = f"Twilio error {code}: {exc.msg}" if code else f"Twilio HTTP {status}: {exc.msg}"
+            if code == 21610:
+                return PermanentChannelError(
+                    f"{name}: the recipient replied STOP ({text})", channel=name,
+                    code="21610", opt_out=True)
+            if code in RECIPIENT_CODES:
+                return PermanentChannelError(f"{name}: invalid recipient ({text})",
+                                             channel=name, code=str(code),
+                                             recipient_problem=True)
+            if code == 21617:
+                return PermanentChannelError(f"{name}: message too long ({text})",
+                                             channel=name, code="21617")
+            if code == 20003 or status == 401:
+                return PermanentChannelError(
+                    f"{name}: Twilio rejected the credentials ({text})", channel=name,
+                    code="auth", hint="check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+            if code == 20429 or status == 429:
+                return TransientChannelError(f"{name}: rate limited ({text})", channel=name,
+                                             code="429", retry_after=1.0)
+            if status >= 500:
+                return TransientChannelError(f"{name}: Twilio unavailable ({text})",
+                                             channel=name, code=str(code or status))
+            return PermanentChannelError(f"{name}: {text}", channel=name,
+                                         code=str(code or status))
+        if isinstance(exc, requests.exceptions.ReadTimeout):
+            return TransientChannelError(f"{name}: Twilio did not answer in time",
+                                         channel=name, code="timeout", maybe_delivered=True)
+        if isinstance(exc, requests.exceptions.RequestException):
+            return TransientChannelError(f"{name}: cannot reach Twilio "
+                                         f"({type(exc).__name__})", channel=name,
+                                         code="connection")
+        return TransientChannelError(f"{name}: {type(exc).__name__} talking to Twilio",
+                                     channel=name, code="error", maybe_delivered=True)

@@ -1,0 +1,65 @@
+"""Public tweets and reply threads on the incident's Twitter/X account (API v2)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, ClassVar
+
+from incident_notify.channels._twitter_client import make_client, map_error
+from incident_notify.channels.base import (
+    Channel,
+    ChannelLimits,
+    ChannelSpec,
+    Delivery,
+    Health,
+    PermanentChannelError,
+    Receipt,
+)
+
+
+class TwitterChannel(Channel):
+    type_name: ClassVar[str] = "twitter"
+    # POST /2/tweets allows 100 requests per 15 minutes per user on the paid tiers (fewer
+    # on Free): 0.1/s sustained with a small burst for a thread. One in flight keeps a
+    # thread's parts in order.
+    default_limits = ChannelLimits(length_rule="twitter-weighted", max_length=280,
+                                   rate_per_second=0.1, burst=5, concurrency=1, threads=True,
+                                   broadcast=True)
+    secret_names = ("TWITTER_API_KEY", "TWITTER_API_SECRET", "TWITTER_ACCESS_TOKEN",
+                    "TWITTER_ACCESS_TOKEN_SECRET")
+    api_base_env = "INCIDENT_NOTIFY_TWITTER_API_BASE"
+
+    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+        super().__init__(spec, secrets)
+        self._local = threading.local()
+
+    def client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = make_client(self)
+        return client
+
+    def send(self, delivery: Delivery) -> Receipt:
+        try:
+            response = self.client().create_tweet(text=delivery.message.text,
+                                                   in_reply_to_tweet_id=delivery.reply_to,
+                                                   user_auth=True)
+        except Exception as exc:
+            raise map_error(self.name, exc) from None
+        return Receipt(provider_id=str(response.data["id"]),
+                       detail={"in_reply_to": delivery.reply_to})
+
+    def check(self) -> Health:
+        started = time.monotonic()
+        try:
+            me = self.client().get_me(user_auth=True)
+        except PermanentChannelError as exc:
+            return Health(ok=False, detail=exc.message)
+        except Exception as exc:
+            return Health(ok=False, detail=map_error(self.name, exc).message)
+        username = me.data.username if me.data else "?"
+        detail = f"authenticated as @{username}"
+        if self.spec.sender and self.spec.sender.lstrip("@").lower() != username.lower():
+            detail += f" (the playbook's sender is {self.spec.sender})"
+        return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)

@@ -1,0 +1,176 @@
+"""Twilio REST emulator: the Messages resource as the real `twilio` client speaks it.
+
+* ``POST /2010-04-01/Accounts/{sid}/Messages.json`` (form body, HTTP Basic auth) -> 201 and a
+  Message resource (``sid`` SM..., ``status``, ``num_segments`` computed, ``error_code``).
+* ``GET /2010-04-01/Accounts/{sid}/Messages.json`` -> a list page.
+* ``GET /2010-04-01/Accounts/{sid}.json`` -> the account (``channels check``).
+
+Errors use Twilio's legacy body ``{code, message, more_info, status}``; never ``type`` and
+``title`` together, which makes twilio 9.x raise a different exception class.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import secrets
+import threading
+import urllib.parse
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from incident_notify.limits import sms_segments
+from incident_notify.sandbox.common import EmulatorHandler, HttpEmulator
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+DEFAULT_SID = "AC" + "5a4db0c" * 4 + "5a4d"
+
+
+def _error(code: int, message: str, status: int) -> dict[str, Any]:
+    return {"code": code, "message": message,
+            "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status}
+
+
+class TwilioHandler(EmulatorHandler):
+    emulator: TwilioEmulator
+
+    def do_GET(self) -> None:
+        if self.handle_control("GET"):
+            return
+        emu = self.emulator
+        if not self._gate():
+            return
+        path = urllib.parse.urlparse(self.path).path
+        if path == f"/2010-04-01/Accounts/{emu.account_sid}.json":
+            self.send_json(200, {"sid": emu.account_sid, "status": "active",
+                                 "friendly_name": "incident-notify sandbox", "type": "Full"})
+        elif path == f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
+            messages = [m for m in emu.messages]
+            self.send_json(200, {
+                "messages": messages, "page": 0, "page_size": 50, "start": 0,
+                "end": max(0, len(messages) - 1),
+                "first_page_uri": path + "?PageSize=50&Page=0", "next_page_uri": None,
+                "previous_page_uri": None, "uri": path})
+        else:
+            self.send_json(404, _error(20404, "The requested resource was not found", 404))
+
+    def do_POST(self) -> None:
+        if self.handle_control("POST"):
+            return
+        emu = self.emulator
+        body = self.read_body()
+        if not self._gate():
+            return
+        path = urllib.parse.urlparse(self.path).path
+        if path != f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
+            self.send_json(404, _error(20404, "The requested resource was not found", 404))
+            return
+        allowed, _, _ = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
+        if not allowed:
+            self.send_json(429, _error(20429, "Too Many Requests", 429),
+                           headers={"Retry-After": "1"})
+            return
+        form = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode()).items()}
+        to, text = form.get("To", ""), form.get("Body", "")
+        sender, service = form.get("From"), form.get("MessagingServiceSid")
+        if not sender and not service:
+            self.send_json(400, _error(21603, "A 'From' or 'MessagingServiceSid' parameter "
+                                       "is required to send a message", 400))
+            return
+        if sender and sender not in emu.from_numbers:
+            self.send_json(400, _error(21606, f"The From phone number {sender} is not a "
+                                       "valid, SMS-capable inbound phone number or short "
+                                       "code for your account.", 400))
+            return
+        if service and service not in emu.messaging_service_sids:
+            self.send_json(400, _error(21701, "The Messaging Service Sid is invalid", 400))
+            return
+        if not E164.match(to) or to in emu.faults.bad_recipients:
+            self.send_json(400, _error(21211, f"The 'To' number {to} is not a valid phone "
+                                       "number.", 400))
+            return
+        if to in emu.stopped:
+            self.send_json(400, _error(21610, "Attempt to send to unsubscribed recipient",
+                                       400))
+            return
+        if not text:
+            self.send_json(400, _error(21602, "Message body is required.", 400))
+            return
+        if len(text) > 1600:
+            self.send_json(400, _error(21617, "The concatenated message body exceeds the "
+                                       "1600 character limit.", 400))
+            return
+        sid = "SM" + secrets.token_hex(16)
+        now = format_datetime(datetime.now(UTC))
+        resource = {
+            "sid": sid, "account_sid": emu.account_sid, "to": to, "from": sender,
+            "messaging_service_sid": service, "body": text, "status": "queued",
+            "num_segments": str(sms_segments(text).segments), "num_media": "0",
+            "direction": "outbound-api", "api_version": "2010-04-01", "price": None,
+            "price_unit": "USD", "error_code": None, "error_message": None,
+            "date_created": now, "date_updated": now, "date_sent": None,
+            "uri": f"{path[:-5]}/{sid}.json", "subresource_uris": {},
+        }
+        with emu.lock:
+            emu.messages.append(resource)
+        emu.received.add({"kind": "sms", "sid": sid, "to": to, "from": sender,
+                          "messaging_service_sid": service, "body": text,
+                          "num_segments": int(resource["num_segments"]),
+                          "status_callback": form.get("StatusCallback"),
+                          "ts": datetime.now(UTC).isoformat()})
+        self.send_json(201, resource)
+
+    def _gate(self) -> bool:
+        """Faults and authentication common to every route; False when answered."""
+        emu = self.emulator
+        self.apply_latency()
+        if emu.faults.outage or emu.faults.take_fail_next():
+            self.send_json(503, _error(20503, "Service Unavailable", 503))
+            return False
+        if not self._authorised():
+            self.send_json(401, _error(20003, "Authenticate", 401),
+                           headers={"WWW-Authenticate": 'Basic realm="Twilio API"'})
+            return False
+        return True
+
+    def _authorised(self) -> bool:
+        emu = self.emulator
+        header = self.headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return (hmac.compare_digest(user, emu.account_sid)
+                and hmac.compare_digest(password, emu.auth_token))
+
+
+class TwilioEmulator(HttpEmulator):
+    handler_class = TwilioHandler
+
+    def __init__(self, port: int = 0, *, account_sid: str = DEFAULT_SID,
+                 auth_token: str = "sandbox-auth-token",
+                 from_numbers: Iterable[str] = ("+15005550006",),
+                 messaging_service_sids: Iterable[str] = ("MG" + "0" * 31 + "1",)) -> None:
+        super().__init__(port)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.from_numbers = set(from_numbers)
+        self.messaging_service_sids = set(messaging_service_sids)
+        self.stopped: set[str] = set()
+        self.messages: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def add_stop(self, number: str) -> None:
+        """The recipient replied STOP: later sends to it fail with 21610."""
+        self.stopped.add(number)
+
+    def reset(self) -> None:
+        super().reset()
+        self.stopped.clear()
+        with self.lock:
+            self.messages.clear()
