@@ -18,6 +18,7 @@ import fcntl
 import getpass
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,10 +107,18 @@ def check_health(channels: Mapping[str, Channel], timeout_s: float = 15.0) -> di
         return {}
 
     def one(ch: Channel) -> Health:
-        try:
-            return ch.check()
-        except Exception as exc:  # a failing check is a result, not a crash
-            return Health(ok=False, detail=getattr(exc, "message", str(exc)))
+        # One retry: a single dropped request must not fail a whole update over.
+        health = Health(ok=False, detail="not checked")
+        for attempt in range(2):
+            if attempt:
+                time.sleep(0.5)
+            try:
+                health = ch.check()
+            except Exception as exc:  # a failing check is a result, not a crash
+                health = Health(ok=False, detail=getattr(exc, "message", str(exc)))
+            if health.ok:
+                break
+        return health
 
     with ThreadPoolExecutor(max_workers=min(8, len(channels))) as pool:
         futures = {name: pool.submit(one, ch) for name, ch in channels.items()}

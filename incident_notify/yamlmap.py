@@ -131,6 +131,9 @@ def load_yaml_text(text: str, file: str) -> tuple[Any, SourceMap]:
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         what = (exc.problem or exc.context or "malformed YAML").strip()
+        ctx = exc.context_mark
+        if exc.context and ctx is not None and ctx.line + 1 != line:
+            what += f" ({exc.context.strip()} that started at line {ctx.line + 1})"
         raise PlaybookError(
             [Problem(file, line, col, f"malformed YAML: {what}",
                      "check indentation, colons and quoting near this line "

@@ -72,10 +72,14 @@ def test_rate_limit_429_reset_is_honoured(tmp_path: Path, sandbox: Any) -> None:
 
 def test_503s_are_retried_then_succeed(tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 5)
-    sandbox.twilio.faults.update(fail_next=2)
-    sandbox.smtp.faults.update(fail_next=2)
     rt = runtime(tmp_path, sandbox)
-    outcome = declare(rt, pb, {"site": "LON-2"})
+
+    def trouble_starts_after_confirmation(_: Any) -> bool:
+        sandbox.twilio.faults.update(fail_next=2)
+        sandbox.smtp.faults.update(fail_next=2)
+        return True
+
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=trouble_starts_after_confirmation)
     assert outcome.exit_code == 0, outcome.to_dict()["result"]
     assert len(sms_to(sandbox)) == 5 and len(mail_to(sandbox)) == 5
     attempts = Counter(r.key for r in rt.audit.records(event_prefix="delivery.attempt"))
@@ -123,11 +127,25 @@ def test_permanent_error_is_not_retried_and_reported(tmp_path: Path, sandbox: An
     attempts = Counter(r.key for r in rt.audit.records(event_prefix="delivery.attempt"))
     bad = [k for k in attempts if "/team_sms/p00001/" in k]
     assert bad and attempts[bad[0]] == 1
-    # Internal member p00001 is still reached by email; the SMS failure is reported.
+    # Internal member p00001 is still reached by email: everyone was reached (exit 0), and
+    # the refused SMS is on record with Twilio's code.
     assert "person1@example.com" in mail_to(sandbox)
+    assert outcome.exit_code == 0
+    refused = [r for r in rt.audit.records(event_prefix="delivery.failover") if r.key == bad[0]]
+    assert refused and refused[0].payload["code"] == "21211"
+
+
+def test_recipient_reached_nowhere_is_a_partial_delivery(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    sandbox.twilio.faults.update(bad_recipients=["+12025550001"])
+    sandbox.smtp.faults.update(bad_recipients=["person1@example.com"])
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
     assert outcome.exit_code == 5
     assert outcome.result is not None
-    assert any(f["channel"] == "team_sms" for f in outcome.result.failures)
+    failed = {(f["channel"], f["recipient"]) for f in outcome.result.failures}
+    assert ("team_email", "person1@example.com") in failed
+    assert len(sms_to(sandbox)) == 2 and len(mail_to(sandbox)) == 2
 
 
 @pytest.mark.slow

@@ -103,7 +103,8 @@ def test_json_envelope_shape(tmp_path: Path) -> None:
     ("old", "new", "line", "needle"),
     [
         # malformed YAML: unclosed flow sequence
-        ("channels: [team_sms]\n", "channels: [team_sms\n", 23, "malformed YAML"),
+        ("channels: [team_sms]\n", "channels: [team_sms\n", 24,
+         "flow sequence that started at line 23"),
         # a wrong type
         ("max_length: 12", "max_length: twelve", 7, "max_length"),
         # an unknown key
@@ -180,9 +181,9 @@ def test_overlong_tweet_becomes_a_thread(tmp_path: Path) -> None:
 
 
 def test_worst_case_sms_over_budget_fails_though_example_fits(tmp_path: Path) -> None:
-    # 150 characters with the example (fits one segment); with site at max_length 12 the
+    # 155 characters with the example (fits one segment); with site at max_length 12 the
     # rendered text grows past 160 and the 1-segment budget.
-    filler = "x" * (150 - len("Problem at LON-2."))
+    filler = "x" * (155 - len("Problem at LON-2."))
     text = MINIMAL.replace('sms: "Problem at {{ site }}."',
                            f'sms: "Problem at {{{{ site }}}}.{filler}"')
     proc = validate(write(tmp_path, text), json_out=True)

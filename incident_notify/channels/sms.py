@@ -30,7 +30,7 @@ TWILIO_API = "https://api.twilio.com"
 # Twilio's documented sending rates (messages segments per second): US/Canada long code
 # 1 MPS, toll-free 3 MPS (default verified), short code 100 MPS.
 RATES = {"long_code": 1.0, "toll_free": 3.0, "short_code": 100.0}
-RECIPIENT_CODES = {21211, 21614, 21612, 21408, 21610, 21612, 30006}
+RECIPIENT_CODES = {21211, 21614, 21612, 21408, 21610, 30006}
 _quiet = logging.getLogger("incident_notify.twilio")
 _quiet.setLevel(logging.WARNING)
 

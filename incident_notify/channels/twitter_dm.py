@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
+from incident_notify.channels._twitter_client import map_error
 from incident_notify.channels.base import (
     ChannelLimits,
     ChannelSpec,
@@ -12,7 +13,6 @@ from incident_notify.channels.base import (
     PermanentChannelError,
     Receipt,
 )
-from incident_notify.channels._twitter_client import map_error
 from incident_notify.channels.twitter import TwitterChannel
 
 

@@ -1,8 +1,149 @@
-"""`incident-notify audit ...` (placeholder until the audit module lands)."""
+"""`incident-notify audit verify|show|export`: the incident record, checked and read."""
+
+from __future__ import annotations
+
+import csv
+import json as jsonlib
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
+from incident_notify.cli import output
 from incident_notify.cli.main import app
+from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.errors import UsageError
+from incident_notify.exit_codes import ExitCode
 
 audit_app = typer.Typer(help="Verify, show and export the audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+
+IncidentOpt = Annotated[str | None, typer.Option("--incident", help="Only this incident.")]
+ChannelOpt = Annotated[str | None, typer.Option("--channel", help="Only this channel.")]
+StatusOpt = Annotated[str | None, typer.Option(
+    "--status", help="Only deliveries with this outcome: sent, failed, failover, skipped, "
+    "unknown, planned, attempt.")]
+EventOpt = Annotated[str | None, typer.Option("--event", help="Only events starting with this.")]
+SinceOpt = Annotated[str | None, typer.Option(
+    "--since", help="Only records since a time (2026-11-22T10:00) or an age (2h, 30m, 1d).")]
+
+
+def _log(path: Path | None) -> Any:
+    from incident_notify.audit import AuditLog, default_audit_path
+
+    return AuditLog(path or default_audit_path())
+
+
+def parse_since(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if match:
+        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=seconds)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {value!r} is neither a time nor an age",
+                         hint="e.g. --since 2026-11-22T10:00 or --since 2h") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _filtered(path: Path | None, incident: str | None, channel: str | None,
+              status: str | None, event: str | None, since: str | None) -> Any:
+    prefix = f"delivery.{status}" if status else event
+    return _log(path).records(incident=incident, channel=channel, event_prefix=prefix,
+                              since=parse_since(since))
+
+
+def _summary(rec: Any) -> str:
+    p = rec.payload or {}
+    for key in ("provider_id", "error", "reason", "stage", "message"):
+        if p.get(key):
+            return f"{key}: {p[key]}"
+    return ""
+
+
+@audit_app.command("verify")
+def verify(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
+    """Check every record's hash and the chain; name the first bad line (exit 8)."""
+    output.state.json = json
+    log = _log(audit_log)
+    result = log.verify()
+    code = int(ExitCode.OK if result.ok else ExitCode.AUDIT_INVALID)
+    if json:
+        output.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
+                         exit_code=code)
+        raise typer.Exit(code)
+    if result.ok:
+        head = (result.head or "")[:12]
+        output.console().print(f"OK: {result.records} records, chain intact (head {head}) "
+                               f"in {log.path}", markup=False)
+    else:
+        hint = ("the next append moves the torn bytes to a sidecar file and records it"
+                if result.torn_tail else "compare with a backup; do not edit the log")
+        output.err_console().print(f"TAMPERED: {log.path}:{result.first_bad_line}: "
+                                   f"{result.problem}\n  hint: {hint}", markup=False)
+    raise typer.Exit(code)
+
+
+@audit_app.command("show")
+def show(
+    audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
+    status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many (the latest).")]
+    = 200,
+    json: JsonOpt = False,
+) -> None:
+    """Records as a table (or --json), filtered by incident, channel, status, time."""
+    from collections import deque
+
+    output.state.json = json
+    records = deque(_filtered(audit_log, incident, channel, status, event, since), maxlen=limit)
+    if json:
+        output.emit_json("audit show", {"records": [r.to_dict() for r in records]})
+        return
+    from incident_notify.cli.render_results import table
+
+    t = table("seq", "time (UTC)", "incident", "event", "channel", "recipient", "detail")
+    for r in records:
+        t.add_row(str(r.seq), r.ts[:19].replace("T", " "), r.incident or "", r.event,
+                  r.channel or "", escape(r.recipient or ""), escape(_summary(r)[:80]))
+    output.console().print(t)
+
+
+@audit_app.command("export")
+def export(
+    format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "jsonl",
+    output_file: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")]
+    = "-",
+    audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
+    status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
+) -> None:
+    """Export records as CSV (flat columns, payload as JSON) or JSON Lines."""
+    from incident_notify.audit import FIELDS
+
+    if format not in ("csv", "jsonl"):
+        raise UsageError(f"--format {format!r}: expected csv or jsonl")
+    records = _filtered(audit_log, incident, channel, status, event, since)
+    handle = sys.stdout if output_file == "-" else open(output_file, "w", newline="",  # noqa: SIM115
+                                                        encoding="utf-8")
+    try:
+        if format == "jsonl":
+            for r in records:
+                handle.write(jsonlib.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        else:
+            writer = csv.writer(handle)
+            writer.writerow(FIELDS)
+            for r in records:
+                row = r.to_dict()
+                row["payload"] = jsonlib.dumps(row["payload"], ensure_ascii=False,
+                                               sort_keys=True)
+                writer.writerow([row[f] for f in FIELDS])
+    finally:
+        if handle is not sys.stdout:
+            handle.close()

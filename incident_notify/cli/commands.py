@@ -3,6 +3,7 @@
 from incident_notify.cli import (  # noqa: F401
     audit_cmd,
     config_cmd,
+    contacts_cmd,
     drill_cmd,
     incident_cmd,
     playbook_cmd,

@@ -35,18 +35,30 @@ def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
 
+def _width(stream: object) -> int | None:
+    """Terminals report their width; pipes and logs get $COLUMNS or 120, not rich's 80."""
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return None
+    try:
+        return max(60, int(os.environ.get("COLUMNS", "120")))
+    except ValueError:
+        return 120
+
+
 def console() -> Console:
     """Where human output goes: stdout normally, stderr when stdout carries JSON."""
-    return Console(
-        file=sys.stderr if state.json else sys.stdout,
-        no_color=_no_color(),
-        highlight=False,
-        soft_wrap=not sys.stdout.isatty(),
-    )
+    stream = sys.stderr if state.json else sys.stdout
+    width = _width(stream)
+    # Off a terminal, long lines (error messages, paths) stay whole for grep and CI logs.
+    return Console(file=stream, no_color=_no_color(), highlight=False, width=width,
+                   soft_wrap=width is not None)
 
 
 def err_console() -> Console:
-    return Console(file=sys.stderr, no_color=_no_color(), highlight=False)
+    width = _width(sys.stderr)
+    return Console(file=sys.stderr, no_color=_no_color(), highlight=False, width=width,
+                   soft_wrap=width is not None)
 
 
 def info(message: str) -> None:

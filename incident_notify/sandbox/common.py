@@ -132,6 +132,15 @@ class _QuietServer(ThreadingHTTPServer):
     # Fan-out opens many connections at once; the default backlog of 5 drops some.
     request_queue_size = 256
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (killed mid-request, timed out) is not an emulator error.
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
 
 class EmulatorHandler(BaseHTTPRequestHandler):
     """Base request handler: JSON helpers and the control API. Subclasses add routes.

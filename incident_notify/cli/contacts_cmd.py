@@ -1,0 +1,135 @@
+"""`incident-notify contacts check|list` and `contacts optout add|remove|list`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from incident_notify.cli import output
+from incident_notify.cli.main import app
+from incident_notify.cli.options import JsonOpt
+from incident_notify.exit_codes import ExitCode
+
+contacts_app = typer.Typer(help="Check and list contact sources; manage opt-outs.",
+                           no_args_is_help=True)
+app.add_typer(contacts_app, name="contacts")
+optout_app = typer.Typer(help="The opt-out list.", no_args_is_help=True)
+contacts_app.add_typer(optout_app, name="optout")
+
+PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv) or "
+                                                 "directories of them.")]
+RegionOpt = Annotated[str, typer.Option("--region", envvar="INCIDENT_NOTIFY_REGION",
+                                        help="Region for national phone numbers.")]
+OptoutsOpt = Annotated[Path | None, typer.Option("--optouts", envvar="INCIDENT_NOTIFY_OPTOUTS",
+                                                 help="Opt-out list file.", show_default=False)]
+
+
+def _store(path: Path | None) -> Any:
+    from incident_notify.optouts import OptOutStore, default_optout_path
+
+    return OptOutStore(path or default_optout_path())
+
+
+@contacts_app.command("check")
+def check(paths: PathsArg, region: RegionOpt = "US", optouts: OptoutsOpt = None,
+          json: JsonOpt = False) -> None:
+    """Per source: people, invalid records, reachable per channel, opted out; exit 4 when
+    any record is invalid (each reported as file:line: field: problem)."""
+    from incident_notify.contacts import KINDS, load_contacts
+
+    output.state.json = json
+    cs = load_contacts(paths, default_region=region)
+    store = _store(optouts)
+    per_source: dict[str, dict[str, Any]] = {
+        s.path: {"path": s.path, "people": s.people, "invalid": s.invalid,
+                 "reachable": Counter(), "opted_out": 0} for s in cs.sources}
+    for c in cs.contacts.values():
+        entry = per_source.setdefault(c.source, {"path": c.source, "people": 0, "invalid": 0,
+                                                 "reachable": Counter(), "opted_out": 0})
+        for kind in KINDS:
+            address = c.address_for(kind)
+            if address:
+                entry["reachable"][kind] += 1
+                if store.is_opted_out(kind, address):
+                    entry["opted_out"] += 1
+    sources = [{**v, "reachable": {k: v["reachable"].get(k, 0) for k in KINDS}}
+               for v in per_source.values()]
+    code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
+    if json:
+        output.emit_json("contacts check", {"sources": sources, "people": len(cs.contacts),
+                                            "invalid": len(cs.problems)},
+                         exit_code=code, errors=[p.to_dict() for p in cs.problems])
+        raise typer.Exit(code)
+    from incident_notify.cli.render_results import table
+
+    t = table("source", "people", "invalid", *KINDS, "opted out")
+    for s in sources:
+        t.add_row(escape(s["path"]), str(s["people"]), str(s["invalid"]),
+                  *(str(s["reachable"][k]) for k in KINDS), str(s["opted_out"]))
+    con = output.console()
+    con.print(t)
+    for problem in cs.problems:
+        con.print(f"[bold red]invalid:[/] {escape(str(problem))}")
+    con.print(f"{len(cs.contacts)} people loaded, {len(cs.problems)} invalid record(s).")
+    raise typer.Exit(code)
+
+
+@contacts_app.command("list")
+def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
+              "--group", help="Only people in this group (repeatable).")] = None,
+          tag: Annotated[list[str] | None, typer.Option(
+              "--tag", help="Only people with this tag (repeatable).")] = None,
+          region: RegionOpt = "US", json: JsonOpt = False) -> None:
+    """People with their groups, tags, preferred channels and addresses."""
+    from incident_notify.contacts import load_contacts
+
+    output.state.json = json
+    cs = load_contacts(paths, default_region=region)
+    people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
+              else list(cs.contacts.values()))
+    if json:
+        output.emit_json("contacts list", {"contacts": [c.to_dict() for c in people]},
+                         errors=[p.to_dict() for p in cs.problems])
+        return
+    from incident_notify.cli.render_results import table
+
+    t = table("id", "name", "groups", "tags", "prefers", "phone", "email", "twitter")
+    for c in people:
+        t.add_row(c.id, escape(c.name), ", ".join(sorted(c.groups)), ", ".join(sorted(c.tags)),
+                  " > ".join(c.channels), c.phone or "", c.email or "", c.twitter or "")
+    output.console().print(t)
+
+
+@optout_app.command("add")
+def optout_add(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
+               address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
+               optouts: OptoutsOpt = None) -> None:
+    """Record that a person does not want messages on a channel kind."""
+    added = _store(optouts).add(kind, address, "manual")
+    output.console().print("added." if added else "already opted out.")
+
+
+@optout_app.command("remove")
+def optout_remove(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
+                  address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
+                  optouts: OptoutsOpt = None) -> None:
+    """Opt a person back in (recorded, never deleted)."""
+    _store(optouts).remove(kind, address, "manual")
+    output.console().print("removed.")
+
+
+@optout_app.command("list")
+def optout_list(optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
+    """Everyone currently opted out."""
+    output.state.json = json
+    items = _store(optouts).all()
+    if json:
+        output.emit_json("contacts optout list", {"optouts": items})
+        return
+    for item in items:
+        output.console().print(f"{item['kind']:<11} {item['address']:<32} {item['reason']} "
+                               f"{item['ts'][:19]}", markup=False)
