@@ -145,7 +145,7 @@ class SmtpEmulator:
             ok = (isinstance(auth_data, LoginPassword)
                   and auth_data.login.decode() == emulator.username
                   and auth_data.password.decode() == emulator.password)
-            return AuthResult(success=ok)
+            return AuthResult(success=ok, handled=False)
 
         smtp_kwargs: dict[str, Any] = dict(
             authenticator=authenticator, auth_required=require_auth,

@@ -1,0 +1,295 @@
+"""Channels through the real tweepy / twilio / smtplib clients against the emulators."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incident_notify.channels import available_types, channel_class
+from incident_notify.channels.base import (
+    ChannelSpec,
+    Delivery,
+    OutgoingMessage,
+    PermanentChannelError,
+    TransientChannelError,
+)
+from incident_notify.channels.email import EmailChannel
+from incident_notify.channels.sms import SMSChannel
+from incident_notify.channels.twitter import TwitterChannel
+from incident_notify.channels.twitter_dm import TwitterDMChannel
+from incident_notify.errors import ConfigError
+from incident_notify.sandbox import SANDBOX_CREDENTIALS
+from incident_notify.sandbox.smtp_server import SmtpEmulator
+from incident_notify.sandbox.twitter_api import TwitterEmulator
+from tests.conftest import PLAYBOOKS, json_doc, run_cli
+
+CANARY = "CANARY-s3cr3t-7f1e"
+
+
+def delivery(channel: str, recipient: str, text: str, key: str = "INC-1/1/x/p/1",
+             **kw: Any) -> Delivery:
+    return Delivery(key=key, incident_id="INC-1", update_no=1, channel=channel,
+                    recipient=recipient, message=OutgoingMessage(text=text, **kw))
+
+
+@pytest.fixture
+def twitter() -> Iterator[TwitterEmulator]:
+    emu = TwitterEmulator().start()
+    yield emu
+    emu.stop()
+
+
+def twitter_secrets(emu: TwitterEmulator, **override: str) -> dict[str, str]:
+    return {**SANDBOX_CREDENTIALS, "INCIDENT_NOTIFY_TWITTER_API_BASE": emu.url, **override}
+
+
+def test_builtin_channels_are_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="incident_notify.channels")}
+    assert {"twitter", "twitter_dm", "sms", "email"} <= names
+    assert channel_class("sms") is SMSChannel
+    assert set(available_types()) >= names
+
+
+def test_unknown_channel_type_names_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        channel_class("pager")
+    assert "twitter" in info.value.hint and "sms" in info.value.hint
+
+
+# ------------------------------------------------------------------ twitter
+def test_thread_lands_in_order_with_reply_ids(twitter: TwitterEmulator) -> None:
+    ch = TwitterChannel(ChannelSpec("status", "twitter", "@acme_status"), twitter_secrets(twitter))
+    reply_to = None
+    for i in range(1, 4):
+        receipt = ch.send(Delivery(key=f"k/{i}", incident_id="I", update_no=1, channel="status",
+                                   recipient="", message=OutgoingMessage(text=f"part {i}/3"),
+                                   part=i, parts=3, reply_to=reply_to))
+        reply_to = receipt.provider_id
+    tweets = twitter.received.all()
+    assert [t["text"] for t in tweets] == ["part 1/3", "part 2/3", "part 3/3"]
+    assert tweets[0]["in_reply_to_tweet_id"] is None
+    assert tweets[1]["in_reply_to_tweet_id"] == tweets[0]["id"]
+    assert tweets[2]["in_reply_to_tweet_id"] == tweets[1]["id"]
+
+
+def test_dm_reaches_the_resolved_user_id_and_lookup_is_cached(twitter: TwitterEmulator) -> None:
+    uid = twitter.add_user("carol_ops")
+    ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm", "@acme_status"),
+                          twitter_secrets(twitter))
+    ch.send(delivery("dm", "@carol_ops", "first"))
+    ch.send(delivery("dm", "@Carol_Ops", "second", key="k2"))
+    dms = twitter.received.all()
+    assert [d["participant_id"] for d in dms] == [uid, uid]
+    assert twitter.lookups == 1
+
+
+def test_dm_to_unknown_user_is_a_permanent_recipient_error(twitter: TwitterEmulator) -> None:
+    ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm"), twitter_secrets(twitter))
+    with pytest.raises(PermanentChannelError) as info:
+        ch.send(delivery("dm", "@nobody_here", "x"))
+    assert info.value.recipient_problem
+
+
+def test_wrong_twitter_secret_gets_401_from_the_signature_check(twitter: TwitterEmulator) -> None:
+    ch = TwitterChannel(ChannelSpec("status", "twitter"),
+                        twitter_secrets(twitter, TWITTER_API_SECRET=CANARY))
+    with pytest.raises(PermanentChannelError) as info:
+        ch.send(delivery("status", "", "hello"))
+    assert info.value.code == "auth"
+    assert "signature" in info.value.message
+    assert CANARY not in str(info.value) + repr(info.value) + info.value.hint
+    assert not twitter.received.all()
+
+
+def test_twitter_outage_is_transient(twitter: TwitterEmulator) -> None:
+    twitter.faults.update(outage=True)
+    ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
+    with pytest.raises(TransientChannelError):
+        ch.send(delivery("status", "", "hello"))
+    assert not ch.check().ok
+
+
+def test_twitter_429_carries_the_reset(twitter: TwitterEmulator) -> None:
+    twitter.faults.update(rate_limit=1, rate_window_s=60)
+    ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
+    ch.send(delivery("status", "", "one"))
+    with pytest.raises(TransientChannelError) as info:
+        ch.send(delivery("status", "", "two"))
+    assert info.value.retry_after is not None and 50 <= info.value.retry_after <= 61
+
+
+def test_duplicate_tweet_is_reported_not_retried(twitter: TwitterEmulator) -> None:
+    ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
+    ch.send(delivery("status", "", "same words"))
+    with pytest.raises(PermanentChannelError) as info:
+        ch.send(delivery("status", "", "same words"))
+    assert info.value.code == "duplicate"
+
+
+def test_overlong_raw_tweet_is_refused_by_the_emulator(twitter: TwitterEmulator) -> None:
+    ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
+    with pytest.raises(PermanentChannelError) as info:
+        ch.send(delivery("status", "", "x" * 281))
+    assert info.value.code == "400"
+
+
+# ------------------------------------------------------------------ sms
+def sms_channel(sandbox: Any, **override: str) -> SMSChannel:
+    return SMSChannel(ChannelSpec("sms", "sms", "+15005550006"), {**sandbox.env(), **override})
+
+
+def test_sms_receipt_has_sid_and_segments(sandbox: Any) -> None:
+    receipt = sms_channel(sandbox).send(delivery("sms", "+12025550101", "x" * 200))
+    assert receipt.provider_id.startswith("SM") and receipt.segments == 2
+    assert sandbox.twilio.received.all()[0]["to"] == "+12025550101"
+
+
+def test_sms_invalid_number_is_permanent_21211(sandbox: Any) -> None:
+    with pytest.raises(PermanentChannelError) as info:
+        sms_channel(sandbox).send(delivery("sms", "+1202", "x"))
+    assert info.value.code == "21211" and info.value.recipient_problem
+
+
+def test_sms_stop_is_an_opt_out(sandbox: Any) -> None:
+    sandbox.twilio.add_stop("+12025550199")
+    with pytest.raises(PermanentChannelError) as info:
+        sms_channel(sandbox).send(delivery("sms", "+12025550199", "x"))
+    assert info.value.opt_out and info.value.code == "21610"
+
+
+def test_sms_outage_is_transient_and_wrong_token_is_auth(sandbox: Any) -> None:
+    sandbox.twilio.faults.update(outage=True)
+    with pytest.raises(TransientChannelError):
+        sms_channel(sandbox).send(delivery("sms", "+12025550101", "x"))
+    sandbox.twilio.faults.update(outage=False)
+    with pytest.raises(PermanentChannelError) as info:
+        sms_channel(sandbox, TWILIO_AUTH_TOKEN=CANARY).send(delivery("sms", "+12025550101", "x"))
+    assert info.value.code == "auth"
+    assert CANARY not in str(info.value) + repr(info.value)
+
+
+def test_sms_messaging_service_and_status_callback(sandbox: Any) -> None:
+    service = next(iter(sandbox.twilio.messaging_service_sids))
+    ch = SMSChannel(ChannelSpec("sms", "sms", "", options={
+        "messaging_service_sid": service, "status_callback": "https://hooks.example.com/s"}),
+        sandbox.env())
+    ch.send(delivery("sms", "+12025550101", "x"))
+    rec = sandbox.twilio.received.all()[0]
+    assert rec["messaging_service_sid"] == service
+    assert rec["status_callback"] == "https://hooks.example.com/s"
+
+
+# ------------------------------------------------------------------ email
+def email_channel(sandbox: Any, **override: str) -> EmailChannel:
+    return EmailChannel(ChannelSpec("mail", "email", "Acme Status <status@acme.example>"),
+                        {**sandbox.env(), **override})
+
+
+def test_email_multipart_with_threading_headers(sandbox: Any) -> None:
+    ch = email_channel(sandbox)
+    first = ch.send(delivery("mail", "carol@example.org", "first text", key="INC-1/1/m/c/1",
+                             subject="[Investigating] Power", html="<p>first</p>"))
+    ch.send(Delivery(key="INC-1/2/m/c/1", incident_id="INC-1", update_no=2, channel="mail",
+                     recipient="carol@example.org",
+                     message=OutgoingMessage("second", "[Identified] Power", "<p>2</p>"),
+                     reply_to=first.provider_id, thread_refs=(first.provider_id,)))
+    one, two = sandbox.smtp.received.all()
+    assert one["is_multipart"] and {"text/plain", "text/html"} <= set(one["parts"])
+    assert one["subject"] == "[Investigating] Power" and one["date"]
+    assert one["message_id"] == first.provider_id
+    assert two["in_reply_to"] == first.provider_id
+    assert first.provider_id in (two["references"] or "")
+    ch.close()
+
+
+def test_email_reuses_one_connection(sandbox: Any) -> None:
+    ch = email_channel(sandbox)
+    before = sandbox.smtp.connections
+    for i in range(20):
+        ch.send(delivery("mail", f"p{i}@example.org", "x", key=f"k{i}", subject="s"))
+    ch.close()
+    assert sandbox.smtp.connections - before == 1
+
+
+def test_email_bad_recipient_wrong_password_outage(sandbox: Any) -> None:
+    sandbox.smtp.faults.update(bad_recipients=["gone@example.org"])
+    with pytest.raises(PermanentChannelError) as info:
+        email_channel(sandbox).send(delivery("mail", "gone@example.org", "x", subject="s"))
+    assert info.value.recipient_problem
+    with pytest.raises(PermanentChannelError) as info:
+        email_channel(sandbox, SMTP_PASSWORD=CANARY).send(
+            delivery("mail", "a@example.org", "x", subject="s"))
+    assert info.value.code == "auth" and CANARY not in str(info.value)
+    sandbox.smtp.faults.update(outage=True)
+    with pytest.raises(TransientChannelError):
+        email_channel(sandbox).send(delivery("mail", "a@example.org", "x", subject="s"))
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_email_over_tls_with_a_private_ca(tls: str) -> None:
+    with SmtpEmulator(tls=tls) as emu:  # type: ignore[arg-type]
+        ch = EmailChannel(ChannelSpec("mail", "email", "ops@acme.example", options={
+            "host": "localhost", "port": emu.port, "tls": tls, "cafile": emu.cafile}),
+            {"SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password})
+        assert ch.check().ok
+        ch.send(delivery("mail", "a@example.org", "over TLS", subject="tls"))
+        ch.close()
+        assert emu.received.all()[0]["subject"] == "tls"
+
+
+def test_plaintext_smtp_to_a_remote_host_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        EmailChannel(ChannelSpec("mail", "email", "ops@acme.example",
+                                 options={"host": "mail.example.com", "tls": "none"}), {})
+
+
+# ------------------------------------------------------------------ secrets, check
+def test_canary_secret_never_appears_in_output_or_logs(sandbox: Any, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets = {**sandbox.env(), "TWITTER_ACCESS_TOKEN_SECRET": CANARY,
+               "TWILIO_AUTH_TOKEN": CANARY, "SMTP_PASSWORD": CANARY}
+    texts = []
+    for cls, rcpt, kw in ((TwitterChannel, "", {}), (SMSChannel, "+12025550101", {}),
+                          (EmailChannel, "a@example.org", {"subject": "s"})):
+        ch = cls(ChannelSpec("c", cls.type_name, "status@acme.example"
+                             if cls is EmailChannel else "+15005550006"), secrets)
+        texts.append(ch.check().detail)
+        with pytest.raises(PermanentChannelError) as info:
+            ch.send(delivery("c", rcpt, "x", **kw))
+        texts += [str(info.value), repr(info.value), info.value.hint]
+    texts.append(caplog.text)
+    assert CANARY not in "\n".join(texts)
+    # And through the CLI: a secrets file with canaries, every command's output.
+    secrets_file = tmp_path / "secrets.env"
+    secrets_file.write_text("".join(f"{k}={CANARY}\n" for k in SANDBOX_CREDENTIALS))
+    secrets_file.chmod(0o600)
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl")}
+    outputs = [run_cli("channels", "check", str(PLAYBOOKS / "dc-power-failure.yaml"),
+                       "--secrets", str(secrets_file), env=env),
+               run_cli("config", "show", env={**env, "INCIDENT_NOTIFY_SECRETS_FILE":
+                                               str(secrets_file)})]
+    for proc in outputs:
+        assert CANARY not in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert "(set, hidden)" in outputs[1].stdout
+
+
+def test_channels_check_sandbox_healthy_then_twitter_down(sandbox: Any) -> None:
+    sandbox.write_state()
+    pb = str(PLAYBOOKS / "dc-power-failure.yaml")
+    doc = json_doc(run_cli("channels", "check", pb, "--sandbox", "--json"))
+    assert doc["exit_code"] == 0
+    assert all(row["ok"] for row in doc["data"]["channels"])
+    sandbox.twitter.faults.update(outage=True)
+    proc = run_cli("channels", "check", pb, "--sandbox")
+    assert proc.returncode == 7
+    lines = [line for line in proc.stdout.splitlines() if "status_twitter" in line]
+    assert lines and "DOWN" in lines[0]
+    assert all("healthy" in line for line in proc.stdout.splitlines() if "customer_sms" in line)
