@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from incident_notify.config import Settings  # noqa: E402
-from incident_notify.notify import declare, open_runtime  # noqa: E402
-from incident_notify.sandbox import Sandbox  # noqa: E402
-from tests.conftest import make_fanout_playbook  # noqa: E402
+from incident_notify.config import Settings
+from incident_notify.notify import declare, open_runtime
+from incident_notify.sandbox import Sandbox
+from tests.conftest import make_fanout_playbook
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_full_incident_declare_two_updates_resolve(sandbox: Any,
     tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
     assert len(tweets) >= 4
     assert tweets[0]["in_reply_to_tweet_id"] is None
-    for previous, current in zip(tweets, tweets[1:], strict=False):
+    for previous, current in itertools.pairwise(tweets):
         assert current["in_reply_to_tweet_id"] == previous["id"]
     assert any("Generators are carrying the load." in t["text"] for t in tweets)
 

@@ -1,0 +1,219 @@
+"""Contacts and audiences: validation with line numbers, preferences, opt-outs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incident_notify.config import Settings
+from incident_notify.contacts import load_contacts, normalise_phone
+from incident_notify.notify import declare, open_runtime, update
+from incident_notify.optouts import OptOutStore
+from tests.conftest import PLAYBOOKS, json_doc, run_cli
+
+HEADER = "id,name,email,phone,twitter,channels,groups,tags\n"
+
+
+@pytest.mark.parametrize(("raw", "region", "e164"), [
+    ("(202) 555-0143", "US", "+12025550143"),
+    ("202.555.0143", "US", "+12025550143"),
+    ("+1 202 555 0143", "GB", "+12025550143"),
+    ("+44 20 7946 0958", "US", "+442079460958"),
+    ("0044 20 7946 0958", "US", "+442079460958"),
+    ("020 7946 0958", "GB", "+442079460958"),
+    ("06 12 34 56 78", "FR", "+33612345678"),
+])
+def test_e164_normalisation(raw: str, region: str, e164: str) -> None:
+    assert normalise_phone(raw, region) == e164
+
+
+def test_invalid_rows_reported_with_lines_rest_load(tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(HEADER
+                    + "a,Ann,ann@example.com,+12025550101,,,team,\n"
+                    + "b,Ben,not-an-email,+12025550102,,,team,\n"
+                    + "c,Cy,cy@example.com,+1 555,,,team,\n"
+                    + "d,Di,di@example.com,,@way_too_long_handle_x,,team,\n"
+                    + "e,Ed,ed@example.com,,,,team,\n"
+                    + "a,Ann again,ann2@example.com,,,,team,\n"
+                    + "f,Fay,fay@example.com,,,pager,team,\n")
+    cs = load_contacts([path])
+    assert sorted(cs.contacts) == ["a", "e"]
+    found = {(p.line, p.message.split(":")[0]) for p in cs.problems}
+    assert found == {(3, "email"), (4, "phone"), (5, "twitter"), (7, "id"), (8, "channels")}
+    assert all(p.file == str(path) for p in cs.problems)
+    assert "first defined at" in next(p.message for p in cs.problems if p.line == 7)
+
+
+def test_yaml_contacts_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "team.yaml"
+    path.write_text("contacts:\n"
+                    "  - id: a\n    email: a@example.com\n    groups: [oncall]\n"
+                    "  - id: b\n    phone: '12'\n"
+                    "  - id: c\n    email: c@example.com\n    timezone: Mars/Olympus\n")
+    cs = load_contacts([path])
+    assert list(cs.contacts) == ["a"]
+    assert {(p.line, p.message.split(":")[0]) for p in cs.problems} == {(5, "phone"),
+                                                                       (7, "timezone")}
+
+
+def test_directory_select_and_preferences() -> None:
+    cs = load_contacts([PLAYBOOKS / "contacts"])
+    assert not cs.problems
+    oncall = {c.id for c in cs.select(groups=["oncall"])}
+    assert oncall == {"alice", "bob", "dana"}
+    assert not list(cs.select())  # an empty selector selects nobody
+    assert cs.contacts["cust-004"].channels == ("twitter_dm", "email")
+    assert cs.contacts["bob"].phone == "+12025550102"
+
+
+def test_optout_store_persists_and_is_thread_safe(tmp_path: Path) -> None:
+    store = OptOutStore(tmp_path / "o.jsonl")
+    threads = [threading.Thread(target=store.add, args=("sms", f"+1202555{i:04d}", "t"))
+               for i in range(50)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    again = OptOutStore(tmp_path / "o.jsonl")
+    assert again.is_opted_out("sms", "(202) 555-0007")
+    assert len(again.all()) == 50
+    again.remove("sms", "+12025550007")
+    assert not OptOutStore(tmp_path / "o.jsonl").is_opted_out("sms", "+12025550007")
+
+
+def test_contacts_check_cli(tmp_path: Path) -> None:
+    ok = run_cli("contacts", "check", str(PLAYBOOKS / "contacts"), "--json")
+    doc = json_doc(ok)
+    assert ok.returncode == 0 and doc["data"]["people"] == 37
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "x,X,nope,,,,,\n")
+    proc = run_cli("contacts", "check", str(bad))
+    assert proc.returncode == 4
+    assert f"{bad}:2: email" in proc.stdout
+
+
+def test_contacts_load_5000_rows(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    with open(path, "w") as out:
+        out.write(HEADER)
+        for i in range(5000):
+            out.write(f"p{i},P {i},p{i}@example.com,+1202555{i % 10000:04d},,sms;email,g,\n")
+    cs = load_contacts([path])
+    assert len(cs.contacts) == 5000 and not cs.problems
+
+
+# ------------------------------------------------------------------ audiences end to end
+AUDIENCE_PB = """\
+name: aud
+title: Audience rules
+severity: sev2
+contacts: [people.csv]
+channels:
+  sms:
+    type: sms
+    sender: "+15005550006"
+    rate_per_second: 500
+  mail:
+    type: email
+    sender: ops@acme.example
+    host: localhost
+    rate_per_second: 500
+audiences:
+  team:
+    kind: internal
+    select: {groups: [team]}
+    channels: [sms, mail]
+  customers:
+    kind: customers
+    select: {tags: [customer]}
+    channels: [sms, mail]
+stages:
+  investigating:
+    messages:
+      sms: "[{{ incident.id }}] investigating"
+      email: {subject: "Investigating", text: "investigating"}
+  resolved:
+    messages:
+      sms: "[{{ incident.id }}] resolved"
+      email: {subject: "Resolved", text: "resolved"}
+"""
+
+
+@pytest.fixture
+def audience_pb(tmp_path: Path) -> Path:
+    (tmp_path / "pb").mkdir()
+    (tmp_path / "pb" / "people.csv").write_text(
+        HEADER
+        + "t1,Team One,t1@example.com,+12025550201,,,team,\n"
+        + "c1,Cust SMS,c1@example.com,+12025550301,,sms;email,,customer\n"
+        + "c2,Cust Mail,c2@example.com,+12025550302,,email;sms,,customer\n"
+        + "c3,Cust Stop,c3@example.com,+12025550303,,sms;email,,customer\n"
+        + "both,Team And Customer,b@example.com,+12025550401,,sms,team,customer\n")
+    path = tmp_path / "pb" / "aud.yaml"
+    path.write_text(AUDIENCE_PB)
+    return path
+
+
+def _rt(tmp_path: Path, sandbox: Any) -> Any:
+    return open_runtime(Settings(audit_log=tmp_path / "a.jsonl",
+                                 optouts=tmp_path / "optouts.jsonl", sandbox=True),
+                        sandbox=sandbox)
+
+
+def test_preference_order_and_duplicates_collapse(tmp_path: Path, sandbox: Any,
+                                                  audience_pb: Path) -> None:
+    outcome = declare(_rt(tmp_path, sandbox), audience_pb, {})
+    assert outcome.exit_code == 0
+    sms = [r["to"] for r in sandbox.twilio.received.all()]
+    mail = [r for m in sandbox.smtp.received.all() for r in m["rcpt_tos"]]
+    assert "+12025550301" in sms and "c1@example.com" not in mail   # prefers sms
+    assert "c2@example.com" in mail and "+12025550302" not in sms   # prefers email
+    assert "+12025550201" in sms and "t1@example.com" in mail       # internal: every channel
+    assert sms.count("+12025550401") == 1                           # team and customer: once
+
+
+def test_stop_reply_becomes_an_optout_customers_skip_internal_ignore(
+        tmp_path: Path, sandbox: Any, audience_pb: Path) -> None:
+    rt = _rt(tmp_path, sandbox)
+    sandbox.twilio.add_stop("+12025550303")
+    sandbox.twilio.add_stop("+12025550201")  # an internal member replied STOP too
+    first = declare(rt, audience_pb, {})
+    store = OptOutStore(tmp_path / "optouts.jsonl")
+    assert store.is_opted_out("sms", "+12025550303")
+    assert list(rt.audit.records(event_prefix="optout.added"))
+    # c3 was moved to their next channel (email) in the same update.
+    assert "c3@example.com" in [r for m in sandbox.smtp.received.all() for r in m["rcpt_tos"]]
+    assert first.exit_code == 0
+    sandbox.reset()
+    second = update(rt, first.incident_id, stage="resolved", sets={})
+    sms = [r["to"] for r in sandbox.twilio.received.all()]
+    mail = [r for m in sandbox.smtp.received.all() for r in m["rcpt_tos"]]
+    assert "+12025550303" not in sms and "c3@example.com" in mail   # customer: opt-out honoured
+    assert "+12025550201" in sms                                    # internal: ignores opt-out
+    assert second.result is not None
+
+
+@pytest.mark.parametrize("raw", ["a..b@example.com", ".a@example.com", "a@localhost",
+                                 "a@exa mple.com", "a@-example.com", "no-at-sign",
+                                 "a@example..com"])
+def test_email_fast_path_rejects_what_the_validator_rejects(raw: str) -> None:
+    from email_validator import EmailNotValidError, validate_email
+
+    from incident_notify.contacts import InvalidField, normalise_email
+
+    with pytest.raises(EmailNotValidError):
+        validate_email(raw, check_deliverability=False)
+    with pytest.raises(InvalidField):
+        normalise_email(raw)
+
+
+def test_email_fast_path_normalises_like_the_validator() -> None:
+    from email_validator import validate_email
+
+    from incident_notify.contacts import normalise_email
+
+    for raw in ["Carol.Mendes@Customer1.Example.ORG", "o'brien+ops@example.com",
+                "ünïcode@example.com"]:
+        assert normalise_email(raw) == validate_email(raw, check_deliverability=False).normalized
