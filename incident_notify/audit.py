@@ -165,14 +165,14 @@ class AuditLog:
                 seq, prev = tail.seq, tail.hash
                 for e in [*prefix, *entries]:
                     seq += 1
-                    fields = {
+                    fields: dict[str, Any] = {
                         "schema": SCHEMA, "seq": seq, "ts": _now(), "actor": self.actor,
                         "incident": e.incident, "event": e.event, "channel": e.channel,
                         "recipient": self._redact(e.recipient), "key": e.key,
                         "payload": dict(e.payload or {}), "prev": prev,
                     }
-                    fields["hash"] = record_hash(fields)
-                    prev = fields["hash"]
+                    prev = record_hash(fields)
+                    fields["hash"] = prev
                     records.append(AuditRecord.from_dict(fields))
                 data = b"".join(canonical(r.to_dict()) + b"\n" for r in records)
                 try:

@@ -62,8 +62,8 @@ def _send(command: str, json: bool, yes: bool, dry_run: bool,
     from incident_notify.cli.progress import LiveProgress, make_confirm, print_outcome
 
     output.state.json = json
-    confirm = None if dry_run else make_confirm(yes, json)
     progress = LiveProgress()
+    confirm = None if dry_run else make_confirm(yes, json, progress)
     with progress:
         outcome = action(confirm, progress)
     if json:

@@ -56,11 +56,13 @@ def print_preflight(pre: Preflight) -> None:
         con.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
-def make_confirm(yes: bool, json_mode: bool) -> Any:
+def make_confirm(yes: bool, json_mode: bool, progress: LiveProgress | None = None) -> Any:
     """The confirmation callback: --yes skips it; no TTY and no --yes refuses."""
 
     def confirm(pre: Preflight) -> bool:
         total = sum(pre.audience_sizes.values())
+        if progress is not None:
+            progress.expected = dict(pre.audience_sizes)
         if not json_mode and not (yes and output.state.quiet):
             print_preflight(pre)
         if yes:
@@ -89,7 +91,12 @@ class LiveProgress:
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> LiveProgress:
-        if self.enabled:
+        # The bars start with the first delivery, not here: a live display must not
+        # repaint over the confirmation prompt.
+        return self
+
+    def _start(self) -> None:
+        if self.enabled and self._progress is None:
             self._progress = Progress(
                 TextColumn("{task.description:<22}"), BarColumn(), TextColumn(
                     "{task.completed}/{task.total} {task.fields[detail]}"),
@@ -97,7 +104,6 @@ class LiveProgress:
             self._progress.start()
             for name, total in sorted(self.expected.items()):
                 self._task(name, total)
-        return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -114,6 +120,8 @@ class LiveProgress:
 
     def __call__(self, kind: str, delivery: Delivery, info: Mapping[str, Any]) -> None:
         channel = delivery.channel
+        with self._lock:
+            self._start()
         if kind in ("circuit_open", "circuit_closed", "failed_over", "retry"):
             self._notice(kind, channel, info)
         if kind not in ("sent", "failed", "failed_over", "unknown", "skipped"):

@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from incident_notify.limits import sms_segments
 from incident_notify.sandbox.common import EmulatorHandler, HttpEmulator
@@ -35,7 +35,7 @@ def _error(code: int, message: str, status: int) -> dict[str, Any]:
 
 
 class TwilioHandler(EmulatorHandler):
-    emulator: TwilioEmulator
+    emulator: ClassVar[TwilioEmulator]
 
     def do_GET(self) -> None:
         if self.handle_control("GET"):
@@ -105,10 +105,11 @@ class TwilioHandler(EmulatorHandler):
             return
         sid = "SM" + secrets.token_hex(16)
         now = format_datetime(datetime.now(UTC))
-        resource = {
+        segments = sms_segments(text).segments
+        resource: dict[str, Any] = {
             "sid": sid, "account_sid": emu.account_sid, "to": to, "from": sender,
             "messaging_service_sid": service, "body": text, "status": "queued",
-            "num_segments": str(sms_segments(text).segments), "num_media": "0",
+            "num_segments": str(segments), "num_media": "0",
             "direction": "outbound-api", "api_version": "2010-04-01", "price": None,
             "price_unit": "USD", "error_code": None, "error_message": None,
             "date_created": now, "date_updated": now, "date_sent": None,
@@ -118,7 +119,7 @@ class TwilioHandler(EmulatorHandler):
             emu.messages.append(resource)
         emu.received.add({"kind": "sms", "sid": sid, "to": to, "from": sender,
                           "messaging_service_sid": service, "body": text,
-                          "num_segments": int(resource["num_segments"]),
+                          "num_segments": segments,
                           "status_callback": form.get("StatusCallback"),
                           "ts": datetime.now(UTC).isoformat()})
         self.send_json(201, resource)

@@ -20,7 +20,7 @@ import threading
 import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from incident_notify.limits import TWEET_MAX, tweet_length
 from incident_notify.sandbox.common import EmulatorHandler, HttpEmulator
@@ -58,7 +58,9 @@ def _problem(status: int, title: str, detail: str, kind: str = "about:blank") ->
 
 
 class TwitterHandler(EmulatorHandler):
-    emulator: TwitterEmulator
+    emulator: ClassVar[TwitterEmulator]
+    _rate_headers: dict[str, str] = {}
+    _body: bytes = b""
 
     def _headers(self) -> dict[str, str]:
         return self._rate_headers

@@ -1,0 +1,136 @@
+"""The commander at a terminal (a real pty), documented --json shapes, documented exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+
+from incident_notify.exit_codes import ExitCode
+from tests.conftest import PLAYBOOKS, ROOT, json_doc, run_cli
+
+POWER = PLAYBOOKS / "dc-power-failure.yaml"
+VARS = ["--set", "site=LON-2", "--set", "services=compute", "--set",
+        "status_url=https://status.acme.example/i/1"]
+ENVELOPE = {"schema", "command", "ok", "exit_code", "data", "errors"}
+
+
+@pytest.fixture
+def attached(sandbox: Any, tmp_path: Path) -> dict[str, str]:
+    sandbox.twitter.auto_users = True
+    sandbox.write_state()
+    return {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+            "INCIDENT_NOTIFY_OPTOUTS": str(tmp_path / "optouts.jsonl")}
+
+
+def spawn(args: list[str], env: dict[str, str]) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "incident_notify", *args], cwd=str(ROOT),
+                         env={**os.environ, **env, "COLUMNS": "160"}, encoding="utf-8",
+                         timeout=120, dimensions=(50, 160))
+
+
+def test_prompt_answered_no_sends_nothing(sandbox: Any, attached: dict[str, str]) -> None:
+    child = spawn(["declare", str(POWER), *VARS, "--sandbox"], attached)
+    child.expect(r"Send \d+ deliveries on \d+ channel\(s\)\? \[y/N\]")
+    before = child.before
+    assert "Audience per channel" in before and "status_twitter" in before
+    child.sendline("n")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == ExitCode.ABORTED
+    assert len(sandbox.twilio.received) == 0 and len(sandbox.twitter.received) == 0
+    assert len(sandbox.smtp.received) == 0
+
+
+def test_prompt_answered_yes_sends_and_shows_summary(sandbox: Any,
+                                                     attached: dict[str, str]) -> None:
+    child = spawn(["declare", str(POWER), *VARS, "--sandbox"], attached)
+    child.expect(r"\[y/N\]")
+    child.sendline("y")
+    child.expect("Everyone was reached")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+    assert len(tweets) == 1 and len(sandbox.twilio.received) > 0
+
+
+def _keys(obj: dict[str, Any], expected: set[str], where: str) -> None:
+    assert set(obj) == expected, f"{where}: {sorted(obj)} != {sorted(expected)}"
+
+
+def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
+    """Each command's --json output has exactly the fields docs/json-output.md lists."""
+    def doc(*args: str) -> dict[str, Any]:
+        proc = run_cli(*args, "--json", env=attached)
+        d = json_doc(proc)
+        _keys(d, ENVELOPE, args[0])
+        assert d["schema"] == "incident-notify/v1" and d["exit_code"] == proc.returncode
+        return d
+
+    declared = doc("declare", str(POWER), *VARS, "--yes", "--sandbox")["data"]
+    _keys(declared, {"incident", "stage", "update_no", "dry_run", "preflight", "result",
+                     "in_doubt"}, "declare")
+    _keys(declared["preflight"], {"incident", "playbook", "stage", "update_no", "event",
+                                  "messages", "deliveries_per_channel", "health", "skipped",
+                                  "warnings", "invalid_contacts"}, "preflight")
+    _keys(declared["result"], {"channels", "totals", "failures", "failovers", "interrupted",
+                               "fatal", "complete", "elapsed_s"}, "result")
+    _keys(declared["preflight"]["messages"][0], {"audience", "channel", "channel_type",
+                                                 "fallback_from", "subject", "parts", "html",
+                                                 "ok", "summary"}, "message")
+    incident = declared["incident"]
+    status = doc("status", incident)["data"]["incidents"][0]
+    _keys(status, {"id", "title", "playbook", "severity", "stage", "status", "declared_at",
+                   "declared_by", "age", "last_event_at", "updates", "channels", "failovers",
+                   "pending", "in_doubt", "last_tweet"}, "status")
+    event = doc("timeline", incident)["data"]["events"][0]
+    assert {"ts", "event", "seq", "actor", "what", "lines"} <= set(event)
+    check = doc("channels", "check", str(POWER), "--sandbox")["data"]["channels"][0]
+    _keys(check, {"playbook", "channel", "type", "required", "ok", "detail", "latency_ms"},
+          "channels check")
+    config = doc("config", "show")["data"]
+    _keys(config, {"settings", "config_files", "credentials", "environment"}, "config show")
+    resumed = doc("resume", incident, "--sandbox")["data"]
+    _keys(resumed, {"incident", "stage", "update_no", "dry_run", "preflight", "result",
+                    "in_doubt"}, "resume")
+    preview = doc("preview", str(POWER), *VARS)["data"]
+    _keys(preview, {"playbook", "stage", "messages"}, "preview")
+
+
+def test_errors_in_json_mode_are_one_document() -> None:
+    proc = run_cli("preview", str(POWER), "--json")
+    d = json_doc(proc)
+    assert proc.returncode == ExitCode.INVALID_PLAYBOOK
+    assert d["ok"] is False and d["data"] is None
+    assert {"file", "line", "column", "message", "hint"} <= set(d["errors"][0])
+
+
+def test_exit_codes_doc_lists_every_code() -> None:
+    text = (ROOT / "docs" / "exit-codes.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| `(\w+)` \|", text, re.M))
+    assert {int(k): v for k, v in rows.items()} == {c.value: c.name for c in ExitCode}
+
+
+def test_unknown_incident_is_not_found_without_traceback(attached: dict[str, str]) -> None:
+    proc = run_cli("update", "INC-20000101-0001", "--message", "x", "--yes", env=attached)
+    assert proc.returncode == ExitCode.NOT_FOUND
+    assert "Traceback" not in proc.stderr and "no incident" in proc.stderr
+
+
+def test_config_file_and_sources(tmp_path: Path) -> None:
+    (tmp_path / "incident-notify.toml").write_text('audit_log = "logs/audit.jsonl"\n'
+                                                   'default_region = "GB"\n')
+    proc = run_cli("config", "show", "--json", cwd=tmp_path)
+    d = json_doc(proc)["data"]["settings"]
+    assert d["default_region"] == {"value": "GB", "source": str(tmp_path /
+                                                                "incident-notify.toml")}
+    assert d["audit_log"]["effective"] == str(tmp_path / "logs" / "audit.jsonl")
+    (tmp_path / "incident-notify.toml").write_text("colour = 1\n")
+    bad = run_cli("config", "show", cwd=tmp_path)
+    assert bad.returncode == ExitCode.CONFIG and "unknown setting 'colour'" in bad.stderr
