@@ -276,6 +276,8 @@ def _make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
 
 def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
             state: IncidentState | None, *, check: bool = True) -> tuple[Preflight, Any]:
+    if rt.sandbox is not None and state is not None:
+        rt.sandbox.remember_tweets(state.last_tweet.values())
     contacts = load_contact_set(rt, pb)
     declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
     planner = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)

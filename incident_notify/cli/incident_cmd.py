@@ -242,15 +242,22 @@ def status(
     from incident_notify.cli.render_results import table
 
     t = table("incident", "title", "stage", "status", "age", "last update", "updates",
-              "deliveries", "failovers")
+              "sent", "failed", "failovers")
     for r in rows:
-        counts = ", ".join(f"{ch}: {c.get('sent', 0)} sent"
-                           + (f"/{c['failed']} failed" if c.get("failed") else "")
-                           for ch, c in r["channels"].items())
+        totals = _totals(r["channels"])
         t.add_row(r["id"], escape(r["title"]), r["stage"], r["status"], r["age"],
-                  r["last_event_at"][:19].replace("T", " "), str(r["updates"]),
-                  escape(counts), str(len(r["failovers"])))
+                  r["last_event_at"][11:19] if r["last_event_at"] else "", str(r["updates"]),
+                  str(totals.get("sent", 0)), str(totals.get("failed", 0)),
+                  str(len(r["failovers"])))
     con.print(t)
+    if incident:
+        per = table("channel", "sent", "failed", "failed over", "skipped", "unknown",
+                    "planned", title=f"{incident} deliveries per channel")
+        for ch, c in sorted(rows[0]["channels"].items()):
+            per.add_row(ch, *(str(c.get(k, 0)) for k in
+                              ("sent", "failed", "failed_over", "skipped", "unknown",
+                               "planned")))
+        con.print(per)
     for r in rows:
         if r["pending"] or r["in_doubt"]:
             con.print(f"[yellow]{r['id']}: {r['pending']} unsent, {r['in_doubt']} unknown — "
@@ -281,6 +288,14 @@ def timeline(
         con.print(f"[dim]{when}[/] [bold]{escape(e['what'])}[/]")
         for line in e.get("lines", []):
             con.print(f"    {escape(line)}")
+
+
+def _totals(channels: dict[str, dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for counts in channels.values():
+        for key, n in counts.items():
+            out[key] = out.get(key, 0) + n
+    return out
 
 
 def now() -> datetime:

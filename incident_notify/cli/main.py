@@ -82,10 +82,25 @@ def report_error(exc: IncidentNotifyError, command: str) -> int:
     return code
 
 
+_GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+_TAKES_VALUE = ("--message", "-m", "--set", "-s")
+
+
+def _hoist_globals(args: list[str]) -> list[str]:
+    """Let --quiet / -q / --debug stand anywhere, as users type them after the command."""
+    front, rest = [], []
+    for i, arg in enumerate(args):
+        if arg in _GLOBAL_FLAGS and not (i and args[i - 1] in _TAKES_VALUE):
+            front.append(arg)
+        else:
+            rest.append(arg)
+    return front + rest
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: never shows a traceback unless --debug is given."""
     _register()
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _hoist_globals(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in args if not a.startswith("-")), "")
     output.state.json = "--json" in args
     debug = "--debug" in args

@@ -48,7 +48,7 @@ class Sandbox:
         self.twitter = TwitterEmulator(
             twitter_port, consumer_key=c["TWITTER_API_KEY"],
             consumer_secret=c["TWITTER_API_SECRET"], access_token=c["TWITTER_ACCESS_TOKEN"],
-            access_token_secret=c["TWITTER_ACCESS_TOKEN_SECRET"])
+            access_token_secret=c["TWITTER_ACCESS_TOKEN_SECRET"], auto_users=True)
         self.twilio = TwilioEmulator(twilio_port, account_sid=c["TWILIO_ACCOUNT_SID"],
                                      auth_token=c["TWILIO_AUTH_TOKEN"])
         self.smtp = SmtpEmulator(smtp_port, username=c["SMTP_USERNAME"],
@@ -85,6 +85,11 @@ class Sandbox:
             "INCIDENT_NOTIFY_TWILIO_API_BASE": self.twilio.url,
             "INCIDENT_NOTIFY_SMTP_URL": f"smtp://127.0.0.1:{self.smtp.port}",
         }
+
+    def remember_tweets(self, tweet_ids: Any) -> None:
+        """Accept replies to tweets an earlier command posted to an earlier sandbox."""
+        for tweet_id in tweet_ids:
+            self.twitter.known_tweet(str(tweet_id))
 
     def received(self) -> dict[str, list[dict[str, Any]]]:
         return {name: emu.received.all() for name, emu in self.emulators.items()}
@@ -133,3 +138,6 @@ class RemoteSandbox:
 
     def stop(self) -> None:
         """Nothing to stop: the sandbox belongs to its own process."""
+
+    def remember_tweets(self, tweet_ids: Any) -> None:
+        """A running sandbox already knows every tweet it accepted."""
