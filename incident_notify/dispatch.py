@@ -195,8 +195,8 @@ class DispatchResult:
 
 
 ProgressFn = Callable[[str, Delivery, Mapping[str, Any]], None]
-"""on_event(kind, delivery, info): kind is sent/failed/failed_over/unknown/retry/
-skipped/circuit_open/circuit_closed."""
+"""on_event(kind, delivery, info): an outcome (sent/failed/failed_over/unknown/skipped) for
+counting, or a notice (retry, failover with its target channels, circuit_open/closed)."""
 
 
 # --------------------------------------------------------------------- engine
@@ -468,7 +468,7 @@ class Dispatcher:
                 "reason": reason, "deliveries": len(planned)}
         with self._lock:
             self.result.failovers.append({"key": original.key, **info})
-        self._emit("failed_over", original, info)
+        self._emit("failover", original, info)
         for p in planned:
             self.audit.append("delivery.planned", incident=self.incident_id,
                               channel=p.delivery.channel, recipient=p.delivery.recipient or None,

@@ -75,7 +75,7 @@ def timeline_entries(rt: Any, incident: str, deliveries: bool = False) -> list[d
                             f"(update {p.get('update_no')})", "lines": lines})
         elif rec.event == "message.rendered":
             parts = p.get("parts", [])
-            head = f"said on {rec.channel} to {p.get('audience')}"
+            head = f"message for {rec.channel} -> {p.get('audience')}"
             if p.get("fallback_from"):
                 head += f" (fallback for {p['fallback_from']})"
             lines = []

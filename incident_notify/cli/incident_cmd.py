@@ -241,16 +241,22 @@ def status(
         return
     from incident_notify.cli.render_results import table
 
-    t = table("incident", "title", "stage", "status", "age", "last update", "updates",
-              "sent", "failed", "failovers")
+    t = table("incident", "stage", "status", "age", "last event", "updates", "sent", "failed",
+              "failovers")
+    for column in t.columns:
+        column.no_wrap = True
     for r in rows:
         totals = _totals(r["channels"])
-        t.add_row(r["id"], escape(r["title"]), r["stage"], r["status"], r["age"],
+        t.add_row(r["id"], r["stage"], r["status"], r["age"],
                   r["last_event_at"][11:19] if r["last_event_at"] else "", str(r["updates"]),
                   str(totals.get("sent", 0)), str(totals.get("failed", 0)),
                   str(len(r["failovers"])))
     con.print(t)
     if incident:
+        r = rows[0]
+        con.print(f"{escape(r['title'])} ({r['playbook']}, {r['severity']}), declared "
+                  f"{r['declared_at'][:19]} "
+                  f"by {escape(r['declared_by'])}")
         per = table("channel", "sent", "failed", "failed over", "skipped", "unknown",
                     "planned", title=f"{incident} deliveries per channel")
         for ch, c in sorted(rows[0]["channels"].items()):

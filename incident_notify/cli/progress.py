@@ -89,6 +89,7 @@ class LiveProgress:
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._tasks: dict[str, Any] = {}
+        self._announced: set[tuple[str, tuple[str, ...]]] = set()
 
     def __enter__(self) -> LiveProgress:
         # The bars start with the first delivery, not here: a live display must not
@@ -122,7 +123,7 @@ class LiveProgress:
         channel = delivery.channel
         with self._lock:
             self._start()
-        if kind in ("circuit_open", "circuit_closed", "failed_over", "retry"):
+        if kind in ("circuit_open", "circuit_closed", "failover", "retry"):
             self._notice(kind, channel, info)
         if kind not in ("sent", "failed", "failed_over", "unknown", "skipped"):
             return
@@ -150,9 +151,14 @@ class LiveProgress:
         elif kind == "circuit_closed":
             text = f"[green]channel {escape(channel)} recovered[/]"
         else:
-            to = ", ".join(info.get("to", [])) or "(already reached)"
+            targets = tuple(info.get("to", []))
+            with self._lock:
+                if (channel, targets) in self._announced:
+                    return  # once per channel pair; the summary has the counts
+                self._announced.add((channel, targets))
+            to = ", ".join(targets) or "channels the recipients already get"
             text = (f"[yellow]failover:[/] {escape(channel)} → {escape(to)} "
-                    f"({info.get('deliveries', 0)} deliveries)")
+                    f"({escape(str(info.get('reason', '')))})")
         if self._progress is not None:
             self._progress.console.print(text)
         else:
