@@ -133,6 +133,12 @@ class AuditLog:
         self.actor = actor or _default_actor()
         self.redact_key = redact_key
         self._thread_lock = threading.Lock()
+        # Kept between appends: the open descriptor and the tail it ended with. Under the
+        # lock, a file whose size is still `_tail.end` has not been appended to by anyone
+        # else, so the tail need not be read again.
+        self._fd: int | None = None
+        self._tail: _Tail | None = None
+        self._head_fd: int | None = None
 
     @property
     def head_path(self) -> Path:
@@ -154,10 +160,13 @@ class AuditLog:
             if not e.event or e.event != e.event.lower() or "." not in e.event:
                 raise AuditError(f"invalid audit event name {e.event!r}")
         with self._thread_lock:
-            fd = self._open()
+            fd = self._descriptor()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                tail = self._read_tail(fd)
+                size = os.fstat(fd).st_size
+                tail = self._tail
+                if tail is None or tail.torn or tail.end != size:
+                    tail = self._read_tail(fd)
                 prefix: list[AuditEntry] = []
                 if tail.torn:
                     prefix.append(self._recover_torn(fd, tail))
@@ -175,19 +184,36 @@ class AuditLog:
                     fields["hash"] = prev
                     records.append(AuditRecord.from_dict(fields))
                 data = b"".join(canonical(r.to_dict()) + b"\n" for r in records)
+                start = os.fstat(fd).st_size
                 try:
                     written = os.write(fd, data)
                     while written < len(data):
                         written += os.write(fd, data[written:])
                     os.fsync(fd)
                 except OSError as exc:
+                    self._tail = None
                     raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}",
                                      hint="free disk space or fix permissions; nothing was "
                                      "sent that is not recorded") from None
+                self._tail = _Tail(seq=seq, hash=prev, end=start + len(data))
                 self._write_head(seq, prev)
                 return records[len(prefix):]
             finally:
-                os.close(fd)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _descriptor(self) -> int:
+        """The open log, reopened if the file was replaced or removed meanwhile."""
+        if self._fd is not None:
+            try:
+                same = os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                same = False
+            if same:
+                return self._fd
+            os.close(self._fd)
+            self._fd, self._tail = None, None
+        self._fd = self._open()
+        return self._fd
 
     def _open(self) -> int:
         try:
@@ -240,12 +266,16 @@ class AuditLog:
             "sha256": hashlib.sha256(tail.torn).hexdigest(), "offset": tail.end})
 
     def _write_head(self, seq: int, head: str) -> None:
-        tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
+        # Written in place under the log's lock (a fixed-width line, so no rename is
+        # needed); the head is a truncation check, not the record itself.
         try:
-            tmp.write_text(json.dumps({"seq": seq, "hash": head}))
-            os.replace(tmp, self.head_path)
+            if self._head_fd is None:
+                self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)
+            line = json.dumps({"seq": seq, "hash": head}).encode().ljust(120) + b"\n"
+            os.pwrite(self._head_fd, line, 0)
+            os.ftruncate(self._head_fd, len(line))
         except OSError:
-            pass  # the head is a truncation check, not the record itself
+            self._head_fd = None
 
     def _redact(self, recipient: str | None) -> str | None:
         if recipient and self.redact_key:
@@ -331,7 +361,14 @@ class AuditLog:
             return None
 
     def close(self) -> None:
-        """Nothing is held open between appends."""
+        for fd in (self._fd, self._head_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd = self._head_fd = None
+        self._tail = None
 
 
 def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
