@@ -15,9 +15,7 @@ Each sending operation runs the same steps:
 from __future__ import annotations
 
 import fcntl
-import getpass
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -56,14 +54,6 @@ class Runtime:
             self.sandbox = None
 
 
-def actor() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
 def open_runtime(settings: Settings, *, sandbox: Any = None) -> Runtime:
     from incident_notify.audit import AuditLog
 
@@ -74,7 +64,7 @@ def open_runtime(settings: Settings, *, sandbox: Any = None) -> Runtime:
 
         raise ConfigError("redact_recipients is on but INCIDENT_NOTIFY_AUDIT_REDACT_KEY is "
                           "not set", hint="set the key in the environment or secrets file")
-    log = AuditLog(settings.audit_path(), actor=actor(),
+    log = AuditLog(settings.audit_path(),
                    redact_key=redact.encode() if redact else None)
     rt = Runtime(settings=settings, secrets=secrets, audit=log)
     if settings.sandbox or sandbox is not None:

@@ -77,6 +77,23 @@ def _send(command: str, json: bool, yes: bool, dry_run: bool,
     raise typer.Exit(int(outcome.exit_code))
 
 
+def _change(command: str, incident: str, stage: str | None, sets: list[str] | None,
+            message: str, yes: bool, dry_run: bool, sandbox: bool, secrets: Path | None,
+            playbook: Path | None, audit_log: Path | None, json: bool) -> None:
+    """update / resolve / reopen: one lifecycle step of an existing incident."""
+    from incident_notify import notify
+    from incident_notify.messages import parse_set
+
+    output.state.json = json
+    values = parse_set(sets or [])
+    step = {"update": notify.update, "resolve": notify.resolve, "reopen": notify.reopen}[command]
+    extra: dict[str, Any] = {} if command == "resolve" else {"stage": stage}
+    with runtime(audit_log, sandbox, secrets) as rt:
+        _send(command, json, yes, dry_run, lambda confirm, progress: step(
+            rt, incident, sets=values, message=message, dry_run=dry_run, confirm=confirm,
+            progress=progress, playbook=playbook, **extra))
+
+
 @app.command()
 def declare(
     playbook: Annotated[Path, typer.Argument(help="The incident playbook (YAML).")],
@@ -128,15 +145,8 @@ def update(
     Only the transitions the playbook allows are accepted. Tweets continue the
     incident's thread; emails thread by References.
     """
-    from incident_notify import notify
-    from incident_notify.messages import parse_set
-
-    output.state.json = json
-    values = parse_set(sets or [])
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send("update", json, yes, dry_run, lambda confirm, progress: notify.update(
-            rt, incident, stage=stage, sets=values, message=message, dry_run=dry_run,
-            confirm=confirm, progress=progress, playbook=playbook))
+    _change("update", incident, stage, sets, message, yes, dry_run, sandbox, secrets,
+            playbook, audit_log, json)
 
 
 @app.command()
@@ -153,15 +163,8 @@ def resolve(
     json: JsonOpt = False,
 ) -> None:
     """Close an incident with the playbook's final stage; it then refuses updates."""
-    from incident_notify import notify
-    from incident_notify.messages import parse_set
-
-    output.state.json = json
-    values = parse_set(sets or [])
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send("resolve", json, yes, dry_run, lambda confirm, progress: notify.resolve(
-            rt, incident, sets=values, message=message, dry_run=dry_run, confirm=confirm,
-            progress=progress, playbook=playbook))
+    _change("resolve", incident, None, sets, message, yes, dry_run, sandbox, secrets,
+            playbook, audit_log, json)
 
 
 @app.command()
@@ -180,15 +183,8 @@ def reopen(
     json: JsonOpt = False,
 ) -> None:
     """Reopen a resolved incident (and notify, as at its first stage)."""
-    from incident_notify import notify
-    from incident_notify.messages import parse_set
-
-    output.state.json = json
-    values = parse_set(sets or [])
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send("reopen", json, yes, dry_run, lambda confirm, progress: notify.reopen(
-            rt, incident, stage=stage, sets=values, message=message, dry_run=dry_run,
-            confirm=confirm, progress=progress, playbook=playbook))
+    _change("reopen", incident, stage, sets, message, yes, dry_run, sandbox, secrets,
+            playbook, audit_log, json)
 
 
 @app.command()
