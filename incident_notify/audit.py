@@ -178,7 +178,7 @@ class AuditLog:
                         "schema": SCHEMA, "seq": seq, "ts": _now(), "actor": self.actor,
                         "incident": e.incident, "event": e.event, "channel": e.channel,
                         "recipient": self._redact(e.recipient), "key": e.key,
-                        "payload": dict(e.payload or {}), "prev": prev,
+                        "payload": self._scrub(e.payload or {}, e.recipient), "prev": prev,
                     }
                     prev = record_hash(fields)
                     fields["hash"] = prev
@@ -276,6 +276,18 @@ class AuditLog:
             os.ftruncate(self._head_fd, len(line))
         except OSError:
             self._head_fd = None
+
+    def _scrub(self, payload: Mapping[str, Any], recipient: str | None) -> dict[str, Any]:
+        """With redaction on, the address must not survive elsewhere in the record
+        (a provider's error text often quotes it)."""
+        if not (recipient and self.redact_key):
+            return dict(payload)
+        text = json.dumps(payload, ensure_ascii=False)
+        if recipient not in text:
+            return dict(payload)
+        hidden = redact(recipient, self.redact_key)
+        scrubbed: dict[str, Any] = json.loads(text.replace(recipient, hidden))
+        return scrubbed
 
     def _redact(self, recipient: str | None) -> str | None:
         if recipient and self.redact_key:

@@ -114,8 +114,10 @@ def test_torn_tail_is_reported_then_preserved_and_recorded(log: AuditLog) -> Non
 
 def test_redaction_with_a_keyed_hash(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path / "r.jsonl", redact_key=b"secret-key")
-    record = audit.append("delivery.sent", recipient="carol@example.org")
+    record = audit.append("delivery.sent", recipient="carol@example.org",
+                          payload={"error": "550 carol@example.org: mailbox unavailable"})
     assert record.recipient and record.recipient.startswith("hmac-sha256:")
+    assert record.recipient in record.payload["error"]
     assert b"carol@example.org" not in audit.path.read_bytes()
     again = AuditLog(tmp_path / "r2.jsonl", redact_key=b"secret-key")
     assert again.append("delivery.sent", recipient="carol@example.org").recipient == \

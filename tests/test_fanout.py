@@ -188,12 +188,18 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
     assert run_cli("audit", "verify", env=env).returncode == 0
 
 
-def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any) -> None:
+@pytest.mark.parametrize("redact", [False, True])
+def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
+                                                   redact: bool) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 300, rate=2000, concurrency=2)
     sandbox.twilio.faults.update(latency_ms=10)
     sandbox.smtp.faults.update(latency_ms=10)
     sandbox.write_state()
     env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    if redact:
+        # Recipients are keyed hashes in the log; resume finds the addresses again.
+        env.update(INCIDENT_NOTIFY_REDACT_RECIPIENTS="1",
+                   INCIDENT_NOTIFY_AUDIT_REDACT_KEY="test-redaction-key")
     proc = subprocess.Popen(
         [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
          "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
@@ -216,3 +222,6 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any)
     assert len(sms) == 300 and set(sms.values()) == {1}
     assert len(mail) == 300 and set(mail.values()) == {1}
     assert run_cli("audit", "verify", env=env).returncode == 0
+    log_text = (tmp_path / "audit.jsonl").read_text()
+    assert ("+12025550001" in log_text) is not redact
+    assert ("person1@example.com" in log_text) is not redact

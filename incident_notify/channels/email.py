@@ -192,7 +192,7 @@ class EmailChannel(Channel):
                     pass
                 raise mapped from None
             self._give(conn)
-            return Receipt(provider_id=str(msg["Message-ID"]), detail={"to": delivery.recipient})
+            return Receipt(provider_id=str(msg["Message-ID"]))
         raise TransientChannelError(f"{self.name}: SMTP connection lost", channel=self.name)
 
     def check(self) -> Health:
