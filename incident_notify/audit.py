@@ -33,7 +33,7 @@ EVENTS = (
     "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
     "delivery.unknown", "delivery.skipped", "delivery.failover",
     "channel.circuit_open", "channel.circuit_closed", "optout.added",
-    "audit.torn_tail_recovered",
+    "audit.torn_tail_recovered", "reply.received",
 )
 FIELDS = ("schema", "seq", "ts", "actor", "incident", "event", "channel", "recipient", "key",
           "payload", "prev", "hash")

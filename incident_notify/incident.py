@@ -75,11 +75,15 @@ class IncidentState:
     deliveries: dict[str, DeliveryState] = field(default_factory=dict)
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     """digest -> {text, subject, html} from message.rendered."""
+    first_tweet: dict[str, str] = field(default_factory=dict)
+    """channel -> id of the incident's first tweet (the thread's conversation id)."""
     last_tweet: dict[str, str] = field(default_factory=dict)
     """channel -> id of the last tweet sent (the next update replies to it)."""
     email_refs: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     """(channel, contact id) -> Message-IDs sent so far, for References/In-Reply-To."""
     failovers: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    """Replies fetched from the public thread (``reply.received``)."""
     events: list[Any] = field(default_factory=list)
 
     @property
@@ -108,9 +112,6 @@ class IncidentState:
         return [d for d in self.deliveries.values()
                 if d.status in ("attempting", "unknown")
                 and (update_no is None or d.update_no == update_no)]
-
-    def unfinished_updates(self) -> list[UpdateState]:
-        return [u for u in self.updates if not u.completed]
 
 
 def fold(records: Iterable[Any], incident_id: str, *, keep_events: bool = False) -> IncidentState:
@@ -143,6 +144,9 @@ def apply(state: IncidentState, rec: Any) -> None:
             update_no=int(p.get("update_no", len(state.updates) + 1)), event=event,
             stage=state.stage, message=p.get("message", ""),
             variables=dict(p.get("variables", {})), ts=rec.ts))
+        return
+    if event == "reply.received":
+        state.replies.append({"ts": rec.ts, "channel": rec.channel, **p})
         return
     if event == "message.rendered":
         state.messages[p["digest"]] = p
@@ -180,6 +184,7 @@ def apply(state: IncidentState, rec: Any) -> None:
             ctype = p.get("channel_type")
             if ctype == "twitter" and d.provider_id:
                 state.last_tweet[d.channel] = d.provider_id
+                state.first_tweet.setdefault(d.channel, d.provider_id)
             elif ctype == "email" and d.provider_id:
                 contact = d.payload.get("contact_id") or d.recipient or ""
                 state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)

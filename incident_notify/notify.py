@@ -15,7 +15,6 @@ Each sending operation runs the same steps:
 from __future__ import annotations
 
 import fcntl
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -595,9 +594,25 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
     return last
 
 
-def now_utc() -> datetime:
-    return datetime.now(UTC)
+def fetch_replies(rt: Runtime, incident_id: str, playbook: Path | None = None) -> int:
+    """Fetch replies to the incident's public thread and record the new ones
+    (``reply.received``), so the timeline shows what people answered."""
+    state = load_state(rt, incident_id)
+    if not state.first_tweet:
+        return 0
+    pb = playbook_of(state, playbook)
+    seen = {r.get("id") for r in state.replies}
+    new = 0
+    channels = build_channels(rt, pb, [c for c in state.first_tweet if c in pb.model.channels])
+    for name, channel in channels.items():
+        replies = getattr(channel, "replies", None)
+        if replies is None:
+            continue
+        for reply in reversed(replies(state.first_tweet[name])):
+            if reply["id"] in seen:
+                continue
+            rt.audit.append("reply.received", incident=incident_id, channel=name,
+                            payload=reply)
+            new += 1
+    return new
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

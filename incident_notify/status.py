@@ -110,6 +110,10 @@ def timeline_entries(rt: Any, incident: str, deliveries: bool = False) -> list[d
             lines = [f"{k}: {v}" for k, v in sorted(counts.items())]
             entries.append({**base, "what": f"update {upd} delivered", "lines": lines,
                             "counts": dict(counts)})
+        elif rec.event == "reply.received":
+            entries.append({**base, "what": f"reply on {rec.channel} from @{p.get('author')}",
+                            "lines": str(p.get("text", "")).splitlines(), "channel": rec.channel,
+                            "text": p.get("text")})
         elif rec.event == "optout.added":
             entries.append({**base, "what": f"opt-out recorded on {rec.channel}",
                             "lines": [str(p.get("reason", ""))]})

@@ -16,8 +16,10 @@ TARGET = ROOT / "docs" / "cli.md"
 COMMANDS = [
     [], ["validate"], ["preview"], ["declare"], ["update"], ["resolve"], ["reopen"],
     ["resume"], ["status"], ["timeline"], ["drill"], ["channels", "check"], ["sandbox"],
-    ["sandbox", "fault"], ["sandbox", "received"], ["audit", "verify"], ["audit", "show"],
-    ["audit", "export"], ["contacts", "check"], ["contacts", "list"], ["config", "show"],
+    ["sandbox", "fault"], ["sandbox", "received"], ["sandbox", "reply"],
+    ["audit", "verify"], ["audit", "show"], ["audit", "export"],
+    ["contacts", "check"], ["contacts", "list"], ["contacts", "optout", "add"],
+    ["contacts", "optout", "remove"], ["contacts", "optout", "list"], ["config", "show"],
 ]
 
 

@@ -172,3 +172,20 @@ def test_variables_from_environment(sandbox: Any, attached: dict[str, str]) -> N
     tweet = next(m for m in doc["data"]["preflight"]["messages"]
                  if m["channel"] == "status_twitter")
     assert "FRA-1" in tweet["parts"][0]["text"]
+
+
+def test_replies_to_the_public_thread_reach_the_timeline(sandbox: Any,
+                                                        attached: dict[str, str]) -> None:
+    doc = cli(attached, "declare", str(POWER), *POWER_VARS, "--yes", "--sandbox")
+    incident = doc["data"]["incident"]
+    cli(attached, "update", incident, "--stage", "identified", "--yes", "--sandbox")
+    tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+    sandbox.twitter.add_reply(tweets[1]["id"], "carol_ops", "Is block storage affected too?")
+    sandbox.twitter.add_reply(tweets[0]["id"], "dev_p", "Our VMs in LON-2 are down.")
+    for _ in range(2):  # fetching twice records each reply once
+        events = cli(attached, "timeline", incident, "--replies", "--sandbox")["data"]["events"]
+    replies = [e for e in events if e["event"] == "reply.received"]
+    assert sorted(e["what"] for e in replies) == [
+        "reply on status_twitter from @carol_ops", "reply on status_twitter from @dev_p"]
+    assert any("Is block storage affected too?" in e["lines"] for e in replies)
+    assert run_cli("audit", "verify", env=attached).returncode == 0

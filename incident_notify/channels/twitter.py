@@ -50,6 +50,19 @@ class TwitterChannel(Channel):
         return Receipt(provider_id=str(response.data["id"]),
                        detail={"in_reply_to": delivery.reply_to})
 
+    def replies(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Replies from others to the incident's thread (recent search, last 7 days)."""
+        try:
+            response = self.client().search_recent_tweets(
+                query=f"conversation_id:{conversation_id}", user_auth=True,
+                tweet_fields=["author_id", "created_at", "conversation_id"],
+                expansions=["author_id"], max_results=100)
+        except Exception as exc:
+            raise map_error(self.name, exc) from None
+        users = {str(u.id): u.username for u in (response.includes or {}).get("users", [])}
+        return [{"id": str(t.id), "text": t.text, "author": users.get(str(t.author_id), ""),
+                 "created_at": str(t.created_at or "")} for t in (response.data or [])]
+
     def check(self) -> Health:
         started = time.monotonic()
         try:

@@ -107,19 +107,27 @@ def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
 @optout_app.command("add")
 def optout_add(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
-               optouts: OptoutsOpt = None) -> None:
+               optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
     """Record that a person does not want messages on a channel kind."""
+    output.state.json = json
     added = _store(optouts).add(kind, address, "manual")
-    output.console().print("added." if added else "already opted out.")
+    if json:
+        output.emit_json("contacts optout add", {"kind": kind, "added": added})
+    else:
+        output.console().print("added." if added else "already opted out.")
 
 
 @optout_app.command("remove")
 def optout_remove(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                   address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
-                  optouts: OptoutsOpt = None) -> None:
+                  optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
     """Opt a person back in (recorded, never deleted)."""
+    output.state.json = json
     _store(optouts).remove(kind, address, "manual")
-    output.console().print("removed.")
+    if json:
+        output.emit_json("contacts optout remove", {"kind": kind, "removed": True})
+    else:
+        output.console().print("removed.")
 
 
 @optout_app.command("list")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -273,13 +272,23 @@ def timeline(
     deliveries: Annotated[bool, typer.Option("--deliveries",
                                              help="List every delivery, not only totals.")]
     = False,
+    replies: Annotated[bool, typer.Option(
+        "--replies", help="First fetch replies to the incident's public thread and record "
+        "them in the audit log.")] = False,
+    sandbox: SandboxOpt = False,
+    secrets: SecretsOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Every event of an incident in order: what was said, on which channel, to whom."""
+    """Every event of an incident in order: what was said, on which channel, to whom, and
+    (with --replies) what people answered on the public thread."""
     from incident_notify.status import timeline_entries
 
     output.state.json = json
-    with runtime(audit_log) as rt:
+    with runtime(audit_log, sandbox, secrets) as rt:
+        if replies:
+            from incident_notify.notify import fetch_replies
+
+            fetch_replies(rt, incident)
         entries = timeline_entries(rt, incident, deliveries=deliveries)
     if json:
         output.emit_json("timeline", {"incident": incident, "events": entries})
@@ -298,7 +307,3 @@ def _totals(channels: dict[str, dict[str, int]]) -> dict[str, int]:
         for key, n in counts.items():
             out[key] = out.get(key, 0) + n
     return out
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

@@ -88,6 +88,3 @@ def emit_json(
     sys.stdout.write(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
-
-def is_tty() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()

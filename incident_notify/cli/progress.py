@@ -101,7 +101,8 @@ class LiveProgress:
             self._progress = Progress(
                 TextColumn("{task.description:<22}"), BarColumn(), TextColumn(
                     "{task.completed}/{task.total} {task.fields[detail]}"),
-                TimeElapsedColumn(), console=output.console(), transient=False)
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                console=output.console(), transient=False)
             self._progress.start()
             for name, total in sorted(self.expected.items()):
                 self._task(name, total)
@@ -116,7 +117,7 @@ class LiveProgress:
             return None
         if channel not in self._tasks:
             self._tasks[channel] = self._progress.add_task(
-                channel, total=total or self.expected.get(channel) or 0, detail="")
+                channel, total=total or self.expected.get(channel) or 0, detail="", rate="")
         return self._tasks[channel]
 
     def __call__(self, kind: str, delivery: Delivery, info: Mapping[str, Any]) -> None:
@@ -135,8 +136,10 @@ class LiveProgress:
                 total = self._progress.tasks[task].total or 0
                 done = sum(c.values())
                 detail = " ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(c.items()))
+                elapsed = self._progress.tasks[task].elapsed or 0.0
+                rate = f"{done / elapsed:.0f}/s" if elapsed > 0.5 else ""
                 self._progress.update(task, completed=done, total=max(total, done),
-                                      detail=detail)
+                                      detail=detail, rate=rate)
 
     def _notice(self, kind: str, channel: str, info: Mapping[str, Any]) -> None:
         if output.state.quiet and kind == "retry":

@@ -38,6 +38,7 @@ def sandbox_main(
     outage: Annotated[list[str] | None, typer.Option(
         "--outage", help="Start with this service down (repeatable).", show_default=False)]
     = None,
+    json: JsonOpt = False,
 ) -> None:
     """Start all three emulators and print the environment to export; Ctrl-C stops them.
 
@@ -62,10 +63,15 @@ def sandbox_main(
     data["env"] = env
     path.write_text(jsonlib.dumps(data))
     con = output.console()
-    con.print("# incident-notify sandbox is running (Ctrl-C to stop). To use it from a shell:")
-    for key, value in env.items():
-        con.print(f"export {key}={value}", markup=False)
-    con.print("# or simply pass --sandbox to any incident-notify command.", markup=False)
+    if json:
+        # One document announcing the environment; the sandbox then runs until stopped.
+        output.emit_json("sandbox", {"env": env, "state_file": str(path)})
+    else:
+        con.print("# incident-notify sandbox is running (Ctrl-C to stop). To use it from "
+                  "a shell:", markup=False)
+        for key, value in env.items():
+            con.print(f"export {key}={value}", markup=False)
+        con.print("# or simply pass --sandbox to any incident-notify command.", markup=False)
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
@@ -84,7 +90,8 @@ def sandbox_main(
             path.unlink()
         except OSError:
             pass
-        con.print("sandbox stopped.")
+        if not json:
+            con.print("sandbox stopped.")
 
 
 def _control_url() -> str:
@@ -158,6 +165,22 @@ def received(
         return
     for item in items:
         output.console().print(jsonlib.dumps(item, ensure_ascii=False), markup=False)
+
+
+@sandbox_app.command("reply")
+def reply(
+    tweet_id: Annotated[str, typer.Argument(help="The tweet being replied to.")],
+    username: Annotated[str, typer.Option("--from", help="Who replies (a handle).")],
+    text: Annotated[str, typer.Option("--text", help="The reply.")],
+    json: JsonOpt = False,
+) -> None:
+    """Post a reply to one of the account's tweets, as a customer would (rehearsals)."""
+    result = _call("POST", "/twitter/reply", {"in_reply_to": tweet_id,
+                                              "username": username.lstrip("@"), "text": text})
+    if json:
+        output.emit_json("sandbox reply", result)
+    else:
+        output.console().print(f"reply {result['id']} posted.", markup=False)
 
 
 @channels_app.command("check")

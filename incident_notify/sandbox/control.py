@@ -4,6 +4,7 @@
 * ``GET  /SERVICE/faults``    -> current faults
 * ``POST /SERVICE/faults``    JSON body of fault fields -> new faults
 * ``POST /reset``             clears every record and fault
+* ``POST /twitter/reply``     ``{"in_reply_to", "username", "text"}``: someone replies
 
 SERVICE is ``twitter``, ``twilio`` or ``smtp``. Bound to 127.0.0.1 only.
 """
@@ -55,6 +56,17 @@ class ControlServer:
                 if self.path == "/reset":
                     sandbox.reset()
                     self._reply(200, {"ok": True})
+                    return
+                if self.path == "/twitter/reply":
+                    try:
+                        body = json.loads(raw or b"{}")
+                        tweet_id = sandbox.twitter.add_reply(
+                            str(body["in_reply_to"]), str(body["username"]),
+                            str(body["text"]))
+                    except (KeyError, TypeError, ValueError) as exc:
+                        self._reply(400, {"error": f"bad reply request: {exc}"})
+                        return
+                    self._reply(200, {"id": tweet_id})
                     return
                 route = self._route()
                 if not route or route[1] != "faults":

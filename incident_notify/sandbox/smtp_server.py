@@ -12,7 +12,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 import warnings
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
@@ -184,8 +183,3 @@ class SmtpEmulator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.01)

@@ -62,9 +62,6 @@ class TwitterHandler(EmulatorHandler):
     _rate_headers: dict[str, str] = {}
     _body: bytes = b""
 
-    def _headers(self) -> dict[str, str]:
-        return self._rate_headers
-
     def _gate(self) -> bool:
         """Faults, OAuth and the rate limit, common to all routes; False when answered."""
         emu = self.emulator
@@ -119,7 +116,25 @@ class TwitterHandler(EmulatorHandler):
         if not self._gate():
             return
         emu = self.emulator
-        path = urllib.parse.urlparse(self.path).path
+        parsed = urllib.parse.urlparse(self.path)
+        path = parsed.path
+        if path == "/2/tweets/search/recent":
+            query = dict(urllib.parse.parse_qsl(parsed.query)).get("query", "")
+            match = re.fullmatch(r"conversation_id:(\d+)", query.strip())
+            if not match:
+                self.send_json(400, _problem(400, "Invalid Request",
+                                             "only conversation_id: queries are emulated"))
+                return
+            found = emu.conversation(match.group(1))
+            body: dict[str, Any] = {"meta": {"result_count": len(found)}}
+            if found:
+                body["data"] = found
+                authors = {t["author_id"] for t in found}
+                body["includes"] = {"users": [
+                    {"id": uid, "username": emu.username_of(uid) or uid,
+                     "name": emu.username_of(uid) or uid} for uid in sorted(authors)]}
+            self.send_json(200, body, headers=self._rate_headers)
+            return
         if path == "/2/users/me":
             self.send_json(200, {"data": emu.user(OWNER)}, headers=self._rate_headers)
             return
@@ -187,6 +202,11 @@ class TwitterHandler(EmulatorHandler):
             tweet_id = str(next(emu.ids))
             emu.tweets[tweet_id] = text
             emu.texts.add(text)
+            emu.meta[tweet_id] = {"author_id": emu.users[OWNER], "conversation_id":
+                                  emu.meta.get(reply_to, {}).get("conversation_id", reply_to)
+                                  if reply_to else tweet_id, "in_reply_to": reply_to,
+                                  "created_at": datetime.now(UTC).strftime(
+                                      "%Y-%m-%dT%H:%M:%S.000Z")}
         emu.received.add({"kind": "tweet", "id": tweet_id, "text": text,
                           "in_reply_to_tweet_id": reply_to, "author_id": emu.users[OWNER],
                           "ts": datetime.now(UTC).isoformat()})
@@ -230,6 +250,8 @@ class TwitterEmulator(HttpEmulator):
         self.auto_users = auto_users
         """Create unknown users on lookup (the interactive sandbox); off in exact tests."""
         self.tweets: dict[str, str] = {}
+        self.meta: dict[str, dict[str, Any]] = {}
+        """tweet id -> author_id, conversation_id, in_reply_to, created_at."""
         self.texts: set[str] = set()
         self.ids = itertools.count(1_860_000_000_000_000_000)
         self.lock = threading.Lock()
@@ -254,6 +276,30 @@ class TwitterEmulator(HttpEmulator):
     def username_of(self, user_id: str) -> str | None:
         return next((name for name, uid in self.users.items() if uid == user_id), None)
 
+    def add_reply(self, in_reply_to: str, username: str, text: str) -> str:
+        """Someone replies to one of the account's tweets (what customers do)."""
+        author = self.add_user(username)
+        with self.lock:
+            parent = self.meta.get(in_reply_to, {})
+            tweet_id = str(next(self.ids))
+            self.tweets[tweet_id] = text
+            self.meta[tweet_id] = {
+                "author_id": author, "in_reply_to": in_reply_to,
+                "conversation_id": parent.get("conversation_id", in_reply_to),
+                "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")}
+        return tweet_id
+
+    def conversation(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Replies by others in a conversation, newest first (as recent search returns)."""
+        owner = self.users[OWNER]
+        with self.lock:
+            found = [{"id": tid, "text": self.tweets[tid], "author_id": m["author_id"],
+                      "conversation_id": m["conversation_id"], "created_at": m["created_at"],
+                      "referenced_tweets": [{"type": "replied_to", "id": m["in_reply_to"]}]}
+                     for tid, m in self.meta.items()
+                     if m["conversation_id"] == conversation_id and m["author_id"] != owner]
+        return sorted(found, key=lambda t: int(t["id"]), reverse=True)
+
     def known_tweet(self, tweet_id: str, text: str = "") -> None:
         """Seed a tweet (from an earlier process's sandbox) so replies to it are accepted."""
         with self.lock:
@@ -264,3 +310,4 @@ class TwitterEmulator(HttpEmulator):
         with self.lock:
             self.tweets.clear()
             self.texts.clear()
+            self.meta.clear()
