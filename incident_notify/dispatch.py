@@ -397,6 +397,9 @@ class Dispatcher:
                     return None
                 elapsed = time.monotonic() - first_attempt_at
                 if exc.retry_after is not None:
+                    if elapsed + exc.retry_after > policy.deadline_s:
+                        self._failover(d, f"still rate limited after {elapsed:.0f}s", whole)
+                        return None
                     if exc.retry_after > policy.max_rate_limit_wait_s:
                         runner.breaker.force_open()
                         self._emit_circuit(d.channel, True, f"rate limited for "

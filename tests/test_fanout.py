@@ -225,3 +225,20 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     log_text = (tmp_path / "audit.jsonl").read_text()
     assert ("+12025550001" in log_text) is not redact
     assert ("person1@example.com" in log_text) is not redact
+
+
+def test_endless_rate_limiting_gives_up_at_the_deadline(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    rt = runtime(tmp_path, sandbox, RetryPolicy(max_attempts=3, base_delay_s=0.05,
+                                                max_delay_s=0.1, deadline_s=3.0))
+
+    def rate_limit_everything(_: Any) -> bool:
+        sandbox.twilio.faults.update(rate_limit=0, rate_window_s=1.0)
+        return True
+
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=rate_limit_everything)
+    assert time.monotonic() - started < 15
+    assert outcome.result is not None
+    assert outcome.result.counts["team_sms"]["failed"] == 2  # no fallback for team_sms
+    assert len(mail_to(sandbox)) == 2
