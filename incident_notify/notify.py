@@ -226,13 +226,9 @@ def _lock(path: Path) -> Any:
     return handle
 
 
-def allocate_incident_id(rt: Runtime, today: datetime | None = None) -> tuple[str, Any]:
-    """The next INC-YYYYMMDD-NNNN, with a lock the caller holds until it is recorded.
-
-    Two commanders declaring at once serialise on the lock, so each gets its own id.
-    """
+def next_incident_id(rt: Runtime, today: datetime | None = None) -> str:
+    """The next free INC-YYYYMMDD-NNNN. Final only when read under `lifecycle_lock`."""
     day = (today or datetime.now(UTC)).strftime("%Y%m%d")
-    handle = _lock(Path(str(rt.settings.audit_path()) + ".declare.lock"))
     prefix = f"INC-{day}-"
     highest = 0
     for rec in rt.audit.records(event_prefix="incident.declared"):
@@ -241,7 +237,14 @@ def allocate_incident_id(rt: Runtime, today: datetime | None = None) -> tuple[st
                 highest = max(highest, int(rec.incident[len(prefix):]))
             except ValueError:
                 continue
-    return f"{prefix}{highest + 1:04d}", handle
+    return f"{prefix}{highest + 1:04d}"
+
+
+def lifecycle_lock(rt: Runtime) -> Any:
+    """Held only while a lifecycle event is decided and recorded, never across a prompt:
+    two commanders declaring at once get distinct ids, and two updating the same incident
+    cannot both claim the same update number."""
+    return _lock(Path(str(rt.settings.audit_path()) + ".lifecycle.lock"))
 
 
 # ----------------------------------------------------------------------- core
@@ -458,19 +461,32 @@ def _finish(rt: Runtime, incident_id: str, update_no: int, planner: Planner,
 
 def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
                state: IncidentState | None, *, dry_run: bool, confirm: ConfirmFn | None,
-               progress: ProgressFn | None, lifecycle_payload: dict[str, Any],
-               id_lock: Any = None) -> SendOutcome:
+               progress: ProgressFn | None, lifecycle_payload: dict[str, Any]) -> SendOutcome:
+    """Preflight, confirmation, then record the lifecycle event and send.
+
+    For a declaration `incident_id` is provisional (shown in the preview); the real id is
+    allocated under the lifecycle lock after confirmation.
+    """
+    pre, contacts = prepare(rt, pb, incident_id, update_no, spec, state)
+    if dry_run:
+        return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
+    if confirm is not None and not confirm(pre):
+        raise AbortedError("nothing was sent: the commander declined",
+                           hint="rerun when ready; --dry-run previews without asking")
+    handle = lifecycle_lock(rt)
     try:
-        pre, contacts = prepare(rt, pb, incident_id, update_no, spec, state)
-        if dry_run:
-            return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
-        if confirm is not None and not confirm(pre):
-            raise AbortedError("nothing was sent: the commander declined",
-                               hint="rerun when ready; --dry-run previews without asking")
+        if spec.event == "incident.declared":
+            incident_id = next_incident_id(rt)
+        else:
+            current = fold(rt.audit.records(incident=incident_id), incident_id)
+            if current.update_no != update_no - 1:
+                raise StateError(
+                    f"{incident_id} was updated by someone else meanwhile (now at update "
+                    f"{current.update_no}, stage {current.stage!r}); nothing was sent",
+                    hint=f"review with: incident-notify status {incident_id}, then retry")
         rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload)
     finally:
-        if id_lock is not None:
-            id_lock.close()
+        handle.close()
     state = fold(rt.audit.records(incident=incident_id), incident_id)
     planner = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
                             state.declared_at)
@@ -492,15 +508,12 @@ def declare(rt: Runtime, playbook: Path, values: dict[str, str], *, message: str
         raise NotFoundError(f"{playbook}: no stage {first!r}",
                             hint=f"stages: {', '.join(pb.stage_names)}")
     spec = UpdateSpec("incident.declared", first, message, values)
-    if dry_run:
-        return run_update(rt, pb, "INC-DRYRUN", 1, spec, None, dry_run=True, confirm=None,
-                          progress=None, lifecycle_payload={})
-    incident_id, lock = allocate_incident_id(rt)
+    provisional = next_incident_id(rt)
     payload = {"playbook": str(playbook.resolve()), "playbook_name": pb.name,
                "title": pb.model.title, "severity": pb.model.severity, "stage": first,
                "update_no": 1, "variables": values, "message": message}
-    return run_update(rt, pb, incident_id, 1, spec, None, dry_run=False, confirm=confirm,
-                      progress=progress, lifecycle_payload=payload, id_lock=lock)
+    return run_update(rt, pb, provisional, 1, spec, None, dry_run=dry_run, confirm=confirm,
+                      progress=progress, lifecycle_payload=payload)
 
 
 def update(rt: Runtime, incident_id: str, *, stage: str | None, sets: dict[str, str],

@@ -242,3 +242,26 @@ def test_endless_rate_limiting_gives_up_at_the_deadline(tmp_path: Path, sandbox:
     assert outcome.result is not None
     assert outcome.result.counts["team_sms"]["failed"] == 2  # no fallback for team_sms
     assert len(mail_to(sandbox)) == 2
+
+
+def test_concurrent_update_is_refused_not_merged(tmp_path: Path, sandbox: Any) -> None:
+    """Another commander's update lands while this one is at the prompt: nothing is sent
+    twice under one update number; the late one is refused with a clear error."""
+    from incident_notify.errors import StateError
+
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+
+    def other_commander_goes_first(_: Any) -> bool:
+        update(rt, first.incident_id, stage="monitoring", sets={})
+        return True
+
+    before = len(sandbox.twilio.received)
+    with pytest.raises(StateError) as info:
+        update(rt, first.incident_id, stage="identified", sets={},
+               confirm=other_commander_goes_first)
+    assert "updated by someone else" in info.value.message
+    assert len(sandbox.twilio.received) == before + 3  # only the other commander's update
+    updates = [r for r in rt.audit.records(event_prefix="incident.updated")]
+    assert [r.payload["stage"] for r in updates] == ["monitoring"]

@@ -31,8 +31,10 @@ def print_preflight(pre: Preflight) -> None:
     con = output.console()
     what = {"incident.declared": "Declare", "incident.updated": "Update",
             "incident.resolved": "Resolve", "incident.reopened": "Reopen"}.get(pre.event, "Send")
-    con.print(f"[bold]{what} {escape(pre.incident_id)}[/] — {escape(pre.playbook.model.title)}"
-              f" — stage [bold]{escape(pre.stage)}[/] (update {pre.update_no})\n")
+    provisional = " (id provisional until sent)" if pre.event == "incident.declared" else ""
+    con.print(f"[bold]{what} {escape(pre.incident_id)}[/]{provisional} — "
+              f"{escape(pre.playbook.model.title)} — stage [bold]{escape(pre.stage)}[/] "
+              f"(update {pre.update_no})\n")
     print_preview(PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
     t = table("channel", "type", "deliveries", "health", title="Audience per channel")
     for name, health in sorted(pre.health.items()):
