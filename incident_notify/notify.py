@@ -186,6 +186,8 @@ class SendOutcome:
 
 
 ConfirmFn = Callable[[Preflight], bool]
+HEALTH_MAX_AGE_S = 30.0
+"""A preflight health check older than this (a slow answer at the prompt) is redone."""
 
 
 # ----------------------------------------------------------------------- helpers
@@ -470,9 +472,14 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     pre, contacts = prepare(rt, pb, incident_id, update_no, spec, state)
     if dry_run:
         return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
+    asked = time.monotonic()
     if confirm is not None and not confirm(pre):
         raise AbortedError("nothing was sent: the commander declined",
                            hint="rerun when ready; --dry-run previews without asking")
+    health = pre.health
+    if time.monotonic() - asked > HEALTH_MAX_AGE_S:
+        # The commander took a while to answer: channels may have gone down or come back.
+        health = check_health(build_channels(rt, pb, list(pre.health)))
     handle = lifecycle_lock(rt)
     try:
         if spec.event == "incident.declared":
@@ -493,7 +500,7 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     planner.render_all()
     _write_plan(rt, planner, incident_id, update_no)
     state = fold(rt.audit.records(incident=incident_id), incident_id)
-    result = _dispatch(rt, pb, planner, state, contacts, update_no, pre.health, progress)
+    result = _dispatch(rt, pb, planner, state, contacts, update_no, health, progress)
     _finish(rt, incident_id, update_no, planner, result)
     return SendOutcome(incident_id, spec.stage, update_no, False, pre, result)
 

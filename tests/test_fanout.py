@@ -265,3 +265,23 @@ def test_concurrent_update_is_refused_not_merged(tmp_path: Path, sandbox: Any) -
     assert len(sandbox.twilio.received) == before + 3  # only the other commander's update
     updates = [r for r in rt.audit.records(event_prefix="incident.updated")]
     assert [r.payload["stage"] for r in updates] == ["monitoring"]
+
+
+def test_health_is_checked_again_after_a_slow_confirmation(
+        tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import incident_notify.notify as notify
+
+    monkeypatch.setattr(notify, "HEALTH_MAX_AGE_S", 0.0)
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=2)
+    rt = runtime(tmp_path, sandbox)
+
+    def twitter_dies_while_the_commander_reads(_: Any) -> bool:
+        sandbox.twitter.faults.update(outage=True)
+        return True
+
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=twitter_dies_while_the_commander_reads)
+    assert outcome.exit_code == 0
+    attempts = [r for r in rt.audit.records(event_prefix="delivery.attempt")
+                if r.channel == "status_twitter"]
+    assert attempts == []  # known down before sending: failed over without trying
+    assert {"+14155550000", "+14155550001"} <= set(sms_to(sandbox))
