@@ -28,7 +28,7 @@ from incident_notify.config import Settings, load_secrets
 from incident_notify.dispatch import Dispatcher, DispatchResult, Planned, ProgressFn, RetryPolicy
 from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
 from incident_notify.exit_codes import ExitCode
-from incident_notify.incident import DeliveryState, IncidentState, fold
+from incident_notify.incident import DeliveryState, IncidentState, apply, fold
 from incident_notify.messages import IncidentContext, RenderedMessage, make_renderer
 from incident_notify.plan import Planner, PlanStats, Skip
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
@@ -330,17 +330,19 @@ class AuditedRouter:
                                    "reason": "recipient unsubscribed (provider opt-out)"})
 
 
-def _write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) -> None:
+def _write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) -> list[Any]:
+    """Record every delivery of the update (then `update.planned`); returns the records."""
     from incident_notify.audit import AuditEntry
 
     batch: list[Any] = []
+    written: list[Any] = []
 
     def flush() -> None:
         renders = planner.take_new_renders()
         entries = [AuditEntry("message.rendered", incident=incident_id, channel=r["channel"],
                               payload=r) for r in renders]
         if entries or batch:
-            rt.audit.append_many([*entries, *batch])
+            written.extend(rt.audit.append_many([*entries, *batch]))
         batch.clear()
 
     for job in planner.jobs():
@@ -361,10 +363,12 @@ def _write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int)
                                 payload={"reason": s.reason,
                                          "opted_out": "opted out" in s.reason}))
     flush()
-    rt.audit.append("update.planned", incident=incident_id,
-                    payload={"update_no": update_no, "planned": planner.stats.planned,
-                             "skipped": planner.stats.skipped,
-                             "warnings": planner.stats.warnings})
+    written.append(rt.audit.append("update.planned", incident=incident_id,
+                                   payload={"update_no": update_no,
+                                            "planned": planner.stats.planned,
+                                            "skipped": planner.stats.skipped,
+                                            "warnings": planner.stats.warnings}))
+    return written
 
 
 def _delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
@@ -484,6 +488,7 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     try:
         if spec.event == "incident.declared":
             incident_id = next_incident_id(rt)
+            current = IncidentState(id=incident_id)
         else:
             current = fold(rt.audit.records(incident=incident_id), incident_id)
             if current.update_no != update_no - 1:
@@ -491,15 +496,17 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
                     f"{incident_id} was updated by someone else meanwhile (now at update "
                     f"{current.update_no}, stage {current.stage!r}); nothing was sent",
                     hint=f"review with: incident-notify status {incident_id}, then retry")
-        rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload)
+        record = rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload)
     finally:
         handle.close()
-    state = fold(rt.audit.records(incident=incident_id), incident_id)
+    # The state read under the lock plus what this command writes: no re-reading the log.
+    state = current
+    apply(state, record)
     planner = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
                             state.declared_at)
     planner.render_all()
-    _write_plan(rt, planner, incident_id, update_no)
-    state = fold(rt.audit.records(incident=incident_id), incident_id)
+    for written in _write_plan(rt, planner, incident_id, update_no):
+        apply(state, written)
     result = _dispatch(rt, pb, planner, state, contacts, update_no, health, progress)
     _finish(rt, incident_id, update_no, planner, result)
     return SendOutcome(incident_id, spec.stage, update_no, False, pre, result)
