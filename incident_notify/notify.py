@@ -17,101 +17,24 @@ from __future__ import annotations
 import fcntl
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from incident_notify.channels.base import Channel, Delivery, Health, OutgoingMessage
-from incident_notify.config import Settings, load_secrets
-from incident_notify.dispatch import Dispatcher, DispatchResult, Planned, ProgressFn, RetryPolicy
+from incident_notify.channels.base import Delivery, Health, OutgoingMessage
+from incident_notify.dispatch import Dispatcher, DispatchResult, Planned, ProgressFn
 from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
 from incident_notify.exit_codes import ExitCode
 from incident_notify.incident import DeliveryState, IncidentState, apply, fold
 from incident_notify.messages import IncidentContext, RenderedMessage, make_renderer
 from incident_notify.plan import Planner, PlanStats, Skip
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
-
-
-# ----------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    """Everything a command needs that outlives one call: settings, secrets, log."""
-
-    settings: Settings
-    secrets: dict[str, str]
-    audit: Any
-    sandbox: Any = None
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    rate_override: float | None = None
-    """Sandbox runs send as fast as the emulators allow, not at the providers' rates."""
-
-    def close(self) -> None:
-        if self.sandbox is not None:
-            self.sandbox.stop()
-            self.sandbox = None
-
-
-def open_runtime(settings: Settings, *, sandbox: Any = None) -> Runtime:
-    from incident_notify.audit import AuditLog
-
-    secrets = load_secrets(settings)
-    redact = secrets.get("INCIDENT_NOTIFY_AUDIT_REDACT_KEY") if settings.redact_recipients else None
-    if settings.redact_recipients and not redact:
-        from incident_notify.errors import ConfigError
-
-        raise ConfigError("redact_recipients is on but INCIDENT_NOTIFY_AUDIT_REDACT_KEY is "
-                          "not set", hint="set the key in the environment or secrets file")
-    log = AuditLog(settings.audit_path(),
-                   redact_key=redact.encode() if redact else None)
-    rt = Runtime(settings=settings, secrets=secrets, audit=log)
-    if settings.sandbox or sandbox is not None:
-        from incident_notify.sandbox import Sandbox
-
-        sb = sandbox or Sandbox.attach_or_start()
-        rt.sandbox = sb
-        rt.secrets = {**secrets, **sb.env()}
-        rt.rate_override = 200.0
-    return rt
-
-
-def build_channels(rt: Runtime, pb: Playbook, names: list[str]) -> dict[str, Channel]:
-    from dataclasses import replace
-
-    from incident_notify.channels import channel_class
-
-    out: dict[str, Channel] = {}
-    for name in names:
-        spec = pb.channel_spec(name)
-        if rt.rate_override is not None and spec.rate_per_second is None:
-            spec = replace(spec, rate_per_second=rt.rate_override, burst=50)
-        out[name] = channel_class(spec.type)(spec, rt.secrets)
-    return out
-
-
-def check_health(channels: Mapping[str, Channel], timeout_s: float = 15.0) -> dict[str, Health]:
-    """Run every channel's check() concurrently; an exception is an unhealthy result."""
-    if not channels:
-        return {}
-
-    def one(ch: Channel) -> Health:
-        # One retry: a single dropped request must not fail a whole update over.
-        health = Health(ok=False, detail="not checked")
-        for attempt in range(2):
-            if attempt:
-                time.sleep(0.5)
-            try:
-                health = ch.check()
-            except Exception as exc:  # a failing check is a result, not a crash
-                health = Health(ok=False, detail=getattr(exc, "message", str(exc)))
-            if health.ok:
-                break
-        return health
-
-    with ThreadPoolExecutor(max_workers=min(8, len(channels))) as pool:
-        futures = {name: pool.submit(one, ch) for name, ch in channels.items()}
-        return {name: f.result(timeout=timeout_s) for name, f in futures.items()}
+from incident_notify.runtime import (
+    Runtime,
+    build_channels,
+    check_health,
+)
 
 
 # ----------------------------------------------------------------------- results

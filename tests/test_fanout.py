@@ -15,7 +15,8 @@ import pytest
 
 from incident_notify.config import Settings
 from incident_notify.dispatch import RetryPolicy
-from incident_notify.notify import declare, open_runtime, update
+from incident_notify.notify import declare, update
+from incident_notify.runtime import open_runtime
 from tests.conftest import ROOT, json_doc, make_fanout_playbook, run_cli
 
 FAST = RetryPolicy(max_attempts=6, base_delay_s=0.05, max_delay_s=0.5, deadline_s=30,

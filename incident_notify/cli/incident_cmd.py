@@ -16,7 +16,8 @@ from incident_notify.cli.options import AuditLogOpt, JsonOpt
 from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
 
 if TYPE_CHECKING:
-    from incident_notify.notify import Runtime, SendOutcome
+    from incident_notify.notify import SendOutcome
+    from incident_notify.runtime import Runtime
 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Send without asking for confirmation.")]
 DryRunOpt = Annotated[
@@ -44,7 +45,7 @@ PlaybookOpt = Annotated[
 def runtime(audit_log: Path | None, sandbox: bool = False,
             secrets: Path | None = None) -> Iterator[Runtime]:
     from incident_notify.config import load_settings
-    from incident_notify.notify import open_runtime
+    from incident_notify.runtime import open_runtime
 
     settings = load_settings({"audit_log": audit_log, "sandbox": sandbox,
                               "secrets_file": secrets})

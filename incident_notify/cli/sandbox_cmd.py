@@ -200,8 +200,8 @@ def check(
     required channel is down.
     """
     from incident_notify.config import load_settings
-    from incident_notify.notify import build_channels, check_health, open_runtime
     from incident_notify.playbook import find_playbooks, load_playbook
+    from incident_notify.runtime import build_channels, check_health, open_runtime
 
     output.state.json = json
     settings = load_settings({"sandbox": sandbox, "secrets_file": secrets})
