@@ -46,6 +46,16 @@ class Problem:
         }
 
 
+class InvalidField(ValueError):
+    """One field of one record is wrong; the loader turns it into a Problem at its line."""
+
+    def __init__(self, field_name: str, problem: str, hint: str = "") -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field_name = field_name
+        self.problem = problem
+        self.hint = hint
+
+
 class IncidentNotifyError(Exception):
     """Base of every error the tool reports to a user."""
 
