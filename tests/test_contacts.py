@@ -95,14 +95,90 @@ def test_contacts_check_cli(tmp_path: Path) -> None:
     assert f"{bad}:2: email" in proc.stdout
 
 
-def test_contacts_load_5000_rows(tmp_path: Path) -> None:
-    path = tmp_path / "big.csv"
+def test_csv_header_is_checked_once_and_read_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "crm.csv"
+    path.write_text("ID,Name,EMAIL,Phone,Company,phone\n"
+                    "a,Ann,ann@example.com,+12025550101,Acme,+12025559999\n"
+                    "b,Ben,ben@example.com,,Initech,\n")
+    cs = load_contacts([path])
+    assert sorted(cs.contacts) == ["a", "b"]
+    assert cs.contacts["a"].phone == "+12025550101"   # the first 'phone' column
+    assert [(p.line, p.message) for p in cs.problems] == [
+        (1, "column 'company' is not a contact field and is ignored"),
+        (1, "column 'phone' appears twice; the later one is ignored")]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "no header row"),
+    ("name,email\nAnn,ann@example.com\n", "no 'id' column: no row can be loaded"),
+])
+def test_csv_without_a_usable_header(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(text)
+    cs = load_contacts([path])
+    assert not cs.contacts
+    assert [(p.file, p.line, p.message) for p in cs.problems] == [(str(path), 1, message)]
+
+
+def test_csv_rows_quoting_blank_rows_and_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(HEADER
+                    + 'a,"Okafor, Alice",alice@example.com,,,,team,\n'      # quoted comma
+                    + "b,Smith, Bob,bob@example.com,,,,team,customer\n"     # unquoted comma
+                    + "\n"                                                  # blank line
+                    + ",,,,,,,\n"                                           # empty row
+                    + 'c,"Multi\nLine",c@example.com,,,,team,\n'           # lines 6-7
+                    + "d,Dee,not-an-email\n"                                # short row
+                    + "e,Eve,eve@example.com,,,,team,,,\n"                   # blank extras
+                    + "f,Fox, Fay,fay@example.com,,,,team,\n")              # shifted, blank
+    cs = load_contacts([path])
+    assert sorted(cs.contacts) == ["a", "c", "e"]
+    assert cs.contacts["a"].name == "Okafor, Alice"
+    assert cs.contacts["c"].line == 6 and cs.contacts["e"].line == 9
+    # A shifted row whose extra value is blank looks like trailing commas: the field that
+    # the shift broke reports it.
+    assert [(p.line, p.message.split(":")[0]) for p in cs.problems] == [
+        (3, "row"), (8, "email"), (10, "email")]
+    wide = cs.problems[0]
+    assert "9 values but the header has 8 columns" in wide.message and "quotes" in wide.hint
+
+
+def test_iter_contacts_streams_rows(tmp_path: Path) -> None:
+    """A source is read as it is consumed: a later row's problem is not known yet."""
+    from incident_notify.contacts import iter_contacts
+
+    path = tmp_path / "people.csv"
+    path.write_text(HEADER + "a,A,a@example.com,,,,,\n" + "b,B,bad,,,,,\n")
+    problems: list = []
+    stream = iter_contacts([path], problems=problems)
+    assert next(stream).id == "a" and problems == []
+    assert list(stream) == [] and [p.line for p in problems] == [3]
+
+
+def test_100000_row_csv_loads_with_every_row_checked(tmp_path: Path) -> None:
+    """bench/contacts.py times this; here every row's outcome is checked."""
+    path = tmp_path / "customers.csv"
+    bad_phone, bad_email = set(range(0, 100_000, 1000)), set(range(7, 100_000, 997))
     with open(path, "w") as out:
         out.write(HEADER)
-        for i in range(5000):
-            out.write(f"p{i},P {i},p{i}@example.com,+1202555{i % 10000:04d},,sms;email,g,\n")
+        for i in range(100_000):
+            area = 202 + (i // 10_000) % 7 * 100
+            phone = (f"+1 {area} 555 {i % 10_000:04d}", f"({area}) 555-{i % 10_000:04d}",
+                     f"+44 20 7946 {i % 10_000:04d}")[i % 3]
+            out.write(f"c{i},Person {i},{'bad@' if i in bad_email else f'p{i}@example.com'},"
+                      f"{'+1 555' if i in bad_phone else phone},@user{i},sms;email,"
+                      f"g{i % 10},customer\n")
     cs = load_contacts([path])
-    assert len(cs.contacts) == 5000 and not cs.problems
+    rejected = bad_phone | bad_email
+    assert len(cs.contacts) == 100_000 - len(rejected)
+    assert {p.line - 2 for p in cs.problems} == rejected
+    assert cs.contacts["c1"].phone == "+12025550001"     # national, formatted
+    assert cs.contacts["c2"].phone == "+442079460002"    # international
+    assert cs.contacts["c99999"].phone == "+14025559999"
+    assert cs.contacts["c5"].email == "p5@example.com" and cs.contacts["c5"].line == 7
+    # Repeated list values are shared, not copied per person.
+    assert cs.contacts["c1"].tags is cs.contacts["c99999"].tags == frozenset({"customer"})
+    assert cs.contacts["c1"].channels is cs.contacts["c2"].channels == ("sms", "email")
 
 
 # ------------------------------------------------------------------ audiences end to end
