@@ -26,6 +26,7 @@ every format, and on many random numbers.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from functools import cache, lru_cache
 from typing import Any
 
@@ -72,34 +73,25 @@ def _fast_e164(text: str, region: str) -> str | None:
     if codes is None:
         return None
     plain = codes.plain_e164.fullmatch(text)  # the commonest shape: '+', code, digits
+    if plain is None:
+        if not _SHAPE.fullmatch(text):
+            return None
+        compact = text.translate(_SEPARATORS)
+        if compact[:1] == "+":
+            plain = codes.plain_e164.fullmatch(compact)
+            if plain is None:
+                return None  # no known calling code
     if plain is not None:
         code, nsn = plain.groups()
         parsing = _BY_CODE.get(code) or _parsing_for_code(code)
     else:
-        if not _SHAPE.fullmatch(text):
+        parsing = _BY_REGION.get(region) or _parsing_for_region(region)
+        if parsing is None or parsing.national_blocked(compact):
             return None
-        plus = text[0] == "+"
-        digits = (text[1:] if plus else text).translate(_SEPARATORS)
-        if len(digits) < 3:
-            return None
-        if plus:
-            # phonenumbers' _extract_country_code: codes are prefix-free, 1 to 3 digits.
-            for size in (1, 2, 3):
-                if digits[:size] in codes.regions:
-                    break
-            else:
-                return None
-            code, nsn = digits[:size], digits[size:]
-            parsing = _BY_CODE.get(code) or _parsing_for_code(code)
-        else:
-            parsing = _BY_REGION.get(region) or _parsing_for_region(region)
-            if parsing is None or parsing.national_blocked(digits):
-                return None
-            nsn = digits
+        nsn = compact
     if parsing is None or len(nsn) < _MIN_NSN:
         return None
-    prefix = parsing.national_prefix
-    if prefix is not None and prefix.match(nsn):
+    if parsing.national_prefix is not None:
         nsn = parsing.strip_national_prefix(nsn)
     if not _MIN_NSN <= len(nsn) <= _MAX_NSN:
         return None
@@ -121,6 +113,16 @@ class _Parsing:
         idd, npfp = metadata.international_prefix, metadata.national_prefix_for_parsing
         self.idd = re.compile(idd) if idd else None
         self.national_prefix = re.compile(npfp) if npfp else None
+        general = metadata.general_desc
+        # Without a transform rule, stripping is simple enough to follow here (below);
+        # with one (AR, BR, JP, NANPA islands...), phonenumbers' own helper does it.
+        self.simple_prefix = bool(not metadata.national_prefix_transform_rule
+                                  and general is not None and general.possible_length)
+        if self.simple_prefix:
+            pattern = general.national_number_pattern
+            self.general = re.compile(pattern) if pattern else None
+            self.lengths = list(general.possible_length)
+            self.local_lengths = set(general.possible_length_local_only or ())
         result = lib.ValidationResult
         self.not_possible = (result.TOO_SHORT, result.IS_POSSIBLE_LOCAL_ONLY,
                              result.INVALID_LENGTH)
@@ -136,12 +138,40 @@ class _Parsing:
         return bool(self.idd and self.idd.match(digits)) or digits.startswith(self.cc_text)
 
     def strip_national_prefix(self, nsn: str) -> str:
-        """parse(), once the national prefix pattern matched: strip it unless what is left
-        is not a possible length, with phonenumbers' own helpers."""
-        _, stripped, _ = self.lib._maybe_strip_national_prefix_carrier_code(nsn, self.metadata)
-        if self.lib._test_number_length(stripped, self.metadata) in self.not_possible:
+        """parse(): strip a national prefix, unless what is left has a length that
+        _test_number_length calls TOO_SHORT, IS_POSSIBLE_LOCAL_ONLY or INVALID_LENGTH."""
+        assert self.national_prefix is not None
+        match = self.national_prefix.match(nsn)
+        if match is None:
             return nsn
-        return str(stripped)
+        if not self.simple_prefix:
+            _, stripped, _ = self.lib._maybe_strip_national_prefix_carrier_code(
+                nsn, self.metadata)
+            if self.lib._test_number_length(stripped, self.metadata) in self.not_possible:
+                return nsn
+            return str(stripped)
+        # _maybe_strip_national_prefix_carrier_code without a transform rule: drop the
+        # match (a carrier code in it is dropped too), unless the number fit the general
+        # pattern before and does not after.
+        stripped = nsn[match.end():]
+        general = self.general
+        if general is not None and general.fullmatch(nsn) and not general.fullmatch(stripped):
+            return nsn
+        return stripped if self._possible_after_stripping(len(stripped)) else nsn
+
+    def _possible_after_stripping(self, length: int) -> bool:
+        """_test_number_length(number, metadata) (the general desc's lengths) is not
+        TOO_SHORT, IS_POSSIBLE_LOCAL_ONLY or INVALID_LENGTH."""
+        if length in self.local_lengths:
+            return False  # IS_POSSIBLE_LOCAL_ONLY
+        lengths = self.lengths
+        if lengths[0] == length:
+            return True  # IS_POSSIBLE
+        if lengths[0] > length:
+            return False  # TOO_SHORT
+        if lengths[-1] < length:
+            return True  # TOO_LONG
+        return length in lengths[1:]  # IS_POSSIBLE, or INVALID_LENGTH
 
 
 class _CallingCodes:
@@ -150,8 +180,17 @@ class _CallingCodes:
 
     def __init__(self, table: dict[int, Any]) -> None:
         self.regions = {str(cc): cc for cc in table}
-        codes = "|".join(sorted(self.regions))
-        self.plain_e164 = re.compile(rf"\+({codes})([0-9]+)")
+        self.plain_e164 = re.compile(rf"\+({_trie(self.regions)})([0-9]+)")
+
+
+def _trie(words: Collection[str]) -> str:
+    """A pattern matching exactly `words` (prefix-free), branching digit by digit, so that
+    a match costs a few steps rather than a try of every word."""
+    branches = []
+    for first in sorted({w[0] for w in words}):
+        rest = [w[1:] for w in words if w[0] == first]
+        branches.append(first if rest == [""] else f"{first}(?:{_trie(rest)})")
+    return "|".join(branches)
 
 
 @lru_cache(maxsize=1)
