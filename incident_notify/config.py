@@ -96,6 +96,8 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
             return str(raw).strip().lower() in ("1", "true", "yes", "on")
         if "Path" in str(kind):
             return Path(str(raw)).expanduser()
+        if name == "default_region":
+            return str(raw).strip().upper()  # checked when contacts are read
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{origin}: {name}: {exc}") from None

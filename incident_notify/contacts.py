@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from incident_notify.errors import InvalidField, Problem
-from incident_notify.phones import normalise_phone
+from incident_notify.phones import normalise_phone, region_code
 
 __all__ = ["KINDS", "Contact", "ContactSet", "InvalidField", "SourceSummary", "build_contact",
            "iter_contacts", "load_contacts", "normalise_address", "normalise_email",
@@ -303,8 +303,10 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
 def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
                   problems: list[Problem] | None = None,
                   summaries: list[SourceSummary] | None = None) -> Iterator[Contact]:
-    """Stream valid contacts; invalid records go to `problems` as file:line: field: why."""
+    """Stream valid contacts; invalid records go to `problems` as file:line: field: why.
+    An unknown default region is a ConfigError, raised before any record is read."""
     sink = problems if problems is not None else []
+    default_region = region_code(default_region)
     seen: dict[str, tuple[str, int]] = {}
     for path in _files(paths):
         source = str(path)

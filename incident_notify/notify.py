@@ -141,7 +141,7 @@ def load_contact_set(rt: Runtime, pb: Playbook) -> Any:
 def optout_store(rt: Runtime) -> Any:
     from incident_notify.optouts import OptOutStore
 
-    return OptOutStore(rt.settings.optouts_path())
+    return OptOutStore(rt.settings.optouts_path(), rt.settings.default_region)
 
 
 def _lock(path: Path) -> Any:

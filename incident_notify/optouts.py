@@ -15,30 +15,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from incident_notify.contacts import InvalidField, normalise_address
-
-
-def default_optout_path() -> Path:
-    env = os.environ.get("INCIDENT_NOTIFY_OPTOUTS")
-    if env:
-        return Path(env)
-    from incident_notify.config import state_dir
-
-    return state_dir() / "optouts.jsonl"
+from incident_notify.contacts import KINDS, InvalidField, normalise_address
 
 
 class OptOutStore:
     def __init__(self, path: Path, region: str = "US") -> None:
         self.path = Path(path)
-        self.region = region
+        self.region = region.strip().upper()
         self._lock = threading.Lock()
         self._state: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def _key(self, kind: str, address: str) -> tuple[str, str]:
         try:
-            return kind, normalise_address(kind, address, self.region)
+            return self.checked_key(kind, address)
         except InvalidField:
             return kind, address.strip().lower()
+
+    def checked_key(self, kind: str, address: str) -> tuple[str, str]:
+        """(kind, normalised address), or InvalidField for an address of no such kind."""
+        if kind not in KINDS:
+            raise InvalidField("kind", f"{kind!r} is not a channel kind",
+                               f"use {', '.join(KINDS)}")
+        return kind, normalise_address(kind, address, self.region)
 
     def _load(self) -> dict[tuple[str, str], dict[str, Any]]:
         if self._state is None:

@@ -30,7 +30,7 @@ from collections.abc import Collection
 from functools import cache, lru_cache
 from typing import Any
 
-from incident_notify.errors import InvalidField
+from incident_notify.errors import ConfigError, InvalidField
 
 # Digits with an optional leading '+', and the separators people type; at least 3 digits.
 _SHAPE = re.compile(r"\+?[0-9 ().\-]+")
@@ -38,12 +38,27 @@ _SEPARATORS = str.maketrans("", "", " ().-")
 _TYPE_DESCS = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager",
                "uan", "voicemail", "fixed_line")
 _MIN_NSN, _MAX_NSN = 2, 17  # phonenumbers' _MIN_LENGTH_FOR_NSN and _MAX_LENGTH_FOR_NSN
+_MAX_INPUT = 250  # phonenumbers' _MAX_INPUT_STRING_LENGTH: parse() refuses longer text
+
+
+def region_code(region: str) -> str:
+    """A default region as phonenumbers wants it ("gb" -> "GB"), or ConfigError."""
+    import phonenumbers
+
+    code = region.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        raise ConfigError(f"default region {region!r} is not a region code that phone "
+                          "numbers can be read in",
+                          "a two-letter ISO 3166 code such as US, GB or DE (--region, "
+                          "INCIDENT_NOTIFY_REGION, or default_region in the config)")
+    return code
 
 
 def normalise_phone(raw: str, region: str = "US") -> str:
     """The E.164 form of a phone number, or InvalidField naming the problem.
 
-    National numbers are read as `region`; a leading ``00`` is read as ``+``.
+    National numbers are read as `region` (a code from phonenumbers.SUPPORTED_REGIONS:
+    see region_code); a leading ``00`` is read as ``+``.
     """
     text = raw.strip()
     if text.startswith("00"):
@@ -70,7 +85,7 @@ def _library_e164(raw: str, text: str, region: str) -> str:
 def _fast_e164(text: str, region: str) -> str | None:
     """E.164 when this path is certain the library would say the same; else None."""
     codes = _calling_codes()
-    if codes is None:
+    if codes is None or len(text) > _MAX_INPUT:
         return None
     plain = codes.plain_e164.fullmatch(text)  # the commonest shape: '+', code, digits
     if plain is None:
@@ -227,9 +242,11 @@ def _parsing_for_code(code: str) -> _Parsing | None:
 def _parsing_for_region(region: str) -> _Parsing | None:
     parsing = None
     if _calling_codes() is not None:
-        from phonenumbers import PhoneMetadata, phonenumberutil
+        from phonenumbers import SUPPORTED_REGIONS, PhoneMetadata, phonenumberutil
 
-        metadata = PhoneMetadata.metadata_for_region(region.upper(), None)
+        # parse() reads a national number only in a region spelled exactly as listed.
+        metadata = (PhoneMetadata.metadata_for_region(region, None)
+                    if region in SUPPORTED_REGIONS else None)
         if metadata is not None and metadata.country_code:
             parsing = _Parsing(metadata.country_code, metadata, phonenumberutil)
     _BY_REGION[region] = parsing

@@ -71,6 +71,39 @@ def test_directory_select_and_preferences() -> None:
     assert cs.contacts["bob"].phone == "+12025550102"
 
 
+def test_default_region_any_case_and_unknown_stops_the_load(tmp_path: Path) -> None:
+    from incident_notify.errors import ConfigError
+
+    path = tmp_path / "uk.csv"
+    path.write_text(HEADER + "a,A,,020 7946 0958,,,,\n")
+    assert load_contacts([path], default_region="gb").contacts["a"].phone == "+442079460958"
+    with pytest.raises(ConfigError):
+        load_contacts([path], default_region="XX")
+    proc = run_cli("contacts", "check", str(path), "--region", "XX")
+    assert proc.returncode == 12 and "Traceback" not in proc.stderr
+    assert "'XX' is not a region code" in proc.stdout + proc.stderr
+    env = {"INCIDENT_NOTIFY_REGION": "gb"}
+    doc = json_doc(run_cli("contacts", "list", str(path), "--json", env=env))
+    assert doc["data"]["contacts"][0]["phone"] == "+442079460958"
+
+
+def test_optout_cli_normalises_in_the_region_and_refuses_bad_addresses(tmp_path: Path) -> None:
+    env = {"INCIDENT_NOTIFY_OPTOUTS": str(tmp_path / "o.jsonl")}
+    added = run_cli("contacts", "optout", "add", "sms", "020 7946 0958", "--region", "gb",
+                    "--json", env=env)
+    assert added.returncode == 0
+    assert json_doc(added)["data"] == {"kind": "sms", "address": "+442079460958", "added": True}
+    # The dispatcher's store reads national numbers in the configured region too.
+    assert OptOutStore(tmp_path / "o.jsonl", "GB").is_opted_out("sms", "020 7946 0958")
+    assert OptOutStore(tmp_path / "o.jsonl").is_opted_out("sms", "+44 20 7946 0958")
+    for kind, address in [("sms", "12"), ("email", "not-an-email"), ("pager", "x")]:
+        bad = run_cli("contacts", "optout", "add", kind, address, env=env)
+        assert bad.returncode == 2 and "cannot record an opt-out" in bad.stdout + bad.stderr
+        assert "Traceback" not in bad.stderr
+    listed = json_doc(run_cli("contacts", "optout", "list", "--json", env=env))
+    assert [o["address"] for o in listed["data"]["optouts"]] == ["+442079460958"]
+
+
 def test_optout_store_persists_and_is_thread_safe(tmp_path: Path) -> None:
     store = OptOutStore(tmp_path / "o.jsonl")
     threads = [threading.Thread(target=store.add, args=("sms", f"+1202555{i:04d}", "t"))

@@ -149,3 +149,24 @@ def test_without_its_phonenumbers_internals_the_fast_path_switches_off(
     finally:
         phones._calling_codes.cache_clear()
     assert phones._fast_e164("+12025550143", "US") == "+12025550143"
+
+
+def test_text_longer_than_parse_accepts_goes_to_the_library() -> None:
+    """parse() refuses text over 250 characters, separators included."""
+    padded = "+1" + " " * 239 + "2015550123"
+    assert len(padded) == 251 and phones._fast_e164(padded, "US") is None
+    with pytest.raises(InvalidField, match="too long"):
+        phones.normalise_phone(padded, "US")
+    assert phones.normalise_phone(padded[1:], "US") == "+12015550123"  # 250: still read
+
+
+def test_region_must_be_spelled_as_the_library_spells_it() -> None:
+    assert phones._fast_e164("020 7946 0958", "gb") is None
+    assert library("020 7946 0958", "gb") is None
+    assert phones.region_code(" gb ") == "GB"
+    assert phones.normalise_phone("020 7946 0958", phones.region_code("gb")) == "+442079460958"
+    from incident_notify.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        phones.region_code("XX")
+    assert "'XX'" in info.value.message and "GB" in info.value.hint

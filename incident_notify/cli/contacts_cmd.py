@@ -22,28 +22,51 @@ contacts_app.add_typer(optout_app, name="optout")
 
 PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv) or "
                                                  "directories of them.")]
-RegionOpt = Annotated[str, typer.Option("--region", envvar="INCIDENT_NOTIFY_REGION",
-                                        help="Region for national phone numbers.")]
-OptoutsOpt = Annotated[Path | None, typer.Option("--optouts", envvar="INCIDENT_NOTIFY_OPTOUTS",
-                                                 help="Opt-out list file.", show_default=False)]
+RegionOpt = Annotated[str | None, typer.Option(
+    "--region", help="Region for national phone numbers (a code such as US or GB) "
+    "[default: default_region from the config or INCIDENT_NOTIFY_REGION, else US]",
+    show_default=False)]
+OptoutsOpt = Annotated[Path | None, typer.Option(
+    "--optouts", help="Opt-out list file [default: from the config or "
+    "INCIDENT_NOTIFY_OPTOUTS, else optouts.jsonl next to the audit log]", show_default=False)]
 
 
-def _store(path: Path | None) -> Any:
-    from incident_notify.optouts import OptOutStore, default_optout_path
+def _settings(region: str | None, optouts: Path | None) -> Any:
+    """The same settings every other command reads: config files, environment, options."""
+    from incident_notify.config import load_settings
 
-    return OptOutStore(path or default_optout_path())
+    return load_settings({"default_region": region, "optouts": optouts})
+
+
+def _store(settings: Any) -> Any:
+    from incident_notify.optouts import OptOutStore
+
+    return OptOutStore(settings.optouts_path(), settings.default_region)
+
+
+def _checked(store: Any, kind: str, address: str) -> tuple[str, str]:
+    """The opt-out key for a command-line address, or a usage error naming the problem."""
+    from incident_notify.contacts import InvalidField
+    from incident_notify.errors import UsageError
+
+    try:
+        key: tuple[str, str] = store.checked_key(kind, address)
+    except InvalidField as exc:
+        raise UsageError(f"cannot record an opt-out: {exc}", exc.hint) from None
+    return key
 
 
 @contacts_app.command("check")
-def check(paths: PathsArg, region: RegionOpt = "US", optouts: OptoutsOpt = None,
+def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
           json: JsonOpt = False) -> None:
     """Per source: people, invalid records, reachable per channel, opted out; exit 4 when
     any record is invalid (each reported as file:line: field: problem)."""
     from incident_notify.contacts import KINDS, load_contacts
 
     output.state.json = json
-    cs = load_contacts(paths, default_region=region)
-    store = _store(optouts)
+    settings = _settings(region, optouts)
+    cs = load_contacts(paths, default_region=settings.default_region)
+    store = _store(settings)
     per_source: dict[str, dict[str, Any]] = {
         s.path: {"path": s.path, "people": s.people, "invalid": s.invalid,
                  "reachable": Counter(), "opted_out": 0} for s in cs.sources}
@@ -83,12 +106,12 @@ def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
               "--group", help="Only people in this group (repeatable).")] = None,
           tag: Annotated[list[str] | None, typer.Option(
               "--tag", help="Only people with this tag (repeatable).")] = None,
-          region: RegionOpt = "US", json: JsonOpt = False) -> None:
+          region: RegionOpt = None, json: JsonOpt = False) -> None:
     """People with their groups, tags, preferred channels and addresses."""
     from incident_notify.contacts import load_contacts
 
     output.state.json = json
-    cs = load_contacts(paths, default_region=region)
+    cs = load_contacts(paths, default_region=_settings(region, None).default_region)
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
     if json:
@@ -107,34 +130,43 @@ def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
 @optout_app.command("add")
 def optout_add(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
-               optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
+               optouts: OptoutsOpt = None, region: RegionOpt = None,
+               json: JsonOpt = False) -> None:
     """Record that a person does not want messages on a channel kind."""
     output.state.json = json
-    added = _store(optouts).add(kind, address, "manual")
+    store = _store(_settings(region, optouts))
+    kind, address = _checked(store, kind, address)
+    added = store.add(kind, address, "manual")
     if json:
-        output.emit_json("contacts optout add", {"kind": kind, "added": added})
+        output.emit_json("contacts optout add", {"kind": kind, "address": address,
+                                                 "added": added})
     else:
-        output.console().print("added." if added else "already opted out.")
+        output.console().print(f"{address}: " + ("added." if added else "already opted out."),
+                               markup=False)
 
 
 @optout_app.command("remove")
 def optout_remove(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                   address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
-                  optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
+                  optouts: OptoutsOpt = None, region: RegionOpt = None,
+                  json: JsonOpt = False) -> None:
     """Opt a person back in (recorded, never deleted)."""
     output.state.json = json
-    _store(optouts).remove(kind, address, "manual")
+    store = _store(_settings(region, optouts))
+    kind, address = _checked(store, kind, address)
+    store.remove(kind, address, "manual")
     if json:
-        output.emit_json("contacts optout remove", {"kind": kind, "removed": True})
+        output.emit_json("contacts optout remove", {"kind": kind, "address": address,
+                                                    "removed": True})
     else:
-        output.console().print("removed.")
+        output.console().print(f"{address}: removed.", markup=False)
 
 
 @optout_app.command("list")
 def optout_list(optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
     """Everyone currently opted out."""
     output.state.json = json
-    items = _store(optouts).all()
+    items = _store(_settings(None, optouts)).all()
     if json:
         output.emit_json("contacts optout list", {"optouts": items})
         return
