@@ -127,9 +127,9 @@ def normalise_address(kind: str, raw: str, region: str = "US") -> str:
 # Lists (channels, groups, tags) repeat across thousands of people: each distinct value is
 # split and checked once, and every contact with it shares one tuple or frozenset.
 def _items(value: Any) -> tuple[str, ...]:
-    """A list field's items: a YAML list, or text separated by ';', ',' or '|'."""
-    if isinstance(value, list | tuple):
-        return tuple(str(v).strip() for v in value if str(v).strip())
+    """A list field's items: a YAML list (as a tuple), or text separated by ';', ',' or '|'."""
+    if isinstance(value, tuple):
+        return tuple(v.strip() for v in value if v.strip())
     return tuple(v.strip() for v in _LIST_SEPARATORS.split(str(value)) if v.strip())
 
 
@@ -172,8 +172,11 @@ def build_contact(raw: Mapping[str, Any], source: str, line: int, region: str) -
         value = raw.get(name)
         if value is None:
             value = ""
-        elif isinstance(value, list) and name in _LIST_FIELDS:
-            value = tuple(value)
+        elif name in _LIST_FIELDS and isinstance(value, list | dict):
+            if isinstance(value, dict) or any(isinstance(v, list | dict) for v in value):
+                raise InvalidField(name, "expected a name or a list of names",
+                                   f"e.g. {name}: [a, b] or {name}: a;b")
+            value = tuple(str(v) for v in value)  # hashable, to share like CSV text
         values.append(value if isinstance(value, str | tuple) else str(value))
     return _contact(values, source, line, region)
 
@@ -332,8 +335,9 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
                     sink.append(Problem(source, line, None, f"{exc.field_name}: "
                                         f"{exc.problem}", exc.hint))
                     continue
-                first = seen.setdefault(contact.id, (source, line))
-                if first[1] != line or first[0] != source:
+                here = (source, line)
+                first = seen.setdefault(contact.id, here)
+                if first is not here:
                     summary.invalid += 1
                     sink.append(Problem(source, line, None, f"id: duplicate contact id "
                                         f"{contact.id!r}, first defined at {first[0]}:{first[1]}"))

@@ -6,21 +6,24 @@ patterns matched through several layers of helpers. A contacts file of 100,000 r
 afford that, so :func:`normalise_phone` first tries an exact fast path:
 
 * It takes only the common shapes: ASCII digits with an optional leading ``+``, spaces, dots,
-  hyphens and parentheses. None of phonenumbers' extension, vanity or RFC 3966 rules can apply
-  to such text, so its digits are exactly what ``parse`` would work on.
-* It then follows ``parse``'s own steps with phonenumbers' own metadata and helpers: the
-  country code after ``+``; for a national number, no IDD and no leading country code; the
-  national prefix stripped by phonenumbers' own helper, kept under the same length rule.
+  hyphens and parentheses, at least 3 digits and at most 250 characters (parse's limit).
+  None of phonenumbers' extension, vanity or RFC 3966 rules can apply to such text, so its
+  digits are exactly what ``parse`` would work on.
+* It then follows ``parse``'s own steps with phonenumbers' own metadata: the country code
+  after ``+``; for a national number, a default region spelled exactly as phonenumbers
+  lists it, no IDD and no leading country code; the national prefix stripped and kept under
+  parse's length rule (followed here where the region has no transform rule, by
+  phonenumbers' own helper where it has one).
 * Validity is ``is_valid_number``'s rule (region chosen by leading digits or by type, then
   "the number has a known type"), with each region's patterns compiled once into one
-  alternation per number length.
+  pattern per number length.
 
 Whatever the fast path is not sure of (any other character, an IDD, a national number that
 starts with its own country code, an unknown country code, a number it finds invalid) goes
 through the full library, so errors and rare forms are exactly the library's. If a later
-phonenumbers drops the helpers used here, the fast path switches itself off.
+phonenumbers drops the internals used here, the fast path switches itself off.
 tests/test_phones.py checks that both paths agree on every region's example numbers, in
-every format, and on many random numbers.
+every format, and on many random numbers; a reviewer's run compared 70 million inputs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from incident_notify.errors import ConfigError, InvalidField
 
-# Digits with an optional leading '+', and the separators people type; at least 3 digits.
+# Digits with an optional leading '+', and the separators people type.
 _SHAPE = re.compile(r"\+?[0-9 ().\-]+")
 _SEPARATORS = str.maketrans("", "", " ().-")
 _TYPE_DESCS = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager",
@@ -100,6 +103,8 @@ def _fast_e164(text: str, region: str) -> str | None:
         code, nsn = plain.groups()
         parsing = _BY_CODE.get(code) or _parsing_for_code(code)
     else:
+        if len(compact) < 3:
+            return None  # parse() finds "1-2" not viable (two digits only stand alone)
         parsing = _BY_REGION.get(region) or _parsing_for_region(region)
         if parsing is None or parsing.national_blocked(compact):
             return None

@@ -54,11 +54,14 @@ def test_yaml_contacts_line_numbers(tmp_path: Path) -> None:
     path.write_text("contacts:\n"
                     "  - id: a\n    email: a@example.com\n    groups: [oncall]\n"
                     "  - id: b\n    phone: '12'\n"
-                    "  - id: c\n    email: c@example.com\n    timezone: Mars/Olympus\n")
+                    "  - id: c\n    email: c@example.com\n    timezone: Mars/Olympus\n"
+                    "  - id: d\n    email: d@example.com\n    groups: [[x, y]]\n"
+                    "  - id: e\n    email: e@example.com\n    tags: 7\n    groups: [1, ' ops ']\n")
     cs = load_contacts([path])
-    assert list(cs.contacts) == ["a"]
-    assert {(p.line, p.message.split(":")[0]) for p in cs.problems} == {(5, "phone"),
-                                                                       (7, "timezone")}
+    assert list(cs.contacts) == ["a", "e"]
+    assert cs.contacts["e"].groups == {"1", "ops"} and cs.contacts["e"].tags == {"7"}
+    assert {(p.line, p.message.split(":")[0]) for p in cs.problems} == {
+        (5, "phone"), (7, "timezone"), (10, "groups")}
 
 
 def test_directory_select_and_preferences() -> None:
