@@ -88,7 +88,10 @@ def normalise_email(raw: str) -> str:
     text = raw.strip()
     local, at, domain = text.rpartition("@")
     if at and len(local) <= 64 and _LOCAL_FAST.match(local):
-        return f"{local}@{_normalise_domain(domain)}"
+        try:
+            return f"{local}@{_normalise_domain(domain)}"
+        except InvalidField:
+            pass  # validate the address itself, so that the error quotes it
     return _validate_email(text)
 
 

@@ -129,6 +129,13 @@ def test_contacts_check_cli(tmp_path: Path) -> None:
     proc = run_cli("contacts", "check", str(bad))
     assert proc.returncode == 4
     assert f"{bad}:2: email" in proc.stdout
+    crm = tmp_path / "crm.csv"
+    crm.write_text("id,email,company\na,a@example.com,Acme\nb,b@example,Initech\n")
+    proc = run_cli("contacts", "check", str(crm))
+    assert "1 people loaded, 1 invalid record(s), 1 other problem(s)." in proc.stdout
+    assert "'b@example'" in proc.stdout
+    data = json_doc(run_cli("contacts", "check", str(crm), "--json"))["data"]
+    assert (data["people"], data["invalid"], data["problems"]) == (1, 1, 2)
 
 
 def test_csv_header_is_checked_once_and_read_in_any_case(tmp_path: Path) -> None:
@@ -318,8 +325,9 @@ def test_email_fast_path_rejects_what_the_validator_rejects(raw: str) -> None:
 
     with pytest.raises(EmailNotValidError):
         validate_email(raw, check_deliverability=False)
-    with pytest.raises(InvalidField):
+    with pytest.raises(InvalidField) as info:
         normalise_email(raw)
+    assert repr(raw) in info.value.problem  # the address as written, not a probe of its domain
 
 
 def test_email_fast_path_normalises_like_the_validator() -> None:

@@ -82,9 +82,10 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
     sources = [{**v, "reachable": {k: v["reachable"].get(k, 0) for k in KINDS}}
                for v in per_source.values()]
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
+    invalid = sum(s.invalid for s in cs.sources)
     if json:
         output.emit_json("contacts check", {"sources": sources, "people": len(cs.contacts),
-                                            "invalid": len(cs.problems)},
+                                            "invalid": invalid, "problems": len(cs.problems)},
                          exit_code=code, errors=[p.to_dict() for p in cs.problems])
         raise typer.Exit(code)
     from incident_notify.cli.render_results import table
@@ -97,7 +98,9 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
     con.print(t)
     for problem in cs.problems:
         con.print(f"[bold red]invalid:[/] {escape(str(problem))}")
-    con.print(f"{len(cs.contacts)} people loaded, {len(cs.problems)} invalid record(s).")
+    others = len(cs.problems) - invalid  # a header, an unreadable or missing source
+    con.print(f"{len(cs.contacts)} people loaded, {invalid} invalid record(s)"
+              + (f", {others} other problem(s)." if others else "."))
     raise typer.Exit(code)
 
 
