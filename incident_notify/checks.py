@@ -122,8 +122,10 @@ def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | 
                     todo.append((fb, current))
 
 
-def check_playbook(path: Path, *, check_contacts: bool = True) -> PlaybookReport:
-    """Run every check on one playbook file; problems are collected, never raised."""
+def check_playbook(path: Path, *, check_contacts: bool = True,
+                   region: str = "US") -> PlaybookReport:
+    """Run every check on one playbook file; problems are collected, never raised (but an
+    unknown default `region` for national phone numbers is a ConfigError)."""
     report = PlaybookReport(path=path)
     try:
         pb = load_playbook(path)
@@ -139,7 +141,7 @@ def check_playbook(path: Path, *, check_contacts: bool = True) -> PlaybookReport
             f"(declared: {', '.join(pb.model.variables) or 'none'})"))
     report.problems.extend(_sensitivity_problems(pb))
     if check_contacts and pb.model.contacts:
-        report.problems.extend(_contact_problems(pb, report))
+        report.problems.extend(_contact_problems(pb, report, region))
     if report.problems:
         return report
     modes: tuple[VariableMode, ...] = ("example", "worst")
@@ -172,15 +174,15 @@ def _row(msg: RenderedMessage, mode: str) -> CheckRow:
     )
 
 
-def _contact_problems(pb: Playbook, report: PlaybookReport) -> list[Problem]:
+def _contact_problems(pb: Playbook, report: PlaybookReport, region: str) -> list[Problem]:
     from incident_notify.contacts import load_contacts
 
     missing = [p for p in pb.contact_paths() if not p.exists()]
     if missing:
         return [pb.source.problem(("contacts",), f"contacts source {str(p)!r} not found",
                                   "fix the path (relative to the playbook)") for p in missing]
-    contacts = load_contacts(pb.contact_paths())
-    report.contacts = {"people": len(contacts.contacts), "invalid": len(contacts.problems)}
+    contacts = load_contacts(pb.contact_paths(), default_region=region)
+    report.contacts = {"people": len(contacts.contacts), "invalid": contacts.invalid_records}
     problems = list(contacts.problems)
     for aname, aud in pb.model.audiences.items():
         sel = aud.fallback_select if aud.kind == "public" else aud.select
@@ -195,7 +197,8 @@ def _contact_problems(pb: Playbook, report: PlaybookReport) -> list[Problem]:
     return problems
 
 
-def validate_paths(paths: list[Path], *, check_contacts: bool = True) -> list[PlaybookReport]:
+def validate_paths(paths: list[Path], *, check_contacts: bool = True,
+                   region: str = "US") -> list[PlaybookReport]:
     from incident_notify.playbook import find_playbooks
 
     files = find_playbooks(paths)
@@ -203,4 +206,4 @@ def validate_paths(paths: list[Path], *, check_contacts: bool = True) -> list[Pl
         raise PlaybookError([Problem(", ".join(map(str, paths)), None, None,
                                      "no playbook (*.yaml) found",
                                      "pass playbook files or directories holding them")])
-    return [check_playbook(f, check_contacts=check_contacts) for f in files]
+    return [check_playbook(f, check_contacts=check_contacts, region=region) for f in files]

@@ -175,6 +175,9 @@ def build_contact(raw: Mapping[str, Any], source: str, line: int, region: str) -
         value = raw.get(name)
         if value is None:
             value = ""
+        elif isinstance(value, bool):  # YAML reads no, off, yes, true... as booleans
+            raise InvalidField(name, f"expected text, not {str(value).lower()}",
+                               f'quote it if you mean the word, e.g. {name}: "no"')
         elif name in _LIST_FIELDS and isinstance(value, list | dict):
             if isinstance(value, dict) or any(isinstance(v, list | dict) for v in value):
                 raise InvalidField(name, "expected a name or a list of names",
@@ -233,45 +236,98 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
     Blank rows are skipped; a row with more values than the header is reported."""
     from operator import itemgetter
 
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    undecodable = _undecodable_lines(path)
+    with open(path, newline="", encoding="utf-8-sig",
+              errors="replace" if undecodable else "strict") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header or not any(h.strip() for h in header):
-            problems.append(Problem(source, 1, None, "no header row",
-                                    "the first row names the fields: " + ",".join(FIELDS)))
-            return
-        columns: list[str] = []
-        for name in (h.strip().lower() for h in header):
-            if name in columns:
-                problems.append(Problem(source, 1, None, f"column {name!r} appears twice; "
-                                        "the later one is ignored"))
-            elif name and name not in _FIELD_SET:
-                problems.append(Problem(source, 1, None, f"column {name!r} is not a contact "
-                                        "field and is ignored", _FIELDS_HINT))
-            columns.append(name)
-        if "id" not in columns:
-            problems.append(Problem(source, 1, None, "no 'id' column: no row can be loaded",
-                                    "the first row names the fields: " + ",".join(FIELDS)))
-            return
-        width = len(columns)
-        # Each field's column; a field with no column reads the "" appended to every row.
-        fields = itemgetter(*(columns.index(f) if f in columns else width for f in FIELDS))
-        padding = [""] * width
-        start = reader.line_num + 1
-        for row in reader:
-            line, start = start, reader.line_num + 1
-            size = len(row)
-            if size > width and any(v.strip() for v in row[width:]):
-                yield line, InvalidField("row", f"{size} values but the header has {width} "
-                                         "columns", "a value that contains a comma must be in "
-                                         "double quotes")
-            elif any(row):
+        start = 1
+        try:
+            header: list[str] | None = None
+            for row in reader:  # the first row that is not blank
+                start = reader.line_num + 1
+                if any(v.strip() for v in row):
+                    header = row
+                    break
+            if header is None:
+                problems.append(Problem(source, 1, None, "no header row",
+                                        "the first row names the fields: " + ",".join(FIELDS)))
+                return
+            header_line = start - 1
+            columns: list[str] = []
+            for name in (h.strip().lower() for h in header):
+                if name and name in columns:
+                    problems.append(Problem(source, header_line, None, f"column {name!r} "
+                                            "appears twice; the later one is ignored"))
+                elif name and name not in _FIELD_SET:
+                    problems.append(Problem(source, header_line, None, f"column {name!r} is not "
+                                            "a contact field and is ignored", _FIELDS_HINT))
+                columns.append(name)
+            if "id" not in columns:
+                problems.append(Problem(source, header_line, None, "no 'id' column: no row can "
+                                        "be loaded", "the first row names the fields: "
+                                        + ",".join(FIELDS)))
+                return
+            width = len(columns)
+            # Each field's column (id first); a field with no column reads the "" appended
+            # to every row.
+            fields = itemgetter(*(columns.index(f) if f in columns else width for f in FIELDS))
+            padding = [""] * width
+            for row in reader:
+                line, start = start, reader.line_num + 1
+                size = len(row)
                 if size > width:
+                    if any(v.strip() for v in row[width:]):
+                        yield line, InvalidField("row", f"{size} values but the header has "
+                                                 f"{width} columns", "a value that contains a "
+                                                 "comma must be in double quotes")
+                        continue
                     del row[width:]
                 elif size < width:
                     row.extend(padding[size:])
                 row.append("")
-                yield line, fields(row)
+                if undecodable and any(line <= n < start for n in undecodable):
+                    yield line, InvalidField("row", "not UTF-8 text", "save the file as "
+                                             "UTF-8 (a spreadsheet's 'CSV UTF-8' format)")
+                    continue
+                values = fields(row)
+                # A row with an id is a record; one without is skipped if it is blank
+                # (only commas or spaces), and reported ("id: missing") if not.
+                if values[0].strip() or any(v.strip() for v in row):
+                    yield line, values
+        except csv.Error as exc:  # e.g. a field over csv's size limit
+            problems.append(Problem(source, start, None, f"cannot read from this line on: "
+                                    f"{exc}", "the rows before this line were read"))
+
+
+_BLOCK = 1 << 20
+
+
+def _undecodable_lines(path: Path) -> list[int]:
+    """The numbers of the lines that are not UTF-8 (none, nearly always). A block is
+    decoded whole, in C; only a block that fails is looked at line by line."""
+    bad: list[int] = []
+    line = 1
+    pending = b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_BLOCK):
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1  # whole lines only: UTF-8 never splits at \n
+            line = _scan_utf8(pending[:cut], line, bad)
+            pending = pending[cut:]
+    _scan_utf8(pending, line, bad)
+    return bad
+
+
+def _scan_utf8(block: bytes, line: int, bad: list[int]) -> int:
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        for number, raw in enumerate(block.split(b"\n"), start=line):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(number)
+    return line + block.count(b"\n")
 
 
 def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
@@ -292,18 +348,24 @@ def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
         pos = smap.position((*prefix, i))
         line = pos.line if pos else 0
         if not isinstance(item, dict):
-            problems.append(Problem(source, line, None, "a contact must be a mapping"))
+            yield line, InvalidField("record", "a contact must be a mapping of fields",
+                                     "e.g. - id: alice\n    email: alice@example.com")
             continue
         yield line, item
 
 
 def _files(paths: Sequence[Path]) -> Iterator[Path]:
+    """Each source once, even when named twice (say by a playbook and the config)."""
+    seen: set[Path] = set()
     for p in paths:
-        if p.is_dir():
-            yield from sorted(f for f in p.iterdir()
-                              if f.suffix in (".yaml", ".yml", ".csv") and f.is_file())
-        else:
-            yield p
+        found = (sorted(f for f in p.iterdir()
+                        if f.suffix in (".yaml", ".yml", ".csv") and f.is_file())
+                 if p.is_dir() else [p])
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                yield f
 
 
 def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
@@ -347,7 +409,7 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
                     continue
                 summary.people += 1
                 yield contact
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        except OSError as exc:
             sink.append(Problem(source, None, None, f"cannot read: {exc}"))
 
 
@@ -373,6 +435,11 @@ class ContactSet:
         for c in self.contacts.values():
             if c.id in i or (g and not g.isdisjoint(c.groups)) or (t and not t.isdisjoint(c.tags)):
                 yield c
+
+    @property
+    def invalid_records(self) -> int:
+        """Records left out; `problems` also holds a source's own (a column, a missing file)."""
+        return sum(s.invalid for s in self.sources)
 
     def by_group(self, name: str) -> list[Contact]:
         return list(self.select(groups=[name]))

@@ -51,7 +51,10 @@ class Preflight:
     health: dict[str, Health]
     stats: PlanStats
     skips: list[Skip]
-    contact_problems: int = 0
+    invalid_contacts: int = 0
+    """Contact records left out as invalid."""
+    contact_source_problems: int = 0
+    """Other problems in the contact sources (an ignored column, a missing file)."""
 
     @property
     def unhealthy(self) -> list[str]:
@@ -69,7 +72,8 @@ class Preflight:
             "skipped": [{"contact": s.contact_id, "channel": s.channel, "reason": s.reason}
                         for s in self.skips],
             "warnings": self.stats.warnings,
-            "invalid_contacts": self.contact_problems,
+            "invalid_contacts": self.invalid_contacts,
+            "contact_source_problems": self.contact_source_problems,
         }
 
 
@@ -210,7 +214,8 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
         event=spec.event, messages=messages, audience_sizes=dict(counter.stats.per_channel),
         health=health, stats=counter.stats, skips=counter.skips,
-        contact_problems=len(contacts.problems),
+        invalid_contacts=contacts.invalid_records,
+        contact_source_problems=len(contacts.problems) - contacts.invalid_records,
     )
     return pre, contacts
 

@@ -78,7 +78,8 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
                      "in_doubt"}, "declare")
     _keys(declared["preflight"], {"incident", "playbook", "stage", "update_no", "event",
                                   "messages", "deliveries_per_channel", "health", "skipped",
-                                  "warnings", "invalid_contacts"}, "preflight")
+                                  "warnings", "invalid_contacts",
+                                  "contact_source_problems"}, "preflight")
     _keys(declared["result"], {"channels", "totals", "failures", "failovers", "interrupted",
                                "fatal", "complete", "elapsed_s"}, "result")
     _keys(declared["preflight"]["messages"][0], {"audience", "channel", "channel_type",

@@ -103,8 +103,43 @@ def test_optout_cli_normalises_in_the_region_and_refuses_bad_addresses(tmp_path:
         bad = run_cli("contacts", "optout", "add", kind, address, env=env)
         assert bad.returncode == 2 and "cannot record an opt-out" in bad.stdout + bad.stderr
         assert "Traceback" not in bad.stderr
+    region = run_cli("contacts", "optout", "add", "sms", "+44 20 7946 0958", "--region", "XX",
+                     env=env)
+    assert region.returncode == 12
+    # An entry recorded as written by an older version can still be removed.
+    with open(tmp_path / "o.jsonl", "a") as log:
+        log.write('{"kind": "sms", "address": "020 7946 0958", "action": "optout", '
+                  '"reason": "manual", "ts": "2026-11-01T00:00:00+00:00"}\n')
+    assert run_cli("contacts", "optout", "remove", "sms", "020 7946 0958", env=env).returncode == 0
+    gone = run_cli("contacts", "optout", "remove", "sms", "020 7946 0958", env=env)
+    assert gone.returncode == 2 and "cannot remove an opt-out" in gone.stdout + gone.stderr
     listed = json_doc(run_cli("contacts", "optout", "list", "--json", env=env))
     assert [o["address"] for o in listed["data"]["optouts"]] == ["+442079460958"]
+
+
+def test_validate_and_preflight_read_contacts_like_a_send(tmp_path: Path,
+                                                          audience_pb: Path) -> None:
+    """validate uses the configured region; a send's preflight counts records left out
+    apart from a source's other problems; list escapes what it prints."""
+    people = audience_pb.parent / "people.csv"
+    people.write_text(HEADER.strip() + ",company\n"
+                      + "t1,Team One,t1@example.com,020 7946 0958,,,team,,Acme\n"
+                      + "c1,Cust [red]One[/],c1@example.com,,,,,customer;[/x],Initech\n"
+                      + "c2,Bad,not-an-email,,,,,customer,\n")
+    checked = run_cli("validate", str(audience_pb), "--json", env={"INCIDENT_NOTIFY_REGION": "gb"})
+    errors = [e["message"] for e in json_doc(checked)["errors"]]
+    assert checked.returncode == 3 and len(errors) == 2          # the column and c2's email
+    assert any("company" in e for e in errors) and any(e.startswith("email") for e in errors)
+    assert run_cli("validate", str(audience_pb), env={"INCIDENT_NOTIFY_REGION": "xx"}
+                   ).returncode == 12
+    env = {"INCIDENT_NOTIFY_REGION": "GB", "INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl"),
+           "INCIDENT_NOTIFY_OPTOUTS": str(tmp_path / "o.jsonl")}
+    dry = json_doc(run_cli("declare", str(audience_pb), "--dry-run", "--sandbox", "--json",
+                           env=env))
+    pre = dry["data"]["preflight"]
+    assert (pre["invalid_contacts"], pre["contact_source_problems"]) == (1, 1)
+    listed = run_cli("contacts", "list", str(people), env={"INCIDENT_NOTIFY_REGION": "GB"})
+    assert listed.returncode == 0 and "[/x]" in listed.stdout and "[red]One[/]" in listed.stdout
 
 
 def test_optout_store_persists_and_is_thread_safe(tmp_path: Path) -> None:
@@ -184,6 +219,69 @@ def test_csv_rows_quoting_blank_rows_and_line_numbers(tmp_path: Path) -> None:
         (3, "row"), (8, "email"), (10, "email")]
     wide = cs.problems[0]
     assert "9 values but the header has 8 columns" in wide.message and "quotes" in wide.hint
+
+
+def test_csv_blank_lines_trailing_columns_and_bad_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes(b"\n  \nid,name,email,,\n"                       # blank lines, then header
+                     b"a,Ann,a@example.com,,\n"
+                     b" , ,  ,,\n"                                    # spaces only: skipped
+                     b"b,Bj\xf6rn,b@example.com,,\n"                  # latin-1, not UTF-8
+                     b"c,Cy,c@example.com,,\n")
+    problems: list = []
+    from incident_notify.contacts import iter_contacts
+
+    assert [c.id for c in iter_contacts([path], problems=problems)] == ["a", "c"]
+    assert [(p.line, p.message) for p in problems] == [(6, "row: not UTF-8 text")]
+    assert "UTF-8" in problems[0].hint
+
+
+def test_undecodable_lines_found_across_read_blocks(tmp_path: Path) -> None:
+    """Lines that are not UTF-8 are found in a file of several 1 MiB blocks, wherever the
+    block edges fall, and only their records are left out."""
+    path = tmp_path / "big.csv"
+    bad = {2_000, 30_001}
+    offset, block = len(HEADER), 1 << 20
+    with open(path, "wb") as out:
+        out.write(HEADER.encode())
+        for i in range(2, 60_002):  # line numbers
+            latin = b"p%d,Bj\xf6rn %d,p%d@example.com,,,,,\n" % (i, i, i)
+            if offset // block != (offset + len(latin) - 1) // block:
+                bad.add(i)  # this line straddles a block edge
+            line = latin if i in bad else latin.replace(b"\xf6", "ö".encode())
+            out.write(line)
+            offset += len(line)
+    assert offset > 2 * block and len(bad) == 4
+    cs = load_contacts([path])
+    assert len(cs.contacts) == 60_000 - len(bad)
+    assert {p.line for p in cs.problems} == bad
+    assert cs.contacts["p3"].name == "Björn 3"
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 64])
+def test_undecodable_line_scan_at_any_block_size(tmp_path: Path, block: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block edges inside a line or inside a multibyte character change nothing."""
+    from incident_notify import contacts
+
+    lines = ["id,name", "a,Zoë ö", "b,Bj\udcf6rn", "", "c,日本語", "d,\udcff", "e,ok"]
+    path = tmp_path / "x.csv"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogateescape"))
+    monkeypatch.setattr(contacts, "_BLOCK", block)
+    assert contacts._undecodable_lines(path) == [3, 6]
+
+
+def test_yaml_booleans_and_non_mappings_are_invalid_records(tmp_path: Path) -> None:
+    path = tmp_path / "team.yaml"
+    path.write_text("- id: a\n  email: a@example.com\n  twitter: no\n"
+                    "- just-a-string\n"
+                    "- id: b\n  email: b@example.com\n  twitter: \"no\"\n")
+    cs = load_contacts([path, path])  # named twice: read once
+    assert list(cs.contacts) == ["b"] and cs.contacts["b"].twitter == "@no"
+    assert [(p.line, p.message) for p in cs.problems] == [
+        (1, "twitter: expected text, not false"), (4, "record: a contact must be a mapping "
+                                                    "of fields")]
+    assert cs.invalid_records == 2
 
 
 def test_iter_contacts_streams_rows(tmp_path: Path) -> None:

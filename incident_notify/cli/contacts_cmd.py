@@ -40,19 +40,26 @@ def _settings(region: str | None, optouts: Path | None) -> Any:
 
 def _store(settings: Any) -> Any:
     from incident_notify.optouts import OptOutStore
+    from incident_notify.phones import region_code
 
-    return OptOutStore(settings.optouts_path(), settings.default_region)
+    return OptOutStore(settings.optouts_path(), region_code(settings.default_region))
 
 
-def _checked(store: Any, kind: str, address: str) -> tuple[str, str]:
-    """The opt-out key for a command-line address, or a usage error naming the problem."""
+def _checked(store: Any, kind: str, address: str, action: str) -> tuple[str, str]:
+    """The opt-out key for a command-line address, or a usage error naming the problem.
+    An entry already in the list is found as written even if it is not a valid address
+    (older versions recorded such addresses), so that it can be removed."""
     from incident_notify.contacts import InvalidField
     from incident_notify.errors import UsageError
 
     try:
         key: tuple[str, str] = store.checked_key(kind, address)
     except InvalidField as exc:
-        raise UsageError(f"cannot record an opt-out: {exc}", exc.hint) from None
+        as_written = (kind, address.strip().lower())
+        if action == "remove" and any((o["kind"], o["address"]) == as_written
+                                      for o in store.all()):
+            return as_written
+        raise UsageError(f"cannot {action} an opt-out: {exc}", exc.hint) from None
     return key
 
 
@@ -82,7 +89,7 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
     sources = [{**v, "reachable": {k: v["reachable"].get(k, 0) for k in KINDS}}
                for v in per_source.values()]
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
-    invalid = sum(s.invalid for s in cs.sources)
+    invalid = cs.invalid_records
     if json:
         output.emit_json("contacts check", {"sources": sources, "people": len(cs.contacts),
                                             "invalid": invalid, "problems": len(cs.problems)},
@@ -125,8 +132,9 @@ def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
 
     t = table("id", "name", "groups", "tags", "prefers", "phone", "email", "twitter")
     for c in people:
-        t.add_row(c.id, escape(c.name), ", ".join(sorted(c.groups)), ", ".join(sorted(c.tags)),
-                  " > ".join(c.channels), c.phone or "", c.email or "", c.twitter or "")
+        t.add_row(escape(c.id), escape(c.name), escape(", ".join(sorted(c.groups))),
+                  escape(", ".join(sorted(c.tags))), " > ".join(c.channels), c.phone or "",
+                  escape(c.email or ""), c.twitter or "")
     output.console().print(t)
 
 
@@ -138,7 +146,7 @@ def optout_add(kind: Annotated[str, typer.Argument(help="sms, email or twitter_d
     """Record that a person does not want messages on a channel kind."""
     output.state.json = json
     store = _store(_settings(region, optouts))
-    kind, address = _checked(store, kind, address)
+    kind, address = _checked(store, kind, address, "record")
     added = store.add(kind, address, "manual")
     if json:
         output.emit_json("contacts optout add", {"kind": kind, "address": address,
@@ -156,7 +164,7 @@ def optout_remove(kind: Annotated[str, typer.Argument(help="sms, email or twitte
     """Opt a person back in (recorded, never deleted)."""
     output.state.json = json
     store = _store(_settings(region, optouts))
-    kind, address = _checked(store, kind, address)
+    kind, address = _checked(store, kind, address, "remove")
     store.remove(kind, address, "manual")
     if json:
         output.emit_json("contacts optout remove", {"kind": kind, "address": address,

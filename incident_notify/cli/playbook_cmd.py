@@ -43,9 +43,12 @@ def validate(
     """
     from incident_notify.checks import validate_paths
     from incident_notify.cli.render_results import print_validation
+    from incident_notify.config import load_settings
 
     output.state.json = json
-    reports = validate_paths(paths or [Path("playbooks")], check_contacts=not no_contacts)
+    region = load_settings().default_region  # national numbers read as a send reads them
+    reports = validate_paths(paths or [Path("playbooks")], check_contacts=not no_contacts,
+                             region=region)
     ok = all(r.ok for r in reports)
     code = ExitCode.OK if ok else ExitCode.INVALID_PLAYBOOK
     if json:
