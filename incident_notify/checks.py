@@ -122,10 +122,15 @@ def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | 
                     todo.append((fb, current))
 
 
-def check_playbook(path: Path, *, check_contacts: bool = True,
-                   region: str = "US") -> PlaybookReport:
+ContactSets = dict[tuple[tuple[Path, ...], str], Any]
+"""Contact sets already loaded in one validate run, by (sources, region)."""
+
+
+def check_playbook(path: Path, *, check_contacts: bool = True, region: str = "US",
+                   loaded: ContactSets | None = None) -> PlaybookReport:
     """Run every check on one playbook file; problems are collected, never raised (but an
-    unknown default `region` for national phone numbers is a ConfigError)."""
+    unknown default `region` for national phone numbers is a ConfigError). Playbooks that
+    share contact sources share one load through `loaded`."""
     report = PlaybookReport(path=path)
     try:
         pb = load_playbook(path)
@@ -141,7 +146,8 @@ def check_playbook(path: Path, *, check_contacts: bool = True,
             f"(declared: {', '.join(pb.model.variables) or 'none'})"))
     report.problems.extend(_sensitivity_problems(pb))
     if check_contacts and pb.model.contacts:
-        report.problems.extend(_contact_problems(pb, report, region))
+        report.problems.extend(_contact_problems(pb, report, region,
+                                                 {} if loaded is None else loaded))
     if report.problems:
         return report
     modes: tuple[VariableMode, ...] = ("example", "worst")
@@ -174,14 +180,18 @@ def _row(msg: RenderedMessage, mode: str) -> CheckRow:
     )
 
 
-def _contact_problems(pb: Playbook, report: PlaybookReport, region: str) -> list[Problem]:
+def _contact_problems(pb: Playbook, report: PlaybookReport, region: str,
+                      loaded: ContactSets) -> list[Problem]:
     from incident_notify.contacts import load_contacts
 
     missing = [p for p in pb.contact_paths() if not p.exists()]
     if missing:
         return [pb.source.problem(("contacts",), f"contacts source {str(p)!r} not found",
                                   "fix the path (relative to the playbook)") for p in missing]
-    contacts = load_contacts(pb.contact_paths(), default_region=region)
+    key = (tuple(p.resolve() for p in pb.contact_paths()), region)
+    if key not in loaded:
+        loaded[key] = load_contacts(pb.contact_paths(), default_region=region)
+    contacts = loaded[key]
     report.contacts = {"people": len(contacts.contacts), "invalid": contacts.invalid_records}
     problems = list(contacts.problems)
     for aname, aud in pb.model.audiences.items():
@@ -206,4 +216,6 @@ def validate_paths(paths: list[Path], *, check_contacts: bool = True,
         raise PlaybookError([Problem(", ".join(map(str, paths)), None, None,
                                      "no playbook (*.yaml) found",
                                      "pass playbook files or directories holding them")])
-    return [check_playbook(f, check_contacts=check_contacts, region=region) for f in files]
+    loaded: ContactSets = {}
+    return [check_playbook(f, check_contacts=check_contacts, region=region, loaded=loaded)
+            for f in files]

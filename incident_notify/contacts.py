@@ -30,6 +30,7 @@ FIELDS = ("id", "name", "email", "phone", "twitter", "channels", "groups", "tags
           "quiet_hours")
 _FIELD_SET = frozenset(FIELDS)
 _FIELDS_HINT = "fields: " + ", ".join(FIELDS)
+_HEADER_HINT = "the first row names the fields: " + ",".join(FIELDS)
 HANDLE_RE = re.compile(r"^@?([A-Za-z0-9_]{1,15})$")
 QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -249,8 +250,7 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                     header = row
                     break
             if header is None:
-                problems.append(Problem(source, 1, None, "no header row",
-                                        "the first row names the fields: " + ",".join(FIELDS)))
+                problems.append(Problem(source, 1, None, "no header row", _HEADER_HINT))
                 return
             header_line = start - 1
             columns: list[str] = []
@@ -264,8 +264,7 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                 columns.append(name)
             if "id" not in columns:
                 problems.append(Problem(source, header_line, None, "no 'id' column: no row can "
-                                        "be loaded", "the first row names the fields: "
-                                        + ",".join(FIELDS)))
+                                        "be loaded", _HEADER_HINT))
                 return
             width = len(columns)
             # Each field's column (id first); a field with no column reads the "" appended

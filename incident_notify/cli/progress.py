@@ -51,12 +51,13 @@ def print_preflight(pre: Preflight) -> None:
         reasons = Counter(s.reason for s in pre.skips)
         for reason, n in reasons.most_common():
             con.print(f"[yellow]skipped {n}:[/] {escape(reason)}")
-    if pre.invalid_contacts or pre.contact_source_problems:
-        parts = [f"{pre.invalid_contacts} invalid contact record(s) not loaded"
-                 if pre.invalid_contacts else "",
-                 f"{pre.contact_source_problems} problem(s) in the contact sources"
-                 if pre.contact_source_problems else ""]
-        con.print(f"[yellow]{'; '.join(p for p in parts if p)}; "
+    parts = []
+    if pre.invalid_contacts:
+        parts.append(f"{pre.invalid_contacts} invalid contact record(s) not loaded")
+    if pre.contact_source_problems:
+        parts.append(f"{pre.contact_source_problems} problem(s) in the contact sources")
+    if parts:
+        con.print(f"[yellow]{'; '.join(parts)}; "
                   "run 'incident-notify contacts check' for details[/]")
     for warning in pre.stats.warnings[:10]:
         con.print(f"[yellow]warning:[/] {escape(warning)}")
