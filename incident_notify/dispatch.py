@@ -5,9 +5,16 @@ declared concurrency), a token bucket (its rate), a circuit breaker, and a pause
 when the provider answers 429. Jobs are single deliveries, or the parts of one tweet
 thread, which a single worker sends in order so each part replies to the one before.
 
-Every request is preceded by a durable ``delivery.attempt`` record and followed by its
-outcome. A crash between the two leaves an attempt with no outcome, which `resume`
-reports as "unknown" instead of sending it again: nothing is lost, nothing sent twice.
+Every request that can reach a provider is preceded by a durable ``delivery.attempt``
+record, written when the channel calls ``attempt.begin()`` (after user lookups and
+connection set-up), and followed by its outcome. A failure before that point is retried
+freely; after it, one that may have delivered (a dropped connection, a read timeout) is
+recorded "unknown" and never retried blindly. A crash between the two leaves an attempt
+with no outcome, which `resume` settles with the provider before deciding anything.
+
+A 429 is a state of the whole channel: it pauses every worker of that channel until the
+reset; a reset beyond the wait ceiling opens the circuit at once (until the reset) and
+the queued deliveries fail over without touching the provider again.
 
 When a channel is down (circuit open, or retries exhausted by the deadline) the
 `Router` (the planner) re-routes its deliveries to the playbook's fallback channels.
@@ -18,7 +25,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -81,9 +88,10 @@ class RetryPolicy:
     """A 429 asking for a longer wait than this counts as the channel being unavailable."""
 
     def backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+        """Exponential backoff with full jitter (AWS architecture blog's recommendation):
+        uniform in [0, min(max_delay, base * 2^(attempt-1))]."""
         cap = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
-        return random.uniform(cap / 2, cap)
+        return random.uniform(0.0, cap)
 
 
 # --------------------------------------------------------------------- primitives
@@ -111,11 +119,20 @@ class TokenBucket:
 
 
 class CircuitBreaker:
-    def __init__(self, threshold: int, cooldown_s: float) -> None:
+    """Per channel: closed (requests go), open (fail over without trying), and after the
+    cooldown one probe at a time. Every probe ends in exactly one of `success`, `failure`,
+    `hold` or `release`, so an open channel can always be probed again. All times are
+    `time.monotonic()`."""
+
+    def __init__(self, threshold: int, cooldown_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
+        self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
+        self.closed_until = 0.0
+        """No probe before this time (a rate limit's reset)."""
         self._probing = False
         self._lock = threading.Lock()
 
@@ -128,7 +145,9 @@ class CircuitBreaker:
         with self._lock:
             if self.opened_at is None:
                 return True
-            if not self._probing and time.monotonic() - self.opened_at >= self.cooldown_s:
+            now = self.clock()
+            if (not self._probing and now - self.opened_at >= self.cooldown_s
+                    and now >= self.closed_until):
                 self._probing = True
                 return True
             return False
@@ -138,6 +157,7 @@ class CircuitBreaker:
         with self._lock:
             was_open = self.opened_at is not None
             self.failures, self.opened_at, self._probing = 0, None, False
+            self.closed_until = 0.0
             return was_open
 
     def failure(self) -> bool:
@@ -145,16 +165,32 @@ class CircuitBreaker:
         with self._lock:
             self.failures += 1
             if self.opened_at is not None:
-                self.opened_at, self._probing = time.monotonic(), False
+                self.opened_at, self._probing = self.clock(), False
                 return False
             if self.failures >= self.threshold:
-                self.opened_at = time.monotonic()
+                self.opened_at = self.clock()
                 return True
             return False
 
+    def hold(self, seconds: float) -> bool:
+        """Open now and allow no probe for `seconds` (a rate limit that resets far away);
+        True when this opened the circuit."""
+        with self._lock:
+            was_open = self.opened_at is not None
+            now = self.clock()
+            self.opened_at, self._probing = now, False
+            self.closed_until = max(self.closed_until, now + seconds)
+            return not was_open
+
+    def release(self) -> None:
+        """A probe ended without telling whether the channel works (the request never
+        went, or the answer was about the recipient): let another probe go."""
+        with self._lock:
+            self._probing = False
+
     def force_open(self) -> None:
         with self._lock:
-            self.opened_at = time.monotonic()
+            self.opened_at, self._probing = self.clock(), False
 
 
 # --------------------------------------------------------------------- results
@@ -207,9 +243,12 @@ class ChannelRunner:
         self.bucket = TokenBucket(lim.rate_per_second, lim.burst)
         self.breaker = CircuitBreaker(policy.breaker_threshold, policy.breaker_cooldown_s)
         # (job, from_feeder); None tells a worker to stop.
-        self.queue: list[tuple[list[Delivery], bool] | None] = []
+        self.queue: deque[tuple[list[Delivery], bool] | None] = deque()
         self.cond = threading.Condition()
         self.paused_until = 0.0
+        """time.monotonic() before which no request goes (a 429's reset)."""
+        self.down_reason = ""
+        """Why the circuit is open, for the failover records."""
         self.threads: list[threading.Thread] = []
 
 
@@ -227,7 +266,7 @@ class Dispatcher:
         on_event: ProgressFn | None = None,
         channel_types: Mapping[str, str] | None = None,
         max_queued: int = 2000,
-        down: Iterable[str] = (),
+        down: Mapping[str, str] | Iterable[str] = (),
     ) -> None:
         self.channels = dict(channels)
         self.audit = audit
@@ -243,15 +282,20 @@ class Dispatcher:
         self._done = threading.Condition()
         self._slots = threading.Semaphore(max_queued)
         self._lock = threading.Lock()
-        self._down = set(down)
+        self._down = dict(down) if isinstance(down, Mapping) else dict.fromkeys(down, "")
+        self._attempts: dict[str, int] = {}
+        """Attempts (requests that may have reached the provider) per key, this run."""
 
     # -- public
     def run(self, jobs: Iterable[Sequence[Delivery]]) -> DispatchResult:
         """Send every job; returns when all are done (or stopped). Ctrl-C safe."""
         started = time.monotonic()
-        for name in self._down:
-            self._runner(name).breaker.force_open()
-            self._emit_circuit(name, True, "health check failed before sending")
+        for name, detail in self._down.items():
+            runner = self._runner(name)
+            runner.breaker.force_open()
+            reason = "health check failed before sending" + (f": {detail}" if detail else "")
+            runner.down_reason = f"channel down ({reason})"
+            self._emit_circuit(name, True, reason)
         try:
             for job in jobs:
                 if self.stop.is_set():
@@ -329,7 +373,7 @@ class Dispatcher:
             with runner.cond:
                 while not runner.queue:
                     runner.cond.wait()
-                item = runner.queue.pop(0)
+                item = runner.queue.popleft()
             if item is None:
                 return
             job, from_feeder = item
@@ -356,89 +400,135 @@ class Dispatcher:
                 return
             if index > 0:
                 delivery = replace(delivery, reply_to=reply_to)
-            receipt = self._deliver(runner, delivery, whole=job if index == 0 else None)
+            # A thread cut mid-way fails over like one that never started: the rest of the
+            # thread cannot reply to a missing part, so its words travel on the fallback.
+            receipt = self._deliver(runner, delivery, whole=job[index:])
             if receipt is None:
-                if index > 0:
-                    # The thread is broken mid-way: the rest cannot reply to a missing part.
-                    for rest in job[index + 1:]:
-                        self._record(rest, "failed", {"error": "an earlier thread part failed",
-                                                      "permanent": True})
                 return
             reply_to = receipt.provider_id
 
     def _deliver(
-        self, runner: ChannelRunner, d: Delivery, whole: list[Delivery] | None
+        self, runner: ChannelRunner, d: Delivery, whole: list[Delivery]
     ) -> Receipt | None:
         """Send one delivery with retries; None when it did not go out on this channel."""
-        policy = self.policy
+        breaker = runner.breaker
         first_attempt_at: float | None = None
-        attempt = 0
+        tries = 0
         while True:
             if self.stop.is_set():
                 return None
-            if not runner.breaker.allow():
-                self._failover(d, "channel down (circuit open)", whole)
+            if not breaker.allow():
+                self._failover(d, self._down_reason(runner), whole)
                 return None
-            wait = runner.paused_until - time.time()
-            if wait > 0 and self.stop.wait(wait):
-                return None
+            wait = runner.paused_until - time.monotonic()
+            if wait > 0:
+                if self.stop.wait(wait):
+                    breaker.release()
+                    return None
+                continue  # re-check the breaker: the channel may have closed meanwhile
             if not runner.bucket.acquire(self.stop):
+                breaker.release()
                 return None
-            attempt += 1
+            tries += 1
             first_attempt_at = first_attempt_at or time.monotonic()
-            self.audit.append("delivery.attempt", incident=self.incident_id, channel=d.channel,
-                              recipient=d.recipient or None, key=d.key,
-                              payload={"attempt": attempt})
+            attempt = _Attempt(self, d)
             try:
-                receipt = runner.channel.send(d)
+                receipt = runner.channel.send(d, attempt)
             except TransientChannelError as exc:
-                if exc.maybe_delivered:
-                    self._record(d, "unknown", _err(exc, attempt))
-                    return None
-                elapsed = time.monotonic() - first_attempt_at
-                if exc.retry_after is not None:
-                    if elapsed + exc.retry_after > policy.deadline_s:
-                        self._failover(d, f"still rate limited after {elapsed:.0f}s", whole)
-                        return None
-                    if exc.retry_after > policy.max_rate_limit_wait_s:
-                        runner.breaker.force_open()
-                        self._emit_circuit(d.channel, True, f"rate limited for "
-                                           f"{exc.retry_after:.0f}s")
-                        self._failover(d, f"rate limited for {exc.retry_after:.0f}s", whole)
-                        return None
-                    runner.paused_until = max(runner.paused_until, time.time() + exc.retry_after)
-                    self._emit("retry", d, {"error": str(exc), "attempt": attempt,
-                                            "retry_after": exc.retry_after})
-                    continue  # a rate limit is not a failure: the channel is up
-                if runner.breaker.failure():
-                    self._emit_circuit(d.channel, True, str(exc))
-                if attempt >= policy.max_attempts or elapsed >= policy.deadline_s:
-                    self._failover(d, f"gave up after {attempt} attempt(s): {exc}", whole)
-                    return None
-                self._emit("retry", d, {"error": str(exc), "attempt": attempt})
-                delay = min(policy.backoff(attempt),
-                            max(0.0, policy.deadline_s - elapsed))
-                if self.stop.wait(delay):
-                    return None
-                continue
+                outcome = self._transient(runner, d, exc, attempt, tries, first_attempt_at,
+                                          whole)
+                if outcome is None:
+                    continue
+                return None
             except PermanentChannelError as exc:
-                self._permanent(d, exc, attempt)
+                self._permanent(runner, d, exc, attempt, whole)
                 return None
             except ChannelError as exc:  # a channel raising the base class: treat as permanent
-                self._permanent(d, PermanentChannelError(str(exc), channel=d.channel,
-                                                         code=exc.code), attempt)
+                self._permanent(runner, d, PermanentChannelError(
+                    str(exc), channel=d.channel, code=exc.code), attempt, whole)
                 return None
-            if runner.breaker.success():
+            except AuditError:
+                raise
+            except Exception as exc:  # a malformed answer the client choked on
+                err = TransientChannelError(
+                    f"{d.channel}: unexpected {type(exc).__name__} from the provider's "
+                    f"answer", channel=d.channel, code="error", maybe_delivered=True)
+                if self._transient(runner, d, err, attempt, tries, first_attempt_at,
+                                   whole) is None:
+                    continue
+                return None
+            attempt.begin()  # a channel that never called it: record before the outcome
+            if breaker.success():
                 self._emit_circuit(d.channel, False, "recovered")
             self._record(d, "sent", {
                 "provider_id": receipt.provider_id, "segments": receipt.segments,
-                "attempt": attempt, "channel_type": self.types.get(d.channel, ""),
+                "attempt": attempt.number, "channel_type": self.types.get(d.channel, ""),
                 "reply_to": d.reply_to, "detail": dict(receipt.detail),
             })
             return receipt
 
-    def _permanent(self, d: Delivery, exc: PermanentChannelError, attempt: int) -> None:
-        payload = {**_err(exc, attempt), "permanent": True}
+    def _down_reason(self, runner: ChannelRunner) -> str:
+        return runner.down_reason or "channel down (circuit open)"
+
+    def _transient(self, runner: ChannelRunner, d: Delivery, exc: TransientChannelError,
+                   attempt: _Attempt, tries: int, first_attempt_at: float,
+                   whole: list[Delivery]) -> bool | None:
+        """Handle a transient failure: None to try again, True when the delivery is done
+        on this channel (recorded unknown, or failed over)."""
+        policy = self.policy
+        breaker = runner.breaker
+        if attempt.begun and exc.maybe_delivered:
+            # The provider may have it: never retried blindly; resume settles it.
+            if breaker.failure():
+                self._open(runner, d.channel, str(exc))
+            self._record(d, "unknown", _err(exc, attempt.number))
+            return True
+        elapsed = time.monotonic() - first_attempt_at
+        if exc.retry_after is not None:
+            remaining = policy.deadline_s - elapsed
+            if exc.retry_after > min(policy.max_rate_limit_wait_s, remaining):
+                # The whole channel is unusable until the reset: open it until then, and
+                # let every queued delivery fail over without asking the provider again.
+                reason = f"rate limited until {exc.retry_after:.0f}s from now"
+                runner.down_reason = reason
+                runner.paused_until = max(runner.paused_until,
+                                          time.monotonic() + exc.retry_after)
+                if breaker.hold(exc.retry_after):
+                    self._open(runner, d.channel, reason)
+                self._failover(d, reason, whole)
+                return True
+            runner.paused_until = max(runner.paused_until, time.monotonic() + exc.retry_after)
+            breaker.release()
+            self._emit("retry", d, {"error": str(exc), "attempt": tries,
+                                    "retry_after": exc.retry_after})
+            return None  # a rate limit is not a failure: the channel is up
+        if breaker.failure():
+            self._open(runner, d.channel, str(exc))
+        if tries >= policy.max_attempts or elapsed >= policy.deadline_s:
+            self._failover(d, f"gave up after {tries} attempt(s): {exc}", whole)
+            return True
+        self._emit("retry", d, {"error": str(exc), "attempt": tries})
+        delay = min(policy.backoff(tries), max(0.0, policy.deadline_s - elapsed))
+        if self.stop.wait(delay):
+            return True
+        return None
+
+    def _open(self, runner: ChannelRunner, channel: str, reason: str) -> None:
+        if not runner.down_reason:
+            runner.down_reason = f"channel down ({reason})"
+        self._emit_circuit(channel, True, reason)
+
+    def _permanent(self, runner: ChannelRunner, d: Delivery, exc: PermanentChannelError,
+                   attempt: _Attempt, whole: list[Delivery]) -> None:
+        if exc.channel_down:
+            # Nothing can succeed on this channel (credentials, TLS): fail everything over.
+            if runner.breaker.hold(self.policy.breaker_cooldown_s):
+                runner.down_reason = f"channel down ({exc.message})"
+                self._emit_circuit(d.channel, True, exc.message)
+            self._failover(d, exc.message, whole)
+            return
+        runner.breaker.release()  # the provider answered about this recipient only
+        payload = {**_err(exc, attempt.number), "permanent": True}
         if exc.opt_out:
             self.router.opted_out(d)
         if exc.opt_out or exc.recipient_problem:
@@ -449,18 +539,24 @@ class Dispatcher:
                 self._start(nxt, d, str(exc))
                 return
         self._record(d, "failed", payload)
+        for rest in whole[1:]:
+            self._record(rest, "failed", {"error": "an earlier thread part was refused",
+                                          "permanent": True})
 
-    def _failover(self, d: Delivery, reason: str, whole: list[Delivery] | None) -> None:
+    def _failover(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
         planned = self.router.reroute(d, reason)
-        if whole is not None and len(whole) > 1:
-            # A thread that never started: its parts travel as one message elsewhere.
-            for rest in whole[1:]:
-                self._record(rest, "failover", {"reason": reason, "to": [], "as_part_of": d.key},
-                             outcome="failed_over")
+        rest = whole[1:]
         if planned is None:
             self._record(d, "failed", {"error": reason, "permanent": False,
                                        "no_fallback": True})
+            for part in rest:
+                self._record(part, "failed", {"error": reason, "permanent": False,
+                                              "no_fallback": True, "as_part_of": d.key})
             return
+        # The unsent parts of a thread travel as one message on the fallback channels.
+        for part in rest:
+            self._record(part, "failover", {"reason": reason, "to": [], "as_part_of": d.key},
+                         outcome="failed_over")
         self._record(d, "failover", {"reason": reason, "to": [p.delivery.key for p in planned],
                                      "to_channels": sorted({p.delivery.channel for p in planned})},
                      outcome="failed_over")
@@ -506,6 +602,29 @@ class Dispatcher:
             dummy = Delivery(key="", incident_id=self.incident_id, update_no=0,
                              channel=channel, recipient="", message=_EMPTY)
             self._emit("circuit_open" if opened else "circuit_closed", dummy, {"reason": reason})
+
+
+class _Attempt:
+    """The `Attempt` a channel gets: `begin()` writes the durable attempt record once."""
+
+    __slots__ = ("begun", "delivery", "dispatcher", "number")
+
+    def __init__(self, dispatcher: Dispatcher, delivery: Delivery) -> None:
+        self.dispatcher = dispatcher
+        self.delivery = delivery
+        self.begun = False
+        self.number = 0
+
+    def begin(self) -> None:
+        if self.begun:
+            return
+        self.begun = True
+        dispatcher, d = self.dispatcher, self.delivery
+        with dispatcher._lock:
+            self.number = dispatcher._attempts[d.key] = dispatcher._attempts.get(d.key, 0) + 1
+        dispatcher.audit.append("delivery.attempt", incident=dispatcher.incident_id,
+                                channel=d.channel, recipient=d.recipient or None, key=d.key,
+                                payload={"attempt": self.number})
 
 
 def _err(exc: ChannelError, attempt: int) -> dict[str, Any]:

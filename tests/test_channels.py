@@ -13,6 +13,7 @@ from incident_notify.channels import available_types, channel_class
 from incident_notify.channels.base import (
     ChannelSpec,
     Delivery,
+    NoAttempt,
     OutgoingMessage,
     PermanentChannelError,
     TransientChannelError,
@@ -69,7 +70,7 @@ def test_thread_lands_in_order_with_reply_ids(twitter: TwitterEmulator) -> None:
     for i in range(1, 4):
         receipt = ch.send(Delivery(key=f"k/{i}", incident_id="I", update_no=1, channel="status",
                                    recipient="", message=OutgoingMessage(text=f"part {i}/3"),
-                                   part=i, parts=3, reply_to=reply_to))
+                                   part=i, parts=3, reply_to=reply_to), NoAttempt())
         reply_to = receipt.provider_id
     tweets = twitter.received.all()
     assert [t["text"] for t in tweets] == ["part 1/3", "part 2/3", "part 3/3"]
@@ -82,8 +83,8 @@ def test_dm_reaches_the_resolved_user_id_and_lookup_is_cached(twitter: TwitterEm
     uid = twitter.add_user("carol_ops")
     ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm", "@acme_status"),
                           twitter_secrets(twitter))
-    ch.send(delivery("dm", "@carol_ops", "first"))
-    ch.send(delivery("dm", "@Carol_Ops", "second", key="k2"))
+    ch.send(delivery("dm", "@carol_ops", "first"), NoAttempt())
+    ch.send(delivery("dm", "@Carol_Ops", "second", key="k2"), NoAttempt())
     dms = twitter.received.all()
     assert [d["participant_id"] for d in dms] == [uid, uid]
     assert twitter.lookups == 1
@@ -92,7 +93,7 @@ def test_dm_reaches_the_resolved_user_id_and_lookup_is_cached(twitter: TwitterEm
 def test_dm_to_unknown_user_is_a_permanent_recipient_error(twitter: TwitterEmulator) -> None:
     ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm"), twitter_secrets(twitter))
     with pytest.raises(PermanentChannelError) as info:
-        ch.send(delivery("dm", "@nobody_here", "x"))
+        ch.send(delivery("dm", "@nobody_here", "x"), NoAttempt())
     assert info.value.recipient_problem
 
 
@@ -100,7 +101,7 @@ def test_wrong_twitter_secret_gets_401_from_the_signature_check(twitter: Twitter
     ch = TwitterChannel(ChannelSpec("status", "twitter"),
                         twitter_secrets(twitter, TWITTER_API_SECRET=CANARY))
     with pytest.raises(PermanentChannelError) as info:
-        ch.send(delivery("status", "", "hello"))
+        ch.send(delivery("status", "", "hello"), NoAttempt())
     assert info.value.code == "auth"
     assert "signature" in info.value.message
     assert CANARY not in str(info.value) + repr(info.value) + info.value.hint
@@ -111,31 +112,31 @@ def test_twitter_outage_is_transient(twitter: TwitterEmulator) -> None:
     twitter.faults.update(outage=True)
     ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
     with pytest.raises(TransientChannelError):
-        ch.send(delivery("status", "", "hello"))
+        ch.send(delivery("status", "", "hello"), NoAttempt())
     assert not ch.check().ok
 
 
 def test_twitter_429_carries_the_reset(twitter: TwitterEmulator) -> None:
     twitter.faults.update(rate_limit=1, rate_window_s=60)
     ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
-    ch.send(delivery("status", "", "one"))
+    ch.send(delivery("status", "", "one"), NoAttempt())
     with pytest.raises(TransientChannelError) as info:
-        ch.send(delivery("status", "", "two"))
+        ch.send(delivery("status", "", "two"), NoAttempt())
     assert info.value.retry_after is not None and 50 <= info.value.retry_after <= 61
 
 
 def test_duplicate_tweet_is_reported_not_retried(twitter: TwitterEmulator) -> None:
     ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
-    ch.send(delivery("status", "", "same words"))
+    ch.send(delivery("status", "", "same words"), NoAttempt())
     with pytest.raises(PermanentChannelError) as info:
-        ch.send(delivery("status", "", "same words"))
+        ch.send(delivery("status", "", "same words"), NoAttempt())
     assert info.value.code == "duplicate"
 
 
 def test_overlong_raw_tweet_is_refused_by_the_emulator(twitter: TwitterEmulator) -> None:
     ch = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
     with pytest.raises(PermanentChannelError) as info:
-        ch.send(delivery("status", "", "x" * 281))
+        ch.send(delivery("status", "", "x" * 281), NoAttempt())
     assert info.value.code == "400"
 
 
@@ -145,31 +146,32 @@ def sms_channel(sandbox: Any, **override: str) -> SMSChannel:
 
 
 def test_sms_receipt_has_sid_and_segments(sandbox: Any) -> None:
-    receipt = sms_channel(sandbox).send(delivery("sms", "+12025550101", "x" * 200))
+    receipt = sms_channel(sandbox).send(delivery("sms", "+12025550101", "x" * 200), NoAttempt())
     assert receipt.provider_id.startswith("SM") and receipt.segments == 2
     assert sandbox.twilio.received.all()[0]["to"] == "+12025550101"
 
 
 def test_sms_invalid_number_is_permanent_21211(sandbox: Any) -> None:
     with pytest.raises(PermanentChannelError) as info:
-        sms_channel(sandbox).send(delivery("sms", "+1202", "x"))
+        sms_channel(sandbox).send(delivery("sms", "+1202", "x"), NoAttempt())
     assert info.value.code == "21211" and info.value.recipient_problem
 
 
 def test_sms_stop_is_an_opt_out(sandbox: Any) -> None:
     sandbox.twilio.add_stop("+12025550199")
     with pytest.raises(PermanentChannelError) as info:
-        sms_channel(sandbox).send(delivery("sms", "+12025550199", "x"))
+        sms_channel(sandbox).send(delivery("sms", "+12025550199", "x"), NoAttempt())
     assert info.value.opt_out and info.value.code == "21610"
 
 
 def test_sms_outage_is_transient_and_wrong_token_is_auth(sandbox: Any) -> None:
     sandbox.twilio.faults.update(outage=True)
     with pytest.raises(TransientChannelError):
-        sms_channel(sandbox).send(delivery("sms", "+12025550101", "x"))
+        sms_channel(sandbox).send(delivery("sms", "+12025550101", "x"), NoAttempt())
     sandbox.twilio.faults.update(outage=False)
     with pytest.raises(PermanentChannelError) as info:
-        sms_channel(sandbox, TWILIO_AUTH_TOKEN=CANARY).send(delivery("sms", "+12025550101", "x"))
+        sms_channel(sandbox, TWILIO_AUTH_TOKEN=CANARY).send(
+            delivery("sms", "+12025550101", "x"), NoAttempt())
     assert info.value.code == "auth"
     assert CANARY not in str(info.value) + repr(info.value)
 
@@ -179,7 +181,7 @@ def test_sms_messaging_service_and_status_callback(sandbox: Any) -> None:
     ch = SMSChannel(ChannelSpec("sms", "sms", "", options={
         "messaging_service_sid": service, "status_callback": "https://hooks.example.com/s"}),
         sandbox.env())
-    ch.send(delivery("sms", "+12025550101", "x"))
+    ch.send(delivery("sms", "+12025550101", "x"), NoAttempt())
     rec = sandbox.twilio.received.all()[0]
     assert rec["messaging_service_sid"] == service
     assert rec["status_callback"] == "https://hooks.example.com/s"
@@ -194,11 +196,11 @@ def email_channel(sandbox: Any, **override: str) -> EmailChannel:
 def test_email_multipart_with_threading_headers(sandbox: Any) -> None:
     ch = email_channel(sandbox)
     first = ch.send(delivery("mail", "carol@example.org", "first text", key="INC-1/1/m/c/1",
-                             subject="[Investigating] Power", html="<p>first</p>"))
+                             subject="[Investigating] Power", html="<p>first</p>"), NoAttempt())
     ch.send(Delivery(key="INC-1/2/m/c/1", incident_id="INC-1", update_no=2, channel="mail",
                      recipient="carol@example.org",
                      message=OutgoingMessage("second", "[Identified] Power", "<p>2</p>"),
-                     reply_to=first.provider_id, thread_refs=(first.provider_id,)))
+                     reply_to=first.provider_id, thread_refs=(first.provider_id,)), NoAttempt())
     one, two = sandbox.smtp.received.all()
     assert one["is_multipart"] and {"text/plain", "text/html"} <= set(one["parts"])
     assert one["subject"] == "[Investigating] Power" and one["date"]
@@ -212,7 +214,7 @@ def test_email_reuses_one_connection(sandbox: Any) -> None:
     ch = email_channel(sandbox)
     before = sandbox.smtp.connections
     for i in range(20):
-        ch.send(delivery("mail", f"p{i}@example.org", "x", key=f"k{i}", subject="s"))
+        ch.send(delivery("mail", f"p{i}@example.org", "x", key=f"k{i}", subject="s"), NoAttempt())
     ch.close()
     assert sandbox.smtp.connections - before == 1
 
@@ -220,15 +222,17 @@ def test_email_reuses_one_connection(sandbox: Any) -> None:
 def test_email_bad_recipient_wrong_password_outage(sandbox: Any) -> None:
     sandbox.smtp.faults.update(bad_recipients=["gone@example.org"])
     with pytest.raises(PermanentChannelError) as info:
-        email_channel(sandbox).send(delivery("mail", "gone@example.org", "x", subject="s"))
+        email_channel(sandbox).send(delivery("mail", "gone@example.org", "x", subject="s"),
+                                    NoAttempt())
     assert info.value.recipient_problem
     with pytest.raises(PermanentChannelError) as info:
         email_channel(sandbox, SMTP_PASSWORD=CANARY).send(
-            delivery("mail", "a@example.org", "x", subject="s"))
+            delivery("mail", "a@example.org", "x", subject="s"), NoAttempt())
     assert info.value.code == "auth" and CANARY not in str(info.value)
     sandbox.smtp.faults.update(outage=True)
     with pytest.raises(TransientChannelError):
-        email_channel(sandbox).send(delivery("mail", "a@example.org", "x", subject="s"))
+        email_channel(sandbox).send(delivery("mail", "a@example.org", "x", subject="s"),
+                                    NoAttempt())
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
@@ -238,7 +242,7 @@ def test_email_over_tls_with_a_private_ca(tls: str) -> None:
             "host": "localhost", "port": emu.port, "tls": tls, "cafile": emu.cafile}),
             {"SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password})
         assert ch.check().ok
-        ch.send(delivery("mail", "a@example.org", "over TLS", subject="tls"))
+        ch.send(delivery("mail", "a@example.org", "over TLS", subject="tls"), NoAttempt())
         ch.close()
         assert emu.received.all()[0]["subject"] == "tls"
 
@@ -262,7 +266,7 @@ def test_canary_secret_never_appears_in_output_or_logs(sandbox: Any, tmp_path: P
                              if cls is EmailChannel else "+15005550006"), secrets)
         texts.append(ch.check().detail)
         with pytest.raises(PermanentChannelError) as info:
-            ch.send(delivery("c", rcpt, "x", **kw))
+            ch.send(delivery("c", rcpt, "x", **kw), NoAttempt())
         texts += [str(info.value), repr(info.value), info.value.hint]
     texts.append(caplog.text)
     assert CANARY not in "\n".join(texts)

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from incident_notify.channels._http import transport_error
 from incident_notify.channels.base import Channel, PermanentChannelError, TransientChannelError
 
 TWITTER_API = "https://api.twitter.com"
@@ -57,17 +58,23 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
-def map_error(channel: str, exc: BaseException) -> PermanentChannelError | TransientChannelError:
-    import requests
+def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
+              ) -> PermanentChannelError | TransientChannelError:
+    """tweepy / transport errors to our classes. `broadcast`: a refused tweet (403 that is
+    not a duplicate: a locked or suspended account) takes the whole channel down, where a
+    refused DM is about its recipient."""
     import tweepy
 
     if isinstance(exc, PermanentChannelError | TransientChannelError):
         return exc
     if isinstance(exc, tweepy.TooManyRequests):
-        reset = getattr(exc, "reset_time", None)
-        if reset is None and exc.response is not None:
+        reset: float | None = None
+        if exc.response is not None:
             raw = exc.response.headers.get("x-rate-limit-reset")
-            reset = int(raw) if raw else None
+            try:
+                reset = float(raw) if raw else None
+            except ValueError:
+                reset = None
         wait = max(1.0, reset - time.time()) if reset else 60.0
         return TransientChannelError(f"{channel}: Twitter rate limit reached; resets in "
                                      f"{wait:.0f}s", channel=channel, code="429",
@@ -79,7 +86,8 @@ def map_error(channel: str, exc: BaseException) -> PermanentChannelError | Trans
         return PermanentChannelError(
             f"{channel}: Twitter rejected the credentials ({_api_text(exc)})", channel=channel,
             code="auth", hint="check TWITTER_API_KEY, TWITTER_API_SECRET, TWITTER_ACCESS_TOKEN "
-            "and TWITTER_ACCESS_TOKEN_SECRET (user context, read and write)")
+            "and TWITTER_ACCESS_TOKEN_SECRET (user context, read and write)",
+            channel_down=True)
     if isinstance(exc, tweepy.Forbidden):
         text = _api_text(exc)
         if "duplicate" in text.lower():
@@ -87,7 +95,8 @@ def map_error(channel: str, exc: BaseException) -> PermanentChannelError | Trans
                                          f"({text})", channel=channel, code="duplicate",
                                          hint="an identical update was already posted")
         return PermanentChannelError(f"{channel}: Twitter refused the request ({text})",
-                                     channel=channel, code="403", recipient_problem=True)
+                                     channel=channel, code="403",
+                                     recipient_problem=not broadcast, channel_down=broadcast)
     if isinstance(exc, tweepy.NotFound):
         return PermanentChannelError(f"{channel}: not found ({_api_text(exc)})",
                                      channel=channel, code="404", recipient_problem=True)
@@ -97,12 +106,4 @@ def map_error(channel: str, exc: BaseException) -> PermanentChannelError | Trans
     if isinstance(exc, tweepy.HTTPException):
         return PermanentChannelError(f"{channel}: {_api_text(exc)}", channel=channel,
                                      code=str(exc.response.status_code))
-    if isinstance(exc, requests.exceptions.ReadTimeout):
-        return TransientChannelError(f"{channel}: Twitter did not answer in time",
-                                     channel=channel, code="timeout", maybe_delivered=True)
-    if isinstance(exc, requests.exceptions.RequestException):
-        return TransientChannelError(f"{channel}: cannot reach Twitter "
-                                     f"({type(exc).__name__})", channel=channel,
-                                     code="connection")
-    return TransientChannelError(f"{channel}: {type(exc).__name__} talking to Twitter",
-                                 channel=channel, code="error", maybe_delivered=True)
+    return transport_error(channel, "Twitter", exc)

@@ -7,10 +7,21 @@ object of that class, built with the instance's `ChannelSpec` and the secrets ma
 
 Rules a channel follows:
 
-* `send` sends exactly one message to exactly one recipient (one tweet of a thread is one
-  delivery) and returns a `Receipt`, or raises `TransientChannelError` (retry / fail over:
-  429, 5xx, timeouts, connection errors, SMTP 4xx) or `PermanentChannelError` (never
-  retried: invalid recipient, unsubscribed, auth failure, over-long, duplicate).
+* `send(delivery, attempt)` sends exactly one message to exactly one recipient (one tweet
+  of a thread is one delivery) and returns a `Receipt`, or raises `TransientChannelError`
+  (retry / fail over: 429, 5xx, timeouts, connection errors, SMTP 4xx) or
+  `PermanentChannelError` (never retried: invalid recipient, unsubscribed, auth failure,
+  over-long, duplicate).
+* Exactly once: a channel calls ``attempt.begin()`` at the last moment before the request
+  that can reach the provider (after user lookups, connection set-up, ``MAIL``/``RCPT``).
+  That call writes the durable ``delivery.attempt`` record. A failure raised before it is
+  known not to have delivered anything and is retried freely; a failure after it that may
+  have reached the provider (a dropped connection, a reset, a read timeout) sets
+  ``maybe_delivered`` and is never retried blindly: the delivery is "unknown" until
+  `find_sent` (on `resume`) settles it.
+* `find_sent(delivery, since)` asks the provider whether an in-doubt delivery arrived:
+  a `Receipt` when it did, None when the provider's own records show it did not, or
+  `Unknowable` when the provider cannot tell (SMTP).
 * Error messages never contain a secret value: build them from the provider's error code
   and text, never from request headers or the client object's repr.
 * Heavy client libraries (tweepy, twilio, smtplib's TLS set-up) are imported inside the
@@ -24,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -78,7 +89,9 @@ class PermanentChannelError(ChannelError):
     `opt_out` is True when the recipient has unsubscribed (Twilio 21610, replied STOP):
     the opt-out list records it. `recipient_problem` is True when the address itself is
     bad (invalid number, unknown user): the dispatcher may still try the person's next
-    channel. Auth and configuration failures set neither.
+    channel. `channel_down` is True when no delivery on this channel can succeed (the
+    credentials are rejected or missing, TLS fails): the channel's circuit opens and its
+    deliveries fail over.
     """
 
     def __init__(
@@ -90,10 +103,32 @@ class PermanentChannelError(ChannelError):
         hint: str = "",
         opt_out: bool = False,
         recipient_problem: bool = False,
+        channel_down: bool = False,
     ) -> None:
         super().__init__(message, channel=channel, code=code, hint=hint)
         self.opt_out = opt_out
         self.recipient_problem = recipient_problem
+        self.channel_down = channel_down
+
+
+class Unknowable(ChannelError):
+    """`find_sent` cannot tell whether a delivery arrived (the provider keeps no record we
+    can query, e.g. SMTP). The delivery stays unknown; the commander decides."""
+
+
+class Attempt(Protocol):
+    """Handed to `Channel.send`; `begin()` writes the durable attempt record."""
+
+    def begin(self) -> None:
+        """Call once, immediately before the request that can reach the provider."""
+        ...
+
+
+class NoAttempt:
+    """An `Attempt` that records nothing (health checks, tools, tests of a channel)."""
+
+    def begin(self) -> None:
+        return None
 
 
 # --------------------------------------------------------------------------- data
@@ -258,13 +293,24 @@ class Channel(ABC):
                 code="missing-credential",
                 hint=f"export {name}=... or put it in the secrets file (--secrets FILE); "
                 "for a rehearsal use --sandbox",
+                channel_down=True,
             )
         return value
 
     # -- the contract
     @abstractmethod
-    def send(self, delivery: Delivery) -> Receipt:
-        """Send one delivery; raise Transient/PermanentChannelError on failure."""
+    def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
+        """Send one delivery; raise Transient/PermanentChannelError on failure.
+
+        Call ``attempt.begin()`` right before the request that can reach the provider.
+        """
+
+    def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
+        """After a crash or a dropped connection: did `delivery` (attempted at or after
+        `since`) reach the provider? A Receipt if so, None if the provider's records show it
+        did not; raise `Unknowable` when the provider cannot say (the default)."""
+        raise Unknowable(f"{self.name}: {self.type_name} cannot look up sent messages",
+                         channel=self.name, code="unknowable")
 
     @abstractmethod
     def check(self) -> Health:

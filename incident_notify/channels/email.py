@@ -24,6 +24,7 @@ from email.utils import format_datetime, getaddresses
 from typing import Any, ClassVar, Literal
 
 from incident_notify.channels.base import (
+    Attempt,
     Channel,
     ChannelLimits,
     ChannelOptions,
@@ -172,28 +173,59 @@ class EmailChannel(Channel):
             msg.add_alternative(m.html, subtype="html")
         return msg
 
-    def send(self, delivery: Delivery) -> Receipt:
+    def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
+        """One SMTP transaction: MAIL and RCPT first (refusals there are definite answers,
+        and a pooled connection the server closed while idle is replaced freely), then the
+        attempt record, then DATA. A connection lost or timed out during DATA may have
+        delivered the message: it is reported unknown, never sent again here."""
         msg = self.build(delivery)
-        for attempt in (1, 2):
-            conn = self._take()
+        flat, mail_options = _flatten(msg, self.from_addr, delivery.recipient)
+        for fresh in (False, True):
+            conn = self._connect() if fresh else self._take()
             try:
-                conn.send_message(msg, from_addr=self.from_addr, to_addrs=[delivery.recipient])
+                self._envelope(conn, delivery.recipient, len(flat), mail_options)
             except smtplib.SMTPServerDisconnected as exc:
-                # A pooled connection the server closed while idle: reconnect once.
-                if attempt == 1:
-                    continue
+                _drop(conn)
+                if not fresh:
+                    continue  # a stale pooled connection: nothing was sent on it
                 raise self._map(exc, sent_data=False) from None
             except Exception as exc:
-                mapped = self._map(exc, sent_data=isinstance(exc, socket.timeout))
-                try:
-                    conn.rset()
-                    self._give(conn)
-                except Exception:
-                    pass
-                raise mapped from None
+                self._recycle(conn)
+                raise self._map(exc, sent_data=False) from None
+            attempt.begin()
+            try:
+                code, reply = conn.data(flat)
+            except Exception as exc:
+                _drop(conn)
+                raise self._map(exc, sent_data=True) from None
+            if code != 250:
+                self._recycle(conn)
+                raise self._map(smtplib.SMTPDataError(code, reply), sent_data=False) from None
             self._give(conn)
             return Receipt(provider_id=str(msg["Message-ID"]))
-        raise TransientChannelError(f"{self.name}: SMTP connection lost", channel=self.name)
+        raise TransientChannelError(f"{self.name}: SMTP connection lost", channel=self.name,
+                                    code="connection")
+
+    def _envelope(self, conn: smtplib.SMTP, recipient: str, size: int,
+                  options: list[str]) -> None:
+        conn.ehlo_or_helo_if_needed()
+        mail_options = list(options)
+        if conn.does_esmtp and conn.has_extn("size"):
+            mail_options.append(f"SIZE={size}")
+        code, reply = conn.mail(self.from_addr, mail_options)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, reply, self.from_addr)
+        code, reply = conn.rcpt(recipient)
+        if code not in (250, 251):
+            raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
+
+    def _recycle(self, conn: smtplib.SMTP) -> None:
+        """After a refused transaction the connection is still good once reset."""
+        try:
+            conn.rset()
+            self._give(conn)
+        except Exception:
+            _drop(conn)
 
     def check(self) -> Health:
         started = time.monotonic()
@@ -204,8 +236,7 @@ class EmailChannel(Channel):
         except (PermanentChannelError, TransientChannelError) as exc:
             return Health(ok=False, detail=exc.message)
         user = self.secrets.get("SMTP_USERNAME")
-        detail = f"EHLO ok at {self.host}:{self.port}" + (f", authenticated as {user}"
-                                                           if user else "")
+        detail = f"EHLO ok at {self.host}:{self.port}" + (", authenticated" if user else "")
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)
 
     def _map(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
@@ -216,7 +247,8 @@ class EmailChannel(Channel):
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return PermanentChannelError(f"{name}: the SMTP server rejected the login "
                                          f"({exc.smtp_code})", channel=name, code="auth",
-                                         hint="check SMTP_USERNAME and SMTP_PASSWORD")
+                                         hint="check SMTP_USERNAME and SMTP_PASSWORD",
+                                         channel_down=True)
         if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, text = next(iter(exc.recipients.values()), (550, b""))
             reason = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
@@ -236,17 +268,44 @@ class EmailChannel(Channel):
         if isinstance(exc, ssl.SSLError):
             return PermanentChannelError(f"{name}: TLS failed ({exc.reason})", channel=name,
                                          code="tls", hint="set cafile: on the channel if the "
-                                         "server uses a private certificate authority")
+                                         "server uses a private certificate authority",
+                                         channel_down=True)
         if isinstance(exc, socket.timeout | TimeoutError):
             return TransientChannelError(f"{name}: the SMTP server did not answer in time",
                                          channel=name, code="timeout",
                                          maybe_delivered=sent_data)
+        if sent_data:
+            return TransientChannelError(f"{name}: the SMTP connection dropped before the "
+                                         "server confirmed the message", channel=name,
+                                         code="dropped", maybe_delivered=True)
         if isinstance(exc, OSError | smtplib.SMTPException):
             return TransientChannelError(f"{name}: cannot reach the SMTP server "
                                          f"{self.host}:{self.port} ({type(exc).__name__})",
                                          channel=name, code="connection")
         return TransientChannelError(f"{name}: {type(exc).__name__} talking SMTP",
                                      channel=name, code="error")
+
+
+def _flatten(msg: EmailMessage, sender: str, recipient: str) -> tuple[bytes, list[str]]:
+    """The message as SMTP sends it (as smtplib.send_message flattens it)."""
+    from email.generator import BytesGenerator
+    from io import BytesIO
+
+    options: list[str] = []
+    policy = msg.policy
+    if not (sender + recipient).isascii():
+        options = ["SMTPUTF8", "BODY=8BITMIME"]
+        policy = policy.clone(utf8=True)  # type: ignore[call-arg]
+    with BytesIO() as out:
+        BytesGenerator(out, policy=policy).flatten(msg, linesep="\r\n")
+        return out.getvalue(), options
+
+
+def _drop(conn: smtplib.SMTP) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass
 
 
 def time_now() -> Any:

@@ -11,9 +11,12 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
+from incident_notify.channels._http import transport_error
 from incident_notify.channels.base import (
+    Attempt,
     Channel,
     ChannelLimits,
     ChannelOptions,
@@ -82,7 +85,7 @@ class SMSChannel(Channel):
             self._local.client = client
         return client
 
-    def send(self, delivery: Delivery) -> Receipt:
+    def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         kwargs: dict[str, Any] = {"to": delivery.recipient, "body": delivery.message.text}
         if self.spec.sender:
             kwargs["from_"] = self.spec.sender
@@ -90,12 +93,40 @@ class SMSChannel(Channel):
             kwargs["messaging_service_sid"] = self.options.messaging_service_sid
         if self.options.status_callback:
             kwargs["status_callback"] = self.options.status_callback
+        client = self._client()
+        attempt.begin()
         try:
-            message = self._client().messages.create(**kwargs)
+            message = client.messages.create(**kwargs)
+            return Receipt(provider_id=str(message.sid),
+                           segments=int(message.num_segments or 1),
+                           detail={"status": message.status})
         except Exception as exc:
             raise self._map(exc) from None
-        return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
-                       detail={"status": message.status})
+
+    def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
+        """Twilio's message list (newest first), filtered by To and From, matched on the body
+        and a creation time at or after the attempt. No DateSent filter: a message still
+        queued at Twilio has no sent date yet, and it is exactly the one we look for."""
+        kwargs: dict[str, Any] = {"to": delivery.recipient, "limit": 200}
+        if self.spec.sender:
+            kwargs["from_"] = self.spec.sender
+        try:
+            found = self._client().messages.list(**kwargs)
+        except Exception as exc:
+            raise self._map(exc) from None
+        floor = since - timedelta(minutes=5)  # clocks differ a little
+        for message in found:
+            created = message.date_created
+            if message.body != delivery.message.text:
+                continue
+            if created is not None and created.astimezone(UTC) < floor:
+                continue
+            if str(message.status) in ("failed", "undelivered", "canceled"):
+                continue
+            return Receipt(provider_id=str(message.sid),
+                           segments=int(message.num_segments or 1),
+                           detail={"status": message.status, "settled": True})
+        return None
 
     def check(self) -> Health:
         started = time.monotonic()
@@ -111,7 +142,6 @@ class SMSChannel(Channel):
 
     def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
         """Twilio / transport errors to our classes, with no credential in the text."""
-        import requests
         from twilio.base.exceptions import TwilioRestException
 
         name = self.name
@@ -134,21 +164,24 @@ class SMSChannel(Channel):
             if code == 20003 or status == 401:
                 return PermanentChannelError(
                     f"{name}: Twilio rejected the credentials ({text})", channel=name,
-                    code="auth", hint="check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+                    code="auth", hint="check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN",
+                    channel_down=True)
             if code == 20429 or status == 429:
                 return TransientChannelError(f"{name}: rate limited ({text})", channel=name,
-                                             code="429", retry_after=1.0)
+                                             code="429", retry_after=_retry_after(exc))
             if status >= 500:
                 return TransientChannelError(f"{name}: Twilio unavailable ({text})",
                                              channel=name, code=str(code or status))
             return PermanentChannelError(f"{name}: {text}", channel=name,
                                          code=str(code or status))
-        if isinstance(exc, requests.exceptions.ReadTimeout):
-            return TransientChannelError(f"{name}: Twilio did not answer in time",
-                                         channel=name, code="timeout", maybe_delivered=True)
-        if isinstance(exc, requests.exceptions.RequestException):
-            return TransientChannelError(f"{name}: cannot reach Twilio "
-                                         f"({type(exc).__name__})", channel=name,
-                                         code="connection")
-        return TransientChannelError(f"{name}: {type(exc).__name__} talking to Twilio",
-                                     channel=name, code="error", maybe_delivered=True)
+        return transport_error(name, "Twilio", exc)
+
+
+def _retry_after(exc: Any) -> float:
+    """Seconds until Twilio accepts requests again: its Retry-After header, else 1 s."""
+    headers = getattr(exc, "headers", None) or {}
+    raw = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return max(1.0, float(raw)) if raw else 1.0
+    except ValueError:
+        return 1.0

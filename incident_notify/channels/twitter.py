@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from incident_notify.channels._twitter_client import make_client, map_error
 from incident_notify.channels.base import (
+    Attempt,
     Channel,
     ChannelLimits,
     ChannelSpec,
@@ -40,15 +42,46 @@ class TwitterChannel(Channel):
             client = self._local.client = make_client(self)
         return client
 
-    def send(self, delivery: Delivery) -> Receipt:
+    def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
+        client = self.client()
+        attempt.begin()
         try:
-            response = self.client().create_tweet(text=delivery.message.text,
-                                                   in_reply_to_tweet_id=delivery.reply_to,
-                                                   user_auth=True)
+            response = client.create_tweet(text=delivery.message.text,
+                                           in_reply_to_tweet_id=delivery.reply_to,
+                                           user_auth=True)
+            return Receipt(provider_id=str(response.data["id"]),
+                           detail={"in_reply_to": delivery.reply_to})
+        except Exception as exc:
+            raise map_error(self.name, exc, broadcast=True) from None
+
+    def my_id(self) -> str:
+        me = getattr(self._local, "me", None)
+        if me is None:
+            try:
+                response = self.client().get_me(user_auth=True)
+            except Exception as exc:
+                raise map_error(self.name, exc) from None
+            me = self._local.me = str(response.data.id)
+        return str(me)
+
+    def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
+        """The account's own recent tweets: one with the same text replying to the same
+        tweet is the one we sent."""
+        start = (since - timedelta(minutes=5)).astimezone(UTC)
+        try:
+            response = self.client().get_users_tweets(
+                self.my_id(), user_auth=True, max_results=100,
+                start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                tweet_fields=["created_at", "referenced_tweets"])
         except Exception as exc:
             raise map_error(self.name, exc) from None
-        return Receipt(provider_id=str(response.data["id"]),
-                       detail={"in_reply_to": delivery.reply_to})
+        for tweet in response.data or []:
+            replied = next((str(r.id) for r in (tweet.referenced_tweets or [])
+                            if r.type == "replied_to"), None)
+            if tweet.text == delivery.message.text and replied == (delivery.reply_to or None):
+                return Receipt(provider_id=str(tweet.id),
+                               detail={"in_reply_to": delivery.reply_to, "settled": True})
+        return None
 
     def replies(self, conversation_id: str) -> list[dict[str, Any]]:
         """Replies from others to the incident's thread (recent search, last 7 days)."""
@@ -71,8 +104,8 @@ class TwitterChannel(Channel):
             return Health(ok=False, detail=exc.message)
         except Exception as exc:
             return Health(ok=False, detail=map_error(self.name, exc).message)
-        username = me.data.username if me.data else "?"
-        detail = f"authenticated as @{username}"
+        username = me.data.username if me.data else ""
+        detail = "authenticated"
         if self.spec.sender and self.spec.sender.lstrip("@").lower() != username.lower():
-            detail += f" (the playbook's sender is {self.spec.sender})"
+            detail += f" (not as the playbook's sender {self.spec.sender})"
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from incident_notify.channels._twitter_client import map_error
 from incident_notify.channels.base import (
+    Attempt,
     ChannelLimits,
     ChannelSpec,
     Delivery,
@@ -44,12 +46,38 @@ class TwitterDMChannel(TwitterChannel):
             self._ids[key] = str(response.data.id)
             return self._ids[key]
 
-    def send(self, delivery: Delivery) -> Receipt:
-        participant = self.user_id(delivery.recipient)
+    def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
+        participant = self.user_id(delivery.recipient)  # a lookup: nothing sent yet
+        client = self.client()
+        attempt.begin()
         try:
-            response = self.client().create_direct_message(
+            response = client.create_direct_message(
                 participant_id=participant, text=delivery.message.text, user_auth=True)
+            return Receipt(provider_id=str(response.data["dm_event_id"]),
+                           detail={"participant_id": participant})
         except Exception as exc:
             raise map_error(self.name, exc) from None
-        return Receipt(provider_id=str(response.data["dm_event_id"]),
-                       detail={"participant_id": participant})
+
+    def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
+        """The DM conversation with the recipient: a message from us with the same text,
+        sent at or after the attempt, is the one."""
+        participant = self.user_id(delivery.recipient)
+        mine = self.my_id()
+        floor = since - timedelta(minutes=5)
+        try:
+            response = self.client().get_direct_message_events(
+                participant_id=participant, user_auth=True, max_results=100,
+                event_types="MessageCreate",
+                dm_event_fields=["created_at", "sender_id", "text", "event_type"])
+        except Exception as exc:
+            raise map_error(self.name, exc) from None
+        for event in response.data or []:
+            created = getattr(event, "created_at", None)
+            if str(getattr(event, "sender_id", "")) != mine or event.text != \
+                    delivery.message.text:
+                continue
+            if created is not None and created < floor:
+                continue
+            return Receipt(provider_id=str(event.id),
+                           detail={"participant_id": participant, "settled": True})
+        return None

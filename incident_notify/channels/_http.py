@@ -1,0 +1,42 @@
+"""What the HTTP channels (Twitter, Twilio) share: classifying a transport failure by
+whether the request may have reached the provider.
+
+A connection that was never made (refused, DNS, TLS handshake, connect timeout) cannot
+have delivered anything: retry freely. A failure once the request was on the wire (the
+connection dropped or reset before the answer, a read timeout, an answer we cannot parse)
+may have delivered it: the delivery is *unknown*, never retried blindly.
+"""
+
+from __future__ import annotations
+
+from incident_notify.channels.base import TransientChannelError
+
+
+def transport_error(channel: str, provider: str, exc: BaseException) -> TransientChannelError:
+    """Map a `requests` (or other non-HTTP-status) failure to a TransientChannelError."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    never_sent = (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError,
+                  requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                  requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader)
+    if isinstance(exc, never_sent):
+        return TransientChannelError(f"{channel}: cannot reach {provider} "
+                                     f"({type(exc).__name__})", channel=channel,
+                                     code="connection")
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return TransientChannelError(f"{channel}: {provider} did not answer in time",
+                                     channel=channel, code="timeout", maybe_delivered=True)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        inner = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+        if isinstance(inner, NewConnectionError):
+            return TransientChannelError(f"{channel}: cannot reach {provider} "
+                                         "(connection refused or no route)", channel=channel,
+                                         code="connection")
+        return TransientChannelError(f"{channel}: the connection to {provider} dropped "
+                                     "before it answered", channel=channel, code="dropped",
+                                     maybe_delivered=True)
+    return TransientChannelError(f"{channel}: unexpected answer from {provider} "
+                                 f"({type(exc).__name__})", channel=channel, code="error",
+                                 maybe_delivered=True)
