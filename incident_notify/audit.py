@@ -31,7 +31,7 @@ EVENTS = (
     "incident.declared", "incident.updated", "incident.resolved", "incident.reopened",
     "message.rendered", "update.planned", "update.completed",
     "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
-    "delivery.unknown", "delivery.skipped", "delivery.failover",
+    "delivery.unknown", "delivery.skipped", "delivery.failover", "delivery.settled",
     "channel.circuit_open", "channel.circuit_closed", "optout.added",
     "audit.torn_tail_recovered", "reply.received",
 )

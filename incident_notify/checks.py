@@ -165,6 +165,12 @@ def check_playbook(path: Path, *, check_contacts: bool = True, region: str = "US
                     continue
                 report.rows.append(_row(msg, mode))
                 report.problems.extend(p for p in msg.problems if p not in report.problems)
+                if mode == "example":
+                    # A free-text update must reach this channel too (a short one fits).
+                    free = compose(pb, renderer, stage, channel, audience, values, ctx,
+                                   fallback_from=origin, carry_message=True)
+                    report.problems.extend(p for p in free.problems
+                                           if p not in report.problems)
     return report
 
 

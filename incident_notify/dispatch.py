@@ -201,6 +201,8 @@ class DispatchResult:
     failovers: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     fatal: str | None = None
+    fatal_kind: str | None = None
+    """'audit' (the record cannot be written: exit 8) or 'bug' (exit 1)."""
     elapsed_s: float = 0.0
 
     def add(self, channel: str, outcome: str) -> None:
@@ -384,10 +386,12 @@ class Dispatcher:
                 # The record is the point of the tool: stop everything rather than
                 # send what cannot be recorded.
                 self.result.fatal = f"audit log write failed: {exc}"
+                self.result.fatal_kind = "audit"
                 self.stop.set()
             except Exception as exc:  # a bug in a channel: record, never lose the job
                 name = runner.channel.name
                 self.result.fatal = f"unexpected {type(exc).__name__} in {name}: {exc}"
+                self.result.fatal_kind = "bug"
                 self.stop.set()
             finally:
                 self._finish(from_feeder)

@@ -48,7 +48,7 @@ class DrillReport:
             "audit_log": self.audit_log, "ok": self.ok, "total_s": round(self.total_s, 3),
             "steps": [{"stage": s.stage, "elapsed_s": round(s.elapsed_s, 3),
                        "exit_code": int(s.outcome.exit_code),
-                       "result": s.outcome.result.to_dict() if s.outcome.result else None}
+                       "result": s.outcome.result_dict()}
                       for s in self.steps],
             "recipients": self.recipients,
             "public": self.public,

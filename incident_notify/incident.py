@@ -9,6 +9,9 @@ Event vocabulary (payload keys in docs/audit-log.md):
   its digest; deliveries carry only the digest.
 * ``delivery.planned`` -> ``delivery.attempt`` -> ``delivery.sent`` | ``delivery.failed``
   | ``delivery.unknown`` | ``delivery.skipped`` | ``delivery.failover``.
+* ``delivery.settled``: `resume` asked the provider about an unknown delivery; outcome
+  ``sent`` (with the provider's id: as ``delivery.sent``) or ``not_sent`` (planned again,
+  safe to send).
 * ``update.planned`` (every delivery of the update is in the log) and
   ``update.completed`` (fan-out finished, with its summary).
 * ``channel.circuit_open`` / ``channel.circuit_closed``, ``optout.added``.
@@ -43,6 +46,10 @@ class DeliveryState:
     attempts: int = 0
     provider_id: str | None = None
     error: str | None = None
+    attempted_at: str = ""
+    """Timestamp of the latest attempt record (where `resume` starts looking)."""
+    opted_out: bool = False
+    """Skipped because the person opted out: not someone this update intends to reach."""
 
 
 @dataclass
@@ -173,23 +180,37 @@ def apply(state: IncidentState, rec: Any) -> None:
         return
     if event == "delivery.attempt":
         d.attempts = max(d.attempts, int(p.get("attempt", d.attempts + 1)))
+        d.attempted_at = rec.ts
         if d.status == "planned":
             d.status = "attempting"
         return
+    if event == "delivery.settled":
+        if p.get("outcome") == "sent":
+            _sent(state, d, p)
+        else:
+            d.status, d.error = "planned", None
+        return
     if event in OUTCOMES:
         d.status = OUTCOMES[event]
-        d.error = p.get("error")
+        d.error = p.get("error") or p.get("reason")
+        if event == "delivery.skipped":
+            d.opted_out = bool(p.get("opted_out"))
         if event == "delivery.sent":
-            d.provider_id = p.get("provider_id")
-            ctype = p.get("channel_type")
-            if ctype == "twitter" and d.provider_id:
-                state.last_tweet[d.channel] = d.provider_id
-                state.first_tweet.setdefault(d.channel, d.provider_id)
-            elif ctype == "email" and d.provider_id:
-                contact = d.payload.get("contact_id") or d.recipient or ""
-                state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)
+            _sent(state, d, p)
         if event == "delivery.failover":
             _note_failover(state, rec, p)
+
+
+def _sent(state: IncidentState, d: DeliveryState, p: dict[str, Any]) -> None:
+    d.status, d.error = "sent", None
+    d.provider_id = p.get("provider_id")
+    ctype = p.get("channel_type") or d.payload.get("channel_type")
+    if ctype == "twitter" and d.provider_id:
+        state.last_tweet[d.channel] = d.provider_id
+        state.first_tweet.setdefault(d.channel, d.provider_id)
+    elif ctype == "email" and d.provider_id:
+        contact = d.payload.get("contact_id") or d.recipient or ""
+        state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)
 
 
 def _note_failover(state: IncidentState, rec: Any, p: dict[str, Any]) -> None:

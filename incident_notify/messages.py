@@ -126,13 +126,16 @@ def resolve_variables(
             target = var.max_length or len(var.example)
             source = var.example or "x"
             values[name] = "".join(islice(cycle(source), max(target, len(var.example))))
-        elif name in given:
+        elif name in given and given[name].strip():
             values[name] = given[name]
-        elif var.default is not None:
+        elif var.default is not None and var.default.strip():
             values[name] = var.default
         elif var.required:
+            # An empty or blank value is refused like a missing one: a public tweet must
+            # never read "power loss at ." because --set site= was typed in a hurry.
+            state = "is empty" if name in given else "has no value"
             problems.append(smap.problem(
-                ("variables", name), f"required variable {name!r} has no value",
+                ("variables", name), f"required variable {name!r} {state}",
                 f"pass --set {name}=... (e.g. {var.example!r}), --vars FILE, or "
                 f"INCIDENT_NOTIFY_VAR_{name.upper()}"))
             continue
@@ -218,8 +221,14 @@ def compose(
     ctx: IncidentContext,
     *,
     fallback_from: str | None = None,
+    carry_message: bool = False,
 ) -> RenderedMessage:
-    """Render and measure one message; raise TemplateError for template problems."""
+    """Render and measure one message; raise TemplateError for template problems.
+
+    `carry_message`: a free-text update. When the stage's message does not carry the
+    commander's words (``ctx.message``), the playbook's ``free_text`` message for the channel
+    is used instead, or the built-in one: the words reach every channel.
+    """
     from incident_notify.limits import measure, split_thread
 
     found = pb.message_for(stage, channel, audience)
@@ -235,6 +244,10 @@ def compose(
         failover = {"from": fallback_from, "from_type": pb.model.channels[fallback_from].type}
     context = template_context(pb, values, ctx, failover)
     text = _render_source(renderer, pb, spec.body, context, _body_path(spec, path)).strip()
+    if carry_message and ctx.message.strip() and ctx.message.strip() not in text:
+        spec, path = pb.free_text_for(channel) or (_builtin_free_text(pb, channel), path)
+        text = _render_source(renderer, pb, spec.body, context,
+                              _body_path(spec, path)).strip()
     if fallback_from is not None and pb.model.failover_notice:
         notice = renderer.render(
             pb.model.failover_notice, context, origin=str(pb.path),
@@ -284,6 +297,15 @@ def compose(
         parts=tuple(parts), subject=subject, html=html, measures=tuple(measures),
         problems=tuple(problems), fallback_from=fallback_from,
     )
+
+
+def _builtin_free_text(pb: Playbook, channel: str) -> MessageSpec:
+    """A free-text update on a channel whose stage message ignores ``{{ message }}``."""
+    rule = channel_limits(pb, channel)[0]
+    if rule == "email":
+        return MessageSpec(subject="[{{ incident.id }}] {{ incident.title }}: "
+                           "{{ incident.stage_title }}", text="{{ message }}")
+    return MessageSpec(text="{{ incident.title }} ({{ incident.stage_title }}): {{ message }}")
 
 
 def describe_measure(m: Measure) -> str:
@@ -340,8 +362,14 @@ def collect_variables(
 
     env = os.environ if environ is None else environ
     given: dict[str, str] = {}
-    for name in pb.model.variables:
-        key = f"INCIDENT_NOTIFY_VAR_{name.upper()}"
+    by_key = {f"INCIDENT_NOTIFY_VAR_{name.upper()}": name for name in pb.model.variables}
+    stray = sorted(k for k in env if k.startswith("INCIDENT_NOTIFY_VAR_") and k not in by_key)
+    if stray:
+        raise PlaybookError([pb.source.problem(
+            ("variables",), f"{', '.join(stray)} in the environment names no variable of "
+            f"this playbook", "unset it, or fix the spelling (declared: "
+            f"{', '.join(by_key) or 'none'})")])
+    for key, name in by_key.items():
         if key in env:
             given[name] = env[key]
     if vars_file is not None:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from incident_notify.channels.base import Delivery, Health, OutgoingMessage
+from incident_notify.channels.base import Channel, Delivery, Health, OutgoingMessage
 from incident_notify.dispatch import Dispatcher, DispatchResult, Planned, ProgressFn
 from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
 from incident_notify.exit_codes import ExitCode
@@ -35,6 +35,7 @@ from incident_notify.runtime import (
     build_channels,
     check_health,
 )
+from incident_notify.verdict import Verdict, verdict
 
 
 # ----------------------------------------------------------------------- results
@@ -55,6 +56,8 @@ class Preflight:
     """Contact records left out as invalid."""
     contact_source_problems: int = 0
     """Other problems in the contact sources (an ignored column, a missing file)."""
+    settled: list[dict[str, Any]] = field(default_factory=list)
+    """`resume`: what the providers said of each delivery in doubt."""
 
     @property
     def unhealthy(self) -> list[str]:
@@ -74,6 +77,7 @@ class Preflight:
             "warnings": self.stats.warnings,
             "invalid_contacts": self.invalid_contacts,
             "contact_source_problems": self.contact_source_problems,
+            "settled": self.settled,
         }
 
 
@@ -85,7 +89,11 @@ class SendOutcome:
     dry_run: bool
     preflight: Preflight | None
     result: DispatchResult | None
+    verdict: Verdict | None = None
+    """Who was reached, from the record (None for a dry run or nothing to do)."""
     in_doubt: list[dict[str, Any]] = field(default_factory=list)
+    """Deliveries still unknown after settling with the providers: key, channel, recipient,
+    contact, attempts."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -93,21 +101,35 @@ class SendOutcome:
         if r is None:
             return ExitCode.OK
         if r.fatal:
-            return ExitCode.AUDIT_INVALID if "audit" in r.fatal else ExitCode.ERROR
+            return ExitCode.AUDIT_INVALID if r.fatal_kind == "audit" else ExitCode.ERROR
         if r.interrupted:
             return ExitCode.INTERRUPTED
-        if r.complete and not self.in_doubt:
+        v = self.verdict
+        if v is None or (v.complete and not self.in_doubt):
             return ExitCode.OK
-        if r.total("sent") == 0 and (r.total("failed") + r.total("unknown")) > 0:
+        if v.count("reached") == 0 and v.count("not_reached") > 0:
             return ExitCode.DELIVERY_FAILED
         return ExitCode.PARTIAL_DELIVERY
+
+    def result_dict(self) -> dict[str, Any] | None:
+        r, v = self.result, self.verdict
+        if r is None:
+            return None
+        body = v.to_dict() if v is not None else {}
+        failures = [x.to_dict() for x in (v.not_reached + v.in_doubt if v else [])]
+        return {
+            "channels": body.get("channels", {}), "totals": body.get("totals", {}),
+            "people": body.get("people", {}), "failures": failures[:500],
+            "failovers": r.failovers, "interrupted": r.interrupted, "fatal": r.fatal,
+            "complete": self.exit_code == ExitCode.OK, "elapsed_s": round(r.elapsed_s, 3),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "incident": self.incident_id, "stage": self.stage, "update_no": self.update_no,
             "dry_run": self.dry_run,
             "preflight": self.preflight.to_dict() if self.preflight else None,
-            "result": self.result.to_dict() if self.result else None,
+            "result": self.result_dict(),
             "in_doubt": self.in_doubt,
         }
 
@@ -208,6 +230,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     for job in counter.jobs():
         for _ in job:
             pass
+    _refuse_misleading(pb, contacts, spec.stage, messages, state)
     used = _stage_channels(pb, spec.stage)
     health = check_health(build_channels(rt, pb, used)) if check else {}
     pre = Preflight(
@@ -218,6 +241,52 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
         contact_source_problems=len(contacts.problems) - contacts.invalid_records,
     )
     return pre, contacts
+
+
+def _refuse_misleading(pb: Playbook, contacts: Any, stage: str,
+                       messages: list[RenderedMessage], state: IncidentState | None) -> None:
+    """Stop before anything is sent when sending would mislead: contacts that did not load
+    (people would silently not be told), an internal audience that selects nobody, or a
+    tweet identical to one this incident already posted (the provider refuses it)."""
+    from incident_notify.channels import channel_class
+    from incident_notify.errors import ContactsError
+
+    problems = list(contacts.problems)
+    for aname in pb.audiences_for(stage):
+        aud = pb.model.audiences[aname]
+        if aud.kind != "internal":
+            continue
+        sel = aud.select
+        if next(iter(contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids)), None) \
+                is None:
+            problems.append(pb.source.problem(
+                ("audiences", aname), f"internal audience {aname!r} selects nobody in the "
+                "contacts: the incident team would not be told",
+                "check its groups/tags against the contact files (incident-notify contacts "
+                "list)"))
+    if problems:
+        raise ContactsError(problems, "nothing was sent: the contacts are not what the "
+                            "playbook needs", hint="fix the contact files (incident-notify "
+                            "contacts check shows every problem), then run the command again")
+    if state is None:
+        return
+    posted: dict[str, set[str]] = {}
+    for d in state.deliveries.values():
+        if d.status == "sent" and not d.payload.get("contact_id"):
+            msg = state.messages.get(d.payload.get("digest", ""))
+            part = int(d.payload.get("part", 1))
+            if msg and part <= len(msg["parts"]):
+                posted.setdefault(d.channel, set()).add(msg["parts"][part - 1])
+    for m in messages:
+        if not getattr(channel_class(m.channel_type), "refuses_duplicates", False):
+            continue
+        for text in m.parts:
+            if text in posted.get(m.channel, set()):
+                raise StateError(
+                    f"{m.channel}: this update's post is identical to one the incident "
+                    f"already posted, which {m.channel_type} refuses as a duplicate; nothing "
+                    "was sent",
+                    hint="say what is new with --message \"...\" (or --set changed values)")
 
 
 def _stage_channels(pb: Playbook, stage: str) -> list[str]:
@@ -288,8 +357,7 @@ def _write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int)
                                          "audience": s.audience, "part": 1, "parts": 1}))
         batch.append(AuditEntry("delivery.skipped", incident=incident_id, channel=s.channel,
                                 recipient=s.recipient, key=s.key,
-                                payload={"reason": s.reason,
-                                         "opted_out": "opted out" in s.reason}))
+                                payload={"reason": s.reason, "opted_out": s.opted_out}))
     flush()
     written.append(rt.audit.append("update.planned", incident=incident_id,
                                    payload={"update_no": update_no,
@@ -358,39 +426,53 @@ def pending_jobs(state: IncidentState, contacts: Any, update_no: int,
 
 def _dispatch(rt: Runtime, pb: Playbook, planner: Planner, state: IncidentState,
               contacts: Any, update_no: int, health: Mapping[str, Health],
-              progress: ProgressFn | None, include_unknown: bool = False) -> DispatchResult:
+              progress: ProgressFn | None, include_unknown: bool = False,
+              channels: Mapping[str, Channel] | None = None) -> DispatchResult:
     from incident_notify.audit import GroupCommitWriter
 
-    used = [n for n in pb.model.channels]
-    channels = build_channels(rt, pb, used)
-    types = {n: pb.model.channels[n].type for n in used}
-    down = [n for n, h in health.items() if not h.ok]
-    with GroupCommitWriter(rt.audit) as writer:
-        router = AuditedRouter(planner, writer, state.id)
-        dispatcher = Dispatcher(channels, writer, router, incident_id=state.id,
-                                policy=rt.policy, on_event=progress, channel_types=types,
-                                down=down)
+    owned = channels is None
+    built = build_channels(rt, pb, list(pb.model.channels)) if channels is None \
+        else dict(channels)
+    types = {n: pb.model.channels[n].type for n in built}
+    down = {n: h.detail for n, h in health.items() if not h.ok}
+    try:
+        with GroupCommitWriter(rt.audit) as writer:
+            router = AuditedRouter(planner, writer, state.id)
+            dispatcher = Dispatcher(built, writer, router, incident_id=state.id,
+                                    policy=rt.policy, on_event=progress, channel_types=types,
+                                    down=down)
+            return dispatcher.run(pending_jobs(state, contacts, update_no, include_unknown))
+    finally:
+        if owned:
+            close_channels(built)
+
+
+def close_channels(channels: Mapping[str, Channel]) -> None:
+    for ch in channels.values():
         try:
-            result = dispatcher.run(pending_jobs(state, contacts, update_no, include_unknown))
-        finally:
-            for ch in channels.values():
-                try:
-                    ch.close()
-                except Exception:
-                    pass
-    return result
+            ch.close()
+        except Exception:
+            pass
 
 
-def _finish(rt: Runtime, incident_id: str, update_no: int, planner: Planner,
-            result: DispatchResult) -> None:
-    for s in planner.skips:
-        if "opted out" not in s.reason:
-            result.add(s.channel, "not_reached")
-        else:
-            result.add(s.channel, "skipped")
+def _finish(rt: Runtime, incident_id: str, update_no: int,
+            result: DispatchResult) -> tuple[Verdict, IncidentState]:
+    """The update's verdict from the record, and ``update.completed`` when it ran to the
+    end (an interrupted or stopped run stays open for `resume`)."""
+    state = fold(rt.audit.records(incident=incident_id), incident_id)
+    v = verdict(state, update_no)
     if not result.interrupted and result.fatal is None:
         rt.audit.append("update.completed", incident=incident_id,
-                        payload={"update_no": update_no, "summary": result.to_dict()})
+                        payload={"update_no": update_no,
+                                 "summary": {**v.to_dict(), "failovers": result.failovers,
+                                             "elapsed_s": round(result.elapsed_s, 3)}})
+    return v, state
+
+
+def _in_doubt(state: IncidentState, update_no: int) -> list[dict[str, Any]]:
+    return [{"key": d.key, "channel": d.channel, "recipient": d.recipient,
+             "contact": d.payload.get("contact_id") or None, "attempts": d.attempts}
+            for d in state.in_doubt(update_no)]
 
 
 def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
@@ -436,8 +518,9 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     for written in _write_plan(rt, planner, incident_id, update_no):
         apply(state, written)
     result = _dispatch(rt, pb, planner, state, contacts, update_no, health, progress)
-    _finish(rt, incident_id, update_no, planner, result)
-    return SendOutcome(incident_id, spec.stage, update_no, False, pre, result)
+    v, final = _finish(rt, incident_id, update_no, result)
+    return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
+                       in_doubt=_in_doubt(final, update_no))
 
 
 # ----------------------------------------------------------------------- commands
@@ -512,41 +595,173 @@ def reopen(rt: Runtime, incident_id: str, *, stage: str | None = None,
     return update(rt, incident_id, stage=target, event="incident.reopened", **kwargs)
 
 
+@dataclass
+class Settlement:
+    """What a provider said about a delivery whose outcome was unknown."""
+
+    delivery: DeliveryState
+    outcome: str
+    """sent (it arrived), not_sent (the provider's records show it did not: safe to send)
+    or unknowable (the provider cannot say, or could not be asked)."""
+    provider_id: str | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.delivery
+        return {"key": d.key, "channel": d.channel, "recipient": d.recipient,
+                "contact": d.payload.get("contact_id") or None, "outcome": self.outcome,
+                "provider_id": self.provider_id, "detail": self.detail}
+
+
+def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
+    part = int(ds.payload.get("part", 1))
+    if part == 1:
+        reply: str | None = ds.payload.get("reply_to")
+        return reply
+    thread = ds.key.rsplit("/", 1)[0]
+    previous = state.deliveries.get(f"{thread}/{part - 1}")
+    return previous.provider_id if previous is not None else None
+
+
+def settle(state: IncidentState, contacts: Any, channels: Mapping[str, Channel],
+           update_nos: list[int]) -> list[Settlement]:
+    """Ask each provider what became of the deliveries in doubt (attempted, no answer
+    recorded). Read-only: the caller records the answers. A provider that cannot be asked
+    (down, or no lookup: SMTP) leaves its deliveries unknowable, asked once per channel."""
+    from datetime import datetime as dt
+
+    from incident_notify.channels.base import ChannelError
+
+    out: list[Settlement] = []
+    unreachable: dict[str, str] = {}
+    for upd in update_nos:
+        for ds in sorted(state.in_doubt(upd), key=lambda d: d.key):
+            ch = channels.get(ds.channel)
+            d = _delivery_from_state(ds, state, contacts, _reply_target(ds, state))
+            if ch is None or d is None:
+                out.append(Settlement(ds, "unknowable", detail="its channel or contact is "
+                                      "no longer in the playbook"))
+                continue
+            if ds.channel in unreachable:
+                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
+                continue
+            try:
+                since = dt.fromisoformat((ds.attempted_at or state.declared_at)
+                                         .replace("Z", "+00:00"))
+            except ValueError:
+                since = dt.fromisoformat(state.declared_at.replace("Z", "+00:00"))
+            try:
+                receipt = ch.find_sent(d, since)
+            except ChannelError as exc:
+                unreachable[ds.channel] = exc.message
+                out.append(Settlement(ds, "unknowable", detail=exc.message))
+                continue
+            except Exception as exc:  # a malformed answer: cannot tell
+                unreachable[ds.channel] = f"unexpected answer ({type(exc).__name__})"
+                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
+                continue
+            if receipt is None:
+                out.append(Settlement(ds, "not_sent", detail="not in the provider's records"))
+            else:
+                out.append(Settlement(ds, "sent", provider_id=receipt.provider_id,
+                                      detail="found in the provider's records"))
+    return out
+
+
+def _record_settlements(rt: Runtime, state: IncidentState,
+                        settled: list[Settlement]) -> None:
+    from incident_notify.audit import AuditEntry
+
+    entries = []
+    for s in settled:
+        if s.outcome == "unknowable":
+            continue
+        d = s.delivery
+        payload: dict[str, Any] = {"outcome": s.outcome, "detail": s.detail}
+        if s.outcome == "sent":
+            payload.update(provider_id=s.provider_id,
+                           channel_type=d.payload.get("channel_type", ""))
+        entries.append(AuditEntry("delivery.settled", incident=state.id, channel=d.channel,
+                                  recipient=d.recipient, key=d.key, payload=payload))
+    for record in rt.audit.append_many(entries) if entries else []:
+        apply(state, record)
+
+
+def _merge(verdicts: list[Verdict]) -> Verdict:
+    from collections import Counter
+
+    channels: dict[str, Counter[str]] = {}
+    recipients = []
+    for v in verdicts:
+        for ch, c in v.channels.items():
+            channels.setdefault(ch, Counter()).update(c)
+        recipients += v.recipients
+    return Verdict(channels, recipients)
+
+
 def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
+           dry_run: bool = False, confirm: ConfirmFn | None = None,
            progress: ProgressFn | None = None, playbook: Path | None = None) -> SendOutcome:
-    """Send what a crashed or interrupted run left unsent; never re-send the unknown
-    unless asked."""
+    """Finish what a crashed or interrupted run left: settle every delivery in doubt with
+    its provider first (found -> recorded sent with the provider's id; absent -> sent now),
+    then send what has no outcome. What no provider can settle is listed, and re-sent only
+    with `include_unknown` (email keeps its Message-ID on a resend)."""
     state = load_state(rt, incident_id)
     pb = playbook_of(state, playbook)
     unfinished = [u for u in state.updates
                   if not u.completed or state.pending(u.update_no)
-                  or (include_unknown and state.in_doubt(u.update_no))]
+                  or state.in_doubt(u.update_no)]
     if not unfinished:
-        return SendOutcome(incident_id, state.stage, state.update_no, False, None,
-                           DispatchResult())
-    last: SendOutcome | None = None
-    for upd in unfinished:
-        spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
-        contacts = load_contact_set(rt, pb)
-        planner = _make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
-                                state.declared_at)
-        if not upd.planned:
-            # Crashed while planning: plan again; keys already in the log are skipped.
-            _write_plan(rt, planner, incident_id, upd.update_no)
-            state = fold(rt.audit.records(incident=incident_id), incident_id)
-        in_doubt = [{"key": d.key, "channel": d.channel, "recipient": d.recipient,
-                     "attempts": d.attempts}
-                    for d in state.in_doubt(upd.update_no)]
-        used = _stage_channels(pb, upd.stage)
+        return SendOutcome(incident_id, state.stage, state.update_no, dry_run, None,
+                           DispatchResult(), verdict(state, state.update_no))
+    contacts = load_contact_set(rt, pb)
+    channels = build_channels(rt, pb, list(pb.model.channels))
+    try:
+        numbers = [u.update_no for u in unfinished]
+        settled = settle(state, contacts, channels, numbers)
+        used = sorted({c for u in unfinished for c in _stage_channels(pb, u.stage)})
         health = check_health(build_channels(rt, pb, used))
-        result = _dispatch(rt, pb, planner, state, contacts, upd.update_no, health, progress,
-                           include_unknown=include_unknown)
-        _finish(rt, incident_id, upd.update_no, planner, result)
-        last = SendOutcome(incident_id, upd.stage, upd.update_no, False, None, result,
-                           in_doubt=[] if include_unknown else in_doubt)
-        state = fold(rt.audit.records(incident=incident_id), incident_id)
-    assert last is not None
-    return last
+        unknowable = {s.delivery.key for s in settled if s.outcome == "unknowable"}
+        sizes: dict[str, int] = {}
+        for upd in unfinished:
+            for ds in state.pending(upd.update_no):
+                sizes[ds.channel] = sizes.get(ds.channel, 0) + 1
+        for s in settled:
+            if s.outcome == "not_sent" or (include_unknown and s.delivery.key in unknowable):
+                sizes[s.delivery.channel] = sizes.get(s.delivery.channel, 0) + 1
+        last = unfinished[-1]
+        pre = Preflight(incident_id=incident_id, playbook=pb, stage=last.stage,
+                        update_no=last.update_no, event="resume", messages=[],
+                        audience_sizes=sizes, health=health, stats=PlanStats(), skips=[],
+                        settled=[s.to_dict() for s in settled])
+        if dry_run:
+            return SendOutcome(incident_id, last.stage, last.update_no, True, pre, None)
+        if confirm is not None and (sizes or settled) and not confirm(pre):
+            raise AbortedError("nothing was sent or recorded: the commander declined",
+                               hint="rerun when ready; --dry-run previews without asking")
+        _record_settlements(rt, state, settled)
+        verdicts = []
+        result = DispatchResult()
+        in_doubt: list[dict[str, Any]] = []
+        for upd in unfinished:
+            spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
+            planner = _make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
+                                    state.declared_at)
+            if not upd.planned:
+                # Crashed while planning: plan again; keys already in the log are skipped.
+                for written in _write_plan(rt, planner, incident_id, upd.update_no):
+                    apply(state, written)
+            result = _dispatch(rt, pb, planner, state, contacts, upd.update_no, health,
+                               progress, include_unknown=include_unknown, channels=channels)
+            v, state = _finish(rt, incident_id, upd.update_no, result)
+            verdicts.append(v)
+            in_doubt += _in_doubt(state, upd.update_no)
+            if result.interrupted or result.fatal:
+                break
+        return SendOutcome(incident_id, last.stage, last.update_no, False, pre, result,
+                           _merge(verdicts), in_doubt=in_doubt)
+    finally:
+        close_channels(channels)
 
 
 def fetch_replies(rt: Runtime, incident_id: str, playbook: Path | None = None) -> int:

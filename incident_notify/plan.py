@@ -57,6 +57,8 @@ class Skip:
     recipient: str | None
     audience: str
     reason: str
+    opted_out: bool = False
+    """Opted out of every channel that could reach them: not someone to reach."""
 
 
 @dataclass
@@ -115,7 +117,8 @@ class Planner:
         if cached is not None:
             return cached
         msg = compose(self.pb, self.renderer, self.stage, channel, audience, self.values,
-                      self.ctx, fallback_from=fallback_from)
+                      self.ctx, fallback_from=fallback_from,
+                      carry_message=bool(self.ctx.message.strip()))
         if msg.problems:
             from incident_notify.errors import LimitError
 
@@ -196,7 +199,11 @@ class Planner:
                 yield planned
             elif self._address(ch, person) is not None:
                 reached += 1  # already planned through another audience: still reached
-        if reached < aud.required_channels:
+        if reached == 0:
+            # On record as not reached, never silently left out.
+            self._skip(audience, aud.channels[0], person,
+                       "no address for any of the audience's channels")
+        elif reached < aud.required_channels:
             self.stats.warnings.append(
                 f"{person.id} ({audience}) is reachable on {reached} of the "
                 f"{aud.required_channels} channels required")
@@ -216,13 +223,17 @@ class Planner:
             if key in self._keys:
                 return None  # collapsed with another audience, or planned before a crash
             return self._person_delivery(audience, ch, person, respect_optout=True)
+        reachable = [c for c in candidates if self._address(c, person) is not None]
         reason = "; ".join(reasons) or "no address for any of the audience's channels"
         channel = candidates[0] if candidates else aud.channels[0]
-        self._skip(audience, channel, person, reason)
+        self._skip(audience, channel, person, reason,
+                   opted_out=bool(reasons) and len(reasons) == len(reachable))
         return None
 
     def _preferred(self, channels: list[str], person: Contact) -> list[str]:
-        """The audience's channels in the person's preferred order of kinds."""
+        """The audience's channels in the person's preferred order of kinds, then the
+        audience's other channels: a preference orders, it does not exclude (opting out
+        does)."""
         if not person.channels:
             return list(channels)
         ordered = []
@@ -230,7 +241,7 @@ class Planner:
             ordered += [c for c in channels
                         if KIND_OF_TYPE.get(self.pb.model.channels[c].type) == kind
                         and c not in ordered]
-        return ordered
+        return ordered + [c for c in channels if c not in ordered]
 
     def _address(self, channel: str, person: Contact) -> str | None:
         kind = KIND_OF_TYPE.get(self.pb.model.channels[channel].type)
@@ -282,13 +293,14 @@ class Planner:
             self._keys.add(key)
             return True
 
-    def _skip(self, audience: str, channel: str, person: Contact, reason: str) -> None:
+    def _skip(self, audience: str, channel: str, person: Contact, reason: str,
+              opted_out: bool = False) -> None:
         key = delivery_key(self.incident_id, self.update_no, channel, person.id, 1)
         if not self._claim(key):
             return
         self.stats.skipped += 1
         self.skips.append(Skip(key, channel, person.id, self._address(channel, person),
-                               audience, reason))
+                               audience, reason, opted_out))
 
     # ------------------------------------------------------------------ router
     def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:

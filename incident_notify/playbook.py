@@ -197,6 +197,16 @@ class PlaybookModel(_Strict):
     stages: dict[str, Stage]
     failover_notice: str | None = None
     """Template of a line prefixed to messages re-routed from a down channel."""
+    free_text: dict[str, MessageSpec] = Field(default_factory=dict)
+    """How a free-text update (``--message``) reads on a channel whose stage message does not
+    carry ``{{ message }}``: channel name or type -> message. Built-in defaults otherwise."""
+
+    @field_validator("free_text", mode="before")
+    @classmethod
+    def _free_strings(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: _coerce_message(v) for k, v in value.items()}
+        return value
 
     @field_validator("name")
     @classmethod
@@ -268,6 +278,14 @@ class Playbook:
         for key in (channel, ctype):
             if key in spec.messages:
                 return spec.messages[key], ("stages", stage, "messages", key)
+        return None
+
+    def free_text_for(self, channel: str) -> tuple[MessageSpec, tuple[str | int, ...]] | None:
+        """The playbook's free-text message for a channel (by name, then type), or None."""
+        ctype = self.model.channels[channel].type
+        for key in (channel, ctype):
+            if key in self.model.free_text:
+                return self.model.free_text[key], ("free_text", key)
         return None
 
     def contact_paths(self) -> list[Path]:

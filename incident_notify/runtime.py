@@ -3,9 +3,9 @@ channel instances built from a playbook, and their health."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,25 +70,48 @@ def build_channels(rt: Runtime, pb: Playbook, names: list[str]) -> dict[str, Cha
     return out
 
 
-def check_health(channels: Mapping[str, Channel], timeout_s: float = 15.0) -> dict[str, Health]:
-    """Run every channel's check() concurrently; an exception is an unhealthy result."""
+HEALTH_DEADLINE_S = 8.0
+"""The whole pre-send health check ends within this: a provider that has not answered by
+then is down for this update (its circuit opens and its audiences fail over)."""
+
+
+def check_health(channels: Mapping[str, Channel],
+                 deadline_s: float = HEALTH_DEADLINE_S) -> dict[str, Health]:
+    """Run every channel's check() concurrently, all within `deadline_s`. A check that
+    raises, or has not answered by the deadline, is an unhealthy result, never an error.
+    Checks run in daemon threads: one that hangs is abandoned, and cannot hold up the
+    command or its exit."""
     if not channels:
         return {}
+    results: dict[str, Health] = {}
+    lock = threading.Lock()
+    ends = time.monotonic() + deadline_s
 
-    def one(ch: Channel) -> Health:
+    def one(name: str, ch: Channel) -> None:
         # One retry: a single dropped request must not fail a whole update over.
         health = Health(ok=False, detail="not checked")
         for attempt in range(2):
             if attempt:
+                if time.monotonic() + 0.5 >= ends:
+                    break
                 time.sleep(0.5)
             try:
                 health = ch.check()
             except Exception as exc:  # a failing check is a result, not a crash
-                health = Health(ok=False, detail=getattr(exc, "message", str(exc)))
+                health = Health(ok=False, detail=getattr(exc, "message", None)
+                                or type(exc).__name__)
             if health.ok:
                 break
-        return health
+        with lock:
+            results[name] = health
 
-    with ThreadPoolExecutor(max_workers=min(8, len(channels))) as pool:
-        futures = {name: pool.submit(one, ch) for name, ch in channels.items()}
-        return {name: f.result(timeout=timeout_s) for name, f in futures.items()}
+    threads = [threading.Thread(target=one, args=(name, ch), name=f"check-{name}",
+                                daemon=True) for name, ch in channels.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, ends - time.monotonic()))
+    with lock:
+        return {name: results.get(name) or Health(
+            ok=False, detail=f"no answer within {deadline_s:.0f}s")
+            for name in channels}

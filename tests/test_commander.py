@@ -79,9 +79,11 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
     _keys(declared["preflight"], {"incident", "playbook", "stage", "update_no", "event",
                                   "messages", "deliveries_per_channel", "health", "skipped",
                                   "warnings", "invalid_contacts",
-                                  "contact_source_problems"}, "preflight")
-    _keys(declared["result"], {"channels", "totals", "failures", "failovers", "interrupted",
-                               "fatal", "complete", "elapsed_s"}, "result")
+                                  "contact_source_problems", "settled"}, "preflight")
+    _keys(declared["result"], {"channels", "totals", "people", "failures", "failovers",
+                               "interrupted", "fatal", "complete", "elapsed_s"}, "result")
+    _keys(declared["result"]["people"], {"intended", "reached", "in_doubt", "not_reached"},
+          "people")
     _keys(declared["preflight"]["messages"][0], {"audience", "channel", "channel_type",
                                                  "fallback_from", "subject", "parts", "html",
                                                  "ok", "summary"}, "message")
@@ -97,7 +99,7 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
           "channels check")
     config = doc("config", "show")["data"]
     _keys(config, {"settings", "config_files", "credentials", "environment"}, "config show")
-    resumed = doc("resume", incident, "--sandbox")["data"]
+    resumed = doc("resume", incident, "--yes", "--sandbox")["data"]
     _keys(resumed, {"incident", "stage", "update_no", "dry_run", "preflight", "result",
                     "in_doubt"}, "resume")
     preview = doc("preview", str(POWER), *VARS)["data"]

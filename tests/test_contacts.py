@@ -134,10 +134,13 @@ def test_validate_and_preflight_read_contacts_like_a_send(tmp_path: Path,
                    ).returncode == 12
     env = {"INCIDENT_NOTIFY_REGION": "GB", "INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl"),
            "INCIDENT_NOTIFY_OPTOUTS": str(tmp_path / "o.jsonl")}
-    dry = json_doc(run_cli("declare", str(audience_pb), "--dry-run", "--sandbox", "--json",
-                           env=env))
-    pre = dry["data"]["preflight"]
-    assert (pre["invalid_contacts"], pre["contact_source_problems"]) == (1, 1)
+    # Contacts that did not load stop a send before anything is sent (a dry run too), with
+    # every problem named: people must never silently not be told.
+    refused = run_cli("declare", str(audience_pb), "--dry-run", "--sandbox", "--json", env=env)
+    doc = json_doc(refused)
+    assert refused.returncode == 4 and doc["data"] is None
+    messages = [e["message"] for e in doc["errors"]]
+    assert any("company" in m for m in messages) and any(m.startswith("email") for m in messages)
     listed = run_cli("contacts", "list", str(people), env={"INCIDENT_NOTIFY_REGION": "GB"})
     assert listed.returncode == 0 and "[/x]" in listed.stdout and "[red]One[/]" in listed.stdout
 

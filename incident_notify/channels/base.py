@@ -254,6 +254,9 @@ class Channel(ABC):
     """Environment variables this channel reads its credentials from."""
     api_base_env: ClassVar[str | None] = None
     """Environment variable that overrides `api_base` (the sandbox exports it)."""
+    refuses_duplicates: ClassVar[bool] = False
+    """The provider refuses a post identical to an earlier one (Twitter): the preflight
+    stops such an update before anything is sent."""
 
     def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         self.spec = spec

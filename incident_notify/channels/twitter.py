@@ -31,6 +31,7 @@ class TwitterChannel(Channel):
     secret_names = ("TWITTER_API_KEY", "TWITTER_API_SECRET", "TWITTER_ACCESS_TOKEN",
                     "TWITTER_ACCESS_TOKEN_SECRET")
     api_base_env = "INCIDENT_NOTIFY_TWITTER_API_BASE"
+    refuses_duplicates = True
 
     def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
         super().__init__(spec, secrets)

@@ -56,7 +56,7 @@ def drill(
     with LiveProgress() as progress:
         report = run_drill(playbook, values, audit_log=audit_log, outage=outage,
                            progress=progress)
-    code = 0 if report.ok else int(report.steps[-1].outcome.exit_code if report.steps else 1)
+    code = next((int(s.outcome.exit_code) for s in report.steps if s.outcome.exit_code), 0)
     if json:
         output.emit_json("drill", report.to_dict(), exit_code=code)
         raise typer.Exit(code)

@@ -192,26 +192,31 @@ def resume(
     incident: Annotated[str, typer.Argument(help="Incident id.")],
     include_unknown: Annotated[
         bool, typer.Option("--include-unknown",
-                           help="Also re-send deliveries whose outcome is unknown (they may "
-                           "have been delivered already).")
+                           help="Also re-send deliveries no provider could settle (they may "
+                           "have been delivered already; an email keeps its Message-ID).")
     ] = False,
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
     sandbox: SandboxOpt = False,
     secrets: SecretsOpt = None,
     playbook: PlaybookOpt = None,
     audit_log: AuditLogOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """After a crash or Ctrl-C: send exactly what has no recorded outcome.
+    """After a crash or Ctrl-C: settle what is in doubt, then send what has no outcome.
 
-    Deliveries that were attempted without a recorded answer are listed as unknown and
-    re-sent only with --include-unknown.
+    Each delivery attempted without a recorded answer is first looked up at its provider
+    (Twilio's message list, the account's tweets, the DM conversation): found, it is
+    recorded sent; absent, it is sent now. What no provider can settle (email) is listed
+    by person and channel, and re-sent only with --include-unknown. Shows the same preview
+    and confirmation as every sending command.
     """
     from incident_notify import notify
 
     with runtime(audit_log, sandbox, secrets) as rt:
-        _send("resume", json, True, False, lambda confirm, progress: notify.resume(
-            rt, incident, include_unknown=include_unknown, progress=progress,
-            playbook=playbook))
+        _send("resume", json, yes, dry_run, lambda confirm, progress: notify.resume(
+            rt, incident, include_unknown=include_unknown, dry_run=dry_run, confirm=confirm,
+            progress=progress, playbook=playbook))
 
 
 @app.command()

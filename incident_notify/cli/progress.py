@@ -30,12 +30,25 @@ def print_preflight(pre: Preflight) -> None:
 
     con = output.console()
     what = {"incident.declared": "Declare", "incident.updated": "Update",
-            "incident.resolved": "Resolve", "incident.reopened": "Reopen"}.get(pre.event, "Send")
+            "incident.resolved": "Resolve", "incident.reopened": "Reopen",
+            "resume": "Resume"}.get(pre.event, "Send")
     provisional = " (id provisional until sent)" if pre.event == "incident.declared" else ""
     con.print(f"[bold]{what} {escape(pre.incident_id)}[/]{provisional} — "
               f"{escape(pre.playbook.model.title)} — stage [bold]{escape(pre.stage)}[/] "
               f"(update {pre.update_no})\n")
-    print_preview(PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
+    if pre.messages:
+        print_preview(PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
+    if pre.settled:
+        t = table("delivery", "channel", "recipient", "provider says", title="Deliveries in "
+                  "doubt, settled with the providers")
+        words = {"sent": "arrived (recorded sent)", "not_sent": "never arrived (will send)",
+                 "unknowable": "cannot tell"}
+        for s in pre.settled:
+            t.add_row(escape(s["key"]), escape(s["channel"]), escape(str(s["recipient"] or
+                      "public")), escape(words.get(s["outcome"], s["outcome"]) +
+                                         (f": {s['detail']}" if s["outcome"] == "unknowable"
+                                          else "")))
+        con.print(t)
     t = table("channel", "type", "deliveries", "health", title="Audience per channel")
     for name, health in sorted(pre.health.items()):
         count = pre.audience_sizes.get(name, 0)
@@ -181,34 +194,43 @@ def print_outcome(outcome: SendOutcome) -> None:
     if outcome.dry_run:
         con.print("[bold]Dry run:[/] nothing was recorded or sent.")
         return
-    r = outcome.result
+    r, v = outcome.result, outcome.verdict
     if r is None:
         return
-    t = table("channel", "sent", "failed", "failed over", "skipped", "unknown", "not reached",
-              title=f"{outcome.incident_id} update {outcome.update_no} ({outcome.stage})")
-    for ch, c in sorted(r.counts.items()):
-        t.add_row(ch, *(str(c.get(k, 0)) for k in
-                        ("sent", "failed", "failed_over", "skipped", "unknown", "not_reached")))
-    con.print(t)
-    for f in r.failures[:20]:
-        con.print(f"[red]{f['outcome']}:[/] {escape(f['channel'])} → "
-                  f"{escape(str(f.get('recipient') or 'public'))}: {escape(str(f.get('error')))}")
-    if len(r.failures) > 20:
-        con.print(f"... and {len(r.failures) - 20} more (incident-notify audit show "
-                  f"--incident {outcome.incident_id} --status failed)")
-    for d in outcome.in_doubt[:20]:
-        con.print(f"[yellow]unknown:[/] {escape(d['key'])} may have been delivered; "
-                  "resend only with: incident-notify resume "
-                  f"{outcome.incident_id} --include-unknown")
+    title = f"{outcome.incident_id} update {outcome.update_no} ({outcome.stage})"
+    if v is not None and v.channels:
+        t = table("channel", "sent", "failed", "failed over", "skipped", "unknown", "unsent",
+                  title=title)
+        for ch, c in sorted(v.channels.items()):
+            t.add_row(ch, *(str(c.get(k, 0)) for k in
+                            ("sent", "failed", "failed_over", "skipped", "unknown",
+                             "planned")))
+        con.print(t)
+    failures = (v.not_reached + v.in_doubt) if v is not None else []
+    for f in failures[:20]:
+        label = "not reached" if f.status == "not_reached" else "in doubt"
+        tried = "; ".join(f"{t['channel']} → {t['recipient']}: {t['outcome']}"
+                          + (f" ({t['error']})" if t.get("error") else "") for t in f.tried)
+        con.print(f"[red]{label}:[/] {escape(f.who)}: {escape(tried)}")
+    if len(failures) > 20:
+        con.print(f"... and {len(failures) - 20} more (--json lists them all; "
+                  f"incident-notify status {outcome.incident_id})")
+    if outcome.in_doubt:
+        n = len(outcome.in_doubt)
+        con.print(f"[yellow]{n} deliver{'y' if n == 1 else 'ies'} "
+                  "may have arrived and no provider record settles it; resend only with: "
+                  f"incident-notify resume {outcome.incident_id} --include-unknown[/]")
+    people = v.to_dict()["people"] if v is not None else {}
     if r.fatal:
         con.print(f"[bold red]stopped:[/] {escape(r.fatal)}")
     elif r.interrupted:
         con.print(f"[bold yellow]interrupted:[/] the rest is recorded as planned; send it "
                   f"with: incident-notify resume {outcome.incident_id}")
-    elif r.complete and not outcome.in_doubt:
-        con.print(f"[bold green]Everyone was reached[/] ({r.total('sent')} sent, "
-                  f"{r.elapsed_s:.1f}s).")
+    elif int(outcome.exit_code) == 0:
+        con.print(f"[bold green]Everyone was reached:[/] {people.get('reached', 0)} "
+                  f"recipient(s), {v.total('sent') if v else 0} sent, {r.elapsed_s:.1f}s.")
     else:
-        con.print(f"[bold yellow]Partial delivery:[/] {r.total('sent')} sent, "
-                  f"{r.total('failed')} failed, {r.total('unknown')} unknown, "
-                  f"{r.total('not_reached')} not reachable.")
+        con.print(f"[bold yellow]Not everyone was reached:[/] {people.get('reached', 0)} of "
+                  f"{people.get('intended', 0)} recipient(s) reached, "
+                  f"{people.get('not_reached', 0)} not reached, "
+                  f"{people.get('in_doubt', 0)} in doubt.")

@@ -14,6 +14,12 @@ HTTP emulators also answer a control API so another process (a test, or a user o
 * ``GET /_sandbox/received`` -> ``{"received": [...]}``
 * ``POST /_sandbox/faults`` with a JSON body of `Faults` fields -> the new faults
 * ``POST /_sandbox/reset`` -> clears records, faults and rate-limit windows
+
+Faults (`Faults`): ``outage``, ``latency_ms`` (a slow or hanging provider), ``rate_limit``
+with ``rate_window_s`` (a far reset: ``rate_limit: 0, rate_window_s: 900`` answers 429 with
+a reset 15 minutes away), ``bad_recipients``, ``fail_next``, ``drop_after_accept`` (the
+message is accepted and recorded, then the connection drops before the answer),
+``outage_after`` (an outage starts after that many more accepted messages).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +51,11 @@ class Faults:
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
     fail_next: int = 0
     """Fail this many next requests with 503, then work again (tests of retries)."""
+    outage_after: int = 0
+    """After this many more accepted messages, an outage starts (a thread cut mid-way)."""
+    drop_after_accept: int = 0
+    """Accept (and record) this many next messages, then drop the connection without
+    answering: the client cannot tell whether they arrived."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -59,6 +72,22 @@ class Faults:
         with self._lock:
             if self.fail_next > 0:
                 self.fail_next -= 1
+                return True
+            return False
+
+    def note_accept(self) -> None:
+        """An accepted message: count `outage_after` down; at zero the outage starts."""
+        with self._lock:
+            if self.outage_after > 0:
+                self.outage_after -= 1
+                if self.outage_after == 0:
+                    self.outage = True
+
+    def take_drop(self) -> bool:
+        """True (and count one down) when this accepted message must lose its answer."""
+        with self._lock:
+            if self.drop_after_accept > 0:
+                self.drop_after_accept -= 1
                 return True
             return False
 
@@ -195,7 +224,25 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": "unknown control route"})
         return True
 
+    def send_accepted(self, status: int, payload: Any,
+                      headers: dict[str, str] | None = None) -> None:
+        """Answer an accepted message, or (fault `drop_after_accept`) drop the connection
+        with no answer after recording it."""
+        self.emulator.faults.note_accept()
+        if self.emulator.faults.take_drop():
+            import socket
+
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self.send_json(status, payload, headers)
+
     def apply_latency(self) -> None:
+        with self.emulator.lock_hits:
+            self.emulator.hits[urllib.parse.urlparse(self.path).path] += 1
         delay = self.emulator.faults.latency_ms
         if delay > 0:
             time.sleep(delay / 1000.0)
@@ -210,6 +257,9 @@ class HttpEmulator:
         self.faults = Faults()
         self.received = Recorder()
         self.rate = RateWindow()
+        self.hits: Counter[str] = Counter()
+        """Requests per path that reached the provider logic (control routes excluded)."""
+        self.lock_hits = threading.Lock()
         handler = type(
             f"{self.handler_class.__name__}Bound", (self.handler_class,), {"emulator": self}
         )
@@ -241,6 +291,8 @@ class HttpEmulator:
         self.received.clear()
         self.faults.reset()
         self.rate.reset()
+        with self.lock_hits:
+            self.hits.clear()
 
     def __enter__(self) -> HttpEmulator:
         return self.start()

@@ -1,6 +1,7 @@
 """SMTP emulator on aiosmtpd: AUTH (PLAIN, LOGIN), optional STARTTLS or implicit TLS with a
 self-signed certificate made at start, a record of every message, and fault injection
-(outage -> 421, transient 451, bad recipients -> 550, rate limit -> 452).
+(outage -> 421, transient 451, bad recipients -> 550, rate limit -> 452, latency, and
+``drop_after_accept``: the message is recorded, then the connection drops before "250").
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class _Handler:
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
+        await self._delay()
         if self.emu.faults.outage:
             return ["421 4.3.2 Service not available, closing transmission channel"]
         session.host_name = hostname
@@ -99,6 +101,11 @@ class _Handler:
             "parts": [p.get_content_type() for p in msg.walk()],
             "ts": datetime.now(UTC).isoformat(),
         })
+        self.emu.faults.note_accept()
+        transport: Any = server.transport
+        if self.emu.faults.take_drop() and transport is not None:
+            # Accepted, then the connection drops before the client hears "250".
+            transport.abort()
         return "250 2.0.0 Message accepted for delivery"
 
 

@@ -5,6 +5,9 @@
 * ``GET /2010-04-01/Accounts/{sid}/Messages.json`` -> a list page.
 * ``GET /2010-04-01/Accounts/{sid}.json`` -> the account (``channels check``).
 
+* ``GET .../Messages.json?To=...&From=...`` filters (newest first), as `resume` uses to
+  settle a message whose answer was lost.
+
 Errors use Twilio's legacy body ``{code, message, more_info, status}``; never ``type`` and
 ``title`` together, which makes twilio 9.x raise a different exception class.
 """
@@ -48,7 +51,11 @@ class TwilioHandler(EmulatorHandler):
             self.send_json(200, {"sid": emu.account_sid, "status": "active",
                                  "friendly_name": "incident-notify sandbox", "type": "Full"})
         elif path == f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
-            messages = [m for m in emu.messages]
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(self.path).query))
+            with emu.lock:
+                messages = [m for m in reversed(emu.messages)  # newest first, as Twilio
+                            if m["to"] == query.get("To", m["to"])
+                            and m["from"] == query.get("From", m["from"])]
             self.send_json(200, {
                 "messages": messages, "page": 0, "page_size": 50, "start": 0,
                 "end": max(0, len(messages) - 1),
@@ -122,7 +129,7 @@ class TwilioHandler(EmulatorHandler):
                           "num_segments": segments,
                           "status_callback": form.get("StatusCallback"),
                           "ts": datetime.now(UTC).isoformat()})
-        self.send_json(201, resource)
+        self.send_accepted(201, resource)
 
     def _gate(self) -> bool:
         """Faults and authentication common to every route; False when answered."""

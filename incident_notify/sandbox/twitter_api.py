@@ -1,7 +1,9 @@
 """Twitter API v2 emulator, as the real `tweepy.Client` speaks it.
 
 Routes: ``POST /2/tweets``, ``POST /2/dm_conversations/with/{id}/messages``,
-``GET /2/users/by/username/{username}``, ``GET /2/users/me``. Every request must carry a
+``GET /2/users/by/username/{username}``, ``GET /2/users/me``, ``GET /2/users/{id}/tweets``
+(the account's timeline, ``start_time``), ``GET /2/dm_conversations/with/{id}/dm_events``
+and ``GET /2/tweets/search/recent`` (``conversation_id:`` only). Every request must carry a
 valid OAuth 1.0a HMAC-SHA1 signature (RFC 5849), recomputed here from the configured
 consumer and token secrets (401 otherwise). Tweets are checked for weighted length (400
 over 280), unknown reply targets (400) and duplicate text (403); every response carries
@@ -135,6 +137,33 @@ class TwitterHandler(EmulatorHandler):
                      "name": emu.username_of(uid) or uid} for uid in sorted(authors)]}
             self.send_json(200, body, headers=self._rate_headers)
             return
+        match = re.fullmatch(r"/2/users/(\d+)/tweets", path)
+        if match:
+            params = dict(urllib.parse.parse_qsl(parsed.query))
+            start = params.get("start_time", "")
+            with emu.lock:
+                mine = [{"id": tid, "text": emu.tweets[tid], "created_at": m["created_at"],
+                         "edit_history_tweet_ids": [tid],
+                         **({"referenced_tweets": [{"type": "replied_to",
+                                                    "id": m["in_reply_to"]}]}
+                            if m["in_reply_to"] else {})}
+                        for tid, m in emu.meta.items()
+                        if m["author_id"] == match.group(1) and m["created_at"] >= start]
+            mine.sort(key=lambda t: int(t["id"]), reverse=True)
+            self.send_json(200, {"data": mine[:int(params.get("max_results", 10))],
+                                 "meta": {"result_count": len(mine)}},
+                           headers=self._rate_headers)
+            return
+        match = re.fullmatch(r"/2/dm_conversations/with/(\d+)/dm_events", path)
+        if match:
+            with emu.lock:
+                events = [e for e in reversed(emu.dm_events)
+                          if e["participant_id"] == match.group(1)]
+            self.send_json(200, {"data": [{k: v for k, v in e.items()
+                                           if k != "participant_id"} for e in events],
+                                 "meta": {"result_count": len(events)}},
+                           headers=self._rate_headers)
+            return
         if path == "/2/users/me":
             self.send_json(200, {"data": emu.user(OWNER)}, headers=self._rate_headers)
             return
@@ -210,9 +239,9 @@ class TwitterHandler(EmulatorHandler):
         emu.received.add({"kind": "tweet", "id": tweet_id, "text": text,
                           "in_reply_to_tweet_id": reply_to, "author_id": emu.users[OWNER],
                           "ts": datetime.now(UTC).isoformat()})
-        self.send_json(201, {"data": {"id": tweet_id, "text": text,
-                                      "edit_history_tweet_ids": [tweet_id]}},
-                       headers=self._rate_headers)
+        self.send_accepted(201, {"data": {"id": tweet_id, "text": text,
+                                          "edit_history_tweet_ids": [tweet_id]}},
+                           headers=self._rate_headers)
 
     def _dm(self, participant: str, payload: dict[str, Any]) -> None:
         emu = self.emulator
@@ -227,11 +256,19 @@ class TwitterHandler(EmulatorHandler):
             return
         event_id = str(next(emu.ids))
         conversation = f"{emu.users[OWNER]}-{participant}"
+        text = str(payload.get("text", ""))
+        with emu.lock:
+            emu.dm_events.append({
+                "id": event_id, "event_type": "MessageCreate", "text": text,
+                "sender_id": emu.users[OWNER], "dm_conversation_id": conversation,
+                "participant_id": participant,
+                "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")})
         emu.received.add({"kind": "dm", "participant_id": participant, "username": username,
-                          "text": str(payload.get("text", "")), "dm_event_id": event_id,
+                          "text": text, "dm_event_id": event_id,
                           "ts": datetime.now(UTC).isoformat()})
-        self.send_json(201, {"data": {"dm_conversation_id": conversation,
-                                      "dm_event_id": event_id}}, headers=self._rate_headers)
+        self.send_accepted(201, {"data": {"dm_conversation_id": conversation,
+                                          "dm_event_id": event_id}},
+                           headers=self._rate_headers)
 
 
 class TwitterEmulator(HttpEmulator):
@@ -253,6 +290,7 @@ class TwitterEmulator(HttpEmulator):
         self.meta: dict[str, dict[str, Any]] = {}
         """tweet id -> author_id, conversation_id, in_reply_to, created_at."""
         self.texts: set[str] = set()
+        self.dm_events: list[dict[str, Any]] = []
         self.ids = itertools.count(1_860_000_000_000_000_000)
         self.lock = threading.Lock()
         self.lookups = 0
@@ -311,3 +349,4 @@ class TwitterEmulator(HttpEmulator):
             self.tweets.clear()
             self.texts.clear()
             self.meta.clear()
+            self.dm_events.clear()

@@ -1,0 +1,241 @@
+"""Delivery under provider faults, each reproduced by an emulator fault and driven through
+the real tweepy / twilio / smtplib clients: a hanging provider, an answer lost after the
+provider accepted, a far rate-limit reset, a thread cut mid-way, and what `resume` then
+settles with the providers' own records."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incident_notify.config import Settings
+from incident_notify.dispatch import CircuitBreaker, RetryPolicy, TokenBucket
+from incident_notify.notify import declare, resume, update
+from incident_notify.runtime import open_runtime
+from tests.conftest import make_fanout_playbook
+
+FAST = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, deadline_s=20,
+                   breaker_threshold=3, breaker_cooldown_s=60)
+SUBSCRIBERS = {f"+1415555{i:04d}" for i in range(3)}
+
+
+def runtime(tmp_path: Path, sandbox: Any) -> Any:
+    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
+                        sandbox=True)
+    rt = open_runtime(settings, sandbox=sandbox)
+    rt.policy = FAST
+    return rt
+
+
+def sms_to(sandbox: Any) -> Counter[str]:
+    return Counter(r["to"] for r in sandbox.twilio.received.all())
+
+
+def mail_to(sandbox: Any) -> Counter[str]:
+    return Counter(rcpt for r in sandbox.smtp.received.all() for rcpt in r["rcpt_tos"])
+
+
+def tweets(sandbox: Any) -> list[dict[str, Any]]:
+    return [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+
+
+def events(rt: Any, prefix: str, channel: str | None = None) -> list[Any]:
+    return [r for r in rt.audit.records(event_prefix=prefix)
+            if channel is None or r.channel == channel]
+
+
+def after_confirmation(action: Any) -> Any:
+    def confirm(_: Any) -> bool:
+        action()
+        return True
+    return confirm
+
+
+# ------------------------------------------------------------------ a hanging provider
+def test_provider_answering_after_25s_fails_over_within_bounded_time(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=3)
+    sandbox.twitter.faults.update(latency_ms=25_000)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"the health check must be bounded (took {elapsed:.1f}s)"
+    assert outcome.preflight is not None
+    assert not outcome.preflight.health["status_twitter"].ok
+    assert "no answer within" in outcome.preflight.health["status_twitter"].detail
+    assert outcome.exit_code == 0, outcome.to_dict()["result"]
+    assert set(sms_to(sandbox)) >= SUBSCRIBERS
+    assert events(rt, "delivery.attempt", "status_twitter") == []
+
+
+# ------------------------------------------------------------------ accepted, then dropped
+def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.twilio.faults.update(drop_after_accept=1)))
+    sms = sms_to(sandbox)
+    assert len(sms) == 3 and set(sms.values()) == {1}, "a lost answer must not be retried"
+    unknown = events(rt, "delivery.unknown", "team_sms")
+    assert len(unknown) == 1 and unknown[0].payload["code"] == "dropped"
+    # The person was still reached by email: everyone was reached, one SMS is in doubt.
+    assert outcome.in_doubt and outcome.in_doubt[0]["channel"] == "team_sms"
+    assert outcome.exit_code == 5
+
+    settled = resume(rt, outcome.incident_id)
+    assert sms_to(sandbox) == sms, "settled against Twilio's records, not sent again"
+    records = events(rt, "delivery.settled")
+    assert [r.payload["outcome"] for r in records] == ["sent"]
+    assert records[0].payload["provider_id"].startswith("SM")
+    assert settled.exit_code == 0 and not settled.in_doubt
+
+
+def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.twitter.faults.update(drop_after_accept=1)))
+    assert len(tweets(sandbox)) == 1
+    assert events(rt, "delivery.unknown", "status_twitter")
+    assert first.exit_code == 5
+
+    settled = resume(rt, first.incident_id)
+    assert settled.exit_code == 0
+    assert len(tweets(sandbox)) == 1, "no duplicate tweet (and no 403 duplicate)"
+    [record] = events(rt, "delivery.settled")
+    assert record.payload["outcome"] == "sent"
+    assert record.payload["provider_id"] == tweets(sandbox)[0]["id"]
+
+    second = update(rt, first.incident_id, stage="identified", sets={})
+    assert second.exit_code == 0
+    assert tweets(sandbox)[1]["in_reply_to_tweet_id"] == tweets(sandbox)[0]["id"]
+
+
+def test_email_dropped_after_data_is_unknown_listed_and_resent_only_when_asked(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(drop_after_accept=1)))
+    mail = mail_to(sandbox)
+    assert len(mail) == 2 and set(mail.values()) == {1}
+    assert len(outcome.in_doubt) == 1
+
+    listed = resume(rt, outcome.incident_id)
+    assert listed.exit_code == 5 and len(listed.in_doubt) == 1
+    assert mail_to(sandbox) == mail, "SMTP cannot be asked: not re-sent unless asked"
+    assert listed.preflight is not None
+    assert [s["outcome"] for s in listed.preflight.settled] == ["unknowable"]
+
+    resent = resume(rt, outcome.incident_id, include_unknown=True)
+    assert resent.exit_code == 0
+    twice = [r for r in sandbox.smtp.received.all()
+             if r["rcpt_tos"] == [outcome.in_doubt[0]["recipient"]]]
+    assert len(twice) == 2 and twice[0]["message_id"] == twice[1]["message_id"], \
+        "a resend keeps the Message-ID, so mail systems drop the duplicate"
+
+
+# ------------------------------------------------------------------ far rate limits
+def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=3)
+    rt = runtime(tmp_path, sandbox)
+
+    def far_reset() -> None:
+        sandbox.twitter.hits.clear()
+        sandbox.twitter.faults.update(rate_limit=0, rate_window_s=900)
+
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(far_reset))
+    assert time.monotonic() - started < 10
+    assert sum(sandbox.twitter.hits.values()) == 1, "one request, then the channel is paused"
+    assert outcome.exit_code == 0
+    assert set(sms_to(sandbox)) >= SUBSCRIBERS
+    [opened] = events(rt, "channel.circuit_open", "status_twitter")
+    assert "rate limited" in opened.payload["reason"]
+
+
+# ------------------------------------------------------------------ a thread cut mid-way
+def test_thread_cut_after_part_one_fails_over_and_counts_as_reached(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=2)
+    rt = runtime(tmp_path, sandbox)
+    long_words = " ".join(["Generators are starting and storage is coming back."] * 5)
+    outcome = declare(rt, pb, {"site": "LON-2"}, message=long_words,
+                      confirm=after_confirmation(
+                          lambda: sandbox.twitter.faults.update(outage_after=1)))
+    assert len(tweets(sandbox)) == 1
+    statuses = {r.key.rsplit("/", 1)[1]: r.event for r in rt.audit.records()
+                if r.channel == "status_twitter" and r.event in
+                ("delivery.sent", "delivery.failover", "delivery.failed")}
+    assert statuses["1"] == "delivery.sent"
+    assert set(statuses.values()) == {"delivery.sent", "delivery.failover"}
+    assert set(sms_to(sandbox)) >= {"+14155550000", "+14155550001"}
+    assert outcome.exit_code == 0, outcome.to_dict()["result"]
+
+
+# ------------------------------------------------------------------ primitives
+def test_breaker_probe_is_released_whatever_the_probe_ends_in() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=2, cooldown_s=10, clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.failure() and breaker.is_open and not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow() and not breaker.allow(), "one probe at a time"
+    breaker.release()  # the probe ended in a permanent recipient error
+    assert breaker.allow(), "a released probe lets the next one through"
+    assert not breaker.hold(300)  # already open: not a new opening, but...
+    now[0] = 200.0
+    assert not breaker.allow(), "no probe before the rate limit resets"
+    now[0] = 311.0
+    assert breaker.allow()
+    assert breaker.success() and not breaker.is_open and breaker.allow()
+
+
+def test_breaker_hold_opens_a_closed_channel() -> None:
+    breaker = CircuitBreaker(threshold=5, cooldown_s=0, clock=lambda: 0.0)
+    assert breaker.hold(900) is True and not breaker.allow()
+
+
+def test_backoff_is_full_jitter() -> None:
+    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=8.0)
+    draws = [policy.backoff(4) for _ in range(2000)]
+    assert min(draws) < 0.5 and max(draws) <= 8.0
+    assert 3.0 < sum(draws) / len(draws) < 5.0
+
+
+def test_token_bucket_rate_and_burst() -> None:
+    import threading
+
+    bucket = TokenBucket(rate=50.0, burst=5)
+    stop = threading.Event()
+    started = time.monotonic()
+    for _ in range(5):
+        assert bucket.acquire(stop)
+    assert time.monotonic() - started < 0.05, "the burst goes at once"
+    for _ in range(10):
+        assert bucket.acquire(stop)
+    assert time.monotonic() - started >= 10 / 50 * 0.9, "then the rate holds"
+    stop.set()
+    empty = TokenBucket(rate=0.001, burst=1)
+    assert empty.acquire(stop) and not empty.acquire(stop), "a stop ends the wait"
+
+
+@pytest.mark.parametrize("event", ["failure", "release", "success"])
+def test_every_probe_outcome_leaves_the_breaker_usable(event: str) -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=1, cooldown_s=1, clock=lambda: now[0])
+    breaker.failure()
+    now[0] = 1.0
+    assert breaker.allow()
+    getattr(breaker, event)()
+    now[0] = 2.5
+    assert breaker.allow()
