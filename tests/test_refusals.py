@@ -1,0 +1,150 @@
+"""What must stop a send before anything leaves, what a free-text update must carry, and
+`drill` on every shipped playbook with each provider out: exit 0 only when everyone was
+reached, and the summary equal to what the emulators received."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incident_notify.config import Settings
+from incident_notify.drill import run_drill
+from incident_notify.errors import ContactsError, PlaybookError, StateError
+from incident_notify.notify import declare, reopen, resolve, update
+from incident_notify.runtime import open_runtime
+from tests.conftest import PLAYBOOKS, json_doc, make_fanout_playbook, run_cli
+
+
+def runtime(tmp_path: Path, sandbox: Any) -> Any:
+    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
+                        sandbox=True)
+    return open_runtime(settings, sandbox=sandbox)
+
+
+def received_total(sandbox: Any) -> int:
+    return sum(len(e.received) for e in sandbox.emulators.values())
+
+
+# ------------------------------------------------------------------ drill
+@pytest.mark.parametrize("playbook", sorted(p.name for p in PLAYBOOKS.glob("*.yaml")))
+@pytest.mark.parametrize("outage", [None, "twitter", "twilio", "smtp"])
+def test_drill_of_every_shipped_playbook_passes_with_any_one_provider_out(
+        tmp_path: Path, playbook: str, outage: str | None) -> None:
+    report = run_drill(PLAYBOOKS / playbook, {}, audit_log=tmp_path / "drill.jsonl",
+                       outage=[outage] if outage else None)
+    results = [s.outcome.result_dict() for s in report.steps]
+    assert report.ok, [(s.stage, r and r["failures"]) for s, r in zip(report.steps, results,
+                                                                     strict=True)]
+    # The counts equal what the emulators received: every sent delivery arrived once.
+    sent = sum(r["totals"]["sent"] for r in results if r)
+    arrived = sum(len(p["received"]) for p in report.recipients) + len(report.public)
+    assert sent == arrived
+    assert all(r and r["people"]["not_reached"] == 0 for r in results)
+    if outage == "twitter":
+        assert report.public == []
+
+
+def test_drill_cli_exit_code_is_the_first_failing_steps(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    # The team on email only, and email without a fallback: nobody can be reached.
+    pb.write_text(pb.read_text().replace("channels: [team_sms, team_email]",
+                                         "channels: [team_email]"))
+    proc = run_cli("drill", str(pb), "--outage", "smtp", "--json")
+    doc = json_doc(proc)
+    assert proc.returncode == 6 and doc["exit_code"] == 6 and not doc["data"]["ok"]
+    failures = doc["data"]["steps"][0]["result"]["failures"]
+    assert failures and failures[0]["tried"][0]["channel"] == "team_email"
+
+
+# ------------------------------------------------------------------ refused before sending
+def test_contacts_that_fail_to_load_stop_the_send(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    (tmp_path / "pb" / "people.csv").unlink()
+    rt = runtime(tmp_path, sandbox)
+    with pytest.raises(ContactsError) as info:
+        declare(rt, pb, {"site": "LON-2"})
+    assert any("people.csv" in str(p) for p in info.value.problems)
+    assert received_total(sandbox) == 0
+    assert list(rt.audit.records()) == []
+
+
+def test_broken_contacts_cli_exit_4_nothing_sent(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    people = tmp_path / "pb" / "people.csv"
+    people.write_text(people.read_text() + "p9,Broken,not-an-email,+1202,,sms,team,\n")
+    sandbox.write_state()
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+                   env={"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl")})
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "people.csv:" in proc.stderr and "Traceback" not in proc.stderr
+    assert received_total(sandbox) == 0
+
+
+def test_internal_audience_of_nobody_stops_the_send(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    text = pb.read_text().replace("select: {groups: [team]}", "select: {groups: [tema]}")
+    pb.write_text(text)
+    with pytest.raises(ContactsError) as info:
+        declare(runtime(tmp_path, sandbox), pb, {"site": "LON-2"})
+    assert "selects nobody" in str(info.value)
+    assert received_total(sandbox) == 0
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_blank_variable_is_refused_like_a_missing_one(tmp_path: Path, value: str) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    proc = run_cli("preview", str(pb), "--set", f"site={value}")
+    assert proc.returncode == 3
+    assert "required variable 'site' is empty" in proc.stderr
+
+
+def test_stray_variable_in_the_environment_is_an_error(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    proc = run_cli("preview", str(pb), "--set", "site=LON-2",
+                   env={"INCIDENT_NOTIFY_VAR_STIE": "LON-2"})
+    assert proc.returncode == 3 and "INCIDENT_NOTIFY_VAR_STIE" in proc.stderr
+
+
+# ------------------------------------------------------------------ free text and duplicates
+def test_message_right_after_declare_reaches_every_channel_without_duplicates(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=1)
+    # Templates that ignore {{ message }} on SMS and Twitter.
+    pb.write_text(pb.read_text().replace(" {{ message }}\"", "\""))
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    assert first.exit_code == 0
+    words = "Generators are on; storage is back."
+    second = update(rt, first.incident_id, stage=None, sets={}, message=words)
+    assert second.exit_code == 0, second.to_dict()["result"]
+    tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
+    assert len(tweets) == 2 and words in tweets[1]["text"]
+    texts = [r["body"] for r in sandbox.twilio.received.all()]
+    assert sum(words in t for t in texts) == 2, "the words reach every SMS recipient"
+    mails = [r["raw"] for r in sandbox.smtp.received.all()]
+    assert sum(words in m for m in mails) == 2
+
+
+def test_identical_tweet_is_refused_before_sending(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    resolve(rt, first.incident_id, sets={})
+    before = received_total(sandbox)
+    with pytest.raises(StateError) as info:
+        reopen(rt, first.incident_id, sets={})
+    assert "identical" in info.value.message and "--message" in info.value.hint
+    assert received_total(sandbox) == before
+    again = reopen(rt, first.incident_id, sets={}, message="Power failed again at 14:02.")
+    assert again.exit_code == 0
+
+
+def test_empty_value_never_renders_a_blank(tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    from incident_notify.messages import collect_variables
+    from incident_notify.playbook import load_playbook
+
+    with pytest.raises(PlaybookError):
+        collect_variables(load_playbook(pb), ["site="])
