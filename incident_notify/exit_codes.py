@@ -31,6 +31,7 @@ class ExitCode(IntEnum):
     ABORTED = 11
     """The commander declined the confirmation, or no TTY and no --yes."""
     CONFIG = 12
-    """Configuration or credentials problem (config file, secrets file, missing env var)."""
+    """Configuration or credentials problem (config file, secrets file, missing env var), or a
+    path given cannot be read or written."""
     INTERRUPTED = 130
     """Stopped by Ctrl-C; the summary says what was sent and what is unknown."""

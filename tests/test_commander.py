@@ -137,3 +137,53 @@ def test_config_file_and_sources(tmp_path: Path) -> None:
     (tmp_path / "incident-notify.toml").write_text("colour = 1\n")
     bad = run_cli("config", "show", cwd=tmp_path)
     assert bad.returncode == ExitCode.CONFIG and "unknown setting 'colour'" in bad.stderr
+
+
+def test_ctrl_d_at_the_prompt_is_a_no(sandbox: Any, attached: dict[str, str]) -> None:
+    child = spawn(["declare", str(POWER), *VARS, "--sandbox"], attached)
+    child.expect(r"\[y/N\]")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == ExitCode.ABORTED
+    assert "Traceback" not in (child.before or "")
+    assert len(sandbox.twilio.received) == 0
+
+
+def test_resume_asks_like_every_sending_command(sandbox: Any, attached: dict[str, str]) -> None:
+    declared = json_doc(run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", "--json",
+                                env=attached))
+    incident = declared["data"]["incident"]
+    dry = run_cli("resume", incident, "--dry-run", "--sandbox", "--json", env=attached)
+    assert dry.returncode == 0 and json_doc(dry)["data"]["dry_run"] is True
+    refused = run_cli("resume", incident, "--sandbox", env=attached)
+    # Nothing to settle or send: no question needed, and everyone was reached.
+    assert refused.returncode == 0, refused.stderr
+
+
+@pytest.mark.parametrize("args, code", [
+    (["audit", "show", "--limit", "-1"], ExitCode.USAGE),
+    (["audit", "export", "-o", "/tmp"], ExitCode.CONFIG),
+    (["audit", "export", "-o", "/nonexistent-folder/x.csv"], ExitCode.CONFIG),
+    (["timeline", "INC-20990101-0001", "--replies"], ExitCode.NOT_FOUND),
+])
+def test_routine_mistakes_have_their_documented_code(tmp_path: Path, args: list[str],
+                                                     code: ExitCode) -> None:
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "this is a bug" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["validate", str(PLAYBOOKS)], ["status"],
+                                  ["audit", "show"]])
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str]) -> None:
+    import subprocess
+
+    env = {**os.environ, "INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = subprocess.Popen([sys.executable, "-m", "incident_notify", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == "", err

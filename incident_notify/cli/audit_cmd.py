@@ -95,7 +95,7 @@ def verify(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
 def show(
     audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
     status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many (the latest).")]
+    limit: Annotated[int, typer.Option("--limit", min=0, help="At most this many (the latest).")]
     = 200,
     json: JsonOpt = False,
 ) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from incident_notify import __version__
 from incident_notify.cli import output
-from incident_notify.errors import IncidentNotifyError, ProblemsError
+from incident_notify.errors import ConfigError, IncidentNotifyError, ProblemsError
 from incident_notify.exit_codes import ExitCode
 
 app = typer.Typer(
@@ -97,6 +97,16 @@ def _hoist_globals(args: list[str]) -> list[str]:
     return front + rest
 
 
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: never shows a traceback unless --debug is given."""
     _register()
@@ -115,6 +125,20 @@ def run(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         output.err_console().print("interrupted.", markup=False)
         sys.exit(int(ExitCode.INTERRUPTED))
+    except BrokenPipeError:
+        # The reader went away (`| head`): end quietly, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        _silence_stdout()
+        sys.exit(int(ExitCode.OK))
+    except OSError as exc:
+        if debug:
+            raise
+        # A path the user gave (or the default one) cannot be read or written.
+        where = f" {exc.filename}" if exc.filename else ""
+        sys.exit(report_error(ConfigError(
+            f"cannot use{where}: {exc.strerror or type(exc).__name__}",
+            hint="check the path (a file, not a folder; its folder exists) and its "
+            "permissions"), command))
     except Exception as exc:
         if debug:
             raise

@@ -31,6 +31,14 @@ class OutputState:
 state = OutputState()
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1; a closed pipe (`| head`) is the reader's choice, not an error:
+        # the entry point ends quietly.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 
@@ -51,14 +59,14 @@ def console() -> Console:
     stream = sys.stderr if state.json else sys.stdout
     width = _width(stream)
     # Off a terminal, long lines (error messages, paths) stay whole for grep and CI logs.
-    return Console(file=stream, no_color=_no_color(), highlight=False, width=width,
-                   soft_wrap=width is not None)
+    return _Console(file=stream, no_color=_no_color(), highlight=False, width=width,
+                    soft_wrap=width is not None)
 
 
 def err_console() -> Console:
     width = _width(sys.stderr)
-    return Console(file=sys.stderr, no_color=_no_color(), highlight=False, width=width,
-                   soft_wrap=width is not None)
+    return _Console(file=sys.stderr, no_color=_no_color(), highlight=False, width=width,
+                    soft_wrap=width is not None)
 
 
 def info(message: str) -> None:

@@ -91,8 +91,11 @@ def make_confirm(yes: bool, json_mode: bool, progress: LiveProgress | None = Non
             raise AbortedError(
                 "refusing to send without confirmation: no terminal to ask on and no --yes",
                 hint="a runbook must be explicit: add --yes (preview first with --dry-run)")
-        answer = input(f"Send {total} deliveries on {len(pre.audience_sizes)} channel(s)? "
-                       "[y/N] ").strip().lower()
+        try:
+            answer = input(f"Send {total} deliveries on {len(pre.audience_sizes)} "
+                           "channel(s)? [y/N] ").strip().lower()
+        except EOFError:  # Ctrl-D: no answer is a no
+            answer = ""
         return answer in ("y", "yes")
 
     return confirm
