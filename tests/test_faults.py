@@ -239,3 +239,55 @@ def test_every_probe_outcome_leaves_the_breaker_usable(event: str) -> None:
     getattr(breaker, event)()
     now[0] = 2.5
     assert breaker.allow()
+
+
+# ------------------------------------------------------------------ SIGKILL, then resume
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 40, 160])
+def test_sigkill_at_several_points_then_resume_reaches_everyone_once(
+        tmp_path: Path, sandbox: Any, kill_after: int) -> None:
+    """Kill the sender while requests are in flight (the emulators are slow, so many are
+    between their attempt record and their answer); `resume` settles SMS and tweets
+    against the emulators' records: every number gets exactly one SMS, no tweet twice, and
+    an email in doubt is listed, never silently lost or sent twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, json_doc, run_cli
+
+    pb = make_fanout_playbook(tmp_path / "pb", 120, twitter=True, subscribers=0, rate=2000,
+                              concurrency=4)
+    for emulator in (sandbox.twilio, sandbox.smtp, sandbox.twitter):
+        emulator.faults.update(latency_ms=40)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox", "--json"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < kill_after:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for emulator in (sandbox.twilio, sandbox.smtp, sandbox.twitter):
+        emulator.faults.update(latency_ms=0)
+    time.sleep(0.2)  # requests the killed process left in flight land at the emulators
+
+    incident = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"][0]["id"]
+    resumed = run_cli("resume", incident, "--yes", "--sandbox", "--json", env=env)
+    doc = json_doc(resumed)
+    assert resumed.returncode in (0, 5), resumed.stdout + resumed.stderr
+    in_doubt = {d["recipient"] for d in doc["data"]["in_doubt"]}
+    assert all(d["channel"] == "team_email" for d in doc["data"]["in_doubt"])
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert set(sms.values()) == {1} and set(sms) == {f"+1202555{i:04d}" for i in range(120)}
+    assert set(mail.values()) <= {1}
+    assert {f"person{i}@example.com" for i in range(120)} - set(mail) <= in_doubt
+    assert len(tweets(sandbox)) == 1
+    assert resumed.returncode == (5 if in_doubt else 0)
+    assert run_cli("audit", "verify", env=env).returncode == 0
