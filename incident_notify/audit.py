@@ -418,9 +418,9 @@ def _default_actor() -> str:
 
 @dataclass
 class _Slot:
-    entry: AuditEntry
+    entries: list[AuditEntry]
     done: bool = False
-    record: AuditRecord | None = None
+    records: list[AuditRecord] = field(default_factory=list)
     error: BaseException | None = None
 
 
@@ -429,7 +429,8 @@ class GroupCommitWriter:
     """Many threads append; concurrent appends share one write and one fsync.
 
     Whoever finds no write in progress becomes the leader and writes every queued entry;
-    the others wait until their entry is durable. `append` returns only then.
+    the others wait until their entry is durable. `append` returns only then. The entries
+    of one `append_many` are written together, in order, in the same write.
     """
 
     log: AuditLog
@@ -439,7 +440,12 @@ class GroupCommitWriter:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def append(self, event: str, **fields: Any) -> AuditRecord:
-        slot = _Slot(AuditEntry(event, **fields))
+        return self.append_many([AuditEntry(event, **fields)])[0]
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        slot = _Slot(list(entries))
+        if not slot.entries:
+            return []
         with self._cond:
             self._pending.append(slot)
             while not slot.done:
@@ -451,9 +457,11 @@ class GroupCommitWriter:
                                         self._pending[self.max_batch:])
                 self._cond.release()
                 try:
-                    records = self.log.append_many([s.entry for s in batch])
-                    for s, r in zip(batch, records, strict=True):
-                        s.record = r
+                    records = self.log.append_many([e for s in batch for e in s.entries])
+                    at = 0
+                    for s in batch:
+                        s.records = records[at:at + len(s.entries)]
+                        at += len(s.entries)
                 except BaseException as exc:  # every waiter must learn of the failure
                     for s in batch:
                         s.error = exc
@@ -467,8 +475,7 @@ class GroupCommitWriter:
             if isinstance(slot.error, AuditError):
                 raise slot.error
             raise AuditError(f"audit write failed: {slot.error}") from slot.error
-        assert slot.record is not None
-        return slot.record
+        return slot.records
 
     def records(self, **filters: Any) -> Iterator[AuditRecord]:
         return self.log.records(**filters)

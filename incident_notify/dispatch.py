@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from incident_notify.audit import AuditEntry
 from incident_notify.channels.base import (
     Channel,
     ChannelError,
@@ -47,6 +48,8 @@ OUTCOME_KEYS = ("sent", "failed", "failed_over", "skipped", "unknown")
 # --------------------------------------------------------------------- interfaces
 class AuditSink(Protocol):
     def append(self, event: str, **fields: Any) -> Any: ...
+
+    def append_many(self, entries: Sequence[AuditEntry]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ class Router(Protocol):
 
     def opted_out(self, delivery: Delivery) -> None:
         """The provider says the recipient unsubscribed (Twilio 21610)."""
+        ...
+
+    def new_records(self) -> list[AuditEntry]:
+        """Records the router's last answers need first (``message.rendered`` of a new
+        fallback message); the dispatcher writes them with the failover, in one batch."""
         ...
 
 
@@ -285,6 +293,7 @@ class Dispatcher:
         self._slots = threading.Semaphore(max_queued)
         self._lock = threading.Lock()
         self._down = dict(down) if isinstance(down, Mapping) else dict.fromkeys(down, "")
+        self._reroute_lock = threading.Lock()
         self._attempts: dict[str, int] = {}
         """Attempts (requests that may have reached the provider) per key, this run."""
 
@@ -536,18 +545,25 @@ class Dispatcher:
         if exc.opt_out:
             self.router.opted_out(d)
         if exc.opt_out or exc.recipient_problem:
-            nxt = self.router.next_channel(d)
-            if nxt is not None:
-                self._record(d, "failover", {**payload, "to": [p.delivery.key for p in nxt],
-                                             "reason": str(exc)}, outcome="failed_over")
-                self._start(nxt, d, str(exc))
-                return
+            with self._reroute_lock:
+                nxt = self.router.next_channel(d)
+                if nxt is not None:
+                    self._start(nxt, d, str(exc), [(d, {**payload, "to": [p.delivery.key
+                                                                          for p in nxt],
+                                                         "reason": str(exc)})])
+                    return
         self._record(d, "failed", payload)
         for rest in whole[1:]:
             self._record(rest, "failed", {"error": "an earlier thread part was refused",
                                           "permanent": True})
 
     def _failover(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
+        # One failover at a time: the messages a reroute renders must land in the same
+        # batch as the deliveries that use them.
+        with self._reroute_lock:
+            self._failover_locked(d, reason, whole)
+
+    def _failover_locked(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
         planned = self.router.reroute(d, reason)
         rest = whole[1:]
         if planned is None:
@@ -558,24 +574,34 @@ class Dispatcher:
                                               "no_fallback": True, "as_part_of": d.key})
             return
         # The unsent parts of a thread travel as one message on the fallback channels.
-        for part in rest:
-            self._record(part, "failover", {"reason": reason, "to": [], "as_part_of": d.key},
-                         outcome="failed_over")
-        self._record(d, "failover", {"reason": reason, "to": [p.delivery.key for p in planned],
-                                     "to_channels": sorted({p.delivery.channel for p in planned})},
-                     outcome="failed_over")
-        self._start(planned, d, reason)
+        moved = [(d, {"reason": reason, "to": [p.delivery.key for p in planned],
+                      "to_channels": sorted({p.delivery.channel for p in planned})})]
+        moved += [(part, {"reason": reason, "to": [], "as_part_of": d.key}) for part in rest]
+        self._start(planned, d, reason, moved)
 
-    def _start(self, planned: list[Planned], original: Delivery, reason: str) -> None:
+    def _start(self, planned: list[Planned], original: Delivery, reason: str,
+               moved: list[tuple[Delivery, dict[str, Any]]]) -> None:
+        """Record a failover as one batch, so a crash cannot separate its halves: the new
+        messages, the new deliveries, then the ``delivery.failover`` of each moved one."""
+        entries = list(self.router.new_records())
+        entries += [AuditEntry("delivery.planned", incident=self.incident_id,
+                               channel=p.delivery.channel,
+                               recipient=p.delivery.recipient or None, key=p.delivery.key,
+                               payload=dict(p.payload)) for p in planned]
+        entries += [AuditEntry("delivery.failover", incident=self.incident_id,
+                               channel=m.channel, recipient=m.recipient or None, key=m.key,
+                               payload=payload) for m, payload in moved]
+        self.audit.append_many(entries)
         info = {"from": original.channel, "to": sorted({p.delivery.channel for p in planned}),
                 "reason": reason, "deliveries": len(planned)}
         with self._lock:
             self.result.failovers.append({"key": original.key, **info})
+            for m, _ in moved:
+                self.result.add(m.channel, "failed_over")
         self._emit("failover", original, info)
+        for m, payload in moved:
+            self._emit("failed_over", m, payload)
         for p in planned:
-            self.audit.append("delivery.planned", incident=self.incident_id,
-                              channel=p.delivery.channel, recipient=p.delivery.recipient or None,
-                              key=p.delivery.key, payload=dict(p.payload))
             self._submit([p.delivery], from_feeder=False)
 
     def _record(self, d: Delivery, event: str, payload: Mapping[str, Any],

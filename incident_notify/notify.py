@@ -297,27 +297,27 @@ def _stage_channels(pb: Playbook, stage: str) -> list[str]:
 
 
 class AuditedRouter:
-    """Planner as the dispatcher's router, writing any new rendered message first."""
+    """The planner as the dispatcher's router. New rendered messages (a fallback's) are
+    handed back as records for the dispatcher to write with the failover that needs them;
+    an opt-out is recorded at once."""
 
     def __init__(self, planner: Planner, audit: Any, incident_id: str) -> None:
         self.planner = planner
         self.audit = audit
         self.incident_id = incident_id
 
-    def _flush(self) -> None:
-        for payload in self.planner.take_new_renders():
-            self.audit.append("message.rendered", incident=self.incident_id,
-                              channel=payload["channel"], payload=payload)
+    def new_records(self) -> list[Any]:
+        from incident_notify.audit import AuditEntry
+
+        return [AuditEntry("message.rendered", incident=self.incident_id,
+                           channel=payload["channel"], payload=payload)
+                for payload in self.planner.take_new_renders()]
 
     def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:
-        planned = self.planner.reroute(delivery, reason)
-        self._flush()
-        return planned
+        return self.planner.reroute(delivery, reason)
 
     def next_channel(self, delivery: Delivery) -> list[Planned] | None:
-        planned = self.planner.next_channel(delivery)
-        self._flush()
-        return planned
+        return self.planner.next_channel(delivery)
 
     def opted_out(self, delivery: Delivery) -> None:
         self.planner.opted_out(delivery)

@@ -291,3 +291,24 @@ def test_sigkill_at_several_points_then_resume_reaches_everyone_once(
     assert len(tweets(sandbox)) == 1
     assert resumed.returncode == (5 if in_doubt else 0)
     assert run_cli("audit", "verify", env=env).returncode == 0
+
+
+def test_settling_never_takes_someone_elses_message_for_ours(sandbox: Any) -> None:
+    """A provider list that ignores its filters must not make a lost SMS look delivered."""
+    from datetime import UTC, datetime, timedelta
+
+    from incident_notify.channels.base import ChannelSpec, Delivery, NoAttempt, OutgoingMessage
+    from incident_notify.channels.sms import SMSChannel
+
+    ch = SMSChannel(ChannelSpec("sms", "sms", "+15005550006"), sandbox.env())
+    since = datetime.now(UTC) - timedelta(seconds=1)
+
+    def to(number: str) -> Delivery:
+        return Delivery(key=f"k/{number}", incident_id="I", update_no=1, channel="sms",
+                        recipient=number, message=OutgoingMessage(text="Power is back."))
+
+    sent = ch.send(to("+12025550101"), NoAttempt())
+    sandbox.twilio.honour_list_filters = False
+    assert ch.find_sent(to("+12025550102"), since) is None
+    found = ch.find_sent(to("+12025550101"), since)
+    assert found is not None and found.provider_id == sent.provider_id

@@ -26,6 +26,7 @@ from incident_notify.channels.base import (
     PermanentChannelError,
     Receipt,
     TransientChannelError,
+    Unknowable,
 )
 from incident_notify.errors import ConfigError
 
@@ -74,10 +75,16 @@ class SMSChannel(Channel):
             base = self.api_base(TWILIO_API)
 
             class Rewriting(TwilioHttpClient):
+                last_headers: Any = None
+                """Headers of the last answer (a 429's Retry-After; the client drops them)."""
+
                 def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
                     if url.startswith(TWILIO_API):
                         url = base + url[len(TWILIO_API):]
-                    return super().request(method, url, *args, **kwargs)
+                    self.last_headers = None
+                    response = super().request(method, url, *args, **kwargs)
+                    self.last_headers = getattr(response, "headers", None)
+                    return response
 
             http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
             client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
@@ -117,7 +124,13 @@ class SMSChannel(Channel):
         floor = since - timedelta(minutes=5)  # clocks differ a little
         for message in found:
             created = message.date_created
-            if message.body != delivery.message.text:
+            if message.body is None or message.to is None:
+                # A list that hides bodies or recipients cannot prove anything either way.
+                raise Unknowable(f"{self.name}: Twilio's message list does not show the "
+                                 "body and recipient", channel=self.name, code="unknowable")
+            if message.to != delivery.recipient or message.body != delivery.message.text:
+                continue
+            if self.spec.sender and message.from_ and message.from_ != self.spec.sender:
                 continue
             if created is not None and created.astimezone(UTC) < floor:
                 continue
@@ -139,6 +152,12 @@ class SMSChannel(Channel):
         latency = (time.monotonic() - started) * 1000
         return Health(ok=account.status == "active", detail=f"account {account.status}",
                       latency_ms=latency)
+
+    def _retry_after(self) -> float:
+        """Seconds until Twilio accepts requests again: its Retry-After header, else 1 s."""
+        client = getattr(self._local, "client", None)
+        headers = getattr(getattr(client, "http_client", None), "last_headers", None) or {}
+        return _seconds(headers.get("Retry-After") or headers.get("retry-after"))
 
     def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
         """Twilio / transport errors to our classes, with no credential in the text."""
@@ -168,7 +187,7 @@ class SMSChannel(Channel):
                     channel_down=True)
             if code == 20429 or status == 429:
                 return TransientChannelError(f"{name}: rate limited ({text})", channel=name,
-                                             code="429", retry_after=_retry_after(exc))
+                                             code="429", retry_after=self._retry_after())
             if status >= 500:
                 return TransientChannelError(f"{name}: Twilio unavailable ({text})",
                                              channel=name, code=str(code or status))
@@ -177,11 +196,17 @@ class SMSChannel(Channel):
         return transport_error(name, "Twilio", exc)
 
 
-def _retry_after(exc: Any) -> float:
-    """Seconds until Twilio accepts requests again: its Retry-After header, else 1 s."""
-    headers = getattr(exc, "headers", None) or {}
-    raw = headers.get("Retry-After") or headers.get("retry-after")
+def _seconds(raw: Any) -> float:
+    """A Retry-After value (seconds, or an HTTP date) as seconds from now, at least 1."""
+    if not raw:
+        return 1.0
     try:
-        return max(1.0, float(raw)) if raw else 1.0
-    except ValueError:
+        return max(1.0, float(raw))
+    except (TypeError, ValueError):
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(1.0, (parsedate_to_datetime(str(raw)) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
         return 1.0

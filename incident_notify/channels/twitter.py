@@ -17,6 +17,7 @@ from incident_notify.channels.base import (
     Health,
     PermanentChannelError,
     Receipt,
+    Unknowable,
 )
 
 
@@ -77,6 +78,9 @@ class TwitterChannel(Channel):
         except Exception as exc:
             raise map_error(self.name, exc) from None
         for tweet in response.data or []:
+            if tweet.text is None:
+                raise Unknowable(f"{self.name}: the timeline does not show tweet texts",
+                                 channel=self.name, code="unknowable")
             replied = next((str(r.id) for r in (tweet.referenced_tweets or [])
                             if r.type == "replied_to"), None)
             if tweet.text == delivery.message.text and replied == (delivery.reply_to or None):

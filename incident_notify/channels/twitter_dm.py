@@ -14,6 +14,7 @@ from incident_notify.channels.base import (
     Delivery,
     PermanentChannelError,
     Receipt,
+    Unknowable,
 )
 from incident_notify.channels.twitter import TwitterChannel
 
@@ -74,8 +75,11 @@ class TwitterDMChannel(TwitterChannel):
             raise map_error(self.name, exc) from None
         for event in response.data or []:
             created = getattr(event, "created_at", None)
-            if str(getattr(event, "sender_id", "")) != mine or event.text != \
-                    delivery.message.text:
+            sender = getattr(event, "sender_id", None)
+            if sender is None or getattr(event, "text", None) is None:
+                raise Unknowable(f"{self.name}: the DM conversation does not show senders "
+                                 "and texts", channel=self.name, code="unknowable")
+            if str(sender) != mine or event.text != delivery.message.text:
                 continue
             if created is not None and created < floor:
                 continue
