@@ -495,6 +495,8 @@ class Dispatcher:
             if breaker.failure():
                 self._open(runner, d.channel, str(exc))
             self._record(d, "unknown", _err(exc, attempt.number))
+            if not d.contact_id:
+                self._cover_unknown_broadcast(d, str(exc), whole)
             return True
         elapsed = time.monotonic() - first_attempt_at
         if exc.retry_after is not None:
@@ -525,6 +527,19 @@ class Dispatcher:
         if self.stop.wait(delay):
             return True
         return None
+
+    def _cover_unknown_broadcast(self, d: Delivery, reason: str,
+                                 whole: list[Delivery]) -> None:
+        """A public post whose outcome is unknown (the provider hung or dropped the line):
+        the people who hear on its fallback channels when it is down hear now too. The post
+        itself stays unknown for `resume` to settle; the rest of its thread moves with it."""
+        with self._reroute_lock:
+            planned = self.router.reroute(d, f"outcome unknown: {reason}")
+            if planned is None:
+                return  # no fallback: the rest of the thread waits for resume
+            moved = [(part, {"reason": f"an earlier part's outcome is unknown: {reason}",
+                             "to": [], "as_part_of": d.key}) for part in whole[1:]]
+            self._start(planned, d, f"outcome unknown: {reason}", moved)
 
     def _open(self, runner: ChannelRunner, channel: str, reason: str) -> None:
         if not runner.down_reason:

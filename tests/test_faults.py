@@ -312,3 +312,26 @@ def test_settling_never_takes_someone_elses_message_for_ours(sandbox: Any) -> No
     assert ch.find_sent(to("+12025550102"), since) is None
     found = ch.find_sent(to("+12025550101"), since)
     assert found is not None and found.provider_id == sent.provider_id
+
+
+def test_tweet_that_hangs_after_a_healthy_check_is_unknown_and_the_public_still_hears(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=3)
+    pb.write_text(pb.read_text().replace('sender: "@acme_status"\n',
+                                         'sender: "@acme_status"\n    timeout_s: 2\n'))
+    sandbox.twitter.faults.update(send_latency_ms=5_000)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert time.monotonic() - started < 10, "one read timeout, no retry"
+    assert outcome.preflight is not None and outcome.preflight.health["status_twitter"].ok
+    assert [r.channel for r in events(rt, "delivery.unknown")] == ["status_twitter"]
+    assert set(sms_to(sandbox)) >= SUBSCRIBERS, "subscribers hear on the fallback"
+    assert outcome.exit_code == 5 and outcome.verdict is not None
+    assert [r.who for r in outcome.verdict.in_doubt] == ["public:status_twitter"]
+
+    time.sleep(4)  # the emulator finally posts the tweet it was holding
+    sandbox.twitter.faults.update(send_latency_ms=0)
+    settled = resume(rt, outcome.incident_id)
+    assert settled.exit_code == 0
+    assert len(tweets(sandbox)) == 1, "found on the timeline, not posted again"

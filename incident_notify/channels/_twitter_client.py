@@ -27,6 +27,7 @@ def make_client(channel: Channel) -> Any:
     import tweepy
 
     base = channel.api_base(TWITTER_API)
+    timeout = (5.0, float(getattr(channel.options, "timeout_s", 20.0)))
 
     class RewritingSession(requests.Session):
         def request(self, method: str | bytes, url: str | bytes, *args: Any,
@@ -35,7 +36,7 @@ def make_client(channel: Channel) -> Any:
             for origin in (TWITTER_API, "https://api.x.com"):
                 if text.startswith(origin):
                     text = base + text[len(origin):]
-            kwargs.setdefault("timeout", (5, 20))
+            kwargs.setdefault("timeout", timeout)
             return super().request(method, text, *args, **kwargs)
 
     key, secret, token, token_secret = (channel.secret(n) for n in CREDENTIALS)

@@ -12,6 +12,7 @@ from incident_notify.channels.base import (
     Attempt,
     Channel,
     ChannelLimits,
+    ChannelOptions,
     ChannelSpec,
     Delivery,
     Health,
@@ -21,8 +22,15 @@ from incident_notify.channels.base import (
 )
 
 
+class TwitterOptions(ChannelOptions):
+    timeout_s: float = 20.0
+    """Seconds to wait for Twitter's answer before the request counts as in doubt."""
+
+
 class TwitterChannel(Channel):
     type_name: ClassVar[str] = "twitter"
+    Options = TwitterOptions
+    options: TwitterOptions
     # POST /2/tweets allows 100 requests per 15 minutes per user on the paid tiers (fewer
     # on Free): 0.1/s sustained with a small burst for a thread. One in flight keeps a
     # thread's parts in order.

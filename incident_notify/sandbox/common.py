@@ -43,6 +43,9 @@ class Faults:
     """Answer every request with 503 (HTTP) or 421 (SMTP)."""
     latency_ms: float = 0.0
     """Sleep this long before answering each request."""
+    send_latency_ms: float = 0.0
+    """Sleep this long before answering each send (POST) only: the health check still
+    answers at once, then the sends hang."""
     rate_limit: int | None = None
     """At most this many accepted requests per `rate_window_s`; then 429."""
     rate_window_s: float = 900.0
@@ -244,6 +247,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         with self.emulator.lock_hits:
             self.emulator.hits[urllib.parse.urlparse(self.path).path] += 1
         delay = self.emulator.faults.latency_ms
+        if self.command == "POST" and not self.path.startswith("/_sandbox/"):
+            delay += self.emulator.faults.send_latency_ms
         if delay > 0:
             time.sleep(delay / 1000.0)
 
