@@ -152,6 +152,8 @@ def check_playbook(path: Path, *, check_contacts: bool = True, region: str = "US
         return report
     modes: tuple[VariableMode, ...] = ("example", "worst")
     for mode in modes:
+        if report.problems:
+            break  # the worst case would only repeat what the examples already showed
         values = resolve_variables(pb, {}, mode=mode)
         for stage in pb.stage_names:
             ctx = IncidentContext(stage=stage, message="Example free-text update."

@@ -63,7 +63,11 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict)
 
     def audit_path(self) -> Path:
-        return self.audit_log or state_dir() / "audit.jsonl"
+        """The log named by the user, else the default one; a sandbox run that names none
+        records into its own log, never the real incidents' record."""
+        if self.audit_log is not None:
+            return self.audit_log
+        return state_dir() / ("sandbox-audit.jsonl" if self.sandbox else "audit.jsonl")
 
     def optouts_path(self) -> Path:
         return self.optouts or self.audit_path().parent / "optouts.jsonl"
@@ -112,14 +116,18 @@ def load_settings(overrides: Mapping[str, Any] | None = None, cwd: Path | None =
     env = os.environ if environ is None else environ
     settings = Settings()
     names = {f.name for f in fields(Settings)} - {"sources"}
+    from incident_notify.files import InputFileError, read_input
+
     for path in config_files(cwd):
         if not path.is_file():
             continue
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
+            data = tomllib.loads(read_input(path).decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}",
                               hint="fix the file or remove it") from None
+        except InputFileError as exc:
+            raise ConfigError(f"{path}: {exc.message}", hint=exc.hint) from None
         section = data.get("incident-notify", data)
         for key, value in section.items():
             if key not in names:
@@ -127,6 +135,12 @@ def load_settings(overrides: Mapping[str, Any] | None = None, cwd: Path | None =
                                   hint=f"known settings: {', '.join(sorted(names))}")
             if key in ("secrets", "password", "token"):
                 raise ConfigError(f"{path}: secrets do not belong in the config file")
+            if key == "sandbox":
+                # A file in the working directory must never turn a real send into a
+                # rehearsal: sandbox mode comes from --sandbox or INCIDENT_NOTIFY_SANDBOX.
+                raise ConfigError(f"{path}: 'sandbox' cannot be set in a config file",
+                                  hint="use --sandbox, or INCIDENT_NOTIFY_SANDBOX=1 in the "
+                                  "environment of a rehearsal")
             resolved = _coerce(key, value, str(path))
             if isinstance(resolved, Path) and not resolved.is_absolute():
                 resolved = path.parent / resolved
@@ -152,16 +166,25 @@ _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$"
 
 def read_secrets_file(path: Path) -> dict[str, str]:
     """A dotenv-style file: NAME=value lines, '#' comments, optional quotes and 'export'."""
+    from incident_notify.files import InputFileError, check_input
+
     try:
+        info = check_input(path)
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read secrets file {path}: {exc.strerror}",
+    except InputFileError as exc:
+        raise ConfigError(f"secrets file {path} {exc.message}", hint=exc.hint) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read secrets file {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}",
                           hint="check --secrets / INCIDENT_NOTIFY_SECRETS_FILE") from None
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
-        # Readable by others: refuse rather than quietly use leaked credentials.
-        raise ConfigError(f"secrets file {path} is readable by other users",
-                          hint=f"chmod 600 {path}")
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # Open to others: refuse rather than use credentials someone else can read or
+        # change (a group-writable file could point the credentials elsewhere).
+        raise ConfigError(f"secrets file {path} is open to other users "
+                          f"(mode {stat.S_IMODE(info.st_mode):04o})", hint=f"chmod 600 {path}")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise ConfigError(f"secrets file {path} belongs to another user",
+                          hint="use a secrets file you own (chown, or copy it)")
     secrets: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -173,8 +196,16 @@ def read_secrets_file(path: Path) -> dict[str, str]:
         value = match.group(2)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        if match.group(1) in ENDPOINT_VARIABLES:
+            raise ConfigError(f"{path}:{number}: {match.group(1)} is an endpoint, not a "
+                              "secret", hint="endpoints come from the environment or the "
+                              "config file, where the preflight shows them")
         secrets[match.group(1)] = value
     return secrets
+
+
+ENDPOINT_VARIABLES = frozenset({"INCIDENT_NOTIFY_TWITTER_API_BASE",
+                                "INCIDENT_NOTIFY_TWILIO_API_BASE", "INCIDENT_NOTIFY_SMTP_URL"})
 
 
 def load_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:

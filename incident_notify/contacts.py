@@ -380,8 +380,15 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
         summary = SourceSummary(source)
         if summaries is not None:
             summaries.append(summary)
-        if not path.exists():
+        from incident_notify.files import MAX_CONTACTS_BYTES, InputFileError, check_input
+
+        try:
+            check_input(path, MAX_CONTACTS_BYTES)
+        except FileNotFoundError:
             sink.append(Problem(source, None, None, "contacts source not found"))
+            continue
+        except InputFileError as exc:
+            sink.append(Problem(source, None, None, exc.message, exc.hint))
             continue
         rows = (_rows_csv(path, source, sink) if path.suffix == ".csv"
                 else _rows_yaml(path, source, sink))

@@ -63,12 +63,15 @@ class IncidentContext:
 
 
 def template_dirs(pb: Playbook) -> list[Path]:
-    """Where `template:` files are looked up, first match wins."""
-    dirs = [pb.path.parent, pb.path.parent / "templates", pb.path.parent.parent / "templates"]
+    """Where `template:` files are looked up, first match wins: `templates/` beside the
+    playbook, then `templates/` beside the playbooks' folder (and the operator's
+    INCIDENT_NOTIFY_TEMPLATES first). Never the playbook's own folder or the working
+    directory: contacts, secrets and playbooks live there, and a template could include
+    them into a public tweet."""
+    dirs = [pb.path.parent / "templates", pb.path.parent.parent / "templates"]
     env = os.environ.get("INCIDENT_NOTIFY_TEMPLATES")
     if env:
         dirs.insert(0, Path(env))
-    dirs.append(Path.cwd() / "templates")
     unique: list[Path] = []
     for d in dirs:
         resolved = d.resolve()

@@ -94,6 +94,8 @@ class SendOutcome:
     in_doubt: list[dict[str, Any]] = field(default_factory=list)
     """Deliveries still unknown after settling with the providers: key, channel, recipient,
     contact, attempts."""
+    sandbox: bool = False
+    """Sent to the local emulators: a rehearsal, not a notification."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -131,6 +133,7 @@ class SendOutcome:
             "preflight": self.preflight.to_dict() if self.preflight else None,
             "result": self.result_dict(),
             "in_doubt": self.in_doubt,
+            "sandbox": self.sandbox,
         }
 
 
@@ -536,7 +539,8 @@ def declare(rt: Runtime, playbook: Path, values: dict[str, str], *, message: str
     provisional = next_incident_id(rt)
     payload = {"playbook": str(playbook.resolve()), "playbook_name": pb.name,
                "title": pb.model.title, "severity": pb.model.severity, "stage": first,
-               "update_no": 1, "variables": values, "message": message}
+               "update_no": 1, "variables": values, "message": message,
+               "sandbox": rt.sandbox is not None}
     return run_update(rt, pb, provisional, 1, spec, None, dry_run=dry_run, confirm=confirm,
                       progress=progress, lifecycle_payload=payload)
 

@@ -30,6 +30,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_VARIABLE_LENGTH = 10_000
+MAX_PATTERN_LENGTH = 500
+
+
+def slow_pattern(pattern: str) -> str | None:
+    """Why `pattern` could take exponential time on some value (a repetition inside a
+    repetition, or alternatives under one: ``(A+)+B``, ``(a|a)*``), or None. Such patterns
+    are refused rather than run: Python's regex engine cannot be interrupted."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    try:
+        from re import _parser as parser  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_parse as parser
+    repeats = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+
+    def walk(items: Any, under_repeat: bool) -> str | None:
+        for op, arg in items:
+            name = str(op)
+            if name in repeats:
+                _low, high, sub = arg
+                if under_repeat and high != 0:
+                    return "nests a repetition inside a repetition"
+                found = walk(sub, under_repeat or high > 1)
+                if found:
+                    return found
+            elif name == "BRANCH":
+                if under_repeat:
+                    return "repeats a choice of alternatives"
+                for branch in arg[1]:
+                    found = walk(branch, under_repeat)
+                    if found:
+                        return found
+            elif name == "SUBPATTERN":
+                found = walk(arg[-1], under_repeat)
+                if found:
+                    return found
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                found = walk(arg[1], under_repeat)
+                if found:
+                    return found
+        return None
+
+    try:
+        return walk(parser.parse(pattern), False)
+    except Exception:
+        return None  # re.compile reports a malformed pattern
+
+
 class Variable(_Strict):
     """An incident variable a commander supplies with --set (declared so CI can check it)."""
 
@@ -38,7 +87,7 @@ class Variable(_Strict):
     example: str
     """A realistic value: validate renders every template with it."""
     default: str | None = None
-    max_length: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(default=None, ge=1, le=MAX_VARIABLE_LENGTH)
     """Longest value allowed; validate also renders with a value this long (worst case)."""
     pattern: str | None = None
     """Optional regular expression a value must match in full."""
@@ -62,6 +111,9 @@ class Variable(_Strict):
                 rx = re.compile(self.pattern)
             except re.error as exc:
                 raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+            problem = slow_pattern(self.pattern)
+            if problem:
+                raise ValueError(f"pattern {problem}; write it without nesting repetitions")
             if not rx.fullmatch(self.example):
                 raise ValueError(f"example {self.example!r} does not match pattern")
         return self

@@ -3,6 +3,12 @@ blank in a public tweet, and a template cannot reach Python internals.
 
 Errors become `TemplateError` problems with absolute positions: an inline template that
 starts on line 27 of a playbook reports its own line 2 as line 28 of the playbook.
+
+Templates stay in their room and do bounded work: files load only from the template
+folders (no symlink out of them, only template suffixes, so no contacts, secrets or
+playbooks can be included), the sandbox refuses string and number operations that would
+build more than `MAX_OUTPUT` characters, and a render that runs longer than `MAX_RENDER_S`
+is stopped.
 """
 
 from __future__ import annotations
@@ -30,20 +36,121 @@ def _utc(value: Any) -> str:
     return str(value)
 
 
+MAX_OUTPUT = 100_000
+"""Characters one template may produce, and the largest string or number it may build."""
+MAX_RENDER_S = 1.0
+TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".tmpl")
+
+
+class RenderLimit(Exception):
+    """A template asked for more work than a message can need."""
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str | bytes | list | tuple) and len(value) > MAX_OUTPUT:
+        raise RenderLimit(f"would build {len(value):,} characters (limit {MAX_OUTPUT:,})")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        raise RenderLimit("would build a number larger than 10^15")
+    return value
+
+
+def _bounded_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_OUTPUT:
+            raise RenderLimit(f"argument {a:,} is larger than {MAX_OUTPUT:,}")
+
+
+def _guard_filter(fn: Any) -> Any:
+    from functools import wraps
+
+    @wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _bounded_args(args[1:], kwargs)
+        return _check_size(fn(*args, **kwargs))
+
+    return guarded
+
+
+def _make_loader(dirs: Sequence[Path]) -> Any:
+    import os
+
+    from jinja2 import BaseLoader, TemplateNotFound
+
+    roots = [d.resolve() for d in dirs]
+
+    class RoomLoader(BaseLoader):
+        """Templates from `roots` only: resolved (symlinks followed) they must still lie
+        inside the root they were found in, be regular files and end in a template
+        suffix."""
+
+        def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
+            from incident_notify.files import InputFileError, read_input
+
+            if not template.endswith(TEMPLATE_SUFFIXES) or "\x00" in template:
+                raise TemplateNotFound(template)
+            for root in roots:
+                candidate = (root / template).resolve()
+                if not candidate.is_relative_to(root) or not candidate.is_file():
+                    continue
+                try:
+                    source = read_input(candidate).decode("utf-8")
+                except (InputFileError, OSError, UnicodeDecodeError):
+                    continue
+                mtime = os.path.getmtime(candidate)
+                return source, str(candidate), \
+                    lambda c=candidate, m=mtime: os.path.getmtime(c) == m
+            raise TemplateNotFound(template)
+
+    return RoomLoader()
+
+
 def _make_env(dirs: Sequence[Path], autoescape: bool) -> Environment:
-    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
     class Sandboxed(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%", "//", "<<"})
+
         def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
             # The stock sandbox allows some dunder access (''.__class__); refuse any
-            # name starting with '_' outright.
-            if attr.startswith("_"):
+            # name starting with '_' outright, and str.format (its width specs are
+            # unbounded).
+            if attr.startswith("_") or attr in ("format", "format_map"):
                 return False
             return bool(super().is_safe_attribute(obj, attr, value))
 
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise RenderLimit(f"exponent {right:,} is too large")
+            if operator == "<<" and isinstance(right, int) and right > 64:
+                raise RenderLimit(f"shift {right:,} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, str | list | tuple) and isinstance(n, int) \
+                            and len(seq) * n > MAX_OUTPUT:
+                        raise RenderLimit(f"would build {len(seq) * n:,} characters "
+                                          f"(limit {MAX_OUTPUT:,})")
+            if operator == "%" and isinstance(left, str) and "*" in left:
+                raise RenderLimit("'*' widths in %-formatting are not allowed")
+            return _check_size(super().call_binop(context, operator, left, right))
+
+        def wrap_str_format(self, value: Any) -> Any:
+            if super().wrap_str_format(value) is None:
+                return None
+
+            def refuse(*args: Any, **kwargs: Any) -> str:
+                # A format spec's width is unbounded ('{:>999999999}'): use filters.
+                raise RenderLimit("str.format is not available in templates")
+
+            return refuse
+
+        def call(__self, __context: Any, __obj: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+            _bounded_args(args, kwargs)
+            return _check_size(super().call(__context, __obj, *args, **kwargs))
+
     env = Sandboxed(
-        loader=FileSystemLoader([str(d) for d in dirs]),
+        loader=_make_loader(dirs),
         undefined=StrictUndefined,
         autoescape=autoescape,
         trim_blocks=True,
@@ -51,7 +158,59 @@ def _make_env(dirs: Sequence[Path], autoescape: bool) -> Environment:
         keep_trailing_newline=False,
     )
     env.filters["utc"] = _utc
+    for name, fn in list(env.filters.items()):
+        env.filters[name] = _guard_filter(fn)
     return env
+
+
+def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
+    """Render with an output cap and a time limit. The watchdog raises RenderLimit in the
+    rendering thread (Jinja's compiled templates are Python: the exception lands at the
+    next bytecode, even in a loop that writes nothing)."""
+    import ctypes
+    import threading
+
+    tid = threading.get_ident()
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
+                                                           ctypes.py_object(RenderLimit))
+
+    timer = threading.Timer(MAX_RENDER_S, fire)
+    timer.daemon = True
+    try:
+        timer.start()
+        try:
+            out: list[str] = []
+            size = 0
+            try:
+                for chunk in template.root_render_func(
+                        template.new_context(dict(variables))):
+                    size += len(chunk)
+                    if size > MAX_OUTPUT:
+                        raise RenderLimit(f"produces more than {MAX_OUTPUT:,} characters")
+                    out.append(chunk)
+            except RenderLimit:
+                raise
+            except Exception:
+                # Jinja rewrites the traceback to template lines (for the error's line).
+                template.environment.handle_exception()
+            return "".join(out)
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+            if state["fired"]:  # clear an exception set but not yet delivered
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+    except RenderLimit as exc:
+        if state["fired"] and not str(exc):
+            raise RenderLimit(f"took longer than {MAX_RENDER_S:.0f}s") from None
+        raise
 
 
 class Renderer:
@@ -71,7 +230,7 @@ class Renderer:
         env = self._env(html)
         try:
             template = env.from_string(source)
-            return str(template.render(**variables))
+            return _render_bounded(template, variables)
         except Exception as exc:
             raise self._error(exc, origin, line) from None
 
@@ -91,7 +250,7 @@ class Renderer:
         except Exception as exc:
             raise self._error(exc, str(Path(self._path_of(name))), None) from None
         try:
-            return str(template.render(**variables))
+            return _render_bounded(template, variables)
         except Exception as exc:
             err = self._error(exc, template.filename or name, None)
             # Point at the file, and also say which playbook line uses it.
@@ -147,6 +306,11 @@ class Renderer:
             return TemplateError([Problem(
                 origin, absolute(tl), None, f"variable {name!r} is not defined ({message})",
                 f"declare it under variables: in the playbook or pass --set {name}=...")])
+        if isinstance(exc, RenderLimit):
+            return TemplateError([Problem(origin, absolute(_template_line(exc)), None,
+                                          f"template does too much work: {exc}",
+                                          "a message template renders a message: no huge "
+                                          "repetitions or long loops")])
         if isinstance(exc, SecurityError):
             return TemplateError([Problem(origin, absolute(_template_line(exc)), None,
                                           f"template tried unsafe access: {exc}",

@@ -75,7 +75,8 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
 
     declared = doc("declare", str(POWER), *VARS, "--yes", "--sandbox")["data"]
     _keys(declared, {"incident", "stage", "update_no", "dry_run", "preflight", "result",
-                     "in_doubt"}, "declare")
+                     "in_doubt", "sandbox"}, "declare")
+    assert declared["sandbox"] is True
     _keys(declared["preflight"], {"incident", "playbook", "stage", "update_no", "event",
                                   "messages", "deliveries_per_channel", "health", "skipped",
                                   "warnings", "invalid_contacts",
@@ -101,7 +102,7 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
     _keys(config, {"settings", "config_files", "credentials", "environment"}, "config show")
     resumed = doc("resume", incident, "--yes", "--sandbox")["data"]
     _keys(resumed, {"incident", "stage", "update_no", "dry_run", "preflight", "result",
-                    "in_doubt"}, "resume")
+                    "in_doubt", "sandbox"}, "resume")
     preview = doc("preview", str(POWER), *VARS)["data"]
     _keys(preview, {"playbook", "stage", "messages"}, "preview")
 

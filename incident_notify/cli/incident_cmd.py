@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,15 +58,22 @@ def runtime(audit_log: Path | None, sandbox: bool = False,
 
 
 def _send(command: str, json: bool, yes: bool, dry_run: bool,
-          action: Callable[[Any, Any], SendOutcome]) -> None:
+          action: Callable[[Any, Any], SendOutcome], rt: Runtime) -> None:
     """Run a sending action with confirmation, progress and the summary/exit code."""
     from incident_notify.cli.progress import LiveProgress, make_confirm, print_outcome
 
     output.state.json = json
+    sandboxed = rt.sandbox is not None
+    if sandboxed:
+        # Never mistakable for a real send: said first, on stderr, whatever the mode.
+        output.err_console().print(
+            f"SANDBOX: messages go to the local emulators only, nobody is notified; "
+            f"recorded in {rt.settings.audit_path()}", markup=False, highlight=False)
     progress = LiveProgress()
     confirm = None if dry_run else make_confirm(yes, json, progress)
     with progress:
         outcome = action(confirm, progress)
+    outcome.sandbox = sandboxed
     if json:
         output.emit_json(command, outcome.to_dict(), exit_code=int(outcome.exit_code))
     else:
@@ -91,7 +99,7 @@ def _change(command: str, incident: str, stage: str | None, sets: list[str] | No
     with runtime(audit_log, sandbox, secrets) as rt:
         _send(command, json, yes, dry_run, lambda confirm, progress: step(
             rt, incident, sets=values, message=message, dry_run=dry_run, confirm=confirm,
-            progress=progress, playbook=playbook, **extra))
+            progress=progress, playbook=playbook, **extra), rt)
 
 
 @app.command()
@@ -123,7 +131,7 @@ def declare(
     with runtime(audit_log, sandbox, secrets) as rt:
         _send("declare", json, yes, dry_run, lambda confirm, progress: notify.declare(
             rt, playbook, values, message=message, stage=stage, dry_run=dry_run,
-            confirm=confirm, progress=progress))
+            confirm=confirm, progress=progress), rt)
 
 
 @app.command()
@@ -216,7 +224,7 @@ def resume(
     with runtime(audit_log, sandbox, secrets) as rt:
         _send("resume", json, yes, dry_run, lambda confirm, progress: notify.resume(
             rt, incident, include_unknown=include_unknown, dry_run=dry_run, confirm=confirm,
-            progress=progress, playbook=playbook))
+            progress=progress, playbook=playbook), rt)
 
 
 @app.command()
@@ -224,14 +232,24 @@ def status(
     incident: Annotated[str | None, typer.Argument(help="One incident (default: all open).")]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="Include resolved incidents.")] = False,
+    sandbox: Annotated[bool, typer.Option(
+        "--sandbox", envvar="INCIDENT_NOTIFY_SANDBOX",
+        help="Read the rehearsals' log (sandbox runs record apart from real ones).")] = False,
     audit_log: AuditLogOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Open incidents: stage, age, last update, deliveries per channel, failovers."""
+    from incident_notify.config import load_settings
+    from incident_notify.runtime import open_runtime
     from incident_notify.status import incident_summaries
 
     output.state.json = json
-    with runtime(audit_log) as rt:
+    settings = load_settings({"audit_log": audit_log, "sandbox": sandbox})
+    # Only the log is read: no emulators are started for it.
+    settings.sandbox, reading = False, settings.audit_path()
+    settings.audit_log = reading
+    rt = open_runtime(settings)
+    with contextlib.closing(rt):
         rows = incident_summaries(rt, incident, include_resolved=all_ or incident is not None)
     if json:
         output.emit_json("status", {"incidents": rows})
