@@ -138,3 +138,48 @@ def test_twitter_text_imports_in_a_fresh_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", "import twitter_text; print('ok')"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# ------------------------------------------------------------------ the fast path's oracle
+_VOCAB = ["hello", "world", "LON-2", "example.com", "https://status.acme.example/i/1",
+          "acme.co.uk,", "日本語", "한국어", "👩\u200d👩\u200d👧\u200d👦", "👍🏽", "🇬🇧", "e\u0301",
+          "café", "x.y", "v2.0.1", "\u2014", "©", "®", "#1", "@user", "$CASH", "foo.",
+          "www.acme.com/path?x=1", "Ωmega", "1.5", "status.acme.example.", "1\ufe0f\u20e3",
+          "a:b", "~!", "(compute)", "50%", "\u00a0", "tab\tx"]
+
+
+def test_fast_path_and_word_additivity_agree_with_twitter_text() -> None:
+    import random
+
+    from twitter_text import parse_tweet
+
+    rng = random.Random(20261126)
+    alphabet = [chr(c) for c in range(32, 127)]
+    for _ in range(3000):  # printable ASCII: the fast path
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        assert tweet_length(text) == parse_tweet(text).weightedLength, text
+    for _ in range(1500):  # mixed words: weight = words' weights + spaces
+        words = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 12))]
+        words = [w for w in words if w.split() == [w]] or ["x"]
+        joined = " ".join(words)
+        from incident_notify.limits import word_weight
+
+        expected = parse_tweet(unicodedata.normalize("NFC", joined)).weightedLength
+        assert sum(word_weight(w) for w in words) + len(words) - 1 == expected, joined
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_thread_parts_fit_and_keep_every_word(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    words = [rng.choice(_VOCAB[:-2]) for _ in range(rng.randint(60, 400))]
+    if seed % 2:
+        words.append("".join(rng.choice(_VOCAB[:8]) for _ in range(150)))  # one huge word
+    text = " ".join(words)
+    parts = split_thread(text)
+    assert len(parts) > 1
+    assert all(tweet_length(p) <= 280 for p in parts)
+    bodies = [p.rsplit(" ", 1)[0] for p in parts]
+    assert "".join(bodies).replace(" ", "") == \
+        unicodedata.normalize("NFC", text).replace(" ", "")
