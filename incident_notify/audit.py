@@ -11,13 +11,14 @@ append moves its bytes to a sidecar file and records that it did.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import hmac
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,6 +181,10 @@ class AuditLog:
                         "recipient": self._redact(e.recipient), "key": e.key,
                         "payload": self._scrub(e.payload or {}, e.recipient), "prev": prev,
                     }
+                    problem = record_problem(fields)
+                    if problem:  # a bug of ours: the record must stay readable
+                        raise AuditError(f"refusing to record a malformed {e.event}: "
+                                         f"{problem}")
                     prev = record_hash(fields)
                     fields["hash"] = prev
                     records.append(AuditRecord.from_dict(fields))
@@ -218,11 +223,18 @@ class AuditLog:
     def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise AuditError(f"the audit log {self.path} is a symbolic link; refusing to "
+                                 "write through it", hint="name the real file with "
+                                 "--audit-log, and remove the link") from None
             raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}",
                              hint="check the path (--audit-log / INCIDENT_NOTIFY_AUDIT_LOG) "
                              "and its permissions") from None
+        _owner_only(fd, self.path)
+        return fd
 
     def _read_tail(self, fd: int) -> _Tail:
         size = os.fstat(fd).st_size
@@ -270,7 +282,9 @@ class AuditLog:
         # needed); the head is a truncation check, not the record itself.
         try:
             if self._head_fd is None:
-                self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._head_fd = os.open(self.head_path,
+                                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                _owner_only(self._head_fd, self.head_path)
             line = json.dumps({"seq": seq, "hash": head}).encode().ljust(120) + b"\n"
             os.pwrite(self._head_fd, line, 0)
             os.ftruncate(self._head_fd, len(line))
@@ -298,11 +312,13 @@ class AuditLog:
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number, bytes) of complete lines; a torn last line is not yielded."""
         try:
-            handle = open(self.path, "rb")  # noqa: SIM115 - closed below
+            handle = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}") from None
+            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}",
+                             hint="a symbolic link is not followed: name the real file"
+                             if exc.errno == errno.ELOOP else "") from None
         with handle:
             for number, raw in enumerate(handle, start=1):
                 if not raw.endswith(b"\n"):
@@ -318,11 +334,15 @@ class AuditLog:
             if incident is not None and incident.encode() not in raw:
                 continue  # cheap pre-filter before parsing
             try:
-                rec = AuditRecord.from_dict(json.loads(raw))
+                data = json.loads(raw)
+                problem = record_problem(data) if isinstance(data, dict) else "not a record"
+                if problem is None:
+                    rec = AuditRecord.from_dict(data)
             except (ValueError, KeyError, TypeError):
-                raise AuditError(f"{self.path}:{number}: not a valid audit record",
-                                 hint="run 'incident-notify audit verify' to check the log") \
-                    from None
+                problem = "not a valid audit record"
+            if problem is not None:
+                raise AuditError(f"{self.path}:{number}: {problem}",
+                                 hint="run 'incident-notify audit verify' to check the log")
             if incident is not None and rec.incident != incident:
                 continue
             if event_prefix is not None and not rec.event.startswith(event_prefix):
@@ -333,14 +353,39 @@ class AuditLog:
                 continue
             yield rec
 
-    def verify(self, expected_head: str | None = None) -> VerifyResult:
-        """Check every record, the chain and the head; name the first bad line."""
+    def verify(self, expected_head: str | None = None,
+               since: tuple[int, str] | None = None) -> VerifyResult:
+        """Check every record, the chain, its head file and (given) an externally kept
+        head; name the first bad line. `since` = (seq, hash) of a head verified before:
+        only what was appended after it is read (the part before is trusted)."""
         prev, seq, count = GENESIS, 0, 0
-        if not self.path.exists():
-            return VerifyResult(ok=True, records=0)
+        head = self._read_head()
+        exists = self.path.exists() or self.path.is_symlink()
+        if not exists:
+            if head is not None and head.get("seq"):
+                return VerifyResult(False, 0, None, f"the log is missing, but its head says "
+                                    f"{head['seq']} records were written")
+            if expected_head is not None and expected_head != GENESIS:
+                return VerifyResult(False, 0, None, "the log is missing; the expected head "
+                                    f"is {expected_head[:12]}")
+            return VerifyResult(ok=True, records=0, head=GENESIS)
         torn = False
-        with open(self.path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+        try:
+            handle = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+        except OSError as exc:
+            return VerifyResult(False, 0, None, "cannot read the log"
+                                + (" (it is a symbolic link)" if exc.errno == errno.ELOOP
+                                   else f": {exc.strerror}"))
+        with handle:
+            start_line = 1
+            if since is not None:
+                found = self._seek_after(handle, since)
+                if found is None:
+                    return VerifyResult(False, 0, since[0], f"record {since[0]} is not the "
+                                        f"verified head {since[1][:12]} any more (the log "
+                                        "was rewritten)")
+                prev, seq, count, start_line = since[1], since[0], since[0], since[0] + 1
+            for number, raw in enumerate(handle, start=start_line):
                 if not raw.endswith(b"\n"):
                     torn = True
                     return VerifyResult(False, count, number, "torn last line (a write was "
@@ -351,26 +396,62 @@ class AuditLog:
                     return VerifyResult(False, count, number, problem, head=prev)
                 data = json.loads(raw)
                 prev, seq, count = data["hash"], data["seq"], count + 1
-        head = self._read_head()
-        if head is not None:
-            if head["seq"] > seq:
-                return VerifyResult(False, count, seq + 1, f"records after line {seq} were "
-                                    f"removed (the head says {head['seq']} records)", torn,
+        if head is None:
+            if seq:
+                return VerifyResult(False, count, None, "the head file "
+                                    f"{self.head_path.name} is missing or unreadable", torn,
                                     prev)
-            if head["seq"] == seq and head["hash"] != prev:
-                return VerifyResult(False, count, seq, "the last record does not match the "
-                                    "recorded head", torn, prev)
-        if expected_head is not None and expected_head != prev:
+        elif head["seq"] > seq:
+            return VerifyResult(False, count, seq + 1, f"records after line {seq} were "
+                                f"removed (the head says {head['seq']} records)", torn, prev)
+        elif head["seq"] < seq:
+            return VerifyResult(False, count, head["seq"] + 1, f"{seq - head['seq']} "
+                                f"record(s) after the head (record {head['seq']}) were not "
+                                "written by incident-notify, or the head was rolled back "
+                                "(a crash between the two writes also leaves this; the next "
+                                "append brings them level)", torn, prev)
+        elif head["hash"] != prev:
+            return VerifyResult(False, count, seq, "the last record does not match the "
+                                "recorded head", torn, prev)
+        if expected_head is not None and expected_head != prev and \
+                not (len(expected_head) >= 12 and prev.startswith(expected_head)):
             return VerifyResult(False, count, None, "the chain's head is not the expected "
                                 f"{expected_head[:12]}", torn, prev)
         return VerifyResult(True, count, head=prev)
 
+    @staticmethod
+    def _seek_after(handle: Any, since: tuple[int, str]) -> bool | None:
+        """Position `handle` after record `since[0]` if it still has hash `since[1]`."""
+        for number, raw in enumerate(handle, start=1):
+            if number == since[0]:
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    return None
+                return True if data.get("hash") == since[1] and raw.endswith(b"\n") \
+                    else None
+        return None
+
     def _read_head(self) -> dict[str, Any] | None:
         try:
-            data = json.loads(self.head_path.read_text())
-            return {"seq": int(data["seq"]), "hash": str(data["hash"])}
+            fd = os.open(self.head_path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as handle:
+                data = json.loads(handle.read(4096))
+            seq, digest = data["seq"], data["hash"]
+            if not _is_int(seq) or not isinstance(digest, str) or len(digest) != 64:
+                return None
+            return {"seq": seq, "hash": digest}
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def head(self) -> tuple[int, str]:
+        """(records, hash of the last record) as the log itself says, for keeping
+        elsewhere (a ticket) and checking later with `verify --expect`."""
+        seq, prev = 0, GENESIS
+        for _, raw in self._lines():
+            data = json.loads(raw)
+            seq, prev = data["seq"], data["hash"]
+        return seq, prev
 
     def close(self) -> None:
         for fd in (self._fd, self._head_fd):
@@ -381,6 +462,84 @@ class AuditLog:
                     pass
         self._fd = self._head_fd = None
         self._tail = None
+
+
+def _owner_only(fd: int, path: Path) -> None:
+    """The log and its head are the incident's record: nobody else may read or change them."""
+    info = os.fstat(fd)
+    if info.st_mode & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError:
+            raise AuditError(f"{path} is open to other users and cannot be made private",
+                             hint=f"chmod 600 {path}") from None
+
+
+def _str_or_none(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+Check = Callable[[Any], bool]
+_LIFECYCLE_SCHEMA: dict[str, Check] = {"stage": _is_str, "update_no": _is_int,
+                                       "variables": _is_dict, "message": _is_str}
+PAYLOAD_SCHEMA: dict[str, dict[str, Check]] = {
+    "incident.declared": {**_LIFECYCLE_SCHEMA, "playbook": _is_str},
+    "incident.updated": _LIFECYCLE_SCHEMA, "incident.resolved": _LIFECYCLE_SCHEMA,
+    "incident.reopened": _LIFECYCLE_SCHEMA,
+    "message.rendered": {"digest": _is_str, "update_no": _is_int, "parts": _is_list,
+                         "subject": _str_or_none, "html": _str_or_none},
+    "update.planned": {"update_no": _is_int}, "update.completed": {"update_no": _is_int},
+    "delivery.planned": {"update_no": _is_int, "part": _is_int, "parts": _is_int},
+    "delivery.attempt": {"attempt": _is_int},
+    "delivery.sent": {"provider_id": _is_str},
+    "delivery.settled": {"outcome": _is_str},
+    "delivery.skipped": {"reason": _is_str},
+    "reply.received": {"id": _is_str, "text": _is_str},
+}
+"""Payload keys each event must carry, with their kind: what the readers rely on."""
+_RECORD_TYPES: dict[str, Check] = {
+    "incident": _str_or_none, "channel": _str_or_none, "recipient": _str_or_none,
+    "key": _str_or_none, "ts": _is_str, "actor": _is_str, "event": _is_str,
+    "payload": _is_dict}
+
+
+def record_problem(data: Mapping[str, Any]) -> str | None:
+    """What is wrong with a well-chained record's content (a payload the readers could not
+    use), or None. `verify` reports it; readers refuse the record instead of crashing."""
+    for name, check in _RECORD_TYPES.items():
+        if not check(data.get(name)):
+            return f"field {name!r} has the wrong type"
+    if data["event"] not in EVENTS:
+        return f"unknown event {data['event']!r}"
+    payload = data["payload"]
+    for key, check in PAYLOAD_SCHEMA.get(data["event"], {}).items():
+        if key not in payload:
+            return f"{data['event']} record without {key!r}"
+        if not check(payload[key]):
+            return f"{data['event']} record with a malformed {key!r}"
+    if data["event"] == "message.rendered" and not all(isinstance(p, str)
+                                                       for p in payload["parts"]):
+        return "message.rendered record with malformed parts"
+    if data["event"].startswith("incident.") and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in payload["variables"].items()):
+        return f"{data['event']} record with malformed variables"
+    return None
 
 
 def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
@@ -402,6 +561,9 @@ def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
                "reordered)"
     if record_hash(data) != data["hash"]:
         return "hash mismatch (the record was altered)"
+    problem = record_problem(data)
+    if problem:
+        return f"well chained but malformed: {problem}"
     return None
 
 

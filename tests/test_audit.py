@@ -87,7 +87,8 @@ def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "shared.jsonl"
     code = ("import sys; from pathlib import Path; from incident_notify.audit import AuditLog;"
             "log = AuditLog(Path(sys.argv[1]), actor=sys.argv[2])\n"
-            "for i in range(300): log.append('delivery.sent', key=f'{sys.argv[2]}-{i}')")
+            "for i in range(300): log.append('delivery.sent', key=f'{sys.argv[2]}-{i}',"
+            " payload={'provider_id': f'SM{i}'})")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), name], cwd=ROOT)
              for name in ("a", "b")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
@@ -104,7 +105,9 @@ def test_torn_tail_is_reported_then_preserved_and_recorded(log: AuditLog) -> Non
     result = log.verify()
     assert not result.ok and result.torn_tail and result.first_bad_line == 21
     assert len(list(log.records())) == 20  # readers skip the incomplete line
-    log.append("incident.updated", incident="INC-0")
+    log.append("incident.updated", incident="INC-0",
+               payload={"stage": "identified", "update_no": 2, "variables": {},
+                        "message": ""})
     sidecars = list(log.path.parent.glob("audit.jsonl.torn-*"))
     assert len(sidecars) == 1 and sidecars[0].read_bytes() == torn
     recovered = [r for r in log.records() if r.event == "audit.torn_tail_recovered"]
@@ -114,13 +117,13 @@ def test_torn_tail_is_reported_then_preserved_and_recorded(log: AuditLog) -> Non
 
 def test_redaction_with_a_keyed_hash(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path / "r.jsonl", redact_key=b"secret-key")
-    record = audit.append("delivery.sent", recipient="carol@example.org",
+    record = audit.append("delivery.failed", recipient="carol@example.org",
                           payload={"error": "550 carol@example.org: mailbox unavailable"})
     assert record.recipient and record.recipient.startswith("hmac-sha256:")
     assert record.recipient in record.payload["error"]
     assert b"carol@example.org" not in audit.path.read_bytes()
     again = AuditLog(tmp_path / "r2.jsonl", redact_key=b"secret-key")
-    assert again.append("delivery.sent", recipient="carol@example.org").recipient == \
+    assert again.append("delivery.failed", recipient="carol@example.org").recipient == \
         record.recipient
 
 
@@ -130,7 +133,7 @@ def test_group_commit_from_many_threads(tmp_path: Path) -> None:
 
     def work(n: int) -> None:
         for i in range(200):
-            writer.append("delivery.attempt", key=f"{n}-{i}")
+            writer.append("delivery.attempt", key=f"{n}-{i}", payload={"attempt": 1})
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
     [t.start() for t in threads]
@@ -170,3 +173,84 @@ def test_cli_show_and_export(log: AuditLog, tmp_path: Path) -> None:
     assert json.loads(rows[1][FIELDS.index("payload")])["provider_id"] == "SM0"
     jsonl = run_cli("audit", "export", "--audit-log", str(log.path), "--format", "jsonl")
     assert len(jsonl.stdout.splitlines()) == 20
+
+
+# ------------------------------------------------------------------ forging and redirecting
+def forge(audit: AuditLog, event: str, payload: dict[str, object]) -> None:
+    """What an attacker with write access to the log (not the head) can do: append a
+    record with a correct seq, prev and recomputed hash."""
+    from incident_notify.audit import canonical, record_hash
+
+    last = json.loads(lines(audit)[-1])
+    fields = {"schema": 1, "seq": last["seq"] + 1, "ts": last["ts"], "actor": "mallory@x",
+              "incident": last["incident"], "event": event, "channel": None,
+              "recipient": None, "key": None, "payload": payload, "prev": last["hash"]}
+    fields["hash"] = record_hash(fields)
+    with open(audit.path, "ab") as handle:
+        handle.write(canonical(fields) + b"\n")
+
+
+def test_forged_appended_records_are_caught_by_the_head(log: AuditLog) -> None:
+    forge(log, "incident.resolved", {"stage": "resolved", "update_no": 9, "variables": {},
+                                     "message": "all good"})
+    result = AuditLog(log.path).verify()
+    assert not result.ok and "after the head" in (result.problem or "")
+
+
+def test_deleted_log_with_its_head_kept_fails(log: AuditLog) -> None:
+    log.close()
+    log.path.unlink()
+    result = AuditLog(log.path).verify()
+    assert not result.ok and "missing" in (result.problem or "")
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"seq": "x", "hash": 1}'])
+def test_missing_or_corrupt_head_fails(log: AuditLog, content: bytes) -> None:
+    log.close()
+    log.head_path.write_bytes(content)
+    result = AuditLog(log.path).verify()
+    assert not result.ok and "head" in (result.problem or "")
+
+
+def test_expect_an_externally_kept_head(log: AuditLog) -> None:
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)}
+    head = json_doc(run_cli("audit", "head", "--json", env=env))["data"]
+    assert head["records"] == len(lines(log)) and len(head["head"]) == 64
+    assert run_cli("audit", "verify", "--expect", head["head"], env=env).returncode == 0
+    assert run_cli("audit", "verify", "--expect", head["head"][:12], env=env).returncode == 0
+    log.append("optout.added", payload={"contact_id": "c1", "reason": "test"})
+    moved = run_cli("audit", "verify", "--expect", head["head"], env=env)
+    assert moved.returncode == 8 and "expected" in moved.stderr
+    assert run_cli("audit", "verify", "--expect", "nothex", env=env).returncode == 2
+
+
+def test_a_symlinked_log_or_head_is_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "a" / "audit.jsonl"
+    target.parent.mkdir()
+    target.symlink_to(victim)
+    from incident_notify.errors import AuditError
+
+    with pytest.raises(AuditError, match="symbolic link"):
+        AuditLog(target).append("optout.added", payload={"contact_id": "c", "reason": "r"})
+    real = tmp_path / "b" / "audit.jsonl"
+    real.parent.mkdir()
+    Path(str(real) + ".head").symlink_to(victim)
+    AuditLog(real).append("optout.added", payload={"contact_id": "c", "reason": "r"})
+    assert victim.read_text() == "precious\n"
+    assert not AuditLog(real).verify().ok  # no head could be written: reported
+    assert oct(real.stat().st_mode & 0o777) == "0o600"
+
+
+def test_well_chained_malformed_payload_fails_verify_and_readers_refuse(
+        log: AuditLog) -> None:
+    forge(log, "message.rendered", {"digest": 5, "parts": "x"})
+    log.close()
+    result = AuditLog(log.path).verify()
+    assert not result.ok and "malformed" in (result.problem or "")
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)}
+    for args in (["status"], ["timeline", "INC-1"], ["resume", "INC-1", "--yes"]):
+        proc = run_cli(*args, env=env)
+        assert proc.returncode == 8, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and "malformed" in proc.stderr

@@ -69,11 +69,26 @@ def _summary(rec: Any) -> str:
 
 
 @audit_app.command("verify")
-def verify(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
-    """Check every record's hash and the chain; name the first bad line (exit 8)."""
+def verify(
+    audit_log: AuditLogOpt = None,
+    expect: Annotated[str | None, typer.Option(
+        "--expect", help="The head hash kept elsewhere (from 'audit head'): the log must end "
+        "exactly there.",
+        show_default=False)] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Check every record's hash, the chain, the head file and the payloads; name the first
+    bad line (exit 8). With --expect, also that the log ends at a head kept elsewhere."""
     output.state.json = json
     log = _log(audit_log)
-    result = log.verify()
+    if expect is not None and not (12 <= len(expect) <= 64
+                                   and all(c in "0123456789abcdef" for c in expect)):
+        from incident_notify.errors import UsageError
+
+        raise UsageError(f"--expect {expect!r} is not a head hash",
+                         hint="give the hex hash 'incident-notify audit head' printed "
+                         "(12 to 64 characters)")
+    result = log.verify(expected_head=expect)
     code = int(ExitCode.OK if result.ok else ExitCode.AUDIT_INVALID)
     if json:
         output.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
@@ -89,6 +104,22 @@ def verify(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
         output.err_console().print(f"TAMPERED: {log.path}:{result.first_bad_line}: "
                                    f"{result.problem}\n  hint: {hint}", markup=False)
     raise typer.Exit(code)
+
+
+@audit_app.command("head")
+def head(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
+    """Print the log's head (record count and the last record's hash), to keep somewhere
+    the log's writer cannot change (a ticket, a chat message); check it later with
+    'audit verify --expect HASH'."""
+    output.state.json = json
+    log = _log(audit_log)
+    records, digest = log.head()
+    if json:
+        output.emit_json("audit head", {"path": str(log.path), "records": records,
+                                        "head": digest})
+        return
+    output.console().print(f"{digest} {records} records {log.path}", markup=False,
+                           highlight=False)
 
 
 @audit_app.command("show")
