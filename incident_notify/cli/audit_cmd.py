@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from incident_notify.cli import output
 from incident_notify.cli.main import app
 from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.cli.output import safe as escape
 from incident_notify.errors import UsageError
 from incident_notify.exit_codes import ExitCode
 
@@ -106,6 +106,14 @@ def verify(
     raise typer.Exit(code)
 
 
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ (or a tab or
+    carriage return) is prefixed with a single quote (OWASP's CSV-injection advice)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 @audit_app.command("head")
 def head(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
     """Print the log's head (record count and the last record's hash), to keep somewhere
@@ -161,8 +169,16 @@ def export(
     if format not in ("csv", "jsonl"):
         raise UsageError(f"--format {format!r}: expected csv or jsonl")
     records = _filtered(audit_log, incident, channel, status, event, since)
-    handle = sys.stdout if output_file == "-" else open(output_file, "w", newline="",  # noqa: SIM115
-                                                        encoding="utf-8")
+    if output_file == "-":
+        handle = sys.stdout
+    else:
+        # The record holds phone numbers and addresses: the export is owner-only.
+        import os
+
+        fd = os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600)
+        os.fchmod(fd, 0o600)
+        handle = os.fdopen(fd, "w", newline="", encoding="utf-8")
     try:
         if format == "jsonl":
             for r in records:
@@ -174,7 +190,7 @@ def export(
                 row = r.to_dict()
                 row["payload"] = jsonlib.dumps(row["payload"], ensure_ascii=False,
                                                sort_keys=True)
-                writer.writerow([row[f] for f in FIELDS])
+                writer.writerow([spreadsheet_safe(row[f]) for f in FIELDS])
     finally:
         if handle is not sys.stdout:
             handle.close()

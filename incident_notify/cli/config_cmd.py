@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from incident_notify.cli import output
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
+from incident_notify.cli.output import safe as escape
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from incident_notify.cli import output
 from incident_notify.cli.main import app
 from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.cli.output import safe as escape
 from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
 
 if TYPE_CHECKING:

@@ -72,13 +72,15 @@ def report_error(exc: IncidentNotifyError, command: str) -> int:
     con = output.err_console()
     if isinstance(exc, ProblemsError):
         for problem in exc.problems:
-            con.print(f"[bold red]error:[/] {problem}", markup=True, highlight=False)
-        con.print(f"{len(exc.problems)} problem(s). {exc.hint}".rstrip(), markup=False)
+            con.print(f"[bold red]error:[/] {output.safe(problem)}", markup=True,
+                      highlight=False)
+        con.print(output.inert(f"{len(exc.problems)} problem(s). {exc.hint}".rstrip()),
+                  markup=False)
     else:
         text = f"error: {exc.message}"
         if exc.hint:
             text += f"\n  hint: {exc.hint}"
-        con.print(text, markup=False, highlight=False)
+        con.print(output.inert(text), markup=False, highlight=False)
     return code
 
 

@@ -31,6 +31,44 @@ class OutputState:
 state = OutputState()
 
 
+_ESCAPES = None
+
+
+def inert(text: object) -> str:
+    """Outside text (replies, authors, contact fields, values quoted in errors) made safe to
+    show on a terminal: escape sequences (CSI, OSC hyperlinks and clipboard writes, ...) and
+    control characters become visible control pictures (ESC shows as ␛), bidirectional
+    overrides are removed; newlines and tabs stay. Exact, yet it cannot drive the
+    terminal. Rich markup is escaped separately (`safe`)."""
+    import re
+
+    global _ESCAPES
+    if _ESCAPES is None:
+        _ESCAPES = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f]|"
+                              "[\u202a-\u202e\u2066-\u2069]")
+    value = str(text)
+
+    def picture(m: re.Match[str]) -> str:
+        ch = m.group(0)
+        code = ord(ch)
+        if code < 0x20:
+            return chr(0x2400 + code)
+        if code == 0x7F:
+            return "\u2421"
+        if 0x80 <= code <= 0x9F:
+            return f"\\x{code:02x}"
+        return ""
+
+    return _ESCAPES.sub(picture, value)
+
+
+def safe(text: object) -> str:
+    """`inert`, then escaped for Rich markup: for outside text inside a markup string."""
+    from rich.markup import escape
+
+    return escape(inert(text))
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         # rich would exit 1; a closed pipe (`| head`) is the reader's choice, not an error:
@@ -60,13 +98,13 @@ def console() -> Console:
     width = _width(stream)
     # Off a terminal, long lines (error messages, paths) stay whole for grep and CI logs.
     return _Console(file=stream, no_color=_no_color(), highlight=False, width=width,
-                    soft_wrap=width is not None)
+                    soft_wrap=width is not None, emoji=False)
 
 
 def err_console() -> Console:
     width = _width(sys.stderr)
     return _Console(file=sys.stderr, no_color=_no_color(), highlight=False, width=width,
-                    soft_wrap=width is not None)
+                    soft_wrap=width is not None, emoji=False)
 
 
 def info(message: str) -> None:

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from incident_notify.cli import output
+from incident_notify.cli.output import safe as escape
 from incident_notify.cli.render_results import print_preview, table
 from incident_notify.errors import AbortedError
 

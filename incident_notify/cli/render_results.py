@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
 from incident_notify.cli import output
+from incident_notify.cli.output import safe as escape
 
 if TYPE_CHECKING:
     from incident_notify.checks import PlaybookReport

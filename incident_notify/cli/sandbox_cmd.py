@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from incident_notify.cli import output
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
+from incident_notify.cli.output import safe as escape
 from incident_notify.errors import ConfigError, UsageError
 from incident_notify.exit_codes import ExitCode
 
@@ -94,21 +94,24 @@ def sandbox_main(
             con.print("sandbox stopped.")
 
 
-def _control_url() -> str:
+def _control() -> tuple[str, str]:
     from incident_notify.sandbox import state_file
 
     try:
         data = jsonlib.loads(state_file().read_text())
-        return str(data["env"]["INCIDENT_NOTIFY_SANDBOX_CONTROL"])
+        return (str(data["env"]["INCIDENT_NOTIFY_SANDBOX_CONTROL"]),
+                str(data["env"].get("INCIDENT_NOTIFY_SANDBOX_TOKEN", "")))
     except (OSError, ValueError, KeyError):
         raise ConfigError("no running sandbox found",
                           hint="start one in another terminal: incident-notify sandbox") from None
 
 
 def _call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    req = urllib.request.Request(_control_url() + path, method=method,
+    url, token = _control()
+    req = urllib.request.Request(url + path, method=method,
                                  data=jsonlib.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return jsonlib.loads(resp.read())

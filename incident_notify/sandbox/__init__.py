@@ -53,6 +53,12 @@ class Sandbox:
                                      auth_token=c["TWILIO_AUTH_TOKEN"])
         self.smtp = SmtpEmulator(smtp_port, username=c["SMTP_USERNAME"],
                                  password=c["SMTP_PASSWORD"], tls="none")
+        import secrets
+
+        self.token = secrets.token_urlsafe(24)
+        """Per-run token of the control APIs (kept in the owner-only state file)."""
+        for emu in (self.twitter, self.twilio):
+            emu.control_token = self.token
         self.remote = False
 
     @property
@@ -84,6 +90,7 @@ class Sandbox:
             "INCIDENT_NOTIFY_TWITTER_API_BASE": self.twitter.url,
             "INCIDENT_NOTIFY_TWILIO_API_BASE": self.twilio.url,
             "INCIDENT_NOTIFY_SMTP_URL": f"smtp://127.0.0.1:{self.smtp.port}",
+            "INCIDENT_NOTIFY_SANDBOX_TOKEN": self.token,
         }
 
     def remember_tweets(self, tweet_ids: Any) -> None:
@@ -127,7 +134,9 @@ class RemoteSandbox:
             data = json.loads(target.read_text())
             os.kill(int(data["pid"]), 0)
             url = data["env"]["INCIDENT_NOTIFY_TWITTER_API_BASE"] + "/_sandbox/faults"
-            with urllib.request.urlopen(url, timeout=2):
+            token = data["env"].get("INCIDENT_NOTIFY_SANDBOX_TOKEN", "")
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=2):
                 pass
         except (OSError, ValueError, KeyError):
             return None

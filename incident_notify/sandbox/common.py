@@ -208,6 +208,14 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if not self.path.startswith("/_sandbox/"):
             return False
         emu = self.emulator
+        if emu.control_token is not None:
+            import hmac
+
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(),
+                                       f"Bearer {emu.control_token}".encode()):
+                self.send_json(401, {"error": "the sandbox token is required"})
+                return True
         if method == "GET" and self.path == "/_sandbox/received":
             self.send_json(200, {"received": emu.received.all()})
         elif method == "GET" and self.path == "/_sandbox/faults":
@@ -262,6 +270,8 @@ class HttpEmulator:
         self.faults = Faults()
         self.received = Recorder()
         self.rate = RateWindow()
+        self.control_token: str | None = None
+        """When set, /_sandbox/* requests need ``Authorization: Bearer <token>``."""
         self.hits: Counter[str] = Counter()
         """Requests per path that reached the provider logic (control routes excluded)."""
         self.lock_hits = threading.Lock()

@@ -6,7 +6,9 @@
 * ``POST /reset``             clears every record and fault
 * ``POST /twitter/reply``     ``{"in_reply_to", "username", "text"}``: someone replies
 
-SERVICE is ``twitter``, ``twilio`` or ``smtp``. Bound to 127.0.0.1 only.
+SERVICE is ``twitter``, ``twilio`` or ``smtp``. Bound to 127.0.0.1 only, and every
+request must carry ``Authorization: Bearer <token>``, the sandbox's per-run token (in its
+owner-only state file): another local user cannot steer or read the sandbox.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ class ControlServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _authorised(self) -> bool:
+                import hmac
+
+                given = self.headers.get("Authorization", "")
+                if hmac.compare_digest(given.encode(), f"Bearer {sandbox.token}".encode()):
+                    return True
+                self._reply(401, {"error": "the sandbox token is required"})
+                return False
+
             def _route(self) -> tuple[Any, str] | None:
                 parts = self.path.strip("/").split("/")
                 if len(parts) == 2 and parts[0] in emulators:
@@ -42,6 +53,8 @@ class ControlServer:
                 return None
 
             def do_GET(self) -> None:
+                if not self._authorised():
+                    return
                 route = self._route()
                 if route and route[1] == "received":
                     self._reply(200, {"received": route[0].received.all()})
@@ -53,6 +66,8 @@ class ControlServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b"{}"
+                if not self._authorised():
+                    return
                 if self.path == "/reset":
                     sandbox.reset()
                     self._reply(200, {"ok": True})

@@ -1,0 +1,265 @@
+"""Security: each finding of the review reproduced, then shown refused or neutralised.
+Hostile playbooks and templates, hostile inbound text, a local attacker on the log and on
+the sandbox, and a working directory that would turn a real send into a rehearsal."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PLAYBOOKS, json_doc, make_fanout_playbook, run_cli
+
+ESC = "\x1b"
+POWER_VARS = ["--set", "site=LON-2", "--set", "services=compute", "--set",
+              "status_url=https://status.acme.example/i/1"]
+HOSTILE = (f"{ESC}]8;;https://evil.example{ESC}\\click{ESC}]8;;{ESC}\\ "
+           f"{ESC}]52;c;ZXZpbA=={ESC}\\ {ESC}[2J{ESC}[31mred \u202eevil [/x] :x:")
+
+
+def no_escapes(text: str) -> None:
+    assert ESC not in text and "\u202e" not in text and "\x07" not in text
+
+
+# ------------------------------------------------------------------ bounded work
+BOMB = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{chr(ord('a') + i + 1)}: &{chr(ord('a') + i + 1)} "
+       f"[{', '.join(['*' + chr(ord('a') + i)] * 9)}]" for i in range(8)]) + "\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BOMB, "aliases"),
+    ("a: &a\n  b: *a\n", "recursive alias"),
+    ("x: !!python/name:os.system\n", "not allowed"),
+    ("y: !custom 1\n", "not allowed"),
+    ("z: !!float x\n", "invalid value for float"),
+    ("base: &b {k: 1}\nm:\n  <<: *b\n", "merge keys"),
+    ("[" * 70 + "]" * 70 + "\n", "nested more than"),
+])
+def test_hostile_yaml_is_refused_at_its_line_quickly(tmp_path: Path, text: str,
+                                                     expected: str) -> None:
+    path = tmp_path / "pb.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    proc = run_cli("validate", str(path), "--no-contacts")
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert expected in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "loop", "directory"])
+def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "pb.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "loop.yaml")
+        (tmp_path / "loop.yaml").symlink_to(path)
+    else:
+        path.mkdir()
+        path = path / "."
+    proc = run_cli("validate", str(path), "--no-contacts", timeout=20)
+    assert proc.returncode in (3, 9), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_contacts_from_a_device_or_fifo_are_refused(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    os.mkfifo(tmp_path / "pb" / "fifo.csv")
+    pb.write_text(pb.read_text().replace("contacts: [people.csv]",
+                                         "contacts: [people.csv, /dev/zero, fifo.csv]"))
+    proc = run_cli("validate", str(pb), timeout=20)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # validate: any problem is 3
+    assert "/dev/zero: is a device, not a regular file" in proc.stdout
+    assert "fifo.csv: is a FIFO, not a regular file" in proc.stdout
+
+
+HOSTILE_TEMPLATES = [
+    ("{{ 'x' * 10**10 }}", "would build"),
+    ("{{ 'a' | center(10000000000) }}", "larger than"),
+    ("{{ '{:>999999999}'.format(1) }}", "str.format"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+     "took longer"),
+    ("{{ 9 ** 9 ** 9 }}", "too much work"),
+    ("{{ 2 ** 1000 }}", "exponent"),
+    ("{% include 'contacts/customers.csv' %}", "TemplateNotFound"),
+    ("{% include '../playbooks/dc-power-failure.yaml' %}", "TemplateNotFound"),
+]
+
+
+@pytest.mark.parametrize("template, expected", HOSTILE_TEMPLATES)
+def test_hostile_templates_do_bounded_work_and_stay_in_their_room(
+        tmp_path: Path, template: str, expected: str) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    pb.write_text(pb.read_text().replace(
+        '      sms: "[{{ incident.id }}] {{ incident.stage_title }} at {{ site }}. '
+        '{{ message }}"', "      sms: " + json.dumps(template), 1))
+    started = time.monotonic()
+    proc = run_cli("validate", str(pb), "--no-contacts", timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert expected in proc.stdout + proc.stderr
+
+
+def test_templates_never_follow_a_symlink_out_or_read_secrets(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    pb = make_fanout_playbook(root / "playbooks", 1)
+    (root / "playbooks" / "secrets.env").write_text("TWILIO_AUTH_TOKEN=canary-secret\n")
+    templates = root / "templates"
+    templates.mkdir()
+    (templates / "passwd.j2").symlink_to("/etc/passwd")
+    (templates / "secret.j2").symlink_to(root / "playbooks" / "secrets.env")
+    for name in ("passwd.j2", "secret.j2", "../playbooks/secrets.env", "secrets.env"):
+        pb.write_text(pb.read_text().split("stages:")[0] + "stages:\n  investigating:\n"
+                      "    messages:\n      sms: \"{% include '" + name + "' %}\"\n"
+                      "      email: {subject: s, text: t}\n")
+        proc = run_cli("preview", str(pb), "--set", "site=LON-2")
+        assert proc.returncode == 3, (name, proc.stdout)
+        assert "canary-secret" not in proc.stdout + proc.stderr
+        assert "root:" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("pattern", ["(A+)+B", "(a|aa)*c", "(x*)*y"])
+def test_patterns_that_can_backtrack_forever_are_refused(tmp_path: Path,
+                                                         pattern: str) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    pb.write_text(pb.read_text().replace("    max_length: 12\n",
+                                         f"    max_length: 12\n    pattern: '{pattern}'\n"))
+    proc = run_cli("validate", str(pb), "--no-contacts", timeout=20)
+    assert proc.returncode == 3 and "repetition" in proc.stdout + proc.stderr
+
+
+def test_huge_max_length_is_refused(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    pb.write_text(pb.read_text().replace("max_length: 12", "max_length: 100000000000"))
+    proc = run_cli("validate", str(pb), "--no-contacts", timeout=20)
+    assert proc.returncode == 3 and "max_length" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ no silent rehearsal
+def test_a_config_file_in_the_working_directory_cannot_turn_on_the_sandbox(
+        tmp_path: Path) -> None:
+    (tmp_path / "incident-notify.toml").write_text("sandbox = true\n")
+    proc = run_cli("declare", str(PLAYBOOKS / "dc-power-failure.yaml"), *POWER_VARS,
+                   "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 12 and "sandbox" in proc.stderr
+
+
+def test_a_sandbox_run_is_marked_and_keeps_its_own_log(sandbox: Any, tmp_path: Path,
+                                                       isolated_home: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    sandbox.write_state()
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox", "--json")
+    doc = json_doc(proc)
+    assert proc.returncode == 0 and doc["data"]["sandbox"] is True
+    assert "SANDBOX" in proc.stderr
+    state = isolated_home / ".local" / "state"
+    logs = {p.name for p in state.rglob("*.jsonl")}
+    assert "sandbox-audit.jsonl" in logs and "audit.jsonl" not in logs
+    real = json_doc(run_cli("status", "--json"))["data"]["incidents"]
+    assert real == []
+    rehearsed = json_doc(run_cli("status", "--sandbox", "--json"))["data"]["incidents"]
+    assert len(rehearsed) == 1
+
+
+# ------------------------------------------------------------------ secrets files
+@pytest.mark.parametrize("mode", [0o620, 0o640, 0o604, 0o660])
+def test_a_secrets_file_open_to_others_is_refused(tmp_path: Path, mode: int) -> None:
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("TWILIO_AUTH_TOKEN=x\n")
+    secrets.chmod(mode)
+    proc = run_cli("declare", str(PLAYBOOKS / "dc-power-failure.yaml"), *POWER_VARS,
+                   "--dry-run", "--secrets", str(secrets))
+    assert proc.returncode == 12 and "other users" in proc.stderr
+
+
+def test_a_secrets_file_cannot_redirect_the_providers(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("INCIDENT_NOTIFY_TWILIO_API_BASE=http://127.0.0.1:18777\n")
+    secrets.chmod(0o600)
+    proc = run_cli("declare", str(PLAYBOOKS / "dc-power-failure.yaml"), *POWER_VARS,
+                   "--dry-run", "--secrets", str(secrets))
+    assert proc.returncode == 12 and "endpoint, not a secret" in proc.stderr
+
+
+# ------------------------------------------------------------------ inert outside text
+def test_replies_and_contact_names_reach_the_terminal_inert(tmp_path: Path,
+                                                            sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    people = tmp_path / "pb" / "people.csv"
+    people.write_text(people.read_text().replace("Person 0", HOSTILE.replace(",", " ")))
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    listed = run_cli("contacts", "list", str(people))
+    assert listed.returncode == 0, listed.stderr
+    no_escapes(listed.stdout)
+    assert "␛" in listed.stdout and "[/x]" in listed.stdout
+    doc = json_doc(run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+                           "--json", env=env))
+    incident = doc["data"]["incident"]
+    tweet = sandbox.twitter.received.all()[0]["id"]
+    sandbox.twitter.add_reply(tweet, "mallory", HOSTILE)
+    shown = run_cli("timeline", incident, "--replies", "--sandbox", env=env)
+    assert shown.returncode == 0, shown.stderr
+    no_escapes(shown.stdout)
+    assert "click" in shown.stdout and ":x:" in shown.stdout
+
+
+def test_preview_prints_exactly_what_is_sent(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1)
+    proc = run_cli("preview", str(pb), "--set", "site=:x:")
+    assert proc.returncode == 0 and ":x:" in proc.stdout and "❌" not in proc.stdout
+
+
+def test_error_text_with_markup_and_escapes_is_printed_inert(tmp_path: Path) -> None:
+    path = tmp_path / f"[bold]x{ESC}[2J.yaml"
+    path.write_text("name: [/x]\n")
+    proc = run_cli("validate", str(path), "--no-contacts")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    no_escapes(proc.stdout + proc.stderr)
+
+
+def test_csv_export_is_spreadsheet_safe_and_owner_only(tmp_path: Path) -> None:
+    from incident_notify.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("delivery.failed", incident="INC-1", recipient="=cmd|' /C calc'!A0",
+               key="k", payload={"error": "@SUM(1+1)"})
+    out = tmp_path / "export.csv"
+    proc = run_cli("audit", "export", "--format", "csv", "-o", str(out),
+                   env={"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)})
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "'=cmd" in text and ",=cmd" not in text
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ the sandbox's controls
+def test_the_sandbox_control_api_needs_its_token(sandbox: Any) -> None:
+    url = sandbox.twitter.url + "/_sandbox/faults"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url, data=b'{"outage": true}',
+                                                      method="POST"), timeout=5)
+    assert info.value.code == 401 and not sandbox.twitter.faults.outage
+    ok = urllib.request.Request(url, headers={"Authorization": f"Bearer {sandbox.token}"})
+    with urllib.request.urlopen(ok, timeout=5) as resp:
+        assert resp.status == 200
+
+
+def test_channels_check_never_names_the_account(sandbox: Any) -> None:
+    sandbox.write_state()
+    proc = run_cli("channels", "check", str(PLAYBOOKS / "dc-power-failure.yaml"),
+                   "--sandbox")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "authenticated" in proc.stdout and "authenticated as" not in proc.stdout
