@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from incident_notify.errors import PlaybookError, Problem, ProblemsError
 from incident_notify.messages import (
@@ -26,6 +26,9 @@ from incident_notify.messages import (
     used_variables,
 )
 from incident_notify.playbook import Playbook, load_playbook
+
+if TYPE_CHECKING:
+    from incident_notify.render import Renderer
 
 
 @dataclass(frozen=True)
@@ -72,33 +75,31 @@ class PlaybookReport:
         }
 
 
-def _sensitivity_problems(pb: Playbook) -> Iterator[Problem]:
-    m = pb.model
-    for sname, stage in m.stages.items():
-        for aname in pb.audiences_for(sname):
-            aud = m.audiences.get(aname)
-            if aud is None:
+def _sensitivity_problems(pb: Playbook, renderer: Renderer) -> Iterator[Problem]:
+    """Every path by which internal content would reach a public channel or a public or
+    customer audience: direct, through a fallback channel (with its failover notice), or
+    through an included template or an internal variable. Each is reported at its line."""
+    from incident_notify.sensitivity import internal_reason, is_public
+
+    seen: set[tuple[str, str, str | None]] = set()
+    for sname in pb.stage_names:
+        for audience, channel, origin in message_targets(pb, sname):
+            if not is_public(pb, channel, audience):
                 continue
-            for ch in aud.channels:
-                if ch not in m.channels:
-                    continue
-                public = aud.kind == "public" or pb.is_public_channel(ch)
-                if not public:
-                    continue
-                if stage.sensitivity == "internal":
-                    yield pb.source.problem(
-                        ("stages", sname, "sensitivity"),
-                        f"stage {sname!r} is internal but is sent to public audience/channel "
-                        f"{aname!r}/{ch!r}",
-                        "remove the public audience from this stage (audiences: [...]) or "
-                        "mark the stage public")
-                    break
-                found = pb.message_for(sname, ch, aname)
-                if found and found[0].sensitivity == "internal":
-                    yield pb.source.problem(
-                        found[1], f"message for {ch!r} at stage {sname!r} is marked internal "
-                        f"but goes to public audience/channel {aname!r}/{ch!r}",
-                        "give the public audience its own message, or drop the marking")
+            reason = internal_reason(pb, renderer, sname, channel, audience, origin)
+            if reason is None or (sname, channel, audience) in seen:
+                continue
+            seen.add((sname, channel, audience))
+            found = pb.message_for(sname, channel, audience)
+            where: tuple[str | int, ...] = found[1] if found else ("stages", sname)
+            if pb.model.stages[sname].sensitivity == "internal":
+                where = ("stages", sname, "sensitivity")
+            via = f" (as the fallback of {origin!r})" if origin else ""
+            yield pb.source.problem(
+                where, f"internal content would reach public audience/channel "
+                f"{audience!r}/{channel!r}{via} at stage {sname!r}: {reason}",
+                "give the public audience its own message without internal data, take the "
+                "public channel off this path (audiences, fallback), or drop the marking")
 
 
 def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | None]]:
@@ -144,7 +145,7 @@ def check_playbook(path: Path, *, check_contacts: bool = True, region: str = "US
             where, f"template uses undeclared variable {name!r}",
             f"declare it under variables: with an example and max_length, or fix the spelling "
             f"(declared: {', '.join(pb.model.variables) or 'none'})"))
-    report.problems.extend(_sensitivity_problems(pb))
+    report.problems.extend(_sensitivity_problems(pb, renderer))
     if check_contacts and pb.model.contacts:
         report.problems.extend(_contact_problems(pb, report, region,
                                                  {} if loaded is None else loaded))

@@ -60,6 +60,10 @@ class Settings:
     sandbox: bool = False
     default_region: str = "US"
     redact_recipients: bool = False
+    endpoints: dict[str, str] = field(default_factory=dict)
+    """Endpoint overrides from the config file: environment variable name -> value."""
+    accounts: dict[str, dict[str, str]] = field(default_factory=dict)
+    """[accounts.NAME] tables: endpoint overrides and a credentials prefix per account."""
     sources: dict[str, str] = field(default_factory=dict)
 
     def audit_path(self) -> Path:
@@ -75,7 +79,7 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "sources":
+            if f.name in ("sources", "accounts", "endpoints"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, list):
@@ -83,6 +87,10 @@ class Settings:
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = {"value": value, "source": self.sources.get(f.name, "default")}
+        out["endpoints"] = {"value": dict(self.endpoints),
+                            "source": self.sources.get("endpoints", "default")}
+        out["accounts"] = {"value": {n: dict(a) for n, a in self.accounts.items()},
+                           "source": self.sources.get("accounts", "default")}
         out["audit_log"]["effective"] = str(self.audit_path())
         out["optouts"]["effective"] = str(self.optouts_path())
         return out
@@ -115,7 +123,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None, cwd: Path | None =
                   environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     settings = Settings()
-    names = {f.name for f in fields(Settings)} - {"sources"}
+    names = {f.name for f in fields(Settings)} - {"sources", "accounts", "endpoints"}
     from incident_notify.files import InputFileError, read_input
 
     for path in config_files(cwd):
@@ -130,6 +138,14 @@ def load_settings(overrides: Mapping[str, Any] | None = None, cwd: Path | None =
             raise ConfigError(f"{path}: {exc.message}", hint=exc.hint) from None
         section = data.get("incident-notify", data)
         for key, value in section.items():
+            if key in ENDPOINT_SETTINGS:
+                settings.endpoints[ENDPOINT_SETTINGS[key]] = _endpoint_value(path, key, value)
+                settings.sources["endpoints"] = str(path)
+                continue
+            if key == "accounts":
+                settings.accounts.update(_accounts(path, value))
+                settings.sources["accounts"] = str(path)
+                continue
             if key not in names:
                 raise ConfigError(f"{path}: unknown setting {key!r}",
                                   hint=f"known settings: {', '.join(sorted(names))}")
@@ -204,8 +220,45 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     return secrets
 
 
-ENDPOINT_VARIABLES = frozenset({"INCIDENT_NOTIFY_TWITTER_API_BASE",
-                                "INCIDENT_NOTIFY_TWILIO_API_BASE", "INCIDENT_NOTIFY_SMTP_URL"})
+ENDPOINT_SETTINGS = {
+    "twitter_api_base": "INCIDENT_NOTIFY_TWITTER_API_BASE",
+    "twilio_api_base": "INCIDENT_NOTIFY_TWILIO_API_BASE",
+    "smtp_url": "INCIDENT_NOTIFY_SMTP_URL",
+    "smtp_cafile": "INCIDENT_NOTIFY_SMTP_CAFILE",
+}
+"""Config file keys (top level, or in an [accounts.NAME] table) -> the variable the
+channels read. The environment's variables of the same names apply too."""
+ENDPOINT_VARIABLES = frozenset(ENDPOINT_SETTINGS.values())
+
+
+def _endpoint_value(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: {key} must be a non-empty string")
+    return value.strip()
+
+
+def _accounts(path: Path, value: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: accounts must be a table of [accounts.NAME] tables")
+    out: dict[str, dict[str, str]] = {}
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [accounts.{name}] must be a table")
+        entry: dict[str, str] = {}
+        for key, item in table.items():
+            if key == "credentials_prefix":
+                if not isinstance(item, str) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", item):
+                    raise ConfigError(f"{path}: [accounts.{name}] credentials_prefix must be "
+                                      "upper-case letters, digits and _ (e.g. ACME_EU_)")
+                entry[key] = item
+            elif key in ENDPOINT_SETTINGS:
+                entry[ENDPOINT_SETTINGS[key]] = _endpoint_value(path, key, item)
+            else:
+                raise ConfigError(f"{path}: [accounts.{name}] unknown key {key!r}",
+                                  hint="known: " + ", ".join([*ENDPOINT_SETTINGS,
+                                                             "credentials_prefix"]))
+        out[str(name)] = entry
+    return out
 
 
 def load_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -40,7 +40,7 @@ from incident_notify.channels.base import (
     Receipt,
     TransientChannelError,
 )
-from incident_notify.errors import AuditError
+from incident_notify.errors import AuditError, IncidentNotifyError
 
 OUTCOME_KEYS = ("sent", "failed", "failed_over", "skipped", "unknown")
 
@@ -534,7 +534,10 @@ class Dispatcher:
         the people who hear on its fallback channels when it is down hear now too. The post
         itself stays unknown for `resume` to settle; the rest of its thread moves with it."""
         with self._reroute_lock:
-            planned = self.router.reroute(d, f"outcome unknown: {reason}")
+            try:
+                planned = self.router.reroute(d, f"outcome unknown: {reason}")
+            except IncidentNotifyError:
+                planned = None
             if planned is None:
                 return  # no fallback: the rest of the thread waits for resume
             moved = [(part, {"reason": f"an earlier part's outcome is unknown: {reason}",
@@ -561,7 +564,10 @@ class Dispatcher:
             self.router.opted_out(d)
         if exc.opt_out or exc.recipient_problem:
             with self._reroute_lock:
-                nxt = self.router.next_channel(d)
+                try:
+                    nxt = self.router.next_channel(d)
+                except IncidentNotifyError:
+                    nxt = None
                 if nxt is not None:
                     self._start(nxt, d, str(exc), [(d, {**payload, "to": [p.delivery.key
                                                                           for p in nxt],
@@ -579,7 +585,10 @@ class Dispatcher:
             self._failover_locked(d, reason, whole)
 
     def _failover_locked(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
-        planned = self.router.reroute(d, reason)
+        try:
+            planned = self.router.reroute(d, reason)
+        except IncidentNotifyError as exc:  # the fallback may not carry this (sensitivity)
+            planned, reason = None, f"{reason}; no fallback allowed: {exc}"
         rest = whole[1:]
         if planned is None:
             self._record(d, "failed", {"error": reason, "permanent": False,

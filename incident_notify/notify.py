@@ -58,6 +58,8 @@ class Preflight:
     """Other problems in the contact sources (an ignored column, a missing file)."""
     settled: list[dict[str, Any]] = field(default_factory=list)
     """`resume`: what the providers said of each delivery in doubt."""
+    endpoints: dict[str, str] = field(default_factory=dict)
+    """channel -> where its requests (and credentials) go."""
 
     @property
     def unhealthy(self) -> list[str]:
@@ -78,6 +80,7 @@ class Preflight:
             "invalid_contacts": self.invalid_contacts,
             "contact_source_problems": self.contact_source_problems,
             "settled": self.settled,
+            "endpoints": self.endpoints,
         }
 
 
@@ -235,13 +238,16 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
             pass
     _refuse_misleading(pb, contacts, spec.stage, messages, state)
     used = _stage_channels(pb, spec.stage)
-    health = check_health(build_channels(rt, pb, used)) if check else {}
+    checked = build_channels(rt, pb, used)
+    health = check_health(checked) if check else {}
+    close_channels(checked)
     pre = Preflight(
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
         event=spec.event, messages=messages, audience_sizes=dict(counter.stats.per_channel),
         health=health, stats=counter.stats, skips=counter.skips,
         invalid_contacts=contacts.invalid_records,
         contact_source_problems=len(contacts.problems) - contacts.invalid_records,
+        endpoints={n: ch.endpoint() for n, ch in checked.items()},
     )
     return pre, contacts
 
@@ -267,6 +273,26 @@ def _refuse_misleading(pb: Playbook, contacts: Any, stage: str,
                 "contacts: the incident team would not be told",
                 "check its groups/tags against the contact files (incident-notify contacts "
                 "list)"))
+    from incident_notify.checks import message_targets
+    from incident_notify.sensitivity import internal_reason, is_public
+
+    leaks = []
+    renderer = make_renderer(pb)
+    for audience, channel, origin in message_targets(pb, stage):
+        if is_public(pb, channel, audience):
+            reason = internal_reason(pb, renderer, stage, channel, audience, origin)
+            if reason:
+                found = pb.message_for(stage, channel, audience)
+                via = f" as the fallback of {origin!r}" if origin else ""
+                leaks.append(pb.source.problem(
+                    found[1] if found else ("stages", stage),
+                    f"refusing to send: internal content would reach public audience/channel "
+                    f"{audience!r}/{channel!r}{via}: {reason}"))
+    if leaks:
+        from incident_notify.errors import PlaybookError
+
+        raise PlaybookError(leaks, hint="nothing was sent; incident-notify validate shows "
+                            "every path")
     if problems:
         raise ContactsError(problems, "nothing was sent: the contacts are not what the "
                             "playbook needs", hint="fix the contact files (incident-notify "
@@ -724,7 +750,7 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
         numbers = [u.update_no for u in unfinished]
         settled = settle(state, contacts, channels, numbers)
         used = sorted({c for u in unfinished for c in _stage_channels(pb, u.stage)})
-        health = check_health(build_channels(rt, pb, used))
+        health = check_health({n: channels[n] for n in used if n in channels})
         unknowable = {s.delivery.key for s in settled if s.outcome == "unknowable"}
         sizes: dict[str, int] = {}
         for upd in unfinished:
@@ -737,7 +763,9 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
         pre = Preflight(incident_id=incident_id, playbook=pb, stage=last.stage,
                         update_no=last.update_no, event="resume", messages=[],
                         audience_sizes=sizes, health=health, stats=PlanStats(), skips=[],
-                        settled=[s.to_dict() for s in settled])
+                        settled=[s.to_dict() for s in settled],
+                        endpoints={n: channels[n].endpoint() for n in used
+                                   if n in channels})
         if dry_run:
             return SendOutcome(incident_id, last.stage, last.update_no, True, pre, None)
         if confirm is not None and (sizes or settled) and not confirm(pre):

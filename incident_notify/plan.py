@@ -116,6 +116,7 @@ class Planner:
             cached = self.rendered.get(key)
         if cached is not None:
             return cached
+        self._refuse_internal(audience, channel, fallback_from)
         msg = compose(self.pb, self.renderer, self.stage, channel, audience, self.values,
                       self.ctx, fallback_from=fallback_from,
                       carry_message=bool(self.ctx.message.strip()))
@@ -134,6 +135,28 @@ class Planner:
                     "fallback_from": fallback_from,
                 })
             return self.rendered[key]
+
+    def _refuse_internal(self, audience: str, channel: str, fallback_from: str | None) -> None:
+        """Enforced where sends are planned: internal content never goes to a public
+        channel or a public or customer audience, whatever path (a fallback, a failover)
+        led here. The update stops before anything is recorded or sent."""
+        from incident_notify.sensitivity import internal_reason, is_public
+
+        if not is_public(self.pb, channel, audience):
+            return
+        reason = internal_reason(self.pb, self.renderer, self.stage, channel, audience,
+                                 fallback_from)
+        if reason is None:
+            return
+        from incident_notify.errors import PlaybookError
+
+        found = self.pb.message_for(self.stage, channel, audience)
+        via = f" as the fallback of {fallback_from!r}" if fallback_from else ""
+        raise PlaybookError([self.pb.source.problem(
+            found[1] if found else ("stages", self.stage),
+            f"refusing to send internal content to public audience/channel "
+            f"{audience!r}/{channel!r}{via}: {reason}",
+            "nothing was sent; fix the playbook (incident-notify validate shows every path)")])
 
     def render_all(self) -> list[RenderedMessage]:
         """Render every primary message of the stage up front (preview, early errors)."""

@@ -56,17 +56,55 @@ def open_runtime(settings: Settings, *, sandbox: Any = None) -> Runtime:
     return rt
 
 
+def channel_environment(rt: Runtime, channel_type: type[Channel],
+                        options: Mapping[str, Any]) -> dict[str, str]:
+    """What a channel reads its endpoint and credentials from. The environment (and the
+    secrets file) first, then endpoints from the config file; a channel that names an
+    account gets that account's endpoints and its credentials read under the account's
+    prefix. In the sandbox only the emulators' own endpoints and credentials apply."""
+    from incident_notify.errors import ConfigError
+
+    env = dict(rt.secrets)
+    if rt.sandbox is not None:
+        return env
+    for variable, value in rt.settings.endpoints.items():
+        env.setdefault(variable, value)
+    account = options.get("account")
+    if account:
+        table = rt.settings.accounts.get(str(account))
+        if table is None:
+            raise ConfigError(f"account {account!r} is not defined",
+                              hint=f"add [accounts.{account}] to the config file "
+                              "(incident-notify config show lists the accounts)")
+        env.update({k: v for k, v in table.items() if k != "credentials_prefix"})
+        prefix = table.get("credentials_prefix")
+        if prefix:
+            for name in channel_type.secret_names:
+                env[name] = rt.secrets.get(prefix + name, "")
+    return env
+
+
 def build_channels(rt: Runtime, pb: Playbook, names: list[str]) -> dict[str, Channel]:
     from dataclasses import replace
 
     from incident_notify.channels import channel_class
+    from incident_notify.channels.base import is_loopback
+    from incident_notify.errors import ConfigError
 
     out: dict[str, Channel] = {}
     for name in names:
         spec = pb.channel_spec(name)
         if rt.rate_override is not None and spec.rate_per_second is None:
             spec = replace(spec, rate_per_second=rt.rate_override, burst=50)
-        out[name] = channel_class(spec.type)(spec, rt.secrets)
+        cls = channel_class(spec.type)
+        channel = out[name] = cls(spec, channel_environment(rt, cls, spec.options))
+        if rt.sandbox is not None:
+            import urllib.parse
+
+            host = urllib.parse.urlparse(channel.endpoint()).hostname
+            if host and not is_loopback(host):
+                raise ConfigError(f"channel {name!r} would reach {host} during a rehearsal",
+                                  hint="a sandbox run or drill only talks to this machine")
     return out
 
 

@@ -107,7 +107,7 @@ def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
         + "channels:\n" + twitter_channel
         + "  team_sms:\n    type: sms\n    sender: \"+15005550006\"\n" + limits
         + "  team_email:\n    type: email\n    sender: \"Ops <ops@acme.example>\"\n"
-        + "    host: smtp.acme.example\n" + limits
+        + limits
         + "audiences:\n" + public
         + "  team:\n    kind: internal\n    select: {groups: [team]}\n"
         + "    channels: [team_sms, team_email]\n"

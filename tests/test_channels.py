@@ -238,9 +238,11 @@ def test_email_bad_recipient_wrong_password_outage(sandbox: Any) -> None:
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
 def test_email_over_tls_with_a_private_ca(tls: str) -> None:
     with SmtpEmulator(tls=tls) as emu:  # type: ignore[arg-type]
-        ch = EmailChannel(ChannelSpec("mail", "email", "ops@acme.example", options={
-            "host": "localhost", "port": emu.port, "tls": tls, "cafile": emu.cafile}),
-            {"SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password})
+        scheme = "smtps" if tls == "implicit" else "smtp+starttls"
+        ch = EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"), {
+            "SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password,
+            "INCIDENT_NOTIFY_SMTP_URL": f"{scheme}://localhost:{emu.port}",
+            "INCIDENT_NOTIFY_SMTP_CAFILE": str(emu.cafile)})
         assert ch.check().ok
         ch.send(delivery("mail", "a@example.org", "over TLS", subject="tls"), NoAttempt())
         ch.close()
@@ -249,8 +251,27 @@ def test_email_over_tls_with_a_private_ca(tls: str) -> None:
 
 def test_plaintext_smtp_to_a_remote_host_is_refused() -> None:
     with pytest.raises(ConfigError):
-        EmailChannel(ChannelSpec("mail", "email", "ops@acme.example",
-                                 options={"host": "mail.example.com", "tls": "none"}), {})
+        EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"),
+                     {"INCIDENT_NOTIFY_SMTP_URL": "smtp://mail.example.com:25"})
+
+
+@pytest.mark.parametrize("options", [{"host": "mail.example.com"}, {"api_base": "http://x"},
+                                     {"tls": "none"}, {"cafile": "/tmp/ca.pem"}])
+def test_a_playbook_cannot_name_an_endpoint(options: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="operator's configuration"):
+        EmailChannel(ChannelSpec("mail", "email", "ops@acme.example", options=options),
+                     {"INCIDENT_NOTIFY_SMTP_URL": "smtp://127.0.0.1:25"})
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com", "ftp://127.0.0.1",
+                                 "http://10.0.0.1:8080"])
+def test_an_http_endpoint_must_be_https_unless_local(url: str) -> None:
+    ch = SMSChannel(ChannelSpec("sms", "sms", "+15005550006"),
+                    {"INCIDENT_NOTIFY_TWILIO_API_BASE": url})
+    with pytest.raises(ConfigError, match="https"):
+        ch.endpoint()
 
 
 # ------------------------------------------------------------------ secrets, check

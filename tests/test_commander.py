@@ -80,7 +80,8 @@ def test_json_shapes_match_docs(sandbox: Any, attached: dict[str, str]) -> None:
     _keys(declared["preflight"], {"incident", "playbook", "stage", "update_no", "event",
                                   "messages", "deliveries_per_channel", "health", "skipped",
                                   "warnings", "invalid_contacts",
-                                  "contact_source_problems", "settled"}, "preflight")
+                                  "contact_source_problems", "settled", "endpoints"},
+          "preflight")
     _keys(declared["result"], {"channels", "totals", "people", "failures", "failovers",
                                "interrupted", "fatal", "complete", "elapsed_s"}, "result")
     _keys(declared["result"]["people"], {"intended", "reached", "in_doubt", "not_reached"},

@@ -339,7 +339,6 @@ channels:
   mail:
     type: email
     sender: ops@acme.example
-    host: localhost
     rate_per_second: 500
 audiences:
   team:

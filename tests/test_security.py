@@ -263,3 +263,119 @@ def test_channels_check_never_names_the_account(sandbox: Any) -> None:
                    "--sandbox")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "authenticated" in proc.stdout and "authenticated as" not in proc.stdout
+
+
+@pytest.mark.parametrize("pattern, refused", [
+    ("(A+)+B", True), ("(a|a)*", True), ("(a|aa)*c", True), ("(x*)*y", True),
+    ("(.*a){10}", True), ("([a-z]+ ?)+", True),
+    ("[A-Z]+(-[A-Z]+)*", False), ("(?:[a-z]+\\.)+[a-z]{2,}", False), ("(foo|bar)+", False),
+    ("INC-[0-9]{8}-[0-9]{4}", False), ("([a-z]+,)*[a-z]+", False), ("(ab)+", False),
+])
+def test_slow_pattern_refuses_ambiguous_nesting_only(pattern: str, refused: bool) -> None:
+    import re
+
+    from incident_notify.playbook import slow_pattern
+
+    assert (slow_pattern(pattern) is not None) is refused
+    if not refused:  # and what is accepted answers adversarial input at once
+        rx = re.compile(pattern)
+        started = time.monotonic()
+        for value in ("a" * 28 + "!", "A" * 28 + "-" * 28 + "!", "-a" * 20 + "-!",
+                      "aaaa." * 10 + "!", "ab" * 20 + "a!"):
+            rx.fullmatch(value)
+        assert time.monotonic() - started < 1.0
+
+
+# ------------------------------------------------------------------ internal never public
+def _security_playbook(tmp_path: Path) -> Path:
+    """The shipped security playbook, copied, with a public Twitter channel added."""
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(PLAYBOOKS.parent / "templates", root / "templates")
+    (root / "playbooks").mkdir(parents=True)
+    shutil.copytree(PLAYBOOKS / "contacts", root / "playbooks" / "contacts")
+    pb = root / "playbooks" / "sec.yaml"
+    pb.write_text((PLAYBOOKS / "security-incident.yaml").read_text())
+    return pb
+
+
+def test_internal_stage_to_a_public_audience_is_refused_by_the_planner_too(
+        tmp_path: Path, sandbox: Any) -> None:
+    from incident_notify.config import Settings
+    from incident_notify.errors import PlaybookError
+    from incident_notify.notify import declare
+    from incident_notify.runtime import open_runtime
+
+    pb = _security_playbook(tmp_path)
+    text = pb.read_text().replace("channels:\n  sec_sms:", "channels:\n  news:\n"
+                                  "    type: twitter\n    sender: \"@acme_status\"\n"
+                                  "  sec_sms:", 1)
+    text = text.replace("audiences:\n", "audiences:\n  world:\n    kind: public\n"
+                        "    channels: [news]\n", 1)
+    text = text.replace('      sms: "[{{ incident.id }}] Security incident',
+                        '      twitter: "Security incident at Acme"\n'
+                        '      sms: "[{{ incident.id }}] Security incident', 1)
+    pb.write_text(text)
+    assert run_cli("validate", str(pb)).returncode == 3
+    rt = open_runtime(Settings(audit_log=tmp_path / "a.jsonl", sandbox=True),
+                      sandbox=sandbox)
+    with pytest.raises(PlaybookError, match="internal"):
+        declare(rt, pb, {"codename": "BLUE-HERON", "bridge": "https://meet.acme.example/1"})
+    assert sandbox.twitter.received.all() == []
+    assert list(rt.audit.records()) == []
+
+
+def test_internal_text_cannot_reach_the_public_through_a_fallback(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    text = pb.read_text().replace(
+        "variables:\n  site:\n", "variables:\n  bridge:\n    example: https://meet.x/1\n"
+        "    sensitivity: internal\n  site:\n")
+    # The team's SMS carries the bridge; Twitter falls back to that SMS channel.
+    text = text.replace('"[{{ incident.id }}] {{ incident.stage_title }} at {{ site }}. '
+                        '{{ message }}"', '"Join {{ bridge }}. {{ message }}"')
+    pb.write_text(text)
+    proc = run_cli("validate", str(pb), "--no-contacts")
+    assert proc.returncode == 3, proc.stdout
+    assert "as the fallback of 'status_twitter'" in proc.stdout
+    assert "internal variable 'bridge'" in proc.stdout
+
+
+def test_an_internal_template_included_in_a_tweet_is_refused(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    (tmp_path / "pb" / "templates").mkdir()
+    (tmp_path / "pb" / "templates" / "internal.txt.j2").write_text(
+        "{# sensitivity: internal #}\nThe bridge is on the usual line.\n")
+    pb.write_text(pb.read_text().replace(
+        '      twitter: "{{ incident.stage_title }}: problem at {{ site }}. {{ message }}"',
+        "      twitter: \"{% include 'internal.txt.j2' %}\"", 1))
+    proc = run_cli("validate", str(pb), "--no-contacts")
+    assert proc.returncode == 3 and "marked internal (included)" in proc.stdout
+
+
+# ------------------------------------------------------------------ accounts
+def test_an_account_decides_endpoint_and_credentials(tmp_path: Path, sandbox: Any,
+                                                     isolated_home: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    pb.write_text(pb.read_text().replace('sender: "Ops <ops@acme.example>"\n',
+                                         'sender: "Ops <ops@acme.example>"\n'
+                                         '    account: eu\n'))
+    config = isolated_home / ".config" / "incident-notify"
+    config.mkdir(parents=True)
+    (config / "incident-notify.toml").write_text(
+        f'[accounts.eu]\nsmtp_url = "smtp://127.0.0.1:{sandbox.smtp.port}"\n'
+        'credentials_prefix = "EU_"\n')
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl"),
+           "EU_SMTP_USERNAME": "sandbox", "EU_SMTP_PASSWORD": "sandbox-password",
+           "SMTP_USERNAME": "someone-else", "SMTP_PASSWORD": "wrong",
+           "TWILIO_ACCOUNT_SID": "AC" + "5a4db0c" * 4 + "5a4d",
+           "TWILIO_AUTH_TOKEN": "sandbox-auth-token",
+           "INCIDENT_NOTIFY_TWILIO_API_BASE": sandbox.twilio.url}
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--json", env=env)
+    doc = json_doc(proc)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert doc["data"]["preflight"]["endpoints"]["team_email"] == \
+        f"smtp://127.0.0.1:{sandbox.smtp.port}"
+    assert len(sandbox.smtp.received) == 2
+    missing = run_cli("declare", str(pb.with_name("x.yaml")), env=env)
+    assert missing.returncode in (3, 9)

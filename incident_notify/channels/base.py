@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from incident_notify.errors import IncidentNotifyError
 
@@ -213,16 +213,35 @@ class Health:
     latency_ms: float | None = None
 
 
+ENDPOINT_KEYS = ("api_base", "host", "port", "tls", "cafile", "smtp_url", "url")
+"""Option names a playbook may not use: where requests (and so credentials) go is the
+operator's configuration, not the playbook's."""
+
+
 class ChannelOptions(BaseModel):
     """Base of each channel type's options (validated from the playbook, unknown keys refused).
 
-    Every channel type accepts `api_base` (where its client sends requests; the sandbox
-    sets it) on top of its own options.
+    Every channel type accepts `account`: the name of an account the operator's config
+    defines (``[accounts.NAME]``: endpoint, TLS, which credentials). A playbook never names
+    a host or a URL: a playbook in a pull request must not decide where the credentials go.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_base: str | None = None
+    account: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_endpoints(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = [k for k in ENDPOINT_KEYS if k in data]
+            if found:
+                raise ValueError(
+                    f"{', '.join(found)}: endpoints are the operator's configuration, not "
+                    "the playbook's; name an account (account: NAME, defined under "
+                    "[accounts.NAME] in the config file) or set the endpoint in the "
+                    "config file or environment (docs/channels.md)")
+        return data
 
 
 @dataclass(frozen=True)
@@ -241,6 +260,33 @@ class ChannelSpec:
     concurrency: int | None = None
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(url: str, channel: str) -> None:
+    """An HTTP endpoint override must be https, or http towards this machine only."""
+    import urllib.parse
+
+    from incident_notify.errors import ConfigError
+
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return
+    if parsed.scheme == "http" and parsed.hostname and is_loopback(parsed.hostname):
+        return
+    raise ConfigError(f"channel {channel!r}: endpoint {url!r} must be https:// (plain http "
+                      "only towards this machine)", hint="fix the endpoint in the config "
+                      "file or environment; credentials never travel in clear")
+
+
 class Channel(ABC):
     """Base class of every channel type."""
 
@@ -254,6 +300,9 @@ class Channel(ABC):
     """Environment variables this channel reads its credentials from."""
     api_base_env: ClassVar[str | None] = None
     """Environment variable that overrides `api_base` (the sandbox exports it)."""
+    public: ClassVar[bool] = False
+    """Whatever it sends is public (a Twitter account, a status page): internal content
+    never goes to it, by any path."""
     refuses_duplicates: ClassVar[bool] = False
     """The provider refuses a post identical to an earlier one (Twitter): the preflight
     stops such an update before anything is sent."""
@@ -276,14 +325,20 @@ class Channel(ABC):
 
     # -- helpers for subclasses
     def api_base(self, default: str) -> str:
-        """The base URL requests go to: options, then the env override, then `default`."""
-        if self.options.api_base:
-            return self.options.api_base.rstrip("/")
-        if self.api_base_env and self.secrets.get(self.api_base_env):
-            return self.secrets[self.api_base_env].rstrip("/")
-        if self.api_base_env and os.environ.get(self.api_base_env):
-            return os.environ[self.api_base_env].rstrip("/")
-        return default
+        """The base URL requests go to: the operator's override (environment, config file
+        or the channel's account, as the runtime resolved it into `secrets`), else the
+        provider's official `default`. An override must be HTTPS unless it is this
+        machine: credentials never travel in clear to another host."""
+        value = (self.secrets.get(self.api_base_env) if self.api_base_env else None) \
+            or (os.environ.get(self.api_base_env) if self.api_base_env else None)
+        if not value:
+            return default
+        check_endpoint(value, self.name)
+        return value.rstrip("/")
+
+    def endpoint(self) -> str:
+        """Where this channel's requests go (shown in the preflight)."""
+        return ""
 
     def secret(self, name: str) -> str:
         """A credential by env-var name; a clear error naming the variable when missing."""

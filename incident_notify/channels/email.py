@@ -1,7 +1,11 @@
 """Email through SMTP with the standard library's smtplib.
 
-STARTTLS (default), implicit TLS, or plain SMTP towards a loopback host only (the sandbox);
-AUTH from ``SMTP_USERNAME`` / ``SMTP_PASSWORD`` when set. Messages are multipart (text and
+The server is the operator's configuration, never the playbook's: ``smtp_url`` in the
+config file (or the channel's account), or ``INCIDENT_NOTIFY_SMTP_URL``:
+``smtp+starttls://host:587`` (STARTTLS), ``smtps://host:465`` (implicit TLS), or
+``smtp://host:port`` (plain, towards this machine only: the sandbox). A private CA comes
+from ``smtp_cafile`` / ``INCIDENT_NOTIFY_SMTP_CAFILE``. AUTH from ``SMTP_USERNAME`` /
+``SMTP_PASSWORD`` when set. Messages are multipart (text and
 HTML), carry a Message-ID derived from the delivery's idempotency key (a resend after a
 crash has the same Message-ID, so mail systems can drop the duplicate), and thread the
 incident's updates with In-Reply-To / References. Connections are pooled and reused.
@@ -10,7 +14,7 @@ incident's updates with In-Reply-To / References. Connections are pooled and reu
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import os
 import queue
 import smtplib
 import socket
@@ -21,7 +25,7 @@ import urllib.parse
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from incident_notify.channels.base import (
     Attempt,
@@ -34,6 +38,7 @@ from incident_notify.channels.base import (
     PermanentChannelError,
     Receipt,
     TransientChannelError,
+    is_loopback,
 )
 from incident_notify.errors import ConfigError
 
@@ -41,22 +46,9 @@ DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 
 
 class EmailOptions(ChannelOptions):
-    host: str = "localhost"
-    port: int | None = None
-    tls: Literal["starttls", "implicit", "none"] = "starttls"
-    cafile: str | None = None
     reply_to: str | None = None
     list_unsubscribe: str | None = None
     timeout_s: float = 20.0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EmailChannel(Channel):
@@ -71,7 +63,8 @@ class EmailChannel(Channel):
     def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
         super().__init__(spec, secrets)
         self.host, self.port, self.tls = self._endpoint()
-        if self.tls == "none" and not _is_loopback(self.host):
+        self.cafile = self.secrets.get("INCIDENT_NOTIFY_SMTP_CAFILE") or None
+        if self.tls == "none" and not is_loopback(self.host):
             raise ConfigError(
                 f"channel {spec.name!r}: tls: none is only allowed towards this machine "
                 f"(the sandbox), not {self.host}",
@@ -86,19 +79,36 @@ class EmailChannel(Channel):
         self._lock = threading.Lock()
 
     def _endpoint(self) -> tuple[str, int, str]:
-        url = self.api_base("")
-        if url:
-            parsed = urllib.parse.urlparse(url)
-            tls = {"smtps": "implicit", "smtp": "none"}.get(parsed.scheme, "none")
-            if parsed.scheme == "smtp" and parsed.query == "starttls":
-                tls = "starttls"
-            return parsed.hostname or "127.0.0.1", parsed.port or DEFAULT_PORTS[tls], tls
-        tls = self.options.tls
-        return self.options.host, self.options.port or DEFAULT_PORTS[tls], tls
+        url = self.secrets.get("INCIDENT_NOTIFY_SMTP_URL") or \
+            os.environ.get("INCIDENT_NOTIFY_SMTP_URL")
+        if not url:
+            raise ConfigError(
+                f"channel {self.name!r} (email): no SMTP server is configured",
+                hint="set smtp_url = \"smtp+starttls://mail.example.com:587\" in the config "
+                "file (or under the channel's [accounts.NAME]), or INCIDENT_NOTIFY_SMTP_URL; "
+                "for a rehearsal use --sandbox")
+        parsed = urllib.parse.urlparse(url)
+        tls = {"smtps": "implicit", "smtp+starttls": "starttls", "smtp": "none"}.get(
+            parsed.scheme)
+        if parsed.scheme == "smtp" and parsed.query == "starttls":
+            tls = "starttls"
+        if tls is None or not parsed.hostname:
+            raise ConfigError(f"channel {self.name!r}: SMTP endpoint {url!r} is not "
+                              "smtp+starttls://, smtps:// or smtp:// with a host")
+        try:
+            port = parsed.port or DEFAULT_PORTS[tls]
+        except ValueError:
+            raise ConfigError(f"channel {self.name!r}: SMTP endpoint {url!r} has an "
+                              "invalid port") from None
+        return parsed.hostname, port, tls
+
+    def endpoint(self) -> str:
+        scheme = {"implicit": "smtps", "starttls": "smtp+starttls", "none": "smtp"}[self.tls]
+        return f"{scheme}://{self.host}:{self.port}"
 
     # ------------------------------------------------------------------ connections
     def _context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.options.cafile)
+        context = ssl.create_default_context(cafile=self.cafile)
         return context
 
     def _connect(self) -> smtplib.SMTP:
@@ -267,8 +277,9 @@ class EmailChannel(Channel):
                                          channel=name, code=str(exc.smtp_code))
         if isinstance(exc, ssl.SSLError):
             return PermanentChannelError(f"{name}: TLS failed ({exc.reason})", channel=name,
-                                         code="tls", hint="set cafile: on the channel if the "
-                                         "server uses a private certificate authority",
+                                         code="tls", hint="set smtp_cafile in the config (or "
+                                         "INCIDENT_NOTIFY_SMTP_CAFILE) if the server uses a "
+                                         "private certificate authority",
                                          channel_down=True)
         if isinstance(exc, socket.timeout | TimeoutError):
             return TransientChannelError(f"{name}: the SMTP server did not answer in time",

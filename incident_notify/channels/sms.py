@@ -66,6 +66,9 @@ class SMSChannel(Channel):
             self.limits = replace(self.limits, rate_per_second=rate, burst=max(1, int(rate)))
         self._local = threading.local()
 
+    def endpoint(self) -> str:
+        return self.api_base(TWILIO_API)
+
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:

@@ -41,10 +41,16 @@ class TwitterChannel(Channel):
                     "TWITTER_ACCESS_TOKEN_SECRET")
     api_base_env = "INCIDENT_NOTIFY_TWITTER_API_BASE"
     refuses_duplicates = True
+    public = True
 
     def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
         super().__init__(spec, secrets)
         self._local = threading.local()
+
+    def endpoint(self) -> str:
+        from incident_notify.channels._twitter_client import TWITTER_API
+
+        return self.api_base(TWITTER_API)
 
     def client(self) -> Any:
         client = getattr(self._local, "client", None)

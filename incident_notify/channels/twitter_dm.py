@@ -25,6 +25,7 @@ class TwitterDMChannel(TwitterChannel):
     default_limits = ChannelLimits(length_rule="chars", max_length=10_000, rate_per_second=1.0,
                                    burst=5, concurrency=2)
     refuses_duplicates = False
+    public = False
 
     def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
         super().__init__(spec, secrets)

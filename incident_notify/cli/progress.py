@@ -49,12 +49,13 @@ def print_preflight(pre: Preflight) -> None:
                                          (f": {s['detail']}" if s["outcome"] == "unknowable"
                                           else "")))
         con.print(t)
-    t = table("channel", "type", "deliveries", "health", title="Audience per channel")
+    t = table("channel", "type", "deliveries", "endpoint", "health",
+              title="Audience per channel")
     for name, health in sorted(pre.health.items()):
         count = pre.audience_sizes.get(name, 0)
         ctype = pre.playbook.model.channels[name].type
         mark = "[green]healthy[/]" if health.ok else f"[bold red]DOWN[/] {escape(health.detail)}"
-        t.add_row(name, ctype, str(count), mark)
+        t.add_row(name, ctype, str(count), escape(_host(pre.endpoints.get(name, ""))), mark)
     con.print(t)
     for name in pre.unhealthy:
         fb = pre.playbook.model.channels[name].fallback
@@ -74,6 +75,14 @@ def print_preflight(pre: Preflight) -> None:
                   "run 'incident-notify contacts check' for details[/]")
     for warning in pre.stats.warnings[:10]:
         con.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _host(url: str) -> str:
+    """The host (and port) of an endpoint: enough to see where the credentials go."""
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    return parsed.netloc or url
 
 
 def make_confirm(yes: bool, json_mode: bool, progress: LiveProgress | None = None) -> Any:
