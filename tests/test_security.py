@@ -379,3 +379,23 @@ def test_an_account_decides_endpoint_and_credentials(tmp_path: Path, sandbox: An
     assert len(sandbox.smtp.received) == 2
     missing = run_cli("declare", str(pb.with_name("x.yaml")), env=env)
     assert missing.returncode in (3, 9)
+
+
+def test_debug_keeps_the_documented_exit_code(tmp_path: Path) -> None:
+    path = tmp_path / "pb.yaml"
+    path.write_text("name: [unclosed\n")
+    proc = run_cli("--debug", "preview", str(path))
+    assert proc.returncode == 3 and "Traceback" in proc.stderr
+
+
+def test_verify_json_lists_the_problem(tmp_path: Path) -> None:
+    from incident_notify.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("optout.added", payload={"contact_id": "c", "reason": "r"})
+    log.close()
+    log.path.write_bytes(log.path.read_bytes().replace(b'"c"', b'"d"'))
+    proc = run_cli("audit", "verify", "--json",
+                   env={"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)})
+    doc = json_doc(proc)
+    assert proc.returncode == 8 and doc["errors"] and doc["errors"][0]["line"] == 1

@@ -91,8 +91,11 @@ def verify(
     result = log.verify(expected_head=expect)
     code = int(ExitCode.OK if result.ok else ExitCode.AUDIT_INVALID)
     if json:
+        errors = [] if result.ok else [{"message": result.problem,
+                                        "line": result.first_bad_line,
+                                        "file": str(log.path)}]
         output.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
-                         exit_code=code)
+                         exit_code=code, errors=errors)
         raise typer.Exit(code)
     if result.ok:
         head = (result.head or "")[:12]

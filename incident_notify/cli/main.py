@@ -121,8 +121,10 @@ def run(argv: list[str] | None = None) -> None:
         # typer.Exit into the process exit code; our own errors come out here.
         app(args=args, prog_name="incident-notify", standalone_mode=True)
     except IncidentNotifyError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback too, but the documented exit code still
+            import traceback
+
+            traceback.print_exc()
         sys.exit(report_error(exc, command))
     except KeyboardInterrupt:
         output.err_console().print("interrupted.", markup=False)
@@ -134,7 +136,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(int(ExitCode.OK))
     except OSError as exc:
         if debug:
-            raise
+            import traceback
+
+            traceback.print_exc()
         # A path the user gave (or the default one) cannot be read or written.
         where = f" {exc.filename}" if exc.filename else ""
         sys.exit(report_error(ConfigError(
