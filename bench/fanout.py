@@ -52,15 +52,19 @@ def main() -> int:
         server = subprocess.Popen([sys.executable, "-m", "incident_notify", "sandbox"],
                                   env=env, stdout=subprocess.PIPE, text=True)
         try:
-            control = ""
+            control, token = "", ""
             assert server.stdout is not None
             for line in server.stdout:
+                if "INCIDENT_NOTIFY_SANDBOX_TOKEN=" in line:
+                    token = line.strip().split("=", 1)[1]
                 if "INCIDENT_NOTIFY_SANDBOX_CONTROL=" in line:
                     control = line.strip().split("=", 1)[1]
+                if control and token:
                     break
+            auth = {"Authorization": f"Bearer {token}"}
             for service in ("twilio", "smtp"):
                 req = urllib.request.Request(
-                    f"{control}/{service}/faults", method="POST",
+                    f"{control}/{service}/faults", method="POST", headers=auth,
                     data=json.dumps({"latency_ms": args.latency_ms}).encode())
                 urllib.request.urlopen(req, timeout=5).read()
             os.environ.update({"HOME": env["HOME"], "XDG_STATE_HOME": env["XDG_STATE_HOME"]})
@@ -74,16 +78,18 @@ def main() -> int:
             started = time.perf_counter()
             outcome = declare(rt, pb, {"site": "LON-2"})
             wall = time.perf_counter() - started
-            with urllib.request.urlopen(f"{control}/twilio/received", timeout=30) as r1, \
-                    urllib.request.urlopen(f"{control}/smtp/received", timeout=30) as r2:
+            with urllib.request.urlopen(urllib.request.Request(
+                    f"{control}/twilio/received", headers=auth), timeout=30) as r1, \
+                    urllib.request.urlopen(urllib.request.Request(
+                        f"{control}/smtp/received", headers=auth), timeout=30) as r2:
                 received = len(json.loads(r1.read())["received"]) + \
                     len(json.loads(r2.read())["received"])
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
+        assert outcome.verdict is not None and outcome.result is not None
         result = outcome.result
-        assert result is not None
-        sent = result.total("sent")
+        sent = outcome.verdict.total("sent")
         per_channel = people
         latency = args.latency_ms / 1000
         ideal = max(per_channel * latency / args.concurrency, per_channel / args.rate)

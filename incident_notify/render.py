@@ -220,6 +220,8 @@ class Renderer:
         self.template_dirs = list(template_dirs)
         self._text = _make_env(self.template_dirs, autoescape=False)
         self._html = _make_env(self.template_dirs, autoescape=True)
+        self._compiled: dict[tuple[str, bool], Any] = {}
+        """Inline templates compiled once per renderer (validate renders each many times)."""
 
     def _env(self, html: bool) -> Environment:
         return self._html if html else self._text
@@ -229,7 +231,9 @@ class Renderer:
         """Render an inline template whose first line is `line` of `origin`."""
         env = self._env(html)
         try:
-            template = env.from_string(source)
+            template = self._compiled.get((source, html))
+            if template is None:
+                template = self._compiled[(source, html)] = env.from_string(source)
             return _render_bounded(template, variables)
         except Exception as exc:
             raise self._error(exc, origin, line) from None
