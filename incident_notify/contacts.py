@@ -26,6 +26,27 @@ __all__ = ["KINDS", "Contact", "ContactSet", "InvalidField", "SourceSummary", "b
            "normalise_handle", "normalise_phone"]
 
 KINDS = ("sms", "email", "twitter_dm")
+"""The built-in channels' preference names; plugin channel types add their own."""
+_BUILTIN_ADDRESS = {"sms": "phone", "email": "email", "twitter_dm": "twitter"}
+
+
+def preference_kinds() -> tuple[str, ...]:
+    """Every name a person may list in `channels` or opt out of: the built-ins, then each
+    registered channel type's own (its type name, unless it declares otherwise)."""
+    from incident_notify.channels import available_types
+
+    return (*KINDS, *sorted(t for t in available_types() if t not in KINDS and t != "twitter"))
+
+
+def address_field(kind: str) -> str | None:
+    """The contact field that addresses channels of a preference kind."""
+    if kind in _BUILTIN_ADDRESS:
+        return _BUILTIN_ADDRESS[kind]
+    from incident_notify.channels import available_types, channel_class
+
+    if kind not in available_types():
+        return None
+    return channel_class(kind).address
 FIELDS = ("id", "name", "email", "phone", "twitter", "channels", "groups", "tags", "timezone",
           "quiet_hours")
 _FIELD_SET = frozenset(FIELDS)
@@ -54,12 +75,13 @@ class Contact(NamedTuple):
     source: str
     line: int
 
-    def address_for(self, kind: str | None) -> str | None:
-        if kind == "sms":
+    def address_for(self, field: str | None) -> str | None:
+        """The person's address in a contact field (``phone``, ``email``, ``twitter``)."""
+        if field == "phone":
             return self.phone
-        if kind == "email":
+        if field == "email":
             return self.email
-        if kind == "twitter_dm":
+        if field == "twitter":
             return self.twitter
         return None
 
@@ -119,11 +141,12 @@ def normalise_handle(raw: str) -> str:
 
 
 def normalise_address(kind: str, raw: str, region: str = "US") -> str:
-    if kind == "sms":
+    field = address_field(kind)
+    if field == "phone":
         return normalise_phone(raw, region)
-    if kind == "email":
+    if field == "email":
         return normalise_email(raw).lower()
-    if kind == "twitter_dm":
+    if field == "twitter":
         return normalise_handle(raw).lower()
     return raw
 
@@ -146,9 +169,9 @@ def _selectors(value: Any) -> frozenset[str]:
 def _channel_kinds(value: Any) -> tuple[str, ...]:
     items = _items(value)
     for kind in items:
-        if kind not in KINDS:
+        if kind not in KINDS and kind not in preference_kinds():
             raise InvalidField("channels", f"unknown channel kind {kind!r}",
-                               f"use {', '.join(KINDS)}")
+                               f"use {', '.join(preference_kinds())}")
     return items
 
 

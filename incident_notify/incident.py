@@ -204,11 +204,14 @@ def apply(state: IncidentState, rec: Any) -> None:
 def _sent(state: IncidentState, d: DeliveryState, p: dict[str, Any]) -> None:
     d.status, d.error = "sent", None
     d.provider_id = p.get("provider_id")
-    ctype = p.get("channel_type") or d.payload.get("channel_type")
-    if ctype == "twitter" and d.provider_id:
+    threading = d.payload.get("threading")
+    if threading is None:  # records written before the contract declared it
+        ctype = p.get("channel_type") or d.payload.get("channel_type")
+        threading = {"twitter": "reply", "email": "references"}.get(ctype or "", "")
+    if threading == "reply" and d.provider_id:
         state.last_tweet[d.channel] = d.provider_id
         state.first_tweet.setdefault(d.channel, d.provider_id)
-    elif ctype == "email" and d.provider_id:
+    elif threading == "references" and d.provider_id:
         contact = d.payload.get("contact_id") or d.recipient or ""
         state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)
 

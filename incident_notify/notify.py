@@ -406,11 +406,12 @@ def _delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
     recipient = ds.recipient or ""
     if recipient.startswith("hmac-sha256:"):
         # Redacted in the log: look the address up again by contact id.
-        from incident_notify.plan import KIND_OF_TYPE
+        from incident_notify.channels import available_types, channel_class
 
         person = contacts.contacts.get(p.get("contact_id"))
-        kind = KIND_OF_TYPE.get(p.get("channel_type", ""))
-        recipient = (person.address_for(kind) if person and kind else None) or ""
+        ctype = p.get("channel_type", "")
+        field = channel_class(ctype).address if ctype in available_types() else None
+        recipient = (person.address_for(field) if person and field else None) or ""
         if not recipient:
             return None
     return Delivery(

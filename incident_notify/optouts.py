@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from incident_notify.contacts import KINDS, InvalidField, normalise_address
+from incident_notify.contacts import InvalidField, normalise_address, preference_kinds
 
 
 class OptOutStore:
@@ -33,9 +33,9 @@ class OptOutStore:
 
     def checked_key(self, kind: str, address: str) -> tuple[str, str]:
         """(kind, normalised address), or InvalidField for an address of no such kind."""
-        if kind not in KINDS:
+        if kind not in preference_kinds():
             raise InvalidField("kind", f"{kind!r} is not a channel kind",
-                               f"use {', '.join(KINDS)}")
+                               f"use {', '.join(preference_kinds())}")
         return kind, normalise_address(kind, address, self.region)
 
     def _load(self) -> dict[tuple[str, str], dict[str, Any]]:

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from incident_notify.optouts import OptOutStore
     from incident_notify.render import Renderer
 
-# Channel type -> the contact field (kind) that addresses it.
-KIND_OF_TYPE = {"sms": "sms", "email": "email", "twitter_dm": "twitter_dm"}
 BROADCAST = "@public"
 
 
@@ -104,6 +102,8 @@ class Planner:
         self.new_renders: list[dict[str, Any]] = []
         """message.rendered payloads not yet written to the audit log."""
         self._keys: set[str] = set()
+        self._contracts: dict[str, tuple[str | None, str | None, str]] = {}
+        """channel -> (preference kind, contact field, threading) from its type's contract."""
         if state is not None:
             self._keys.update(k for k, d in state.deliveries.items() if d.update_no == update_no)
         self._lock = threading.Lock()
@@ -238,8 +238,8 @@ class Planner:
             address = self._address(ch, person)
             if address is None:
                 continue
-            kind = KIND_OF_TYPE[self.pb.model.channels[ch].type]
-            if self.optouts.is_opted_out(kind, address):
+            kind = self._kind(ch)
+            if kind and self.optouts.is_opted_out(kind, address):
                 reasons.append(f"opted out of {kind}")
                 continue
             key = delivery_key(self.incident_id, self.update_no, ch, person.id, 1)
@@ -253,6 +253,22 @@ class Planner:
                    opted_out=bool(reasons) and len(reasons) == len(reachable))
         return None
 
+    def _contract(self, channel: str) -> tuple[str | None, str | None, str]:
+        """What the channel's type declares: the preference/opt-out kind people know it
+        by, the contact field that addresses it, and how its updates thread. The core never
+        names a built-in type."""
+        found = self._contracts.get(channel)
+        if found is None:
+            from incident_notify.channels import channel_class
+
+            cls = channel_class(self.pb.model.channels[channel].type)
+            found = self._contracts[channel] = (cls.preference_name(), cls.address,
+                                                cls.threading)
+        return found
+
+    def _kind(self, channel: str) -> str | None:
+        return self._contract(channel)[0]
+
     def _preferred(self, channels: list[str], person: Contact) -> list[str]:
         """The audience's channels in the person's preferred order of kinds, then the
         audience's other channels: a preference orders, it does not exclude (opting out
@@ -261,14 +277,12 @@ class Planner:
             return list(channels)
         ordered = []
         for kind in person.channels:
-            ordered += [c for c in channels
-                        if KIND_OF_TYPE.get(self.pb.model.channels[c].type) == kind
-                        and c not in ordered]
+            ordered += [c for c in channels if self._kind(c) == kind and c not in ordered]
         return ordered + [c for c in channels if c not in ordered]
 
     def _address(self, channel: str, person: Contact) -> str | None:
-        kind = KIND_OF_TYPE.get(self.pb.model.channels[channel].type)
-        return person.address_for(kind) if kind else None
+        field = self._contract(channel)[1]
+        return person.address_for(field) if field else None
 
     def _person_delivery(self, audience: str, channel: str, person: Contact, *,
                          respect_optout: bool, fallback_from: str | None = None
@@ -277,8 +291,8 @@ class Planner:
         if address is None:
             return None
         if respect_optout:
-            kind = KIND_OF_TYPE[self.pb.model.channels[channel].type]
-            if self.optouts.is_opted_out(kind, address):
+            kind = self._kind(channel)
+            if kind and self.optouts.is_opted_out(kind, address):
                 return None
         key = delivery_key(self.incident_id, self.update_no, channel, person.id, 1)
         if not self._claim(key):
@@ -286,7 +300,7 @@ class Planner:
         msg, dg = self.message(audience, channel, fallback_from)
         reply_to: str | None = None
         refs: tuple[str, ...] = ()
-        if self.state is not None and msg.channel_type == "email":
+        if self.state is not None and self._contract(channel)[2] == "references":
             previous = self.state.email_refs.get((channel, person.id), [])
             if previous:
                 reply_to, refs = previous[-1], tuple(previous)
@@ -305,7 +319,7 @@ class Planner:
             "update_no": d.update_no, "audience": d.audience, "contact_id": d.contact_id,
             "part": d.part, "parts": d.parts, "digest": dg, "channel_type": channel_type,
             "reply_to": d.reply_to, "thread_refs": list(d.thread_refs),
-            "fallback_from": d.fallback_from,
+            "fallback_from": d.fallback_from, "threading": self._contract(d.channel)[2],
         }
         return Planned(delivery=d, payload=payload, channel_type=channel_type)
 
@@ -381,6 +395,6 @@ class Planner:
         return out if (out or covered) else None
 
     def opted_out(self, delivery: Delivery) -> None:
-        kind = KIND_OF_TYPE.get(self.pb.model.channels[delivery.channel].type)
+        kind = self._kind(delivery.channel)
         if kind and delivery.recipient:
             self.optouts.add(kind, delivery.recipient, "provider-opt-out")

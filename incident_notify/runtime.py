@@ -121,6 +121,11 @@ def check_health(channels: Mapping[str, Channel],
     command or its exit."""
     if not channels:
         return {}
+    for ch in channels.values():
+        try:
+            ch.preload()
+        except Exception:
+            pass  # the check itself reports a broken client
     results: dict[str, Health] = {}
     lock = threading.Lock()
     ends = time.monotonic() + deadline_s

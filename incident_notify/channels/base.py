@@ -300,6 +300,16 @@ class Channel(ABC):
     """Environment variables this channel reads its credentials from."""
     api_base_env: ClassVar[str | None] = None
     """Environment variable that overrides `api_base` (the sandbox exports it)."""
+    address: ClassVar[str | None] = None
+    """The contact field that addresses this channel: ``phone``, ``email``, ``twitter`` (a
+    handle), or None for a broadcast that reaches everyone at once (a Twitter account)."""
+    preference: ClassVar[str | None] = None
+    """The name people use for this channel in their ``channels`` preference and in
+    opt-outs (default: the type name)."""
+    threading: ClassVar[str] = ""
+    """How an incident's updates hang together: ``reply`` (a broadcast replies to the last
+    post: a tweet thread), ``references`` (each person's messages reference the earlier
+    ones: email), or "" (none)."""
     public: ClassVar[bool] = False
     """Whatever it sends is public (a Twitter account, a status page): internal content
     never goes to it, by any path."""
@@ -363,12 +373,21 @@ class Channel(ABC):
         Call ``attempt.begin()`` right before the request that can reach the provider.
         """
 
+    @classmethod
+    def preference_name(cls) -> str | None:
+        """The preference and opt-out name of a per-person channel; None for a broadcast."""
+        return (cls.preference or cls.type_name) if cls.address else None
+
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """After a crash or a dropped connection: did `delivery` (attempted at or after
         `since`) reach the provider? A Receipt if so, None if the provider's records show it
         did not; raise `Unknowable` when the provider cannot say (the default)."""
         raise Unknowable(f"{self.name}: {self.type_name} cannot look up sent messages",
                          channel=self.name, code="unknowable")
+
+    def preload(self) -> None:  # noqa: B027 - optional hook
+        """Import the client library (called before the health check's deadline starts, so
+        the deadline measures the provider, not our imports)."""
 
     @abstractmethod
     def check(self) -> Health:

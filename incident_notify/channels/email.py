@@ -53,6 +53,8 @@ class EmailOptions(ChannelOptions):
 
 class EmailChannel(Channel):
     type_name: ClassVar[str] = "email"
+    address = "email"
+    threading = "references"
     Options = EmailOptions
     default_limits = ChannelLimits(length_rule="email", max_length=None, rate_per_second=10.0,
                                    burst=20, concurrency=4)

@@ -49,6 +49,7 @@ class SMSOptions(ChannelOptions):
 
 class SMSChannel(Channel):
     type_name: ClassVar[str] = "sms"
+    address = "phone"
     Options = SMSOptions
     default_limits = ChannelLimits(length_rule="sms-segments", max_length=None,
                                    rate_per_second=1.0, burst=1, concurrency=4)
@@ -68,6 +69,11 @@ class SMSChannel(Channel):
 
     def endpoint(self) -> str:
         return self.api_base(TWILIO_API)
+
+    def preload(self) -> None:
+        import twilio.rest  # noqa: F401
+        from twilio.rest.api.v2010.account import AccountContext  # noqa: F401
+        from twilio.rest.api.v2010.account.message import MessageList  # noqa: F401
 
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)

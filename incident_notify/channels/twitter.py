@@ -29,6 +29,7 @@ class TwitterOptions(ChannelOptions):
 
 class TwitterChannel(Channel):
     type_name: ClassVar[str] = "twitter"
+    threading = "reply"
     Options = TwitterOptions
     options: TwitterOptions
     # POST /2/tweets allows 100 requests per 15 minutes per user on the paid tiers (fewer
@@ -51,6 +52,10 @@ class TwitterChannel(Channel):
         from incident_notify.channels._twitter_client import TWITTER_API
 
         return self.api_base(TWITTER_API)
+
+    def preload(self) -> None:
+        import requests  # noqa: F401
+        import tweepy  # noqa: F401
 
     def client(self) -> Any:
         client = getattr(self._local, "client", None)

@@ -21,6 +21,8 @@ from incident_notify.channels.twitter import TwitterChannel
 
 class TwitterDMChannel(TwitterChannel):
     type_name: ClassVar[str] = "twitter_dm"
+    address = "twitter"
+    threading = ""
     # DM sends are limited per user per 15 minutes (and per day): 1/s with a small pool.
     default_limits = ChannelLimits(length_rule="chars", max_length=10_000, rate_per_second=1.0,
                                    burst=5, concurrency=2)

@@ -68,7 +68,7 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
           json: JsonOpt = False) -> None:
     """Per source: people, invalid records, reachable per channel, opted out; exit 4 when
     any record is invalid (each reported as file:line: field: problem)."""
-    from incident_notify.contacts import KINDS, load_contacts
+    from incident_notify.contacts import KINDS, address_field, load_contacts
 
     output.state.json = json
     settings = _settings(region, optouts)
@@ -81,7 +81,7 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
         entry = per_source.setdefault(c.source, {"path": c.source, "people": 0, "invalid": 0,
                                                  "reachable": Counter(), "opted_out": 0})
         for kind in KINDS:
-            address = c.address_for(kind)
+            address = c.address_for(address_field(kind))
             if address:
                 entry["reachable"][kind] += 1
                 if store.is_opted_out(kind, address):
