@@ -76,30 +76,11 @@ class PlaybookReport:
 
 
 def _sensitivity_problems(pb: Playbook, renderer: Renderer) -> Iterator[Problem]:
-    """Every path by which internal content would reach a public channel or a public or
-    customer audience: direct, through a fallback channel (with its failover notice), or
-    through an included template or an internal variable. Each is reported at its line."""
-    from incident_notify.sensitivity import internal_reason, is_public
+    """Every path by which internal content would reach the public, at its line."""
+    from incident_notify.sensitivity import leak_problems
 
-    seen: set[tuple[str, str, str | None]] = set()
     for sname in pb.stage_names:
-        for audience, channel, origin in message_targets(pb, sname):
-            if not is_public(pb, channel, audience):
-                continue
-            reason = internal_reason(pb, renderer, sname, channel, audience, origin)
-            if reason is None or (sname, channel, audience) in seen:
-                continue
-            seen.add((sname, channel, audience))
-            found = pb.message_for(sname, channel, audience)
-            where: tuple[str | int, ...] = found[1] if found else ("stages", sname)
-            if pb.model.stages[sname].sensitivity == "internal":
-                where = ("stages", sname, "sensitivity")
-            via = f" (as the fallback of {origin!r})" if origin else ""
-            yield pb.source.problem(
-                where, f"internal content would reach public audience/channel "
-                f"{audience!r}/{channel!r}{via} at stage {sname!r}: {reason}",
-                "give the public audience its own message without internal data, take the "
-                "public channel off this path (audiences, fallback), or drop the marking")
+        yield from leak_problems(pb, renderer, sname)
 
 
 def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | None]]:

@@ -273,21 +273,9 @@ def _refuse_misleading(pb: Playbook, contacts: Any, stage: str,
                 "contacts: the incident team would not be told",
                 "check its groups/tags against the contact files (incident-notify contacts "
                 "list)"))
-    from incident_notify.checks import message_targets
-    from incident_notify.sensitivity import internal_reason, is_public
+    from incident_notify.sensitivity import leak_problems
 
-    leaks = []
-    renderer = make_renderer(pb)
-    for audience, channel, origin in message_targets(pb, stage):
-        if is_public(pb, channel, audience):
-            reason = internal_reason(pb, renderer, stage, channel, audience, origin)
-            if reason:
-                found = pb.message_for(stage, channel, audience)
-                via = f" as the fallback of {origin!r}" if origin else ""
-                leaks.append(pb.source.problem(
-                    found[1] if found else ("stages", stage),
-                    f"refusing to send: internal content would reach public audience/channel "
-                    f"{audience!r}/{channel!r}{via}: {reason}"))
+    leaks = leak_problems(pb, make_renderer(pb), stage)
     if leaks:
         from incident_notify.errors import PlaybookError
 

@@ -154,7 +154,7 @@ class Planner:
         via = f" as the fallback of {fallback_from!r}" if fallback_from else ""
         raise PlaybookError([self.pb.source.problem(
             found[1] if found else ("stages", self.stage),
-            f"refusing to send internal content to public audience/channel "
+            f"internal content would reach public audience/channel "
             f"{audience!r}/{channel!r}{via}: {reason}",
             "nothing was sent; fix the playbook (incident-notify validate shows every path)")])
 

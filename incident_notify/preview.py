@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from incident_notify.checks import message_targets
-from incident_notify.errors import NotFoundError, Problem
+from incident_notify.errors import NotFoundError, PlaybookError, Problem
 from incident_notify.messages import (
     IncidentContext,
     RenderedMessage,
@@ -75,11 +75,18 @@ def preview_stage(
     name = check_stage(pb, stage)
     values = collect_variables(pb, sets, vars_file)
     renderer = make_renderer(pb)
+    from incident_notify.sensitivity import leak_problems
+
+    leaks = leak_problems(pb, renderer, name)
+    if leaks:  # the same refusal a send's preflight gives
+        raise PlaybookError(leaks, hint="nothing can be sent this way; incident-notify "
+                            "validate shows every path")
     ctx = IncidentContext(id="INC-PREVIEW", stage=name, message=message)
     result = PreviewResult(playbook=str(path), stage=name)
     for audience, channel, origin in message_targets(pb, name):
         if origin is not None and not include_fallbacks:
             continue
         result.messages.append(
-            compose(pb, renderer, name, channel, audience, values, ctx, fallback_from=origin))
+            compose(pb, renderer, name, channel, audience, values, ctx, fallback_from=origin,
+                    carry_message=bool(message.strip())))
     return result

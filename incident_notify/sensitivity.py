@@ -21,6 +21,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from incident_notify.errors import Problem
     from incident_notify.playbook import Playbook
     from incident_notify.render import Renderer
 
@@ -36,6 +37,34 @@ def is_public(pb: Playbook, channel: str, audience: str | None) -> bool:
         return True
     aud = pb.model.audiences.get(audience or "")
     return aud is not None and aud.kind in ("public", "customers")
+
+
+def leak_problems(pb: Playbook, renderer: Renderer, stage: str) -> list[Problem]:
+    """Every path by which a stage would carry internal content to a public channel or a
+    public or customer audience (direct, or as a fallback with its notice), each located
+    at its line. `validate`, `preview` and the send preflight all use this."""
+    from incident_notify.checks import message_targets
+
+    problems: list[Problem] = []
+    seen: set[tuple[str, str | None]] = set()
+    for audience, channel, origin in message_targets(pb, stage):
+        if (channel, audience) in seen or not is_public(pb, channel, audience):
+            continue
+        reason = internal_reason(pb, renderer, stage, channel, audience, origin)
+        if reason is None:
+            continue
+        seen.add((channel, audience))
+        found = pb.message_for(stage, channel, audience)
+        where: tuple[str | int, ...] = found[1] if found else ("stages", stage)
+        if pb.model.stages[stage].sensitivity == "internal":
+            where = ("stages", stage, "sensitivity")
+        via = f" (as the fallback of {origin!r})" if origin else ""
+        problems.append(pb.source.problem(
+            where, f"internal content would reach public audience/channel "
+            f"{audience!r}/{channel!r}{via} at stage {stage!r}: {reason}",
+            "give the public audience its own message without internal data, take the "
+            "public channel off this path (audiences, fallback), or drop the marking"))
+    return problems
 
 
 def internal_reason(pb: Playbook, renderer: Renderer, stage: str, channel: str,

@@ -399,3 +399,14 @@ def test_verify_json_lists_the_problem(tmp_path: Path) -> None:
                    env={"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)})
     doc = json_doc(proc)
     assert proc.returncode == 8 and doc["errors"] and doc["errors"][0]["line"] == 1
+
+
+def test_preview_and_dry_run_show_the_same_sensitivity_refusal(tmp_path: Path) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
+    pb.write_text(pb.read_text().replace("  investigating:\n",
+                                         "  investigating:\n    sensitivity: internal\n", 1))
+    previewed = run_cli("preview", str(pb), "--set", "site=LON-2")
+    dry = run_cli("declare", str(pb), "--set", "site=LON-2", "--dry-run", "--sandbox")
+    for proc in (previewed, dry):
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "internal content would reach public" in proc.stderr
