@@ -357,7 +357,7 @@ class Dispatcher:
             runner.queue.append((job, from_feeder))
             runner.cond.notify()
 
-    def _finish(self, from_feeder: bool) -> None:
+    def _job_done(self, from_feeder: bool) -> None:
         if from_feeder:
             self._slots.release()
         with self._done:
@@ -403,7 +403,7 @@ class Dispatcher:
                 self.result.fatal_kind = "bug"
                 self.stop.set()
             finally:
-                self._finish(from_feeder)
+                self._job_done(from_feeder)
 
     # -- one job (a delivery, or the parts of a thread in order)
     def _run_job(self, runner: ChannelRunner, job: list[Delivery]) -> None:

@@ -1,4 +1,5 @@
-"""The lifecycle operations behind declare / update / resolve / reopen / resume.
+"""The lifecycle operations behind declare / update / resolve / reopen (`resume` is in
+resume.py; the record's writer and reader of plans in journal.py; results in outcome.py).
 
 Each sending operation runs the same steps:
 
@@ -16,131 +17,29 @@ from __future__ import annotations
 
 import fcntl
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from incident_notify.channels.base import Channel, Delivery, Health, OutgoingMessage
-from incident_notify.dispatch import Dispatcher, DispatchResult, Planned, ProgressFn
+from incident_notify.channels.base import Channel, Health
+from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
 from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
-from incident_notify.exit_codes import ExitCode
-from incident_notify.incident import DeliveryState, IncidentState, apply, fold
-from incident_notify.messages import IncidentContext, RenderedMessage, make_renderer
-from incident_notify.plan import Planner, PlanStats, Skip
-from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
-from incident_notify.runtime import (
-    Runtime,
-    build_channels,
-    check_health,
+from incident_notify.incident import IncidentState, apply, fold
+from incident_notify.journal import (
+    AuditedRouter,
+    finish_update,
+    in_doubt_list,
+    pending_jobs,
+    write_plan,
 )
-from incident_notify.verdict import Verdict, verdict
+from incident_notify.messages import IncidentContext, RenderedMessage, make_renderer
+from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
+from incident_notify.plan import Planner
+from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
+from incident_notify.runtime import Runtime, build_channels, check_health
 
-
-# ----------------------------------------------------------------------- results
-@dataclass
-class Preflight:
-    incident_id: str
-    playbook: Playbook
-    stage: str
-    update_no: int
-    event: str
-    messages: list[RenderedMessage]
-    audience_sizes: dict[str, int]
-    """channel -> planned deliveries."""
-    health: dict[str, Health]
-    stats: PlanStats
-    skips: list[Skip]
-    invalid_contacts: int = 0
-    """Contact records left out as invalid."""
-    contact_source_problems: int = 0
-    """Other problems in the contact sources (an ignored column, a missing file)."""
-    settled: list[dict[str, Any]] = field(default_factory=list)
-    """`resume`: what the providers said of each delivery in doubt."""
-    endpoints: dict[str, str] = field(default_factory=dict)
-    """channel -> where its requests (and credentials) go."""
-
-    @property
-    def unhealthy(self) -> list[str]:
-        return [name for name, h in self.health.items() if not h.ok]
-
-    def to_dict(self) -> dict[str, Any]:
-        from incident_notify.preview import message_to_dict
-
-        return {
-            "incident": self.incident_id, "playbook": self.playbook.name,
-            "stage": self.stage, "update_no": self.update_no, "event": self.event,
-            "messages": [message_to_dict(m) for m in self.messages],
-            "deliveries_per_channel": self.audience_sizes,
-            "health": {n: {"ok": h.ok, "detail": h.detail} for n, h in self.health.items()},
-            "skipped": [{"contact": s.contact_id, "channel": s.channel, "reason": s.reason}
-                        for s in self.skips],
-            "warnings": self.stats.warnings,
-            "invalid_contacts": self.invalid_contacts,
-            "contact_source_problems": self.contact_source_problems,
-            "settled": self.settled,
-            "endpoints": self.endpoints,
-        }
-
-
-@dataclass
-class SendOutcome:
-    incident_id: str
-    stage: str
-    update_no: int
-    dry_run: bool
-    preflight: Preflight | None
-    result: DispatchResult | None
-    verdict: Verdict | None = None
-    """Who was reached, from the record (None for a dry run or nothing to do)."""
-    in_doubt: list[dict[str, Any]] = field(default_factory=list)
-    """Deliveries still unknown after settling with the providers: key, channel, recipient,
-    contact, attempts."""
-    sandbox: bool = False
-    """Sent to the local emulators: a rehearsal, not a notification."""
-
-    @property
-    def exit_code(self) -> ExitCode:
-        r = self.result
-        if r is None:
-            return ExitCode.OK
-        if r.fatal:
-            return ExitCode.AUDIT_INVALID if r.fatal_kind == "audit" else ExitCode.ERROR
-        if r.interrupted:
-            return ExitCode.INTERRUPTED
-        v = self.verdict
-        if v is None or (v.complete and not self.in_doubt):
-            return ExitCode.OK
-        if v.count("reached") == 0 and v.count("not_reached") > 0:
-            return ExitCode.DELIVERY_FAILED
-        return ExitCode.PARTIAL_DELIVERY
-
-    def result_dict(self) -> dict[str, Any] | None:
-        r, v = self.result, self.verdict
-        if r is None:
-            return None
-        body = v.to_dict() if v is not None else {}
-        failures = [x.to_dict() for x in (v.not_reached + v.in_doubt if v else [])]
-        return {
-            "channels": body.get("channels", {}), "totals": body.get("totals", {}),
-            "people": body.get("people", {}), "failures": failures[:500],
-            "failovers": r.failovers, "interrupted": r.interrupted, "fatal": r.fatal,
-            "complete": self.exit_code == ExitCode.OK, "elapsed_s": round(r.elapsed_s, 3),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "incident": self.incident_id, "stage": self.stage, "update_no": self.update_no,
-            "dry_run": self.dry_run,
-            "preflight": self.preflight.to_dict() if self.preflight else None,
-            "result": self.result_dict(),
-            "in_doubt": self.in_doubt,
-            "sandbox": self.sandbox,
-        }
-
-
-ConfirmFn = Callable[[Preflight], bool]
 HEALTH_MAX_AGE_S = 30.0
 """A preflight health check older than this (a slow answer at the prompt) is redone."""
 
@@ -213,7 +112,7 @@ class UpdateSpec:
     values: dict[str, str]
 
 
-def _make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
+def make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
                   update_no: int, spec: UpdateSpec, state: IncidentState | None,
                   declared_at: str) -> Planner:
     ctx = IncidentContext(id=incident_id, stage=spec.stage, update_no=update_no,
@@ -229,15 +128,15 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
         rt.sandbox.remember_tweets(state.last_tweet.values())
     contacts = load_contact_set(rt, pb)
     declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
-    planner = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
+    planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
     messages = planner.render_all()
     # A counting pass with a throwaway planner: sizes per channel without sending.
-    counter = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
+    counter = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
     for job in counter.jobs():
         for _ in job:
             pass
-    _refuse_misleading(pb, contacts, spec.stage, messages, state)
-    used = _stage_channels(pb, spec.stage)
+    refuse_misleading(pb, contacts, spec.stage, messages, state)
+    used = stage_channels(pb, spec.stage)
     checked = build_channels(rt, pb, used)
     health = check_health(checked) if check else {}
     close_channels(checked)
@@ -252,7 +151,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     return pre, contacts
 
 
-def _refuse_misleading(pb: Playbook, contacts: Any, stage: str,
+def refuse_misleading(pb: Playbook, contacts: Any, stage: str,
                        messages: list[RenderedMessage], state: IncidentState | None) -> None:
     """Stop before anything is sent when sending would mislead: contacts that did not load
     (people would silently not be told), an internal audience that selects nobody, or a
@@ -306,143 +205,14 @@ def _refuse_misleading(pb: Playbook, contacts: Any, stage: str,
                     hint="say what is new with --message \"...\" (or --set changed values)")
 
 
-def _stage_channels(pb: Playbook, stage: str) -> list[str]:
+def stage_channels(pb: Playbook, stage: str) -> list[str]:
     primary: list[str] = []
     for aname in pb.audiences_for(stage):
         primary += pb.model.audiences[aname].channels
     return channels_with_fallbacks(pb, primary)
 
 
-class AuditedRouter:
-    """The planner as the dispatcher's router. New rendered messages (a fallback's) are
-    handed back as records for the dispatcher to write with the failover that needs them;
-    an opt-out is recorded at once."""
-
-    def __init__(self, planner: Planner, audit: Any, incident_id: str) -> None:
-        self.planner = planner
-        self.audit = audit
-        self.incident_id = incident_id
-
-    def new_records(self) -> list[Any]:
-        from incident_notify.audit import AuditEntry
-
-        return [AuditEntry("message.rendered", incident=self.incident_id,
-                           channel=payload["channel"], payload=payload)
-                for payload in self.planner.take_new_renders()]
-
-    def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:
-        return self.planner.reroute(delivery, reason)
-
-    def next_channel(self, delivery: Delivery) -> list[Planned] | None:
-        return self.planner.next_channel(delivery)
-
-    def opted_out(self, delivery: Delivery) -> None:
-        self.planner.opted_out(delivery)
-        self.audit.append("optout.added", incident=self.incident_id, channel=delivery.channel,
-                          recipient=delivery.recipient,
-                          payload={"contact_id": delivery.contact_id,
-                                   "reason": "recipient unsubscribed (provider opt-out)"})
-
-
-def _write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) -> list[Any]:
-    """Record every delivery of the update (then `update.planned`); returns the records."""
-    from incident_notify.audit import AuditEntry
-
-    batch: list[Any] = []
-    written: list[Any] = []
-
-    def flush() -> None:
-        renders = planner.take_new_renders()
-        entries = [AuditEntry("message.rendered", incident=incident_id, channel=r["channel"],
-                              payload=r) for r in renders]
-        if entries or batch:
-            written.extend(rt.audit.append_many([*entries, *batch]))
-        batch.clear()
-
-    for job in planner.jobs():
-        for p in job:
-            d = p.delivery
-            batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=d.channel,
-                                    recipient=d.recipient or None, key=d.key,
-                                    payload=dict(p.payload)))
-        if len(batch) >= 500:
-            flush()
-    for s in planner.skips:
-        batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=s.channel,
-                                recipient=s.recipient, key=s.key,
-                                payload={"update_no": update_no, "contact_id": s.contact_id,
-                                         "audience": s.audience, "part": 1, "parts": 1}))
-        batch.append(AuditEntry("delivery.skipped", incident=incident_id, channel=s.channel,
-                                recipient=s.recipient, key=s.key,
-                                payload={"reason": s.reason, "opted_out": s.opted_out}))
-    flush()
-    written.append(rt.audit.append("update.planned", incident=incident_id,
-                                   payload={"update_no": update_no,
-                                            "planned": planner.stats.planned,
-                                            "skipped": planner.stats.skipped,
-                                            "warnings": planner.stats.warnings}))
-    return written
-
-
-def _delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
-                         reply_to: str | None) -> Delivery | None:
-    p = ds.payload
-    msg = state.messages.get(p.get("digest", ""))
-    if msg is None:
-        return None
-    part = int(p.get("part", 1))
-    recipient = ds.recipient or ""
-    if recipient.startswith("hmac-sha256:"):
-        # Redacted in the log: look the address up again by contact id.
-        from incident_notify.channels import available_types, channel_class
-
-        person = contacts.contacts.get(p.get("contact_id"))
-        ctype = p.get("channel_type", "")
-        field = channel_class(ctype).address if ctype in available_types() else None
-        recipient = (person.address_for(field) if person and field else None) or ""
-        if not recipient:
-            return None
-    return Delivery(
-        key=ds.key, incident_id=state.id, update_no=ds.update_no, channel=ds.channel,
-        recipient=recipient,
-        message=OutgoingMessage(text=msg["parts"][part - 1], subject=msg.get("subject"),
-                                html=msg.get("html")),
-        contact_id=p.get("contact_id", ""), audience=p.get("audience", ""), part=part,
-        parts=int(p.get("parts", 1)), reply_to=reply_to,
-        thread_refs=tuple(p.get("thread_refs") or ()), fallback_from=p.get("fallback_from"),
-    )
-
-
-def pending_jobs(state: IncidentState, contacts: Any, update_no: int,
-                 include_unknown: bool = False) -> Iterator[list[Delivery]]:
-    """Jobs for the deliveries of an update that have no outcome yet, threads grouped."""
-    wanted = {"planned", "attempting", "unknown"} if include_unknown else {"planned"}
-    groups: dict[str, list[DeliveryState]] = {}
-    for ds in state.deliveries.values():
-        if ds.update_no != update_no:
-            continue
-        thread = ds.key.rsplit("/", 1)[0]
-        groups.setdefault(thread, []).append(ds)
-    for members in groups.values():
-        members.sort(key=lambda d: int(d.payload.get("part", 1)))
-        job: list[Delivery] = []
-        previous: DeliveryState | None = None
-        for ds in members:
-            if ds.status in wanted:
-                reply = ds.payload.get("reply_to")
-                if previous is not None and int(ds.payload.get("part", 1)) > 1:
-                    reply = previous.provider_id
-                d = _delivery_from_state(ds, state, contacts, reply)
-                if d is not None:
-                    job.append(d)
-            elif job:
-                break  # a thread part after a gap waits for the next resume
-            previous = ds
-        if job:
-            yield job
-
-
-def _dispatch(rt: Runtime, pb: Playbook, planner: Planner, state: IncidentState,
+def dispatch_update(rt: Runtime, pb: Playbook, planner: Planner, state: IncidentState,
               contacts: Any, update_no: int, health: Mapping[str, Health],
               progress: ProgressFn | None, include_unknown: bool = False,
               channels: Mapping[str, Channel] | None = None) -> DispatchResult:
@@ -471,26 +241,6 @@ def close_channels(channels: Mapping[str, Channel]) -> None:
             ch.close()
         except Exception:
             pass
-
-
-def _finish(rt: Runtime, incident_id: str, update_no: int,
-            result: DispatchResult) -> tuple[Verdict, IncidentState]:
-    """The update's verdict from the record, and ``update.completed`` when it ran to the
-    end (an interrupted or stopped run stays open for `resume`)."""
-    state = fold(rt.audit.records(incident=incident_id), incident_id)
-    v = verdict(state, update_no)
-    if not result.interrupted and result.fatal is None:
-        rt.audit.append("update.completed", incident=incident_id,
-                        payload={"update_no": update_no,
-                                 "summary": {**v.to_dict(), "failovers": result.failovers,
-                                             "elapsed_s": round(result.elapsed_s, 3)}})
-    return v, state
-
-
-def _in_doubt(state: IncidentState, update_no: int) -> list[dict[str, Any]]:
-    return [{"key": d.key, "channel": d.channel, "recipient": d.recipient,
-             "contact": d.payload.get("contact_id") or None, "attempts": d.attempts}
-            for d in state.in_doubt(update_no)]
 
 
 def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
@@ -530,15 +280,15 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     # The state read under the lock plus what this command writes: no re-reading the log.
     state = current
     apply(state, record)
-    planner = _make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
+    planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
                             state.declared_at)
     planner.render_all()
-    for written in _write_plan(rt, planner, incident_id, update_no):
+    for written in write_plan(rt, planner, incident_id, update_no):
         apply(state, written)
-    result = _dispatch(rt, pb, planner, state, contacts, update_no, health, progress)
-    v, final = _finish(rt, incident_id, update_no, result)
+    result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress)
+    v, final = finish_update(rt, incident_id, update_no, result)
     return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
-                       in_doubt=_in_doubt(final, update_no))
+                       in_doubt=in_doubt_list(final, update_no))
 
 
 # ----------------------------------------------------------------------- commands
@@ -614,177 +364,6 @@ def reopen(rt: Runtime, incident_id: str, *, stage: str | None = None,
     return update(rt, incident_id, stage=target, event="incident.reopened", **kwargs)
 
 
-@dataclass
-class Settlement:
-    """What a provider said about a delivery whose outcome was unknown."""
-
-    delivery: DeliveryState
-    outcome: str
-    """sent (it arrived), not_sent (the provider's records show it did not: safe to send)
-    or unknowable (the provider cannot say, or could not be asked)."""
-    provider_id: str | None = None
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.delivery
-        return {"key": d.key, "channel": d.channel, "recipient": d.recipient,
-                "contact": d.payload.get("contact_id") or None, "outcome": self.outcome,
-                "provider_id": self.provider_id, "detail": self.detail}
-
-
-def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
-    part = int(ds.payload.get("part", 1))
-    if part == 1:
-        reply: str | None = ds.payload.get("reply_to")
-        return reply
-    thread = ds.key.rsplit("/", 1)[0]
-    previous = state.deliveries.get(f"{thread}/{part - 1}")
-    return previous.provider_id if previous is not None else None
-
-
-def settle(state: IncidentState, contacts: Any, channels: Mapping[str, Channel],
-           update_nos: list[int]) -> list[Settlement]:
-    """Ask each provider what became of the deliveries in doubt (attempted, no answer
-    recorded). Read-only: the caller records the answers. A provider that cannot be asked
-    (down, or no lookup: SMTP) leaves its deliveries unknowable, asked once per channel."""
-    from datetime import datetime as dt
-
-    from incident_notify.channels.base import ChannelError
-
-    out: list[Settlement] = []
-    unreachable: dict[str, str] = {}
-    for upd in update_nos:
-        for ds in sorted(state.in_doubt(upd), key=lambda d: d.key):
-            ch = channels.get(ds.channel)
-            d = _delivery_from_state(ds, state, contacts, _reply_target(ds, state))
-            if ch is None or d is None:
-                out.append(Settlement(ds, "unknowable", detail="its channel or contact is "
-                                      "no longer in the playbook"))
-                continue
-            if ds.channel in unreachable:
-                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
-                continue
-            try:
-                since = dt.fromisoformat((ds.attempted_at or state.declared_at)
-                                         .replace("Z", "+00:00"))
-            except ValueError:
-                since = dt.fromisoformat(state.declared_at.replace("Z", "+00:00"))
-            try:
-                receipt = ch.find_sent(d, since)
-            except ChannelError as exc:
-                unreachable[ds.channel] = exc.message
-                out.append(Settlement(ds, "unknowable", detail=exc.message))
-                continue
-            except Exception as exc:  # a malformed answer: cannot tell
-                unreachable[ds.channel] = f"unexpected answer ({type(exc).__name__})"
-                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
-                continue
-            if receipt is None:
-                out.append(Settlement(ds, "not_sent", detail="not in the provider's records"))
-            else:
-                out.append(Settlement(ds, "sent", provider_id=receipt.provider_id,
-                                      detail="found in the provider's records"))
-    return out
-
-
-def _record_settlements(rt: Runtime, state: IncidentState,
-                        settled: list[Settlement]) -> None:
-    from incident_notify.audit import AuditEntry
-
-    entries = []
-    for s in settled:
-        if s.outcome == "unknowable":
-            continue
-        d = s.delivery
-        payload: dict[str, Any] = {"outcome": s.outcome, "detail": s.detail}
-        if s.outcome == "sent":
-            payload.update(provider_id=s.provider_id,
-                           channel_type=d.payload.get("channel_type", ""))
-        entries.append(AuditEntry("delivery.settled", incident=state.id, channel=d.channel,
-                                  recipient=d.recipient, key=d.key, payload=payload))
-    for record in rt.audit.append_many(entries) if entries else []:
-        apply(state, record)
-
-
-def _merge(verdicts: list[Verdict]) -> Verdict:
-    from collections import Counter
-
-    channels: dict[str, Counter[str]] = {}
-    recipients = []
-    for v in verdicts:
-        for ch, c in v.channels.items():
-            channels.setdefault(ch, Counter()).update(c)
-        recipients += v.recipients
-    return Verdict(channels, recipients)
-
-
-def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
-           dry_run: bool = False, confirm: ConfirmFn | None = None,
-           progress: ProgressFn | None = None, playbook: Path | None = None) -> SendOutcome:
-    """Finish what a crashed or interrupted run left: settle every delivery in doubt with
-    its provider first (found -> recorded sent with the provider's id; absent -> sent now),
-    then send what has no outcome. What no provider can settle is listed, and re-sent only
-    with `include_unknown` (email keeps its Message-ID on a resend)."""
-    state = load_state(rt, incident_id)
-    pb = playbook_of(state, playbook)
-    unfinished = [u for u in state.updates
-                  if not u.completed or state.pending(u.update_no)
-                  or state.in_doubt(u.update_no)]
-    if not unfinished:
-        return SendOutcome(incident_id, state.stage, state.update_no, dry_run, None,
-                           DispatchResult(), verdict(state, state.update_no))
-    contacts = load_contact_set(rt, pb)
-    channels = build_channels(rt, pb, list(pb.model.channels))
-    try:
-        numbers = [u.update_no for u in unfinished]
-        settled = settle(state, contacts, channels, numbers)
-        used = sorted({c for u in unfinished for c in _stage_channels(pb, u.stage)})
-        health = check_health({n: channels[n] for n in used if n in channels})
-        unknowable = {s.delivery.key for s in settled if s.outcome == "unknowable"}
-        sizes: dict[str, int] = {}
-        for upd in unfinished:
-            for ds in state.pending(upd.update_no):
-                sizes[ds.channel] = sizes.get(ds.channel, 0) + 1
-        for s in settled:
-            if s.outcome == "not_sent" or (include_unknown and s.delivery.key in unknowable):
-                sizes[s.delivery.channel] = sizes.get(s.delivery.channel, 0) + 1
-        last = unfinished[-1]
-        pre = Preflight(incident_id=incident_id, playbook=pb, stage=last.stage,
-                        update_no=last.update_no, event="resume", messages=[],
-                        audience_sizes=sizes, health=health, stats=PlanStats(), skips=[],
-                        settled=[s.to_dict() for s in settled],
-                        endpoints={n: channels[n].endpoint() for n in used
-                                   if n in channels})
-        if dry_run:
-            return SendOutcome(incident_id, last.stage, last.update_no, True, pre, None)
-        if confirm is not None and (sizes or settled) and not confirm(pre):
-            raise AbortedError("nothing was sent or recorded: the commander declined",
-                               hint="rerun when ready; --dry-run previews without asking")
-        _record_settlements(rt, state, settled)
-        verdicts = []
-        result = DispatchResult()
-        in_doubt: list[dict[str, Any]] = []
-        for upd in unfinished:
-            spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
-            planner = _make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
-                                    state.declared_at)
-            if not upd.planned:
-                # Crashed while planning: plan again; keys already in the log are skipped.
-                for written in _write_plan(rt, planner, incident_id, upd.update_no):
-                    apply(state, written)
-            result = _dispatch(rt, pb, planner, state, contacts, upd.update_no, health,
-                               progress, include_unknown=include_unknown, channels=channels)
-            v, state = _finish(rt, incident_id, upd.update_no, result)
-            verdicts.append(v)
-            in_doubt += _in_doubt(state, upd.update_no)
-            if result.interrupted or result.fatal:
-                break
-        return SendOutcome(incident_id, last.stage, last.update_no, False, pre, result,
-                           _merge(verdicts), in_doubt=in_doubt)
-    finally:
-        close_channels(channels)
-
-
 def fetch_replies(rt: Runtime, incident_id: str, playbook: Path | None = None) -> int:
     """Fetch replies to the incident's public thread and record the new ones
     (``reply.received``), so the timeline shows what people answered."""
@@ -806,4 +385,3 @@ def fetch_replies(rt: Runtime, incident_id: str, playbook: Path | None = None) -
                             payload=reply)
             new += 1
     return new
-

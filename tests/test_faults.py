@@ -14,7 +14,8 @@ import pytest
 
 from incident_notify.config import Settings
 from incident_notify.dispatch import CircuitBreaker, RetryPolicy, TokenBucket
-from incident_notify.notify import declare, resume, update
+from incident_notify.notify import declare, update
+from incident_notify.resume import resume
 from incident_notify.runtime import open_runtime
 from tests.conftest import make_fanout_playbook
 

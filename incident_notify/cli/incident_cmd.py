@@ -17,7 +17,7 @@ from incident_notify.cli.output import safe as escape
 from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
 
 if TYPE_CHECKING:
-    from incident_notify.notify import SendOutcome
+    from incident_notify.outcome import SendOutcome
     from incident_notify.runtime import Runtime
 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Send without asking for confirmation.")]
@@ -219,10 +219,10 @@ def resume(
     by person and channel, and re-sent only with --include-unknown. Shows the same preview
     and confirmation as every sending command.
     """
-    from incident_notify import notify
+    from incident_notify.resume import resume as resume_incident
 
     with runtime(audit_log, sandbox, secrets) as rt:
-        _send("resume", json, yes, dry_run, lambda confirm, progress: notify.resume(
+        _send("resume", json, yes, dry_run, lambda confirm, progress: resume_incident(
             rt, incident, include_unknown=include_unknown, dry_run=dry_run, confirm=confirm,
             progress=progress, playbook=playbook), rt)
 

@@ -22,7 +22,7 @@ from incident_notify.errors import AbortedError
 
 if TYPE_CHECKING:
     from incident_notify.channels.base import Delivery
-    from incident_notify.notify import Preflight, SendOutcome
+    from incident_notify.outcome import Preflight, SendOutcome
 
 
 def print_preflight(pre: Preflight) -> None:

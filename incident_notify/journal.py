@@ -1,0 +1,165 @@
+"""The journal: the one writer of an update's plan to the record (``message.rendered``,
+``delivery.planned``, ``delivery.skipped``, ``update.planned``; failovers write theirs in
+one batch through the dispatcher), and the one reader that rebuilds the deliveries still
+to send from the folded state. A first run and a resume go through the same functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from incident_notify.channels.base import Delivery, OutgoingMessage
+from incident_notify.dispatch import DispatchResult, Planned
+from incident_notify.incident import DeliveryState, IncidentState, fold
+from incident_notify.plan import Planner
+from incident_notify.runtime import Runtime
+from incident_notify.verdict import Verdict, verdict
+
+
+class AuditedRouter:
+    """The planner as the dispatcher's router. New rendered messages (a fallback's) are
+    handed back as records for the dispatcher to write with the failover that needs them;
+    an opt-out is recorded at once."""
+
+    def __init__(self, planner: Planner, audit: Any, incident_id: str) -> None:
+        self.planner = planner
+        self.audit = audit
+        self.incident_id = incident_id
+
+    def new_records(self) -> list[Any]:
+        from incident_notify.audit import AuditEntry
+
+        return [AuditEntry("message.rendered", incident=self.incident_id,
+                           channel=payload["channel"], payload=payload)
+                for payload in self.planner.take_new_renders()]
+
+    def reroute(self, delivery: Delivery, reason: str) -> list[Planned] | None:
+        return self.planner.reroute(delivery, reason)
+
+    def next_channel(self, delivery: Delivery) -> list[Planned] | None:
+        return self.planner.next_channel(delivery)
+
+    def opted_out(self, delivery: Delivery) -> None:
+        self.planner.opted_out(delivery)
+        self.audit.append("optout.added", incident=self.incident_id, channel=delivery.channel,
+                          recipient=delivery.recipient,
+                          payload={"contact_id": delivery.contact_id,
+                                   "reason": "recipient unsubscribed (provider opt-out)"})
+
+
+def write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) -> list[Any]:
+    """Record every delivery of the update (then `update.planned`); returns the records."""
+    from incident_notify.audit import AuditEntry
+
+    batch: list[Any] = []
+    written: list[Any] = []
+
+    def flush() -> None:
+        renders = planner.take_new_renders()
+        entries = [AuditEntry("message.rendered", incident=incident_id, channel=r["channel"],
+                              payload=r) for r in renders]
+        if entries or batch:
+            written.extend(rt.audit.append_many([*entries, *batch]))
+        batch.clear()
+
+    for job in planner.jobs():
+        for p in job:
+            d = p.delivery
+            batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=d.channel,
+                                    recipient=d.recipient or None, key=d.key,
+                                    payload=dict(p.payload)))
+        if len(batch) >= 500:
+            flush()
+    for s in planner.skips:
+        batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=s.channel,
+                                recipient=s.recipient, key=s.key,
+                                payload={"update_no": update_no, "contact_id": s.contact_id,
+                                         "audience": s.audience, "part": 1, "parts": 1}))
+        batch.append(AuditEntry("delivery.skipped", incident=incident_id, channel=s.channel,
+                                recipient=s.recipient, key=s.key,
+                                payload={"reason": s.reason, "opted_out": s.opted_out}))
+    flush()
+    written.append(rt.audit.append("update.planned", incident=incident_id,
+                                   payload={"update_no": update_no,
+                                            "planned": planner.stats.planned,
+                                            "skipped": planner.stats.skipped,
+                                            "warnings": planner.stats.warnings}))
+    return written
+
+
+def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
+                         reply_to: str | None) -> Delivery | None:
+    p = ds.payload
+    msg = state.messages.get(p.get("digest", ""))
+    if msg is None:
+        return None
+    part = int(p.get("part", 1))
+    recipient = ds.recipient or ""
+    if recipient.startswith("hmac-sha256:"):
+        # Redacted in the log: look the address up again by contact id.
+        from incident_notify.channels import available_types, channel_class
+
+        person = contacts.contacts.get(p.get("contact_id"))
+        ctype = p.get("channel_type", "")
+        field = channel_class(ctype).address if ctype in available_types() else None
+        recipient = (person.address_for(field) if person and field else None) or ""
+        if not recipient:
+            return None
+    return Delivery(
+        key=ds.key, incident_id=state.id, update_no=ds.update_no, channel=ds.channel,
+        recipient=recipient,
+        message=OutgoingMessage(text=msg["parts"][part - 1], subject=msg.get("subject"),
+                                html=msg.get("html")),
+        contact_id=p.get("contact_id", ""), audience=p.get("audience", ""), part=part,
+        parts=int(p.get("parts", 1)), reply_to=reply_to,
+        thread_refs=tuple(p.get("thread_refs") or ()), fallback_from=p.get("fallback_from"),
+    )
+
+
+def pending_jobs(state: IncidentState, contacts: Any, update_no: int,
+                 include_unknown: bool = False) -> Iterator[list[Delivery]]:
+    """Jobs for the deliveries of an update that have no outcome yet, threads grouped."""
+    wanted = {"planned", "attempting", "unknown"} if include_unknown else {"planned"}
+    groups: dict[str, list[DeliveryState]] = {}
+    for ds in state.deliveries.values():
+        if ds.update_no != update_no:
+            continue
+        thread = ds.key.rsplit("/", 1)[0]
+        groups.setdefault(thread, []).append(ds)
+    for members in groups.values():
+        members.sort(key=lambda d: int(d.payload.get("part", 1)))
+        job: list[Delivery] = []
+        previous: DeliveryState | None = None
+        for ds in members:
+            if ds.status in wanted:
+                reply = ds.payload.get("reply_to")
+                if previous is not None and int(ds.payload.get("part", 1)) > 1:
+                    reply = previous.provider_id
+                d = delivery_from_state(ds, state, contacts, reply)
+                if d is not None:
+                    job.append(d)
+            elif job:
+                break  # a thread part after a gap waits for the next resume
+            previous = ds
+        if job:
+            yield job
+
+
+def finish_update(rt: Runtime, incident_id: str, update_no: int,
+            result: DispatchResult) -> tuple[Verdict, IncidentState]:
+    """The update's verdict from the record, and ``update.completed`` when it ran to the
+    end (an interrupted or stopped run stays open for `resume`)."""
+    state = fold(rt.audit.records(incident=incident_id), incident_id)
+    v = verdict(state, update_no)
+    if not result.interrupted and result.fatal is None:
+        rt.audit.append("update.completed", incident=incident_id,
+                        payload={"update_no": update_no,
+                                 "summary": {**v.to_dict(), "failovers": result.failovers,
+                                             "elapsed_s": round(result.elapsed_s, 3)}})
+    return v, state
+
+
+def in_doubt_list(state: IncidentState, update_no: int) -> list[dict[str, Any]]:
+    return [{"key": d.key, "channel": d.channel, "recipient": d.recipient,
+             "contact": d.payload.get("contact_id") or None, "attempts": d.attempts}
+            for d in state.in_doubt(update_no)]

@@ -1,0 +1,206 @@
+"""`resume`: finish what a crash or Ctrl-C left. Every delivery in doubt is first settled
+with its provider (`settle`), the answers recorded (``delivery.settled``), then what has no
+outcome is sent through the same path as a first run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from incident_notify.channels.base import Channel
+from incident_notify.dispatch import DispatchResult, ProgressFn
+from incident_notify.errors import AbortedError
+from incident_notify.incident import DeliveryState, IncidentState, apply
+from incident_notify.journal import (
+    delivery_from_state,
+    finish_update,
+    in_doubt_list,
+    write_plan,
+)
+from incident_notify.notify import (
+    UpdateSpec,
+    close_channels,
+    dispatch_update,
+    load_contact_set,
+    load_state,
+    make_planner,
+    playbook_of,
+    stage_channels,
+)
+from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
+from incident_notify.plan import PlanStats
+from incident_notify.runtime import Runtime, build_channels, check_health
+from incident_notify.verdict import Verdict, verdict
+
+
+@dataclass
+class Settlement:
+    """What a provider said about a delivery whose outcome was unknown."""
+
+    delivery: DeliveryState
+    outcome: str
+    """sent (it arrived), not_sent (the provider's records show it did not: safe to send)
+    or unknowable (the provider cannot say, or could not be asked)."""
+    provider_id: str | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.delivery
+        return {"key": d.key, "channel": d.channel, "recipient": d.recipient,
+                "contact": d.payload.get("contact_id") or None, "outcome": self.outcome,
+                "provider_id": self.provider_id, "detail": self.detail}
+
+
+def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
+    part = int(ds.payload.get("part", 1))
+    if part == 1:
+        reply: str | None = ds.payload.get("reply_to")
+        return reply
+    thread = ds.key.rsplit("/", 1)[0]
+    previous = state.deliveries.get(f"{thread}/{part - 1}")
+    return previous.provider_id if previous is not None else None
+
+
+def settle(state: IncidentState, contacts: Any, channels: Mapping[str, Channel],
+           update_nos: list[int]) -> list[Settlement]:
+    """Ask each provider what became of the deliveries in doubt (attempted, no answer
+    recorded). Read-only: the caller records the answers. A provider that cannot be asked
+    (down, or no lookup: SMTP) leaves its deliveries unknowable, asked once per channel."""
+    from datetime import datetime as dt
+
+    from incident_notify.channels.base import ChannelError
+
+    out: list[Settlement] = []
+    unreachable: dict[str, str] = {}
+    for upd in update_nos:
+        for ds in sorted(state.in_doubt(upd), key=lambda d: d.key):
+            ch = channels.get(ds.channel)
+            d = delivery_from_state(ds, state, contacts, _reply_target(ds, state))
+            if ch is None or d is None:
+                out.append(Settlement(ds, "unknowable", detail="its channel or contact is "
+                                      "no longer in the playbook"))
+                continue
+            if ds.channel in unreachable:
+                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
+                continue
+            try:
+                since = dt.fromisoformat((ds.attempted_at or state.declared_at)
+                                         .replace("Z", "+00:00"))
+            except ValueError:
+                since = dt.fromisoformat(state.declared_at.replace("Z", "+00:00"))
+            try:
+                receipt = ch.find_sent(d, since)
+            except ChannelError as exc:
+                unreachable[ds.channel] = exc.message
+                out.append(Settlement(ds, "unknowable", detail=exc.message))
+                continue
+            except Exception as exc:  # a malformed answer: cannot tell
+                unreachable[ds.channel] = f"unexpected answer ({type(exc).__name__})"
+                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
+                continue
+            if receipt is None:
+                out.append(Settlement(ds, "not_sent", detail="not in the provider's records"))
+            else:
+                out.append(Settlement(ds, "sent", provider_id=receipt.provider_id,
+                                      detail="found in the provider's records"))
+    return out
+
+
+def _record_settlements(rt: Runtime, state: IncidentState,
+                        settled: list[Settlement]) -> None:
+    from incident_notify.audit import AuditEntry
+
+    entries = []
+    for s in settled:
+        if s.outcome == "unknowable":
+            continue
+        d = s.delivery
+        payload: dict[str, Any] = {"outcome": s.outcome, "detail": s.detail}
+        if s.outcome == "sent":
+            payload.update(provider_id=s.provider_id,
+                           channel_type=d.payload.get("channel_type", ""))
+        entries.append(AuditEntry("delivery.settled", incident=state.id, channel=d.channel,
+                                  recipient=d.recipient, key=d.key, payload=payload))
+    for record in rt.audit.append_many(entries) if entries else []:
+        apply(state, record)
+
+
+def _merge(verdicts: list[Verdict]) -> Verdict:
+    from collections import Counter
+
+    channels: dict[str, Counter[str]] = {}
+    recipients = []
+    for v in verdicts:
+        for ch, c in v.channels.items():
+            channels.setdefault(ch, Counter()).update(c)
+        recipients += v.recipients
+    return Verdict(channels, recipients)
+
+
+def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
+           dry_run: bool = False, confirm: ConfirmFn | None = None,
+           progress: ProgressFn | None = None, playbook: Path | None = None) -> SendOutcome:
+    """Finish what a crashed or interrupted run left: settle every delivery in doubt with
+    its provider first (found -> recorded sent with the provider's id; absent -> sent now),
+    then send what has no outcome. What no provider can settle is listed, and re-sent only
+    with `include_unknown` (email keeps its Message-ID on a resend)."""
+    state = load_state(rt, incident_id)
+    pb = playbook_of(state, playbook)
+    unfinished = [u for u in state.updates
+                  if not u.completed or state.pending(u.update_no)
+                  or state.in_doubt(u.update_no)]
+    if not unfinished:
+        return SendOutcome(incident_id, state.stage, state.update_no, dry_run, None,
+                           DispatchResult(), verdict(state, state.update_no))
+    contacts = load_contact_set(rt, pb)
+    channels = build_channels(rt, pb, list(pb.model.channels))
+    try:
+        numbers = [u.update_no for u in unfinished]
+        settled = settle(state, contacts, channels, numbers)
+        used = sorted({c for u in unfinished for c in stage_channels(pb, u.stage)})
+        health = check_health({n: channels[n] for n in used if n in channels})
+        unknowable = {s.delivery.key for s in settled if s.outcome == "unknowable"}
+        sizes: dict[str, int] = {}
+        for upd in unfinished:
+            for ds in state.pending(upd.update_no):
+                sizes[ds.channel] = sizes.get(ds.channel, 0) + 1
+        for s in settled:
+            if s.outcome == "not_sent" or (include_unknown and s.delivery.key in unknowable):
+                sizes[s.delivery.channel] = sizes.get(s.delivery.channel, 0) + 1
+        last = unfinished[-1]
+        pre = Preflight(incident_id=incident_id, playbook=pb, stage=last.stage,
+                        update_no=last.update_no, event="resume", messages=[],
+                        audience_sizes=sizes, health=health, stats=PlanStats(), skips=[],
+                        settled=[s.to_dict() for s in settled],
+                        endpoints={n: channels[n].endpoint() for n in used
+                                   if n in channels})
+        if dry_run:
+            return SendOutcome(incident_id, last.stage, last.update_no, True, pre, None)
+        if confirm is not None and (sizes or settled) and not confirm(pre):
+            raise AbortedError("nothing was sent or recorded: the commander declined",
+                               hint="rerun when ready; --dry-run previews without asking")
+        _record_settlements(rt, state, settled)
+        verdicts = []
+        result = DispatchResult()
+        in_doubt: list[dict[str, Any]] = []
+        for upd in unfinished:
+            spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
+            planner = make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
+                                    state.declared_at)
+            if not upd.planned:
+                # Crashed while planning: plan again; keys already in the log are skipped.
+                for written in write_plan(rt, planner, incident_id, upd.update_no):
+                    apply(state, written)
+            result = dispatch_update(rt, pb, planner, state, contacts, upd.update_no, health,
+                               progress, include_unknown=include_unknown, channels=channels)
+            v, state = finish_update(rt, incident_id, upd.update_no, result)
+            verdicts.append(v)
+            in_doubt += in_doubt_list(state, upd.update_no)
+            if result.interrupted or result.fatal:
+                break
+        return SendOutcome(incident_id, last.stage, last.update_no, False, pre, result,
+                           _merge(verdicts), in_doubt=in_doubt)
+    finally:
+        close_channels(channels)
