@@ -189,3 +189,22 @@ def test_output_to_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str]) -
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and err == "", err
+
+
+def test_at_80_columns_no_id_number_or_address_is_split(sandbox: Any,
+                                                        attached: dict[str, str]) -> None:
+    declared = json_doc(run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", "--json",
+                                env=attached))
+    incident = declared["data"]["incident"]
+    narrow = {**attached, "COLUMNS": "80"}
+    status = run_cli("status", env=narrow)
+    assert incident in status.stdout and "…" not in status.stdout
+    sent = declared["data"]["result"]["totals"]["sent"]
+    assert re.search(rf"\bsent\s+{sent}\b", status.stdout) or f"| {sent} " in status.stdout
+    shown = run_cli("audit", "show", "--limit", "40", env=narrow)
+    addresses = {r["rcpt_tos"][0] for r in sandbox.smtp.received.all()}
+    visible = [a for a in addresses if a in shown.stdout]
+    assert visible, shown.stdout
+    ids = {r["message_id"] for r in sandbox.smtp.received.all()}
+    assert any(i in shown.stdout for i in ids), "a long Message-ID stays whole"
+    assert "\x1b" not in status.stdout + shown.stdout  # NO_COLOR, not a terminal

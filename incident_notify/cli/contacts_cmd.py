@@ -183,4 +183,4 @@ def optout_list(optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
         return
     for item in items:
         output.console().print(f"{item['kind']:<11} {item['address']:<32} {item['reason']} "
-                               f"{item['ts'][:19]}", markup=False)
+                               f"{item['ts'][:19].replace('T', ' ')} UTC", markup=False)

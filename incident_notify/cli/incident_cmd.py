@@ -260,8 +260,8 @@ def status(
         return
     from incident_notify.cli.render_results import table
 
-    t = table("incident", "stage", "status", "age", "last event", "updates", "sent", "failed",
-              "failovers")
+    t = table("incident", "stage", "status", "age", "last event (UTC)", "updates", "sent",
+              "failed", "failovers")
     for column in t.columns:
         column.no_wrap = True
     for r in rows:
@@ -274,7 +274,7 @@ def status(
     if incident:
         r = rows[0]
         con.print(f"{escape(r['title'])} ({r['playbook']}, {r['severity']}), declared "
-                  f"{r['declared_at'][:19]} "
+                  f"{r['declared_at'][:19].replace('T', ' ')} UTC "
                   f"by {escape(r['declared_by'])}")
         per = table("channel", "sent", "failed", "failed over", "skipped", "unknown",
                     "planned", title=f"{incident} deliveries per channel")
@@ -319,7 +319,7 @@ def timeline(
         return
     con = output.console()
     for e in entries:
-        when = e["ts"][:19].replace("T", " ")
+        when = e["ts"][:19].replace("T", " ") + " UTC"
         con.print(f"[dim]{when}[/] [bold]{escape(e['what'])}[/]")
         for line in e.get("lines", []):
             con.print(f"    {escape(line)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
@@ -17,11 +17,43 @@ if TYPE_CHECKING:
     from incident_notify.preview import PreviewResult
 
 
+class FitTable(Table):
+    """A table that never splits a token (an id, a number, an address) to fit: when the
+    widest word of every column cannot fit side by side, each row is shown as a block of
+    ``header: value`` lines instead. Long free text still wraps between words."""
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.text import Text
+
+        def words(cell: Any) -> int:
+            plain = Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
+            return max((len(w) for w in plain.split()), default=0)
+
+        need = 1
+        for column in self.columns:
+            widest = max([words(column.header), *(words(c) for c in column._cells)])
+            need += widest + 3
+        if need <= options.max_width:
+            yield from super().__rich_console__(console, options)
+            return
+        if self.title:
+            yield Text.from_markup(str(self.title), style="bold")
+        headers = [Text.from_markup(str(c.header)).plain for c in self.columns]
+        label = max((len(h) for h in headers), default=0)
+        for row in range(self.row_count):
+            for header, column in zip(headers, self.columns, strict=True):
+                cell = column._cells[row]
+                value = cell if isinstance(cell, str) else str(cell)
+                yield Text.from_markup(f"{header or '-':<{label}}  {value}")
+            yield Text("")
+
+
 def table(*columns: str, title: str | None = None) -> Table:
-    """A table that degrades to plain ASCII when stdout is not a terminal."""
+    """A table that degrades to plain ASCII when stdout is not a terminal, and to one block
+    per row when the terminal is too narrow to keep every word whole."""
     tty = sys.stdout.isatty()
-    t = Table(title=title, box=box.ROUNDED if tty else box.ASCII2, show_lines=False,
-              title_justify="left")
+    t = FitTable(title=title, box=box.ROUNDED if tty else box.ASCII2, show_lines=False,
+                 title_justify="left")
     for col in columns:
         t.add_column(col, overflow="fold")
     return t
