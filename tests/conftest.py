@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,29 @@ def sandbox() -> Iterator[Any]:
 @pytest.fixture
 def audit_path(tmp_path: Path) -> Path:
     return tmp_path / "audit" / "audit.jsonl"
+
+
+def sandbox_runtime(tmp_path: Path, sandbox: Any, policy: Any = None) -> Any:
+    """A runtime that sends to `sandbox`, recording in tmp_path, with a retry policy."""
+    from incident_notify.config import Settings
+    from incident_notify.runtime import open_runtime
+
+    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
+                        sandbox=True)
+    rt = open_runtime(settings, sandbox=sandbox)
+    if policy is not None:
+        rt.policy = policy
+    return rt
+
+
+def sms_to(sandbox: Any) -> Counter[str]:
+    """How many SMS each number received."""
+    return Counter(r["to"] for r in sandbox.twilio.received.all())
+
+
+def mail_to(sandbox: Any) -> Counter[str]:
+    """How many emails each address received."""
+    return Counter(rcpt for r in sandbox.smtp.received.all() for rcpt in r["rcpt_tos"])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,

@@ -13,30 +13,24 @@ from typing import Any
 
 import pytest
 
-from incident_notify.config import Settings
 from incident_notify.dispatch import RetryPolicy
 from incident_notify.notify import declare, update
-from incident_notify.runtime import open_runtime
-from tests.conftest import ROOT, json_doc, make_fanout_playbook, run_cli
+from tests.conftest import (
+    ROOT,
+    json_doc,
+    mail_to,
+    make_fanout_playbook,
+    run_cli,
+    sandbox_runtime,
+    sms_to,
+)
 
 FAST = RetryPolicy(max_attempts=6, base_delay_s=0.05, max_delay_s=0.5, deadline_s=30,
                    breaker_threshold=3, breaker_cooldown_s=60)
 
 
 def runtime(tmp_path: Path, sandbox: Any, policy: RetryPolicy = FAST) -> Any:
-    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
-                        sandbox=True)
-    rt = open_runtime(settings, sandbox=sandbox)
-    rt.policy = policy
-    return rt
-
-
-def sms_to(sandbox: Any) -> Counter[str]:
-    return Counter(r["to"] for r in sandbox.twilio.received.all())
-
-
-def mail_to(sandbox: Any) -> Counter[str]:
-    return Counter(rcpt for r in sandbox.smtp.received.all() for rcpt in r["rcpt_tos"])
+    return sandbox_runtime(tmp_path, sandbox, policy)
 
 
 def test_thousand_sms_and_thousand_emails_each_exactly_once(tmp_path: Path, sandbox: Any) -> None:

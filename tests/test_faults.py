@@ -6,18 +6,15 @@ settles with the providers' own records."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from incident_notify.config import Settings
 from incident_notify.dispatch import CircuitBreaker, RetryPolicy, TokenBucket
 from incident_notify.notify import declare, update
 from incident_notify.resume import resume
-from incident_notify.runtime import open_runtime
-from tests.conftest import make_fanout_playbook
+from tests.conftest import mail_to, make_fanout_playbook, sandbox_runtime, sms_to
 
 FAST = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, deadline_s=20,
                    breaker_threshold=3, breaker_cooldown_s=60)
@@ -25,19 +22,7 @@ SUBSCRIBERS = {f"+1415555{i:04d}" for i in range(3)}
 
 
 def runtime(tmp_path: Path, sandbox: Any) -> Any:
-    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
-                        sandbox=True)
-    rt = open_runtime(settings, sandbox=sandbox)
-    rt.policy = FAST
-    return rt
-
-
-def sms_to(sandbox: Any) -> Counter[str]:
-    return Counter(r["to"] for r in sandbox.twilio.received.all())
-
-
-def mail_to(sandbox: Any) -> Counter[str]:
-    return Counter(rcpt for r in sandbox.smtp.received.all() for rcpt in r["rcpt_tos"])
+    return sandbox_runtime(tmp_path, sandbox, FAST)
 
 
 def tweets(sandbox: Any) -> list[dict[str, Any]]:

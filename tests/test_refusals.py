@@ -9,18 +9,20 @@ from typing import Any
 
 import pytest
 
-from incident_notify.config import Settings
 from incident_notify.drill import run_drill
 from incident_notify.errors import ContactsError, PlaybookError, StateError
 from incident_notify.notify import declare, reopen, resolve, update
-from incident_notify.runtime import open_runtime
-from tests.conftest import PLAYBOOKS, json_doc, make_fanout_playbook, run_cli
+from tests.conftest import (
+    PLAYBOOKS,
+    json_doc,
+    make_fanout_playbook,
+    run_cli,
+    sandbox_runtime,
+)
 
 
 def runtime(tmp_path: Path, sandbox: Any) -> Any:
-    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "optouts.jsonl",
-                        sandbox=True)
-    return open_runtime(settings, sandbox=sandbox)
+    return sandbox_runtime(tmp_path, sandbox)
 
 
 def received_total(sandbox: Any) -> int:
