@@ -208,3 +208,12 @@ def test_at_80_columns_no_id_number_or_address_is_split(sandbox: Any,
     ids = {r["message_id"] for r in sandbox.smtp.received.all()}
     assert any(i in shown.stdout for i in ids), "a long Message-ID stays whole"
     assert "\x1b" not in status.stdout + shown.stdout  # NO_COLOR, not a terminal
+
+
+def test_timeline_replies_without_credentials_is_a_config_error(
+        sandbox: Any, attached: dict[str, str]) -> None:
+    declared = json_doc(run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", "--json",
+                                env=attached))
+    proc = run_cli("timeline", declared["data"]["incident"], "--replies", env=attached)
+    assert proc.returncode == ExitCode.CONFIG, proc.stdout + proc.stderr
+    assert "TWITTER_API_KEY" in proc.stderr and "Traceback" not in proc.stderr

@@ -40,11 +40,17 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from incident_notify.errors import IncidentNotifyError
+from incident_notify.exit_codes import ExitCode
 
 
 # --------------------------------------------------------------------------- errors
 class ChannelError(IncidentNotifyError):
-    """A send or check failed. `code` is the provider's error code when there is one."""
+    """A send or check failed. `code` is the provider's error code when there is one.
+
+    When one reaches the command line (outside a fan-out, which records it instead) it is
+    a channel problem, exit 7; a missing credential is a configuration problem, exit 12."""
+
+    exit_code = ExitCode.CHANNEL_UNHEALTHY
 
     def __init__(
         self,
@@ -104,11 +110,14 @@ class PermanentChannelError(ChannelError):
         opt_out: bool = False,
         recipient_problem: bool = False,
         channel_down: bool = False,
+        missing_credential: bool = False,
     ) -> None:
         super().__init__(message, channel=channel, code=code, hint=hint)
         self.opt_out = opt_out
         self.recipient_problem = recipient_problem
         self.channel_down = channel_down
+        if missing_credential:
+            self.exit_code = ExitCode.CONFIG
 
 
 class Unknowable(ChannelError):
@@ -362,6 +371,7 @@ class Channel(ABC):
                 hint=f"export {name}=... or put it in the secrets file (--secrets FILE); "
                 "for a rehearsal use --sandbox",
                 channel_down=True,
+                missing_credential=True,
             )
         return value
 
