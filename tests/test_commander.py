@@ -178,7 +178,7 @@ def test_routine_mistakes_have_their_documented_code(tmp_path: Path, args: list[
 
 
 @pytest.mark.parametrize("args", [["validate", str(PLAYBOOKS)], ["status"],
-                                  ["audit", "show"]])
+                                  ["audit", "show"], ["--help"]])
 def test_output_to_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str]) -> None:
     import subprocess
 
@@ -217,3 +217,25 @@ def test_timeline_replies_without_credentials_is_a_config_error(
     proc = run_cli("timeline", declared["data"]["incident"], "--replies", env=attached)
     assert proc.returncode == ExitCode.CONFIG, proc.stdout + proc.stderr
     assert "TWITTER_API_KEY" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_closed_pipe_keeps_the_commands_own_exit_code(tmp_path: Path) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "incident_notify", "validate",
+                             str(tmp_path / "missing.yaml")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 3 and "Traceback" not in err
+
+
+def test_failover_notes_and_warnings_go_to_stderr(sandbox: Any,
+                                                  attached: dict[str, str]) -> None:
+    sandbox.twitter.faults.update(outage=True)
+    proc = run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", env=attached)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "failover:" in proc.stderr and "failover:" not in proc.stdout
+    assert "is unhealthy" in proc.stderr and "is unhealthy" not in proc.stdout
+    assert "Everyone was reached" in proc.stdout

@@ -7,7 +7,7 @@ imported inside command functions only, so `incident-notify --help` stays fast.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -109,8 +109,41 @@ def _silence_stdout() -> None:
         pass
 
 
+class _PipeSafe:
+    """stdout that a closed reader (`| head`) cannot turn into an error: once the pipe is
+    gone, writes are dropped quietly and the command's own exit code stands."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self._stream.write(text))
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.broken = True
+        _silence_stdout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: never shows a traceback unless --debug is given."""
+    if not isinstance(sys.stdout, _PipeSafe):
+        sys.stdout = _PipeSafe(sys.stdout)
     _register()
     args = _hoist_globals(list(sys.argv[1:] if argv is None else argv))
     command = next((a for a in args if not a.startswith("-")), "")

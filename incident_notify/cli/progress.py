@@ -6,6 +6,7 @@ a CI log, NO_COLOR): plain lines, no bars, no colour.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections import Counter
@@ -60,7 +61,8 @@ def print_preflight(pre: Preflight) -> None:
     for name in pre.unhealthy:
         fb = pre.playbook.model.channels[name].fallback
         where = f"will fail over to {', '.join(fb)}" if fb else "has no fallback channel"
-        con.print(f"[bold yellow]warning:[/] {escape(name)} is unhealthy and {where}")
+        output.err_console().print(f"[bold yellow]warning:[/] {escape(name)} is unhealthy "
+                                   f"and {where}")
     if pre.skips:
         reasons = Counter(s.reason for s in pre.skips)
         for reason, n in reasons.most_common():
@@ -74,7 +76,7 @@ def print_preflight(pre: Preflight) -> None:
         con.print(f"[yellow]{'; '.join(parts)}; "
                   "run 'incident-notify contacts check' for details[/]")
     for warning in pre.stats.warnings[:10]:
-        con.print(f"[yellow]warning:[/] {escape(warning)}")
+        output.err_console().print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _host(url: str) -> str:
@@ -114,8 +116,8 @@ class LiveProgress:
     """Progress callback for the dispatcher; a context manager around the fan-out."""
 
     def __init__(self, expected: Mapping[str, int] | None = None) -> None:
-        self.enabled = (sys.stdout.isatty() and not output.state.json
-                        and not output.state.quiet)
+        self.enabled = (sys.stderr.isatty() and not output.state.json
+                        and not output.state.quiet and not os.environ.get("NO_COLOR"))
         self.expected = dict(expected or {})
         self.counts: dict[str, Counter[str]] = {}
         self._lock = threading.Lock()
@@ -134,7 +136,7 @@ class LiveProgress:
                 TextColumn("{task.description:<22}"), BarColumn(), TextColumn(
                     "{task.completed}/{task.total} {task.fields[detail]}"),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                console=output.console(), transient=False)
+                console=output.err_console(), transient=False)
             self._progress.start()
             for name, total in sorted(self.expected.items()):
                 self._task(name, total)
@@ -197,8 +199,7 @@ class LiveProgress:
         if self._progress is not None:
             self._progress.console.print(text)
         else:
-            output.err_console().print(text) if output.state.json else output.console().print(
-                text)
+            output.err_console().print(text)  # diagnostics go to stderr, results to stdout
 
 
 def print_outcome(outcome: SendOutcome) -> None:
