@@ -123,7 +123,11 @@ def make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
 
 
 def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
-            state: IncidentState | None, *, check: bool = True) -> tuple[Preflight, Any]:
+            state: IncidentState | None, *, check: bool = True
+            ) -> tuple[Preflight, Any, dict[str, Channel]]:
+    """Load, plan, render and check everything an update needs, before anything is
+    recorded: the preflight, the contacts, and the channel instances (the stage's channels
+    and their fallbacks), built once and used again to send. The caller closes them."""
     if rt.sandbox is not None and state is not None:
         rt.sandbox.remember_tweets(state.last_tweet.values())
     contacts = load_contact_set(rt, pb)
@@ -139,7 +143,6 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     used = stage_channels(pb, spec.stage)
     checked = build_channels(rt, pb, used)
     health = check_health(checked) if check else {}
-    close_channels(checked)
     pre = Preflight(
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
         event=spec.event, messages=messages, audience_sizes=dict(counter.stats.per_channel),
@@ -148,7 +151,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
         contact_source_problems=len(contacts.problems) - contacts.invalid_records,
         endpoints={n: ch.endpoint() for n, ch in checked.items()},
     )
-    return pre, contacts
+    return pre, contacts, checked
 
 
 def refuse_misleading(pb: Playbook, contacts: Any, stage: str,
@@ -251,9 +254,21 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     For a declaration `incident_id` is provisional (shown in the preview); the real id is
     allocated under the lifecycle lock after confirmation.
     """
-    pre, contacts = prepare(rt, pb, incident_id, update_no, spec, state)
-    if dry_run:
-        return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
+    pre, contacts, channels = prepare(rt, pb, incident_id, update_no, spec, state)
+    try:
+        if dry_run:
+            return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
+        return _record_and_send(rt, pb, incident_id, update_no, spec, pre, contacts,
+                                channels, confirm, progress, lifecycle_payload)
+    finally:
+        close_channels(channels)
+
+
+def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int,
+                     spec: UpdateSpec, pre: Preflight, contacts: Any,
+                     channels: dict[str, Channel], confirm: ConfirmFn | None,
+                     progress: ProgressFn | None,
+                     lifecycle_payload: dict[str, Any]) -> SendOutcome:
     asked = time.monotonic()
     if confirm is not None and not confirm(pre):
         raise AbortedError("nothing was sent: the commander declined",
@@ -261,7 +276,7 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     health = pre.health
     if time.monotonic() - asked > HEALTH_MAX_AGE_S:
         # The commander took a while to answer: channels may have gone down or come back.
-        health = check_health(build_channels(rt, pb, list(pre.health)))
+        health = check_health(channels)
     handle = lifecycle_lock(rt)
     try:
         if spec.event == "incident.declared":
@@ -281,21 +296,26 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     state = current
     apply(state, record)
     planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
-                            state.declared_at)
+                           state.declared_at)
     planner.render_all()
     for written in write_plan(rt, planner, incident_id, update_no):
         apply(state, written)
-    result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress)
+    result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress,
+                             channels=channels)
     v, final = finish_update(rt, incident_id, update_no, result)
     return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
                        in_doubt=in_doubt_list(final, update_no))
 
 
 # ----------------------------------------------------------------------- commands
-def declare(rt: Runtime, playbook: Path, values: dict[str, str], *, message: str = "",
-            stage: str | None = None, dry_run: bool = False, confirm: ConfirmFn | None = None,
+def declare(rt: Runtime, playbook: Path | Playbook, values: dict[str, str], *,
+            message: str = "", stage: str | None = None, dry_run: bool = False,
+            confirm: ConfirmFn | None = None,
             progress: ProgressFn | None = None) -> SendOutcome:
-    pb = load_playbook(playbook)
+    """Open an incident. `playbook` is a path, or the playbook the caller already loaded
+    (the CLI loads it once to read the variables, and passes it down)."""
+    pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
+    playbook = pb.path
     first = stage or pb.first_stage
     if first not in pb.model.stages:
         raise NotFoundError(f"{playbook}: no stage {first!r}",
@@ -314,10 +334,19 @@ def update(rt: Runtime, incident_id: str, *, stage: str | None, sets: dict[str, 
            message: str = "", dry_run: bool = False, confirm: ConfirmFn | None = None,
            progress: ProgressFn | None = None, playbook: Path | None = None,
            event: str = "incident.updated") -> SendOutcome:
+    state = load_state(rt, incident_id)
+    return _step(rt, state, playbook_of(state, playbook), stage=stage, sets=sets,
+                 message=message, dry_run=dry_run, confirm=confirm, progress=progress,
+                 event=event)
+
+
+def _step(rt: Runtime, state: IncidentState, pb: Playbook, *, stage: str | None,
+          sets: dict[str, str], message: str, dry_run: bool, confirm: ConfirmFn | None,
+          progress: ProgressFn | None, event: str) -> SendOutcome:
+    """One lifecycle step of an incident whose state and playbook the caller loaded."""
     from incident_notify.messages import resolve_variables
 
-    state = load_state(rt, incident_id)
-    pb = playbook_of(state, playbook)
+    incident_id = state.id
     if state.status == "resolved" and event != "incident.reopened":
         raise StateError(f"{incident_id} is resolved; it takes no further updates",
                          hint=f"reopen it first: incident-notify reopen {incident_id}")
@@ -347,21 +376,29 @@ def update(rt: Runtime, incident_id: str, *, stage: str | None, sets: dict[str, 
                       confirm=confirm, progress=progress, lifecycle_payload=payload)
 
 
-def resolve(rt: Runtime, incident_id: str, **kwargs: Any) -> SendOutcome:
+def resolve(rt: Runtime, incident_id: str, *, playbook: Path | None = None,
+            **kwargs: Any) -> SendOutcome:
     state = load_state(rt, incident_id)
-    pb = playbook_of(state, kwargs.get("playbook"))
+    pb = playbook_of(state, playbook)
     if state.status == "resolved":
         raise StateError(f"{incident_id} is already resolved",
                          hint=f"reopen it with: incident-notify reopen {incident_id}")
-    return update(rt, incident_id, stage=pb.final_stage, event="incident.resolved", **kwargs)
+    return _step(rt, state, pb, stage=pb.final_stage, event="incident.resolved",
+                 **_step_options(kwargs))
 
 
 def reopen(rt: Runtime, incident_id: str, *, stage: str | None = None,
-           **kwargs: Any) -> SendOutcome:
+           playbook: Path | None = None, **kwargs: Any) -> SendOutcome:
     state = load_state(rt, incident_id)
-    pb = playbook_of(state, kwargs.get("playbook"))
-    target = stage or pb.first_stage
-    return update(rt, incident_id, stage=target, event="incident.reopened", **kwargs)
+    pb = playbook_of(state, playbook)
+    return _step(rt, state, pb, stage=stage or pb.first_stage, event="incident.reopened",
+                 **_step_options(kwargs))
+
+
+def _step_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"sets": kwargs.get("sets", {}), "message": kwargs.get("message", ""),
+            "dry_run": kwargs.get("dry_run", False), "confirm": kwargs.get("confirm"),
+            "progress": kwargs.get("progress")}
 
 
 def fetch_replies(rt: Runtime, incident_id: str, playbook: Path | None = None) -> int:

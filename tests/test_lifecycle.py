@@ -150,7 +150,7 @@ def test_preflight_shows_unhealthy_channel(sandbox: Any, attached: dict[str, str
     sandbox.twitter.faults.update(outage=True)
     proc = run_cli("declare", str(POWER), *POWER_VARS, "--dry-run", "--sandbox", env=attached)
     assert proc.returncode == 0
-    assert "status_twitter is unhealthy and will fail over to customer_sms" in proc.stdout
+    assert "status_twitter is unhealthy and will fail over to customer_sms" in proc.stderr
 
 
 def test_cli_runner_status_empty(attached: dict[str, str], monkeypatch: Any) -> None:

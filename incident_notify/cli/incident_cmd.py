@@ -127,10 +127,11 @@ def declare(
     from incident_notify.playbook import load_playbook
 
     output.state.json = json
-    values = collect_variables(load_playbook(playbook), sets or [], vars_file)
+    pb = load_playbook(playbook)  # once: its variables here, then the declaration
+    values = collect_variables(pb, sets or [], vars_file)
     with runtime(audit_log, sandbox, secrets) as rt:
         _send("declare", json, yes, dry_run, lambda confirm, progress: notify.declare(
-            rt, playbook, values, message=message, stage=stage, dry_run=dry_run,
+            rt, pb, values, message=message, stage=stage, dry_run=dry_run,
             confirm=confirm, progress=progress), rt)
 
 
