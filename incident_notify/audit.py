@@ -223,8 +223,7 @@ class AuditLog:
     def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                         0o600)
+            fd = _open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise AuditError(f"the audit log {self.path} is a symbolic link; refusing to "
@@ -282,8 +281,7 @@ class AuditLog:
         # needed); the head is a truncation check, not the record itself.
         try:
             if self._head_fd is None:
-                self._head_fd = os.open(self.head_path,
-                                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                self._head_fd = _open_regular(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)
                 _owner_only(self._head_fd, self.head_path)
             line = json.dumps({"seq": seq, "hash": head}).encode().ljust(120) + b"\n"
             os.pwrite(self._head_fd, line, 0)
@@ -312,7 +310,7 @@ class AuditLog:
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number, bytes) of complete lines; a torn last line is not yielded."""
         try:
-            handle = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+            handle = os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb")
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -371,7 +369,7 @@ class AuditLog:
             return VerifyResult(ok=True, records=0, head=GENESIS)
         torn = False
         try:
-            handle = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+            handle = os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb")
         except OSError as exc:
             return VerifyResult(False, 0, None, "cannot read the log"
                                 + (" (it is a symbolic link)" if exc.errno == errno.ELOOP
@@ -434,7 +432,7 @@ class AuditLog:
 
     def _read_head(self) -> dict[str, Any] | None:
         try:
-            fd = os.open(self.head_path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = _open_regular(self.head_path, os.O_RDONLY)
             with os.fdopen(fd, "rb") as handle:
                 data = json.loads(handle.read(4096))
             seq, digest = data["seq"], data["hash"]
@@ -462,6 +460,19 @@ class AuditLog:
                     pass
         self._fd = self._head_fd = None
         self._tail = None
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open without following a symlink and without blocking (a FIFO planted in its place
+    would hang the open), and refuse anything but a regular file."""
+    import stat as stat_module
+
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _owner_only(fd: int, path: Path) -> None:

@@ -254,3 +254,23 @@ def test_well_chained_malformed_payload_fails_verify_and_readers_refuse(
         proc = run_cli(*args, env=env)
         assert proc.returncode == 8, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr and "malformed" in proc.stderr
+
+
+@pytest.mark.parametrize("planted", ["log", "head"])
+def test_a_fifo_planted_as_the_log_or_head_never_hangs(tmp_path: Path, planted: str) -> None:
+    import os
+
+    path = tmp_path / "audit.jsonl"
+    if planted == "log":
+        os.mkfifo(path)
+    else:
+        AuditLog(path).append("optout.added", payload={"contact_id": "c", "reason": "r"})
+        Path(str(path) + ".head").unlink()
+        os.mkfifo(str(path) + ".head")
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(path)}
+    for args in (["audit", "verify"], ["status"], ["audit", "show"]):
+        proc = run_cli(*args, env=env, timeout=20)
+        # A bad log stops every reader; a bad head fails only verify (readers do not use it).
+        expected = 8 if planted == "log" or args[-1] == "verify" else 0
+        assert proc.returncode == expected, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
