@@ -152,9 +152,19 @@ def finish_update(rt: Runtime, incident_id: str, update_no: int,
     state = fold(rt.audit.records(incident=incident_id), incident_id)
     v = verdict(state, update_no)
     if not result.interrupted and result.fatal is None:
+        summary = v.to_dict()
+        # Who and on which channels, never the addresses or the providers' error texts
+        # (they quote addresses): each delivery's own record has those, redacted when the
+        # log redacts recipients.
+        for group in ("not_reached", "in_doubt"):
+            summary[group] = [{"recipient": r["recipient"], "status": r["status"],
+                               "tried": [{"channel": t["channel"], "outcome": t["outcome"]}
+                                         for t in r["tried"]]} for r in summary[group]]
+        failovers = [{k: v for k, v in f.items() if k != "reason"}
+                     for f in result.failovers]
         rt.audit.append("update.completed", incident=incident_id,
                         payload={"update_no": update_no,
-                                 "summary": {**v.to_dict(), "failovers": result.failovers,
+                                 "summary": {**summary, "failovers": failovers,
                                              "elapsed_s": round(result.elapsed_s, 3)}})
     return v, state
 

@@ -282,3 +282,27 @@ def test_health_is_checked_again_after_a_slow_confirmation(
                 if r.channel == "status_twitter"]
     assert attempts == []  # known down before sending: failed over without trying
     assert {"+14155550000", "+14155550001"} <= set(sms_to(sandbox))
+
+
+def test_redacted_log_keeps_no_address_even_of_people_not_reached(
+        tmp_path: Path, sandbox: Any) -> None:
+    from incident_notify.config import Settings
+    from incident_notify.runtime import open_runtime
+
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    sandbox.twilio.faults.update(bad_recipients=["+12025550001"])
+    sandbox.smtp.faults.update(bad_recipients=["person1@example.com"])
+    settings = Settings(audit_log=tmp_path / "audit.jsonl", optouts=tmp_path / "o.jsonl",
+                        sandbox=True, redact_recipients=True)
+    import os
+
+    os.environ["INCIDENT_NOTIFY_AUDIT_REDACT_KEY"] = "k"
+    try:
+        rt = open_runtime(settings, sandbox=sandbox)
+        outcome = declare(rt, pb, {"site": "LON-2"})
+    finally:
+        del os.environ["INCIDENT_NOTIFY_AUDIT_REDACT_KEY"]
+    assert outcome.exit_code == 5
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert "+12025550001" not in text and "person1@example.com" not in text
+    assert "p00001" in text  # the person is named by contact id
