@@ -221,9 +221,15 @@ def dispatch_update(rt: Runtime, pb: Playbook, planner: Planner, state: Incident
               channels: Mapping[str, Channel] | None = None) -> DispatchResult:
     from incident_notify.audit import GroupCommitWriter
 
-    owned = channels is None
-    built = build_channels(rt, pb, list(pb.model.channels)) if channels is None \
-        else dict(channels)
+    given = dict(channels or {})
+    # The update's deliveries, and the fallbacks of their channels, may need a channel the
+    # caller did not build (a resumed update of another stage): build those, once, and
+    # close only those. A normal run needs none: the preflight built the stage's channels.
+    needed = channels_with_fallbacks(pb, sorted({
+        d.channel for d in state.deliveries.values()
+        if d.update_no == update_no and d.channel in pb.model.channels}))
+    extra = build_channels(rt, pb, [n for n in needed if n not in given])
+    built = {**given, **extra}
     types = {n: pb.model.channels[n].type for n in built}
     down = {n: h.detail for n, h in health.items() if not h.ok}
     try:
@@ -234,8 +240,7 @@ def dispatch_update(rt: Runtime, pb: Playbook, planner: Planner, state: Incident
                                     down=down)
             return dispatcher.run(pending_jobs(state, contacts, update_no, include_unknown))
     finally:
-        if owned:
-            close_channels(built)
+        close_channels(extra)
 
 
 def close_channels(channels: Mapping[str, Channel]) -> None:
