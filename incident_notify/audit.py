@@ -328,9 +328,15 @@ class AuditLog:
                 ) -> Iterator[AuditRecord]:
         """Stream records in log order, filtered."""
         since_s = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
+        # Records are canonical JSON (sorted keys, no spaces), so a wanted event or incident
+        # appears verbatim in its line: lines without it are skipped unparsed. A match is
+        # still parsed and checked, so a look-alike inside a payload is never taken for it.
+        event_needle = b'"event":"' + event_prefix.encode() if event_prefix else None
         for number, raw in self._lines():
             if incident is not None and incident.encode() not in raw:
-                continue  # cheap pre-filter before parsing
+                continue
+            if event_needle is not None and event_needle not in raw:
+                continue
             try:
                 data = json.loads(raw)
                 problem = record_problem(data) if isinstance(data, dict) else "not a record"

@@ -274,3 +274,19 @@ def test_a_fifo_planted_as_the_log_or_head_never_hangs(tmp_path: Path, planted: 
         expected = 8 if planted == "log" or args[-1] == "verify" else 0
         assert proc.returncode == expected, (args, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_event_prefilter_returns_exactly_what_parsing_would(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("incident.declared", incident="INC-1",
+               payload={"stage": "s", "update_no": 1, "variables": {}, "message": "",
+                        "playbook": "p.yaml"})
+    # Look-alikes: the event's text inside a payload (a string, and a nested key).
+    log.append("optout.added", incident="INC-1",
+               payload={"contact_id": "c", "reason": '"event":"incident.declared"',
+                        "nested": {"event": "incident.declared"}})
+    log.append("delivery.failed", incident="INC-2", payload={"error": "incident.declared"})
+    found = [r.event for r in log.records(event_prefix="incident.declared")]
+    everything = [r.event for r in log.records() if r.event.startswith("incident.declared")]
+    assert found == everything == ["incident.declared"]
+    assert [r.incident for r in log.records(incident="INC-1")] == ["INC-1", "INC-1"]
