@@ -42,8 +42,6 @@ from incident_notify.channels.base import (
 )
 from incident_notify.errors import AuditError, IncidentNotifyError
 
-OUTCOME_KEYS = ("sent", "failed", "failed_over", "skipped", "unknown")
-
 
 # --------------------------------------------------------------------- interfaces
 class AuditSink(Protocol):
@@ -204,6 +202,10 @@ class CircuitBreaker:
 # --------------------------------------------------------------------- results
 @dataclass
 class DispatchResult:
+    """What one run of the dispatcher saw: per-channel outcome counts, failures and failovers
+    of this run (for progress and the record's summary). The verdict a command reports is
+    read from the record (verdict.py), not from these counters."""
+
     counts: dict[str, Counter[str]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     failovers: list[dict[str, Any]] = field(default_factory=list)
@@ -218,26 +220,6 @@ class DispatchResult:
 
     def total(self, outcome: str) -> int:
         return sum(c[outcome] for c in self.counts.values())
-
-    @property
-    def complete(self) -> bool:
-        """Every delivery reached its recipient on some channel."""
-        return (not self.interrupted and self.fatal is None
-                and self.total("failed") == 0 and self.total("unknown") == 0
-                and self.total("not_reached") == 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "channels": {ch: {k: c.get(k, 0) for k in (*OUTCOME_KEYS, "not_reached")}
-                         for ch, c in sorted(self.counts.items())},
-            "totals": {k: self.total(k) for k in (*OUTCOME_KEYS, "not_reached")},
-            "failures": self.failures[:200],
-            "failovers": self.failovers,
-            "interrupted": self.interrupted,
-            "fatal": self.fatal,
-            "complete": self.complete,
-            "elapsed_s": round(self.elapsed_s, 3),
-        }
 
 
 ProgressFn = Callable[[str, Delivery, Mapping[str, Any]], None]

@@ -34,7 +34,7 @@ from incident_notify.journal import (
     pending_jobs,
     write_plan,
 )
-from incident_notify.messages import IncidentContext, RenderedMessage, make_renderer
+from incident_notify.messages import IncidentContext, RenderedMessage
 from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
 from incident_notify.plan import Planner
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
@@ -117,7 +117,7 @@ def make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
                   declared_at: str) -> Planner:
     ctx = IncidentContext(id=incident_id, stage=spec.stage, update_no=update_no,
                           declared_at=declared_at, message=spec.message)
-    return Planner(pb, make_renderer(pb), contacts, optout_store(rt), incident_id=incident_id,
+    return Planner(pb, rt.renderer(pb), contacts, optout_store(rt), incident_id=incident_id,
                    update_no=update_no, stage=spec.stage, values=spec.values, ctx=ctx,
                    state=state)
 
@@ -139,7 +139,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     for job in counter.jobs():
         for _ in job:
             pass
-    refuse_misleading(pb, contacts, spec.stage, messages, state)
+    refuse_misleading(pb, rt.renderer(pb), contacts, spec.stage, messages, state)
     used = stage_channels(pb, spec.stage)
     checked = build_channels(rt, pb, used)
     health = check_health(checked) if check else {}
@@ -154,7 +154,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     return pre, contacts, checked
 
 
-def refuse_misleading(pb: Playbook, contacts: Any, stage: str,
+def refuse_misleading(pb: Playbook, renderer: Any, contacts: Any, stage: str,
                        messages: list[RenderedMessage], state: IncidentState | None) -> None:
     """Stop before anything is sent when sending would mislead: contacts that did not load
     (people would silently not be told), an internal audience that selects nobody, or a
@@ -177,7 +177,7 @@ def refuse_misleading(pb: Playbook, contacts: Any, stage: str,
                 "list)"))
     from incident_notify.sensitivity import leak_problems
 
-    leaks = leak_problems(pb, make_renderer(pb), stage)
+    leaks = leak_problems(pb, renderer, stage)
     if leaks:
         from incident_notify.errors import PlaybookError
 

@@ -26,6 +26,16 @@ class Runtime:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     rate_override: float | None = None
     """Sandbox runs send as fast as the emulators allow, not at the providers' rates."""
+    renderers: dict[str, Any] = field(default_factory=dict)
+    """One template renderer per playbook for the command (its compiled-template cache)."""
+
+    def renderer(self, pb: Playbook) -> Any:
+        from incident_notify.messages import make_renderer
+
+        key = str(pb.path)
+        if key not in self.renderers:
+            self.renderers[key] = make_renderer(pb)
+        return self.renderers[key]
 
     def close(self) -> None:
         if self.sandbox is not None:
