@@ -200,7 +200,11 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     proc = subprocess.Popen(
         [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
          "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and a
+        # process that inherits an ignored SIGINT rightly keeps ignoring it: the commander
+        # at a terminal has the default disposition, so the child gets it here too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 100:
         assert proc.poll() is None and time.monotonic() < deadline
