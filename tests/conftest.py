@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -75,7 +77,40 @@ def mail_to(sandbox: Any) -> Counter[str]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
             cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The real command in a subprocess, as a user or a runbook would run it."""
+    """The real command line, run in this process through the same entry point the
+    console script uses (`main.invoke`), with its own streams and environment variables:
+    what a user or runbook sees on stdout and stderr, and the exit code. Tests where the
+    process itself matters (signals, start-up imports, closed pipes) use `run_process`."""
+    from incident_notify.cli.environment import Environment
+    from incident_notify.cli.main import invoke
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    overrides = env or {}
+    saved = {name: os.environ.get(name) for name in overrides}
+    here = os.getcwd()
+    os.environ.update(overrides)
+    os.chdir(cwd or ROOT)
+    try:
+        # Anything written past the environment (click's --help) lands in the same place.
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = invoke(list(args), Environment(stdin=io.StringIO(input or ""),
+                                                  stdout=stdout, stderr=stderr,
+                                                  environ=os.environ))
+    finally:
+        os.chdir(here)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_process(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+                cwd: Path | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess: for what only a process shows (exit on a closed
+    pipe, start-up imports, signals, the console script itself)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "incident_notify", *args],
                           capture_output=True, text=True, env=full_env, input=input,

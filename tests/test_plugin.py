@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import json_doc, run_cli
+# The plugin is installed from outside the package: only a new process finds it.
+from tests.conftest import json_doc, run_process
 
 PLUGIN = '''
 """A pager service: one POST per page, to the endpoint the operator configures."""
@@ -174,14 +175,14 @@ def installed(tmp_path: Path, sandbox: Any) -> Iterator[tuple[dict[str, str], Pa
 def test_a_plugin_channel_is_validated_planned_sent_and_recorded(
         installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
     env, pager, pb = installed
-    checked = run_cli("validate", str(pb), "--json", env=env)
+    checked = run_process("validate", str(pb), "--json", env=env)
     doc = json_doc(checked)
     assert checked.returncode == 0, checked.stdout
     rows = [m for r in doc["data"]["playbooks"] for m in r["messages"]
             if m["channel"] == "pager"]
     assert rows and all("/160 chars" in m["measure"] for m in rows)
 
-    declared = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
                        "--json", env=env)
     result = json_doc(declared)["data"]["result"]
     assert declared.returncode == 0, declared.stdout + declared.stderr
@@ -191,7 +192,7 @@ def test_a_plugin_channel_is_validated_planned_sent_and_recorded(
     assert result["channels"]["pager"]["sent"] == 3
     assert result["people"] == {"intended": 3, "reached": 3, "in_doubt": 0,
                                 "not_reached": 0}
-    verified = run_cli("audit", "verify", env=env)
+    verified = run_process("audit", "verify", env=env)
     assert verified.returncode == 0
 
 
@@ -199,7 +200,7 @@ def test_when_the_plugin_is_down_its_audience_fails_over_to_a_builtin(
         installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
     env, pager, pb = installed
     pager.down = True
-    declared = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
                        "--json", env=env)
     doc = json_doc(declared)
     assert declared.returncode == 0, declared.stdout + declared.stderr

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json as jsonlib
 import re
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import AuditLogOpt, JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -70,6 +69,7 @@ def _summary(rec: Any) -> str:
 
 @audit_app.command("verify")
 def verify(
+    ctx: typer.Context,
     audit_log: AuditLogOpt = None,
     expect: Annotated[str | None, typer.Option(
         "--expect", help="The head hash kept elsewhere (from 'audit head'): the log must end "
@@ -79,7 +79,8 @@ def verify(
 ) -> None:
     """Check every record's hash, the chain, the head file and the payloads; name the first
     bad line (exit 8). With --expect, also that the log ends at a head kept elsewhere."""
-    output.state.json = json
+    env = environment(ctx)
+    env.json = json
     log = _log(audit_log)
     if expect is not None and not (12 <= len(expect) <= 64
                                    and all(c in "0123456789abcdef" for c in expect)):
@@ -94,17 +95,17 @@ def verify(
         errors = [] if result.ok else [{"message": result.problem,
                                         "line": result.first_bad_line,
                                         "file": str(log.path)}]
-        output.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
+        env.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
                          exit_code=code, errors=errors)
         raise typer.Exit(code)
     if result.ok:
         head = (result.head or "")[:12]
-        output.console().print(f"OK: {result.records} records, chain intact (head {head}) "
+        env.console().print(f"OK: {result.records} records, chain intact (head {head}) "
                                f"in {log.path}", markup=False)
     else:
         hint = ("the next append moves the torn bytes to a sidecar file and records it"
                 if result.torn_tail else "compare with a backup; do not edit the log")
-        output.err_console().print(f"TAMPERED: {log.path}:{result.first_bad_line}: "
+        env.err_console().print(f"TAMPERED: {log.path}:{result.first_bad_line}: "
                                    f"{result.problem}\n  hint: {hint}", markup=False)
     raise typer.Exit(code)
 
@@ -118,23 +119,25 @@ def spreadsheet_safe(value: Any) -> Any:
 
 
 @audit_app.command("head")
-def head(audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
+def head(ctx: typer.Context, audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
     """Print the log's head (record count and the last record's hash), to keep somewhere
     the log's writer cannot change (a ticket, a chat message); check it later with
     'audit verify --expect HASH'."""
-    output.state.json = json
+    env = environment(ctx)
+    env.json = json
     log = _log(audit_log)
     records, digest = log.head()
     if json:
-        output.emit_json("audit head", {"path": str(log.path), "records": records,
+        env.emit_json("audit head", {"path": str(log.path), "records": records,
                                         "head": digest})
         return
-    output.console().print(f"{digest} {records} records {log.path}", markup=False,
+    env.console().print(f"{digest} {records} records {log.path}", markup=False,
                            highlight=False)
 
 
 @audit_app.command("show")
 def show(
+    ctx: typer.Context,
     audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
     status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
     limit: Annotated[int, typer.Option("--limit", min=0, help="At most this many (the latest).")]
@@ -142,24 +145,26 @@ def show(
     json: JsonOpt = False,
 ) -> None:
     """Records as a table (or --json), filtered by incident, channel, status, time."""
+    env = environment(ctx)
     from collections import deque
 
-    output.state.json = json
+    env.json = json
     records = deque(_filtered(audit_log, incident, channel, status, event, since), maxlen=limit)
     if json:
-        output.emit_json("audit show", {"records": [r.to_dict() for r in records]})
+        env.emit_json("audit show", {"records": [r.to_dict() for r in records]})
         return
     from incident_notify.cli.render_results import table
 
-    t = table("seq", "time (UTC)", "incident", "event", "channel", "recipient", "detail")
+    t = table(env, "seq", "time (UTC)", "incident", "event", "channel", "recipient", "detail")
     for r in records:
         t.add_row(str(r.seq), r.ts[:19].replace("T", " "), r.incident or "", r.event,
                   r.channel or "", escape(r.recipient or ""), escape(_summary(r)[:80]))
-    output.console().print(t)
+    env.console().print(t)
 
 
 @audit_app.command("export")
 def export(
+    ctx: typer.Context,
     format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "jsonl",
     output_file: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")]
     = "-",
@@ -167,13 +172,14 @@ def export(
     status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
 ) -> None:
     """Export records as CSV (flat columns, payload as JSON) or JSON Lines."""
+    env = environment(ctx)
     from incident_notify.audit import FIELDS
 
     if format not in ("csv", "jsonl"):
         raise UsageError(f"--format {format!r}: expected csv or jsonl")
     records = _filtered(audit_log, incident, channel, status, event, since)
     if output_file == "-":
-        handle = sys.stdout
+        handle = env.stdout
     else:
         # The record holds phone numbers and addresses: the export is owner-only.
         import os
@@ -195,5 +201,5 @@ def export(
                                                sort_keys=True)
                 writer.writerow([spreadsheet_safe(row[f]) for f in FIELDS])
     finally:
-        if handle is not sys.stdout:
+        if handle is not env.stdout:
             handle.close()

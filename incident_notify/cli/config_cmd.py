@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -16,8 +16,9 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def show(json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, json: JsonOpt = False) -> None:
     """Print every setting with its source, and which credentials are set (never values)."""
+    env = environment(ctx)
     import os
 
     from incident_notify.config import (
@@ -28,7 +29,7 @@ def show(json: JsonOpt = False) -> None:
         mask,
     )
 
-    output.state.json = json
+    env.json = json
     settings = load_settings()
     secrets = load_secrets(settings)
     data: dict[str, Any] = {
@@ -39,17 +40,17 @@ def show(json: JsonOpt = False) -> None:
                         if k.startswith("INCIDENT_NOTIFY_VAR_")},
     }
     if json:
-        output.emit_json("config show", data)
+        env.emit_json("config show", data)
         return
     from incident_notify.cli.render_results import table
 
-    con = output.console()
-    t = table("setting", "value", "source", title="Effective settings")
+    con = env.console()
+    t = table(env, "setting", "value", "source", title="Effective settings")
     for name, item in data["settings"].items():
         value = item.get("effective", item["value"])
         t.add_row(name, escape(str(value)), escape(item["source"]))
     con.print(t)
-    c = table("credential", "state")
+    c = table(env, "credential", "state")
     for name, state in data["credentials"].items():
         c.add_row(name, state)
     con.print(c)

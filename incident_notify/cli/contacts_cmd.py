@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -64,13 +64,14 @@ def _checked(store: Any, kind: str, address: str, action: str) -> tuple[str, str
 
 
 @contacts_app.command("check")
-def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
+def check(ctx: typer.Context, paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
           json: JsonOpt = False) -> None:
     """Per source: people, invalid records, reachable per channel, opted out; exit 4 when
     any record is invalid (each reported as file:line: field: problem)."""
+    env = environment(ctx)
     from incident_notify.contacts import KINDS, address_field, load_contacts
 
-    output.state.json = json
+    env.json = json
     settings = _settings(region, optouts)
     cs = load_contacts(paths, default_region=settings.default_region)
     store = _store(settings)
@@ -91,17 +92,17 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
     invalid = cs.invalid_records
     if json:
-        output.emit_json("contacts check", {"sources": sources, "people": len(cs.contacts),
+        env.emit_json("contacts check", {"sources": sources, "people": len(cs.contacts),
                                             "invalid": invalid, "problems": len(cs.problems)},
                          exit_code=code, errors=[p.to_dict() for p in cs.problems])
         raise typer.Exit(code)
     from incident_notify.cli.render_results import table
 
-    t = table("source", "people", "invalid", *KINDS, "opted out")
+    t = table(env, "source", "people", "invalid", *KINDS, "opted out")
     for s in sources:
         t.add_row(escape(s["path"]), str(s["people"]), str(s["invalid"]),
                   *(str(s["reachable"][k]) for k in KINDS), str(s["opted_out"]))
-    con = output.console()
+    con = env.console()
     con.print(t)
     for problem in cs.problems:
         con.print(f"[bold red]invalid:[/] {escape(str(problem))}")
@@ -112,75 +113,81 @@ def check(paths: PathsArg, region: RegionOpt = None, optouts: OptoutsOpt = None,
 
 
 @contacts_app.command("list")
-def list_(paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
+def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None, typer.Option(
               "--group", help="Only people in this group (repeatable).")] = None,
           tag: Annotated[list[str] | None, typer.Option(
               "--tag", help="Only people with this tag (repeatable).")] = None,
           region: RegionOpt = None, json: JsonOpt = False) -> None:
     """People with their groups, tags, preferred channels and addresses."""
+    env = environment(ctx)
     from incident_notify.contacts import load_contacts
 
-    output.state.json = json
+    env.json = json
     cs = load_contacts(paths, default_region=_settings(region, None).default_region)
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
     if json:
-        output.emit_json("contacts list", {"contacts": [c.to_dict() for c in people]},
+        env.emit_json("contacts list", {"contacts": [c.to_dict() for c in people]},
                          errors=[p.to_dict() for p in cs.problems])
         return
     from incident_notify.cli.render_results import table
 
-    t = table("id", "name", "groups", "tags", "prefers", "phone", "email", "twitter")
+    t = table(env, "id", "name", "groups", "tags", "prefers", "phone", "email", "twitter")
     for c in people:
         t.add_row(escape(c.id), escape(c.name), escape(", ".join(sorted(c.groups))),
                   escape(", ".join(sorted(c.tags))), " > ".join(c.channels), c.phone or "",
                   escape(c.email or ""), c.twitter or "")
-    output.console().print(t)
+    env.console().print(t)
 
 
 @optout_app.command("add")
-def optout_add(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
+def optout_add(ctx: typer.Context,
+               kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
                optouts: OptoutsOpt = None, region: RegionOpt = None,
                json: JsonOpt = False) -> None:
     """Record that a person does not want messages on a channel kind."""
-    output.state.json = json
+    env = environment(ctx)
+    env.json = json
     store = _store(_settings(region, optouts))
     kind, address = _checked(store, kind, address, "record")
     added = store.add(kind, address, "manual")
     if json:
-        output.emit_json("contacts optout add", {"kind": kind, "address": address,
+        env.emit_json("contacts optout add", {"kind": kind, "address": address,
                                                  "added": added})
     else:
-        output.console().print(f"{address}: " + ("added." if added else "already opted out."),
+        env.console().print(f"{address}: " + ("added." if added else "already opted out."),
                                markup=False)
 
 
 @optout_app.command("remove")
-def optout_remove(kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
+def optout_remove(ctx: typer.Context,
+                  kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
                   address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
                   optouts: OptoutsOpt = None, region: RegionOpt = None,
                   json: JsonOpt = False) -> None:
     """Opt a person back in (recorded, never deleted)."""
-    output.state.json = json
+    env = environment(ctx)
+    env.json = json
     store = _store(_settings(region, optouts))
     kind, address = _checked(store, kind, address, "remove")
     store.remove(kind, address, "manual")
     if json:
-        output.emit_json("contacts optout remove", {"kind": kind, "address": address,
+        env.emit_json("contacts optout remove", {"kind": kind, "address": address,
                                                     "removed": True})
     else:
-        output.console().print(f"{address}: removed.", markup=False)
+        env.console().print(f"{address}: removed.", markup=False)
 
 
 @optout_app.command("list")
-def optout_list(optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
+def optout_list(ctx: typer.Context, optouts: OptoutsOpt = None, json: JsonOpt = False) -> None:
     """Everyone currently opted out."""
-    output.state.json = json
+    env = environment(ctx)
+    env.json = json
     items = _store(_settings(None, optouts)).all()
     if json:
-        output.emit_json("contacts optout list", {"optouts": items})
+        env.emit_json("contacts optout list", {"optouts": items})
         return
     for item in items:
-        output.console().print(f"{item['kind']:<11} {item['address']:<32} {item['reason']} "
+        env.console().print(f"{item['kind']:<11} {item['address']:<32} {item['reason']} "
                                f"{item['ts'][:19].replace('T', ' ')} UTC", markup=False)

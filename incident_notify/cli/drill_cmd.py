@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -17,6 +17,7 @@ from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
 
 @app.command()
 def drill(
+    ctx: typer.Context,
     playbook: Annotated[
         Path, typer.Argument(help="Playbook to rehearse.")
     ] = Path("playbooks/dc-power-failure.yaml"),
@@ -38,12 +39,13 @@ def drill(
     Nothing leaves this machine: Twitter, Twilio and SMTP are local emulators driven by
     the real clients. Prints what each recipient received and how long it took.
     """
+    env = environment(ctx)
     from incident_notify.cli.progress import LiveProgress, print_outcome
     from incident_notify.drill import run_drill
     from incident_notify.errors import UsageError
     from incident_notify.messages import parse_set
 
-    output.state.json = json
+    env.json = json
     for name in outage or []:
         if name not in ("twitter", "twilio", "smtp"):
             raise UsageError(f"--outage {name!r}: expected twitter, twilio or smtp")
@@ -53,20 +55,20 @@ def drill(
         from incident_notify.playbook import load_playbook
 
         values = {**collect_variables(load_playbook(playbook), [], vars_file), **values}
-    with LiveProgress() as progress:
+    with LiveProgress(env) as progress:
         report = run_drill(playbook, values, audit_log=audit_log, outage=outage,
                            progress=progress)
     code = next((int(s.outcome.exit_code) for s in report.steps if s.outcome.exit_code), 0)
     if json:
-        output.emit_json("drill", report.to_dict(), exit_code=code)
+        env.emit_json("drill", report.to_dict(), exit_code=code)
         raise typer.Exit(code)
-    con = output.console()
+    con = env.console()
     for step in report.steps:
-        print_outcome(step.outcome)
+        print_outcome(env, step.outcome)
         con.print(f"[dim]{step.stage}: command to last delivery {step.elapsed_s:.2f}s[/]\n")
     from incident_notify.cli.render_results import table
 
-    t = table("recipient", "groups / tags", "received", title="What each recipient received")
+    t = table(env, "recipient", "groups / tags", "received", title="What each recipient received")
     for person in report.recipients:
         got = Counter(r["channel"] for r in person["received"])
         t.add_row(escape(person["name"]), escape(", ".join(person["groups"] + person["tags"])),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import AuditLogOpt, JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -36,6 +38,7 @@ SecretsOpt = Annotated[
     Path | None, typer.Option("--secrets", help="dotenv-style file of credentials.",
                               show_default=False)
 ]
+IncidentArg = Annotated[str, typer.Argument(help="Incident id, e.g. INC-20261122-0001.")]
 PlaybookOpt = Annotated[
     Path | None, typer.Option("--playbook", help="Use this playbook file instead of the "
                               "recorded path (if it moved).", show_default=False)
@@ -57,65 +60,111 @@ def runtime(audit_log: Path | None, sandbox: bool = False,
         rt.close()
 
 
-def _send(command: str, json: bool, yes: bool, dry_run: bool,
-          action: Callable[[Any, Any], SendOutcome], rt: Runtime) -> None:
-    """Run a sending action with confirmation, progress and the summary/exit code."""
-    from incident_notify.cli.progress import LiveProgress, make_confirm, print_outcome
+@dataclass(frozen=True)
+class SendOptions:
+    """The options every sending command shares (declared once, in `_SEND_PARAMS`)."""
 
-    output.state.json = json
-    sandboxed = rt.sandbox is not None
-    if sandboxed:
-        # Never mistakable for a real send: said first, on stderr, whatever the mode.
-        output.err_console().print(
-            f"SANDBOX: messages go to the local emulators only, nobody is notified; "
-            f"recorded in {rt.settings.audit_path()}", markup=False, highlight=False)
-    progress = LiveProgress()
-    confirm = None if dry_run else make_confirm(yes, json, progress)
-    with progress:
-        outcome = action(confirm, progress)
+    yes: bool = False
+    dry_run: bool = False
+    sandbox: bool = False
+    secrets: Path | None = None
+    audit_log: Path | None = None
+    json: bool = False
+    playbook: Path | None = None
+
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=annotation)
+
+
+_SEND_PARAMS = [_param("yes", YesOpt, False), _param("dry_run", DryRunOpt, False),
+                _param("sandbox", SandboxOpt, False), _param("secrets", SecretsOpt, None),
+                _param("audit_log", AuditLogOpt, None), _param("json", JsonOpt, False)]
+_PLAYBOOK_PARAM = _param("playbook", PlaybookOpt, None)
+
+
+def sending_command(*, recorded_playbook: bool = True) -> Callable[[Callable[..., None]],
+                                                                    Callable[..., None]]:
+    """Register a sending command: its own parameters, then the shared sending options
+    (and --playbook for commands on a recorded incident), handed to it as `send`."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+               if p.name != "send"]
+        shared = _SEND_PARAMS + ([_PLAYBOOK_PARAM] if recorded_playbook else [])
+
+        def command(**kwargs: Any) -> None:
+            options = SendOptions(**{p.name: kwargs.pop(p.name) for p in shared})
+            fn(send=options, **kwargs)
+
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        command.__module__ = fn.__module__
+        command.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        app.command(fn.__name__)(command)
+        return fn
+
+    return register
+
+
+def _send(ctx: typer.Context, command: str, send: SendOptions,
+          action: Callable[[Runtime, Any, Any], SendOutcome]) -> None:
+    """Run a sending action with confirmation, progress and the summary/exit code."""
+    from incident_notify.cli.progress import (
+        LiveProgress,
+        make_confirm,
+        print_outcome,
+        print_preflight,
+    )
+
+    env = environment(ctx)
+    env.json = send.json
+    with runtime(send.audit_log, send.sandbox, send.secrets) as rt:
+        sandboxed = rt.sandbox is not None
+        if sandboxed:
+            # Never mistakable for a real send: said first, on stderr, whatever the mode.
+            env.err_console().print(
+                f"SANDBOX: messages go to the local emulators only, nobody is notified; "
+                f"recorded in {rt.settings.audit_path()}", markup=False, highlight=False)
+        progress = LiveProgress(env)
+        confirm = None if send.dry_run else make_confirm(env, send.yes, progress)
+        with progress:
+            outcome = action(rt, confirm, progress)
     outcome.sandbox = sandboxed
-    if json:
-        output.emit_json(command, outcome.to_dict(), exit_code=int(outcome.exit_code))
+    if env.json:
+        env.emit_json(command, outcome.to_dict(), exit_code=int(outcome.exit_code))
     else:
         if outcome.dry_run and outcome.preflight is not None:
-            from incident_notify.cli.progress import print_preflight
-
-            print_preflight(outcome.preflight)
-        print_outcome(outcome)
+            print_preflight(env, outcome.preflight)
+        print_outcome(env, outcome)
     raise typer.Exit(int(outcome.exit_code))
 
 
-def _change(command: str, incident: str, stage: str | None, sets: list[str] | None,
-            message: str, yes: bool, dry_run: bool, sandbox: bool, secrets: Path | None,
-            playbook: Path | None, audit_log: Path | None, json: bool) -> None:
+def _change(ctx: typer.Context, command: str, send: SendOptions, incident: str,
+            sets: list[str] | None, message: str, **extra: Any) -> None:
     """update / resolve / reopen: one lifecycle step of an existing incident."""
     from incident_notify import notify
     from incident_notify.messages import parse_set
 
-    output.state.json = json
+    environment(ctx).json = send.json
     values = parse_set(sets or [])
     step = {"update": notify.update, "resolve": notify.resolve, "reopen": notify.reopen}[command]
-    extra: dict[str, Any] = {} if command == "resolve" else {"stage": stage}
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send(command, json, yes, dry_run, lambda confirm, progress: step(
-            rt, incident, sets=values, message=message, dry_run=dry_run, confirm=confirm,
-            progress=progress, playbook=playbook, **extra), rt)
+    _send(ctx, command, send, lambda rt, confirm, progress: step(
+        rt, incident, sets=values, message=message, dry_run=send.dry_run, confirm=confirm,
+        progress=progress, playbook=send.playbook, **extra))
 
 
-@app.command()
+@sending_command(recorded_playbook=False)
 def declare(
+    ctx: typer.Context,
+    send: SendOptions,
     playbook: Annotated[Path, typer.Argument(help="The incident playbook (YAML).")],
     sets: SetOpt = None,
     vars_file: VarsOpt = None,
     message: MessageOpt = "",
     stage: Annotated[str | None, typer.Option("--stage", help="Start at this stage "
                                               "(default: the playbook's first).")] = None,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    sandbox: SandboxOpt = False,
-    secrets: SecretsOpt = None,
-    audit_log: AuditLogOpt = None,
-    json: JsonOpt = False,
 ) -> None:
     """Open an incident from a playbook and notify everyone its first stage names.
 
@@ -126,91 +175,67 @@ def declare(
     from incident_notify.messages import collect_variables
     from incident_notify.playbook import load_playbook
 
-    output.state.json = json
+    environment(ctx).json = send.json
     pb = load_playbook(playbook)  # once: its variables here, then the declaration
     values = collect_variables(pb, sets or [], vars_file)
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send("declare", json, yes, dry_run, lambda confirm, progress: notify.declare(
-            rt, pb, values, message=message, stage=stage, dry_run=dry_run,
-            confirm=confirm, progress=progress), rt)
+    _send(ctx, "declare", send, lambda rt, confirm, progress: notify.declare(
+        rt, pb, values, message=message, stage=stage, dry_run=send.dry_run,
+        confirm=confirm, progress=progress))
 
 
-@app.command()
+@sending_command()
 def update(
-    incident: Annotated[str, typer.Argument(help="Incident id, e.g. INC-20261122-0001.")],
+    ctx: typer.Context,
+    send: SendOptions,
+    incident: IncidentArg,
     stage: Annotated[str | None, typer.Option("--stage", help="Move to this stage.")] = None,
     sets: SetOpt = None,
     message: MessageOpt = "",
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    sandbox: SandboxOpt = False,
-    secrets: SecretsOpt = None,
-    playbook: PlaybookOpt = None,
-    audit_log: AuditLogOpt = None,
-    json: JsonOpt = False,
 ) -> None:
     """Move an incident to its next stage, or post a free-text update at the same stage.
 
     Only the transitions the playbook allows are accepted. Tweets continue the
     incident's thread; emails thread by References.
     """
-    _change("update", incident, stage, sets, message, yes, dry_run, sandbox, secrets,
-            playbook, audit_log, json)
+    _change(ctx, "update", send, incident, sets, message, stage=stage)
 
 
-@app.command()
+@sending_command()
 def resolve(
-    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    ctx: typer.Context,
+    send: SendOptions,
+    incident: IncidentArg,
     message: MessageOpt = "",
     sets: SetOpt = None,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    sandbox: SandboxOpt = False,
-    secrets: SecretsOpt = None,
-    playbook: PlaybookOpt = None,
-    audit_log: AuditLogOpt = None,
-    json: JsonOpt = False,
 ) -> None:
     """Close an incident with the playbook's final stage; it then refuses updates."""
-    _change("resolve", incident, None, sets, message, yes, dry_run, sandbox, secrets,
-            playbook, audit_log, json)
+    _change(ctx, "resolve", send, incident, sets, message)
 
 
-@app.command()
+@sending_command()
 def reopen(
-    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    ctx: typer.Context,
+    send: SendOptions,
+    incident: IncidentArg,
     stage: Annotated[str | None, typer.Option("--stage", help="Reopen at this stage "
                                               "(default: the first).")] = None,
     message: MessageOpt = "",
     sets: SetOpt = None,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    sandbox: SandboxOpt = False,
-    secrets: SecretsOpt = None,
-    playbook: PlaybookOpt = None,
-    audit_log: AuditLogOpt = None,
-    json: JsonOpt = False,
 ) -> None:
     """Reopen a resolved incident (and notify, as at its first stage)."""
-    _change("reopen", incident, stage, sets, message, yes, dry_run, sandbox, secrets,
-            playbook, audit_log, json)
+    _change(ctx, "reopen", send, incident, sets, message, stage=stage)
 
 
-@app.command()
+@sending_command()
 def resume(
-    incident: Annotated[str, typer.Argument(help="Incident id.")],
+    ctx: typer.Context,
+    send: SendOptions,
+    incident: IncidentArg,
     include_unknown: Annotated[
         bool, typer.Option("--include-unknown",
                            help="Also re-send deliveries no provider could settle (they may "
                            "have been delivered already; an email keeps its Message-ID).")
     ] = False,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    sandbox: SandboxOpt = False,
-    secrets: SecretsOpt = None,
-    playbook: PlaybookOpt = None,
-    audit_log: AuditLogOpt = None,
-    json: JsonOpt = False,
 ) -> None:
     """After a crash or Ctrl-C: settle what is in doubt, then send what has no outcome.
 
@@ -222,14 +247,14 @@ def resume(
     """
     from incident_notify.resume import resume as resume_incident
 
-    with runtime(audit_log, sandbox, secrets) as rt:
-        _send("resume", json, yes, dry_run, lambda confirm, progress: resume_incident(
-            rt, incident, include_unknown=include_unknown, dry_run=dry_run, confirm=confirm,
-            progress=progress, playbook=playbook), rt)
+    _send(ctx, "resume", send, lambda rt, confirm, progress: resume_incident(
+        rt, incident, include_unknown=include_unknown, dry_run=send.dry_run, confirm=confirm,
+        progress=progress, playbook=send.playbook))
 
 
 @app.command()
 def status(
+    ctx: typer.Context,
     incident: Annotated[str | None, typer.Argument(help="One incident (default: all open).")]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="Include resolved incidents.")] = False,
@@ -240,11 +265,12 @@ def status(
     json: JsonOpt = False,
 ) -> None:
     """Open incidents: stage, age, last update, deliveries per channel, failovers."""
+    env = environment(ctx)
     from incident_notify.config import load_settings
     from incident_notify.runtime import open_runtime
     from incident_notify.status import incident_summaries
 
-    output.state.json = json
+    env.json = json
     settings = load_settings({"audit_log": audit_log, "sandbox": sandbox})
     # Only the log is read: no emulators are started for it.
     settings.sandbox, reading = False, settings.audit_path()
@@ -253,15 +279,15 @@ def status(
     with contextlib.closing(rt):
         rows = incident_summaries(rt, incident, include_resolved=all_ or incident is not None)
     if json:
-        output.emit_json("status", {"incidents": rows})
+        env.emit_json("status", {"incidents": rows})
         return
-    con = output.console()
+    con = env.console()
     if not rows:
         con.print("No open incidents." if not incident else f"No incident {incident}.")
         return
     from incident_notify.cli.render_results import table
 
-    t = table("incident", "stage", "status", "age", "last event (UTC)", "updates", "sent",
+    t = table(env, "incident", "stage", "status", "age", "last event (UTC)", "updates", "sent",
               "failed", "failovers")
     for column in t.columns:
         column.no_wrap = True
@@ -277,7 +303,7 @@ def status(
         con.print(f"{escape(r['title'])} ({r['playbook']}, {r['severity']}), declared "
                   f"{r['declared_at'][:19].replace('T', ' ')} UTC "
                   f"by {escape(r['declared_by'])}")
-        per = table("channel", "sent", "failed", "failed over", "skipped", "unknown",
+        per = table(env, "channel", "sent", "failed", "failed over", "skipped", "unknown",
                     "planned", title=f"{incident} deliveries per channel")
         for ch, c in sorted(rows[0]["channels"].items()):
             per.add_row(ch, *(str(c.get(k, 0)) for k in
@@ -292,6 +318,7 @@ def status(
 
 @app.command()
 def timeline(
+    ctx: typer.Context,
     incident: Annotated[str, typer.Argument(help="Incident id.")],
     audit_log: AuditLogOpt = None,
     deliveries: Annotated[bool, typer.Option("--deliveries",
@@ -306,9 +333,10 @@ def timeline(
 ) -> None:
     """Every event of an incident in order: what was said, on which channel, to whom, and
     (with --replies) what people answered on the public thread."""
+    env = environment(ctx)
     from incident_notify.status import timeline_entries
 
-    output.state.json = json
+    env.json = json
     with runtime(audit_log, sandbox, secrets) as rt:
         if replies:
             from incident_notify.notify import fetch_replies
@@ -316,9 +344,9 @@ def timeline(
             fetch_replies(rt, incident)
         entries = timeline_entries(rt, incident, deliveries=deliveries)
     if json:
-        output.emit_json("timeline", {"incident": incident, "events": entries})
+        env.emit_json("timeline", {"incident": incident, "events": entries})
         return
-    con = output.console()
+    con = env.console()
     for e in entries:
         when = e["ts"][:19].replace("T", " ") + " UTC"
         con.print(f"[dim]{when}[/] [bold]{escape(e['what'])}[/]")

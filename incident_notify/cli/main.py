@@ -7,12 +7,13 @@ imported inside command functions only, so `incident-notify --help` stays fast.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import IO, Annotated, Any, cast
 
 import typer
 
 from incident_notify import __version__
 from incident_notify.cli import output
+from incident_notify.cli.environment import Environment, environment
 from incident_notify.errors import ConfigError, IncidentNotifyError, ProblemsError
 from incident_notify.exit_codes import ExitCode
 
@@ -29,14 +30,17 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
+def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        typer.echo(f"incident-notify {__version__}")
+        out = environment(ctx).stdout
+        out.write(f"incident-notify {__version__}\n")
+        out.flush()
         raise typer.Exit()
 
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks for unexpected errors.")
     ] = False,
@@ -49,8 +53,9 @@ def main(
     ] = False,
 ) -> None:
     """Incident mass notification from YAML playbooks."""
-    output.state.debug = debug
-    output.state.quiet = quiet
+    env = environment(ctx)
+    env.debug = env.debug or debug
+    env.quiet = quiet
 
 
 def _register() -> None:
@@ -59,17 +64,17 @@ def _register() -> None:
     from incident_notify.cli import commands  # noqa: F401
 
 
-def report_error(exc: IncidentNotifyError, command: str) -> int:
+def report_error(env: Environment, exc: IncidentNotifyError, command: str) -> int:
     """Print one paragraph (or one line per located problem) and return the exit code."""
     code = int(exc.exit_code)
-    if output.state.json:
+    if env.json:
         if isinstance(exc, ProblemsError):
             errors = [p.to_dict() for p in exc.problems]
         else:
             errors = [{"message": exc.message, "hint": exc.hint}]
-        output.emit_json(command, None, exit_code=code, errors=errors)
+        env.emit_json(command, None, exit_code=code, errors=errors)
         return code
-    con = output.err_console()
+    con = env.err_console()
     if isinstance(exc, ProblemsError):
         for problem in exc.problems:
             con.print(f"[bold red]error:[/] {output.safe(problem)}", markup=True,
@@ -99,12 +104,13 @@ def _hoist_globals(args: list[str]) -> list[str]:
     return front + rest
 
 
-def _silence_stdout() -> None:
+def _silence_stdout(stream: Any) -> None:
     import os
 
     try:
+        fd = stream.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
     except (OSError, ValueError):
         pass
 
@@ -134,57 +140,77 @@ class _PipeSafe:
 
     def _gone(self) -> None:
         self.broken = True
-        _silence_stdout()
+        _silence_stdout(self._stream)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point: never shows a traceback unless --debug is given."""
-    if not isinstance(sys.stdout, _PipeSafe):
+    """Console-script entry point: the process's own streams, and its exit code."""
+    if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
         sys.stdout = _PipeSafe(sys.stdout)
+    env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
+    sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
+
+
+try:  # Typer vendors Click from 0.2x on; before, it used the click package
+    from typer._click import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older Typer
+    from click import ClickException as _ClickException  # type: ignore[no-redef,unused-ignore]
+
+
+def invoke(argv: list[str], env: Environment) -> int:
+    """Run one command line in `env` and return its exit code. Never shows a traceback
+    unless --debug is given; every error a user can cause has its documented code."""
     _register()
-    args = _hoist_globals(list(sys.argv[1:] if argv is None else argv))
+    args = _hoist_globals(list(argv))
     command = next((a for a in args if not a.startswith("-")), "")
-    output.state.json = "--json" in args
-    debug = "--debug" in args
+    env.json = "--json" in args  # before parsing: a usage error is JSON too
+    env.debug = "--debug" in args
     try:
-        # Standalone mode: Typer prints usage errors itself (exit 2) and turns
-        # typer.Exit into the process exit code; our own errors come out here.
-        app(args=args, prog_name="incident-notify", standalone_mode=True)
+        code = app(args=args, prog_name="incident-notify", standalone_mode=False, obj=env)
+        return int(code or 0)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except _ClickException as exc:  # usage errors: click's own message, exit 2
+        exc.show(file=env.stderr)
+        return int(exc.exit_code)
+    except typer.Abort:
+        env.err_console().print("interrupted.", markup=False)
+        return int(ExitCode.INTERRUPTED)
     except IncidentNotifyError as exc:
-        if debug:  # the traceback too, but the documented exit code still
+        if env.debug:  # the traceback too, but the documented exit code still
             import traceback
 
-            traceback.print_exc()
-        sys.exit(report_error(exc, command))
+            traceback.print_exc(file=env.stderr)
+        return report_error(env, exc, command)
     except KeyboardInterrupt:
-        output.err_console().print("interrupted.", markup=False)
-        sys.exit(int(ExitCode.INTERRUPTED))
+        env.err_console().print("interrupted.", markup=False)
+        return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`| head`): end quietly, and keep Python from complaining
         # again when it flushes stdout at exit.
-        _silence_stdout()
-        sys.exit(int(ExitCode.OK))
+        _silence_stdout(env.stdout)
+        return int(ExitCode.OK)
     except OSError as exc:
-        if debug:
+        if env.debug:
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exc(file=env.stderr)
         # A path the user gave (or the default one) cannot be read or written.
         where = f" {exc.filename}" if exc.filename else ""
-        sys.exit(report_error(ConfigError(
+        return report_error(env, ConfigError(
             f"cannot use{where}: {exc.strerror or type(exc).__name__}",
             hint="check the path (a file, not a folder; its folder exists) and its "
-            "permissions"), command))
+            "permissions"), command)
     except Exception as exc:
-        if debug:
+        if env.debug:
             raise
-        output.err_console().print(
+        env.err_console().print(
             f"error: unexpected {type(exc).__name__}: {exc}\n"
             "  hint: this is a bug; rerun with --debug for the traceback and report it",
             markup=False,
             highlight=False,
         )
-        sys.exit(int(ExitCode.ERROR))
+        return int(ExitCode.ERROR)

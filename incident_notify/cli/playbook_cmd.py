@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
 from incident_notify.exit_codes import ExitCode
@@ -25,6 +25,7 @@ VarsOpt = Annotated[
 
 @app.command()
 def validate(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path] | None,
         typer.Argument(help="Playbook files or directories (default: playbooks/).",
@@ -41,30 +42,32 @@ def validate(
     example values and with every variable at its max length, and measured against the
     channel's real limit. Exit 0 only when everything passes; 3 otherwise.
     """
+    env = environment(ctx)
     from incident_notify.checks import validate_paths
     from incident_notify.cli.render_results import print_validation
     from incident_notify.config import load_settings
 
-    output.state.json = json
+    env.json = json
     region = load_settings().default_region  # national numbers read as a send reads them
     reports = validate_paths(paths or [Path("playbooks")], check_contacts=not no_contacts,
                              region=region)
     ok = all(r.ok for r in reports)
     code = ExitCode.OK if ok else ExitCode.INVALID_PLAYBOOK
     if json:
-        output.emit_json(
+        env.emit_json(
             "validate",
             {"playbooks": [r.to_dict() for r in reports], "ok": ok},
             exit_code=int(code),
             errors=[p.to_dict() for r in reports for p in r.problems],
         )
     else:
-        print_validation(reports)
+        print_validation(env, reports)
     raise typer.Exit(int(code))
 
 
 @app.command()
 def preview(
+    ctx: typer.Context,
     playbook: Annotated[Path, typer.Argument(help="The playbook file.")],
     stage: Annotated[
         str | None, typer.Option("--stage", help="Stage to preview (default: the first).")
@@ -81,16 +84,17 @@ def preview(
     json: JsonOpt = False,
 ) -> None:
     """Show exactly what each channel would receive, with counts and thread parts."""
+    env = environment(ctx)
     from incident_notify.cli.render_results import print_preview
     from incident_notify.preview import preview_stage
 
-    output.state.json = json
+    env.json = json
     result = preview_stage(playbook, stage, sets or [], vars_file, message=message,
                            include_fallbacks=fallback)
     code = ExitCode.OK if result.ok else ExitCode.INVALID_PLAYBOOK
     if json:
-        output.emit_json("preview", result.to_dict(), exit_code=int(code),
+        env.emit_json("preview", result.to_dict(), exit_code=int(code),
                          errors=[p.to_dict() for p in result.problems])
     else:
-        print_preview(result)
+        print_preview(env, result)
     raise typer.Exit(int(code))

@@ -6,30 +6,28 @@ a CI log, NO_COLOR): plain lines, no bars, no colour.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from incident_notify.cli import output
 from incident_notify.cli.output import safe as escape
 from incident_notify.cli.render_results import print_preview, table
 from incident_notify.errors import AbortedError
 
 if TYPE_CHECKING:
     from incident_notify.channels.base import Delivery
+    from incident_notify.cli.environment import Environment
     from incident_notify.outcome import Preflight, SendOutcome
 
 
-def print_preflight(pre: Preflight) -> None:
+def print_preflight(env: Environment, pre: Preflight) -> None:
     from incident_notify.preview import PreviewResult
 
-    con = output.console()
+    con = env.console()
     what = {"incident.declared": "Declare", "incident.updated": "Update",
             "incident.resolved": "Resolve", "incident.reopened": "Reopen",
             "resume": "Resume"}.get(pre.event, "Send")
@@ -38,9 +36,9 @@ def print_preflight(pre: Preflight) -> None:
               f"{escape(pre.playbook.model.title)} — stage [bold]{escape(pre.stage)}[/] "
               f"(update {pre.update_no})\n")
     if pre.messages:
-        print_preview(PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
+        print_preview(env, PreviewResult(str(pre.playbook.path), pre.stage, list(pre.messages)))
     if pre.settled:
-        t = table("delivery", "channel", "recipient", "provider says", title="Deliveries in "
+        t = table(env, "delivery", "channel", "recipient", "provider says", title="Deliveries in "
                   "doubt, settled with the providers")
         words = {"sent": "arrived (recorded sent)", "not_sent": "never arrived (will send)",
                  "unknowable": "cannot tell"}
@@ -50,7 +48,7 @@ def print_preflight(pre: Preflight) -> None:
                                          (f": {s['detail']}" if s["outcome"] == "unknowable"
                                           else "")))
         con.print(t)
-    t = table("channel", "type", "deliveries", "endpoint", "health",
+    t = table(env, "channel", "type", "deliveries", "endpoint", "health",
               title="Audience per channel")
     for name, health in sorted(pre.health.items()):
         count = pre.audience_sizes.get(name, 0)
@@ -61,8 +59,8 @@ def print_preflight(pre: Preflight) -> None:
     for name in pre.unhealthy:
         fb = pre.playbook.model.channels[name].fallback
         where = f"will fail over to {', '.join(fb)}" if fb else "has no fallback channel"
-        output.err_console().print(f"[bold yellow]warning:[/] {escape(name)} is unhealthy "
-                                   f"and {where}")
+        env.err_console().print(f"[bold yellow]warning:[/] {escape(name)} is unhealthy "
+                                f"and {where}")
     if pre.skips:
         reasons = Counter(s.reason for s in pre.skips)
         for reason, n in reasons.most_common():
@@ -76,7 +74,7 @@ def print_preflight(pre: Preflight) -> None:
         con.print(f"[yellow]{'; '.join(parts)}; "
                   "run 'incident-notify contacts check' for details[/]")
     for warning in pre.stats.warnings[:10]:
-        output.err_console().print(f"[yellow]warning:[/] {escape(warning)}")
+        env.err_console().print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _host(url: str) -> str:
@@ -87,26 +85,25 @@ def _host(url: str) -> str:
     return parsed.netloc or url
 
 
-def make_confirm(yes: bool, json_mode: bool, progress: LiveProgress | None = None) -> Any:
+def make_confirm(env: Environment, yes: bool,
+                 progress: LiveProgress | None = None) -> Callable[[Preflight], bool]:
     """The confirmation callback: --yes skips it; no TTY and no --yes refuses."""
 
     def confirm(pre: Preflight) -> bool:
         total = sum(pre.audience_sizes.values())
         if progress is not None:
             progress.expected = dict(pre.audience_sizes)
-        if not json_mode and not (yes and output.state.quiet):
-            print_preflight(pre)
+        if not env.json and not (yes and env.quiet):
+            print_preflight(env, pre)
         if yes:
             return True
-        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        if not env.interactive():
             raise AbortedError(
                 "refusing to send without confirmation: no terminal to ask on and no --yes",
                 hint="a runbook must be explicit: add --yes (preview first with --dry-run)")
-        try:
-            answer = input(f"Send {total} deliveries on {len(pre.audience_sizes)} "
-                           "channel(s)? [y/N] ").strip().lower()
-        except EOFError:  # Ctrl-D: no answer is a no
-            answer = ""
+        # Ctrl-D (end of input) is no answer, and no answer is a no.
+        answer = env.ask(f"Send {total} deliveries on {len(pre.audience_sizes)} "
+                         "channel(s)? [y/N] ").strip().lower()
         return answer in ("y", "yes")
 
     return confirm
@@ -115,9 +112,9 @@ def make_confirm(yes: bool, json_mode: bool, progress: LiveProgress | None = Non
 class LiveProgress:
     """Progress callback for the dispatcher; a context manager around the fan-out."""
 
-    def __init__(self, expected: Mapping[str, int] | None = None) -> None:
-        self.enabled = (sys.stderr.isatty() and not output.state.json
-                        and not output.state.quiet and not os.environ.get("NO_COLOR"))
+    def __init__(self, env: Environment, expected: Mapping[str, int] | None = None) -> None:
+        self.env = env
+        self.enabled = env.live()
         self.expected = dict(expected or {})
         self.counts: dict[str, Counter[str]] = {}
         self._lock = threading.Lock()
@@ -136,7 +133,7 @@ class LiveProgress:
                 TextColumn("{task.description:<22}"), BarColumn(), TextColumn(
                     "{task.completed}/{task.total} {task.fields[detail]}"),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                console=output.err_console(), transient=False)
+                console=self.env.err_console(), transient=False)
             self._progress.start()
             for name, total in sorted(self.expected.items()):
                 self._task(name, total)
@@ -176,10 +173,10 @@ class LiveProgress:
                                       detail=detail, rate=rate)
 
     def _notice(self, kind: str, channel: str, info: Mapping[str, Any]) -> None:
-        if output.state.quiet and kind == "retry":
+        if self.env.quiet and kind == "retry":
             return
         if kind == "retry":
-            if self._progress is None and not output.state.json:
+            if self._progress is None and not self.env.json:
                 return  # plain output: retries are summarised, not streamed
             text = f"[dim]{escape(channel)}: retrying ({escape(str(info.get('error', '')))})[/]"
         elif kind == "circuit_open":
@@ -199,11 +196,11 @@ class LiveProgress:
         if self._progress is not None:
             self._progress.console.print(text)
         else:
-            output.err_console().print(text)  # diagnostics go to stderr, results to stdout
+            self.env.err_console().print(text)  # diagnostics go to stderr, results to stdout
 
 
-def print_outcome(outcome: SendOutcome) -> None:
-    con = output.console()
+def print_outcome(env: Environment, outcome: SendOutcome) -> None:
+    con = env.console()
     if outcome.dry_run:
         con.print("[bold]Dry run:[/] nothing was recorded or sent.")
         return
@@ -212,7 +209,8 @@ def print_outcome(outcome: SendOutcome) -> None:
         return
     title = f"{outcome.incident_id} update {outcome.update_no} ({outcome.stage})"
     if v is not None and v.channels:
-        t = table("channel", "sent", "failed", "failed over", "skipped", "unknown", "unsent",
+        t = table(env, "channel", "sent", "failed", "failed over", "skipped", "unknown",
+                  "unsent",
                   title=title)
         for ch, c in sorted(v.channels.items()):
             t.add_row(ch, *(str(c.get(k, 0)) for k in

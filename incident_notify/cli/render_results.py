@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.table import Table
 
-from incident_notify.cli import output
 from incident_notify.cli.output import safe as escape
 
 if TYPE_CHECKING:
     from incident_notify.checks import PlaybookReport
+    from incident_notify.cli.environment import Environment
     from incident_notify.preview import PreviewResult
 
 
@@ -48,10 +47,10 @@ class FitTable(Table):
             yield Text("")
 
 
-def table(*columns: str, title: str | None = None) -> Table:
-    """A table that degrades to plain ASCII when stdout is not a terminal, and to one block
-    per row when the terminal is too narrow to keep every word whole."""
-    tty = sys.stdout.isatty()
+def table(env: Environment, *columns: str, title: str | None = None) -> Table:
+    """A table that degrades to plain ASCII when results do not go to a terminal, and to
+    one block per row when the terminal is too narrow to keep every word whole."""
+    tty = env.results_on_terminal()
     t = FitTable(title=title, box=box.ROUNDED if tty else box.ASCII2, show_lines=False,
                  title_justify="left")
     for col in columns:
@@ -63,12 +62,12 @@ def _mark(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[bold red]FAIL[/]"
 
 
-def print_validation(reports: Sequence[PlaybookReport]) -> None:
-    con = output.console()
+def print_validation(env: Environment, reports: Sequence[PlaybookReport]) -> None:
+    con = env.console()
     for report in reports:
         name = report.name or report.path.name
         if report.rows:
-            t = table("stage", "audience", "channel", "values", "length / limit", "",
+            t = table(env, "stage", "audience", "channel", "values", "length / limit", "",
                       title=f"{name} ({report.path})")
             seen: set[tuple[str, str, str, str]] = set()
             for row in report.rows:
@@ -91,8 +90,8 @@ def print_validation(reports: Sequence[PlaybookReport]) -> None:
     con.print(f"\n{len(reports)} playbook(s) checked, {failed} failed.")
 
 
-def print_preview(result: PreviewResult) -> None:
-    con = output.console()
+def print_preview(env: Environment, result: PreviewResult) -> None:
+    con = env.console()
     con.print(f"[bold]{escape(result.playbook)}[/] — stage [bold]{escape(result.stage)}[/]\n")
     for m in result.messages:
         head = f"[bold cyan]{escape(m.channel)}[/] ({m.channel_type}) → {escape(m.audience or '')}"

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from incident_notify.cli import output
+from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
 from incident_notify.cli.options import JsonOpt
 from incident_notify.cli.output import safe as escape
@@ -57,19 +57,21 @@ def sandbox_main(
         if name not in SERVICES:
             raise UsageError(f"--outage {name!r}: expected one of {', '.join(SERVICES)}")
         sb.emulators[name].faults.update(outage=True)
-    env = {**sb.env(), "INCIDENT_NOTIFY_SANDBOX_CONTROL": control.url}
+    exports = {**sb.env(), "INCIDENT_NOTIFY_SANDBOX_CONTROL": control.url}
     path = sb.write_state()
     data = jsonlib.loads(path.read_text())
-    data["env"] = env
+    data["env"] = exports
     path.write_text(jsonlib.dumps(data))
-    con = output.console()
+    env = environment(ctx)
+    env.json = json
+    con = env.console()
     if json:
         # One document announcing the environment; the sandbox then runs until stopped.
-        output.emit_json("sandbox", {"env": env, "state_file": str(path)})
+        env.emit_json("sandbox", {"env": exports, "state_file": str(path)})
     else:
         con.print("# incident-notify sandbox is running (Ctrl-C to stop). To use it from "
                   "a shell:", markup=False)
-        for key, value in env.items():
+        for key, value in exports.items():
             con.print(f"export {key}={value}", markup=False)
         con.print("# or simply pass --sandbox to any incident-notify command.", markup=False)
     stop = {"now": False}
@@ -122,6 +124,7 @@ def _call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
 
 @sandbox_app.command("fault")
 def fault(
+    ctx: typer.Context,
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
                                                 help="Switch a full outage on or off.")] = None,
@@ -134,6 +137,7 @@ def fault(
     json: JsonOpt = False,
 ) -> None:
     """Change the faults of a running sandbox's emulator."""
+    env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
     body: dict[str, Any] = {}
@@ -149,45 +153,50 @@ def fault(
         body["bad_recipients"] = list(bad_recipient)
     result = _call("POST", f"/{service}/faults", body)
     if json:
-        output.emit_json("sandbox fault", {"service": service, "faults": result})
+        env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
-        output.console().print(f"{service}: {result}", markup=False)
+        env.console().print(f"{service}: {result}", markup=False)
 
 
 @sandbox_app.command("received")
 def received(
+    ctx: typer.Context,
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     json: JsonOpt = False,
 ) -> None:
     """List what a running sandbox's emulator has received."""
+    env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
     items = _call("GET", f"/{service}/received")["received"]
     if json:
-        output.emit_json("sandbox received", {"service": service, "received": items})
+        env.emit_json("sandbox received", {"service": service, "received": items})
         return
     for item in items:
-        output.console().print(jsonlib.dumps(item, ensure_ascii=False), markup=False)
+        env.console().print(jsonlib.dumps(item, ensure_ascii=False), markup=False)
 
 
 @sandbox_app.command("reply")
 def reply(
+    ctx: typer.Context,
     tweet_id: Annotated[str, typer.Argument(help="The tweet being replied to.")],
     username: Annotated[str, typer.Option("--from", help="Who replies (a handle).")],
     text: Annotated[str, typer.Option("--text", help="The reply.")],
     json: JsonOpt = False,
 ) -> None:
     """Post a reply to one of the account's tweets, as a customer would (rehearsals)."""
+    env = environment(ctx)
     result = _call("POST", "/twitter/reply", {"in_reply_to": tweet_id,
                                               "username": username.lstrip("@"), "text": text})
     if json:
-        output.emit_json("sandbox reply", result)
+        env.emit_json("sandbox reply", result)
     else:
-        output.console().print(f"reply {result['id']} posted.", markup=False)
+        env.console().print(f"reply {result['id']} posted.", markup=False)
 
 
 @channels_app.command("check")
 def check(
+    ctx: typer.Context,
     playbooks: Annotated[list[Path] | None, typer.Argument(
         help="Playbooks whose channels to check (default: playbooks/).", show_default=False)]
     = None,
@@ -202,11 +211,12 @@ def check(
     Twitter: GET /2/users/me; Twilio: the account; SMTP: EHLO and login. Exits 7 when a
     required channel is down.
     """
+    env = environment(ctx)
     from incident_notify.config import load_settings
     from incident_notify.playbook import find_playbooks, load_playbook
     from incident_notify.runtime import build_channels, check_health, open_runtime
 
-    output.state.json = json
+    env.json = json
     settings = load_settings({"sandbox": sandbox, "secrets_file": secrets})
     rt = open_runtime(settings)
     rows: list[dict[str, Any]] = []
@@ -224,16 +234,16 @@ def check(
     down = [r for r in rows if r["required"] and not r["ok"]]
     code = int(ExitCode.CHANNEL_UNHEALTHY if down else ExitCode.OK)
     if json:
-        output.emit_json("channels check", {"channels": rows}, exit_code=code)
+        env.emit_json("channels check", {"channels": rows}, exit_code=code)
         raise typer.Exit(code)
     from incident_notify.cli.render_results import table
 
-    t = table("playbook", "channel", "type", "status", "detail", "latency")
+    t = table(env, "playbook", "channel", "type", "status", "detail", "latency")
     for r in rows:
         status = "[green]healthy[/]" if r["ok"] else "[bold red]DOWN[/]"
         latency = f"{r['latency_ms']:.0f} ms" if r["latency_ms"] is not None else ""
         t.add_row(r["playbook"], r["channel"], r["type"], status, escape(r["detail"]), latency)
-    output.console().print(t)
+    env.console().print(t)
     if down:
-        output.console().print(f"[bold red]{len(down)} required channel(s) down.[/]")
+        env.console().print(f"[bold red]{len(down)} required channel(s) down.[/]")
     raise typer.Exit(code)
