@@ -14,6 +14,7 @@ is stopped.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,64 @@ def _make_env(dirs: Sequence[Path], autoescape: bool) -> Environment:
     return env
 
 
+class _Watchdog:
+    """One thread for the whole process that stops renders running past their deadline
+    (a thread per render cost more than the render: validate renders thousands)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread id)
+        self._fired: set[int] = set()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float) -> int:
+        import threading
+        import time
+
+        with self._cond:
+            self._next += 1
+            token = self._next
+            self._armed[token] = (time.monotonic() + seconds, threading.get_ident())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="render-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> bool:
+        """Stop watching; True when the deadline fired (an exception may be pending in the
+        rendering thread: the caller clears it)."""
+        with self._cond:
+            self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        import ctypes
+        import time
+
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, tid) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[token]
+                        self._fired.add(token)
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                            ctypes.c_ulong(tid), ctypes.py_object(RenderLimit))
+                soonest = min((d for d, _ in self._armed.values()), default=None)
+                self._cond.wait(None if soonest is None else max(0.0, soonest - now))
+
+
+_WATCHDOG = _Watchdog()
+
+
 def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
     """Render with an output cap and a time limit. The watchdog raises RenderLimit in the
     rendering thread (Jinja's compiled templates are Python: the exception lands at the
@@ -170,21 +229,9 @@ def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
     import ctypes
     import threading
 
-    tid = threading.get_ident()
-    lock = threading.Lock()
-    state = {"done": False, "fired": False}
-
-    def fire() -> None:
-        with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
-                                                           ctypes.py_object(RenderLimit))
-
-    timer = threading.Timer(MAX_RENDER_S, fire)
-    timer.daemon = True
+    token = _WATCHDOG.arm(MAX_RENDER_S)
+    fired = False
     try:
-        timer.start()
         try:
             out: list[str] = []
             size = 0
@@ -202,15 +249,25 @@ def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
                 template.environment.handle_exception()
             return "".join(out)
         finally:
-            with lock:
-                state["done"] = True
-            timer.cancel()
-            if state["fired"]:  # clear an exception set but not yet delivered
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+            fired = _WATCHDOG.disarm(token)
+            if fired:  # clear an exception set but not yet delivered
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(threading.get_ident()), None)
     except RenderLimit as exc:
-        if state["fired"] and not str(exc):
+        if not str(exc):  # only the watchdog raises it bare
             raise RenderLimit(f"took longer than {MAX_RENDER_S:.0f}s") from None
         raise
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    """What static analysis of one template says."""
+
+    variables: frozenset[str]
+    """Names it reads from its context."""
+    includes: tuple[str | None, ...]
+    """Templates it includes or imports (None: chosen at render time)."""
+    source: str
 
 
 class Renderer:
@@ -222,6 +279,7 @@ class Renderer:
         self._html = _make_env(self.template_dirs, autoescape=True)
         self._compiled: dict[tuple[str, bool], Any] = {}
         """Inline templates compiled once per renderer (validate renders each many times)."""
+        self._facts: dict[tuple[str | None, str | None], TemplateFacts] = {}
 
     def _env(self, html: bool) -> Environment:
         return self._html if html else self._text
@@ -270,8 +328,14 @@ class Renderer:
                 return str(d / name)
         return name
 
-    def variables_used(self, source: str | None = None, name: str | None = None) -> set[str]:
-        """Names a template reads from its context (for the undeclared-variable check)."""
+    def facts(self, source: str | None = None, name: str | None = None) -> TemplateFacts:
+        """What a template reads and includes, parsed once per renderer (validate asks for
+        every stage x channel x audience, the sensitivity check again). A template that
+        does not parse or cannot be found has no facts: rendering reports it."""
+        key = (source, name)
+        found = self._facts.get(key)
+        if found is not None:
+            return found
         from jinja2 import meta
 
         env = self._text
@@ -281,8 +345,16 @@ class Renderer:
                 source, _, _ = env.loader.get_source(env, name)
             ast = env.parse(source or "")
         except Exception:
-            return set()  # syntax errors and missing files are reported when rendering
-        return set(meta.find_undeclared_variables(ast))
+            facts = TemplateFacts(frozenset(), (), source or "")
+        else:
+            facts = TemplateFacts(frozenset(meta.find_undeclared_variables(ast)),
+                                  tuple(meta.find_referenced_templates(ast)), source or "")
+        self._facts[key] = facts
+        return facts
+
+    def variables_used(self, source: str | None = None, name: str | None = None) -> set[str]:
+        """Names a template reads from its context (for the undeclared-variable check)."""
+        return set(self.facts(source, name).variables)
 
     # ------------------------------------------------------------------ errors
     @staticmethod

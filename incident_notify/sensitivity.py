@@ -102,30 +102,19 @@ def internal_reason(pb: Playbook, renderer: Renderer, stage: str, channel: str,
 
 def _template_reason(pb: Playbook, renderer: Renderer, *, source: str | None = None,
                      name: str | None = None, seen: set[str] | None = None) -> str | None:
-    from jinja2 import meta
-
-    env = renderer._env(False)
     seen = set() if seen is None else seen
     if name is not None:
         if name in seen:
             return None
         seen.add(name)
-        try:
-            assert env.loader is not None
-            source, _, _ = env.loader.get_source(env, name)
-        except Exception:
-            return None  # a missing template is reported when rendering
-        if _MARK.match(source or ""):
-            return f"template {name!r} is marked internal"
-    try:
-        ast = env.parse(source or "")
-    except Exception:
-        return None  # a syntax error is reported when rendering
+    facts = renderer.facts(source, name)
+    if name is not None and _MARK.match(facts.source):
+        return f"template {name!r} is marked internal"
     internal_vars = {n for n, v in pb.model.variables.items() if v.sensitivity == "internal"}
-    used = meta.find_undeclared_variables(ast) & internal_vars
+    used = facts.variables & internal_vars
     if used:
         return f"it uses internal variable {sorted(used)[0]!r}"
-    for included in meta.find_referenced_templates(ast):
+    for included in facts.includes:
         if included is None:
             return "it includes a template chosen at render time, which cannot be checked"
         reason = _template_reason(pb, renderer, name=included, seen=seen)
