@@ -33,6 +33,10 @@ class FitTable(Table):
             widest = max([words(column.header), *(words(c) for c in column._cells)])
             need += widest + 3
         if need <= options.max_width:
+            plain = self._plain_lines(console, options)
+            if plain is not None:
+                yield from plain
+                return
             yield from super().__rich_console__(console, options)
             return
         if self.title:
@@ -45,6 +49,42 @@ class FitTable(Table):
                 value = cell if isinstance(cell, str) else str(cell)
                 yield Text.from_markup(f"{header or '-':<{label}}  {value}")
             yield Text("")
+
+
+    def _plain_lines(self, console: Any, options: Any) -> list[Any] | None:
+        """The ASCII table exactly as rich draws it, for output without styles (a pipe, a
+        log, NO_COLOR) when every cell fits on one line: rich measures and wraps each cell,
+        which made printing `validate`'s tables cost more than the checks. None when rich
+        must draw it (styles, a cell that wraps, a title wider than the table)."""
+        from rich.cells import cell_len
+        from rich.text import Text
+
+        if self.box is not box.ASCII2 or console.color_system is not None:
+            return None
+        headers = [Text.from_markup(str(c.header)).plain for c in self.columns]
+        columns = [[c if isinstance(c, str) else str(c) for c in col._cells]
+                   for col in self.columns]
+        cells = [[Text.from_markup(c).plain for c in col] for col in columns]
+        if any("\n" in c for col in cells for c in col):
+            return None
+        widths = [max([cell_len(h), *(cell_len(c) for c in col)])
+                  for h, col in zip(headers, cells, strict=True)]
+        total = sum(widths) + 3 * len(widths) + 1
+        if total > options.max_width:
+            return None
+        title = Text.from_markup(str(self.title)).plain if self.title else None
+        if title is not None and (cell_len(title) > total or "\n" in title):
+            return None
+
+        def row(values: list[str]) -> str:
+            return "| " + " | ".join(v + " " * (w - cell_len(v))
+                                     for v, w in zip(values, widths, strict=True)) + " |"
+
+        rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+        lines = ([title] if title is not None else []) + [rule, row(headers), rule]
+        lines += [row([col[i] for col in cells]) for i in range(self.row_count)]
+        lines.append(rule)
+        return [Text("\n".join(lines))]
 
 
 def table(env: Environment, *columns: str, title: str | None = None) -> Table:

@@ -1,0 +1,74 @@
+"""The output layer: what reaches a terminal, a pipe or a log."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from incident_notify.cli.environment import Environment
+from incident_notify.cli.render_results import FitTable
+
+WORDS = ["INC-20261126-0001", "ok", "+14155550123", "ops@acme.example", "東京", "naïve",
+         "[green]ok[/]", "[bold red]FAIL[/]", "1/2 segments (GSM-7, 139 units)", "", "x" * 30,
+         "emoji 🚨", "a b c"]
+
+
+def _render(table: Table, width: int) -> str:
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, force_terminal=False,
+            highlight=False, emoji=False, soft_wrap=True).print(table)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plain_tables_are_drawn_exactly_as_rich_draws_them(seed: int) -> None:
+    """The fast plain drawing (pipes, logs, NO_COLOR) is rich's own drawing, to the byte."""
+    rng = random.Random(seed)
+    drawn_fast = 0
+    for _ in range(60):
+        columns = [rng.choice(WORDS[:9]) or "c" for _ in range(rng.randint(1, 6))]
+        title = rng.choice([None, "A title", "Deliveries per channel " * rng.randint(1, 4)])
+        rows = [[rng.choice(WORDS) for _ in columns] for _ in range(rng.randint(0, 8))]
+        width = rng.choice([60, 80, 120, 160])
+
+        def build(cls: type[Table], title: str | None = title, columns: list[str] = columns,
+                  rows: list[list[str]] = rows) -> Table:
+            t = cls(title=title, box=box.ASCII2, show_lines=False, title_justify="left")
+            for c in columns:
+                t.add_column(c, overflow="fold")
+            for r in rows:
+                t.add_row(*r)
+            return t
+
+        fit = build(FitTable)
+        reference = build(Table)
+        fast = fit._plain_lines(Console(file=io.StringIO(), color_system=None, width=width),
+                                Console(width=width).options)
+        if fast is None:
+            continue
+        drawn_fast += 1
+        assert _render(fit, width) == _render(reference, width), (columns, rows, width)
+    assert drawn_fast >= 20  # the fast drawing is really used
+
+
+def test_no_color_and_pipes_get_no_escape_sequences_and_no_bars() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for environ, stream in (({"NO_COLOR": "1"}, Terminal()), ({}, io.StringIO())):
+        env = Environment(stdout=stream, stderr=stream, environ=environ)
+        env.console().print("[bold red]DOWN[/] and [green]healthy[/]")
+        assert "\x1b" not in stream.getvalue()
+        assert "DOWN and healthy" in stream.getvalue()
+        assert not env.live()
+    colour = Terminal()
+    env = Environment(stdout=colour, stderr=colour, environ={"TERM": "xterm-256color"})
+    env.console().print("[bold red]DOWN[/]")
+    assert "\x1b[" in colour.getvalue()  # a terminal without NO_COLOR does get colour
+    assert env.live()
