@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -47,15 +48,21 @@ def test_prompt_answered_no_sends_nothing(sandbox: Any, attached: dict[str, str]
     assert len(sandbox.smtp.received) == 0
 
 
-def test_prompt_answered_yes_sends_and_shows_summary(sandbox: Any,
-                                                     attached: dict[str, str]) -> None:
-    child = spawn(["declare", str(POWER), *VARS, "--sandbox"], attached)
+@pytest.mark.parametrize("no_color", [True, False])
+def test_prompt_answered_yes_sends_and_shows_summary(sandbox: Any, attached: dict[str, str],
+                                                     no_color: bool) -> None:
+    env = dict(attached) if no_color else {**attached, "NO_COLOR": ""}
+    child = spawn(["declare", str(POWER), *VARS, "--sandbox"], env)
+    child.logfile_read = seen = io.StringIO()
     child.expect(r"\[y/N\]")
     child.sendline("y")
     child.expect("Everyone was reached")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    # NO_COLOR in a terminal: plain text, no bold, no progress bars (no escape sequences);
+    # without it the same terminal gets colour.
+    assert ("\x1b[" in seen.getvalue()) is not no_color
     tweets = [r for r in sandbox.twitter.received.all() if r["kind"] == "tweet"]
     assert len(tweets) == 1 and len(sandbox.twilio.received) > 0
 
