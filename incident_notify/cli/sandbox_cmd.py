@@ -155,7 +155,11 @@ def fault(
     if json:
         env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
-        env.console().print(f"{service}: {result}", markup=False)
+        active = {k: v for k, v in result.items()
+                  if v and k != "rate_window_s" and v != 0.0}
+        env.console().print(f"{service}: " + (", ".join(
+            f"{k.replace('_', ' ')} {'on' if v is True else v}" for k, v in active.items())
+            or "no faults"), markup=False)
 
 
 @sandbox_app.command("received")
