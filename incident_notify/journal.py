@@ -11,7 +11,7 @@ from typing import Any
 from incident_notify.channels.base import Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, Planned
 from incident_notify.incident import DeliveryState, IncidentState, fold
-from incident_notify.plan import Planner
+from incident_notify.plan import Plan, Planner
 from incident_notify.runtime import Runtime
 from incident_notify.verdict import Verdict, verdict
 
@@ -47,8 +47,10 @@ class AuditedRouter:
                                    "reason": "recipient unsubscribed (provider opt-out)"})
 
 
-def write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) -> list[Any]:
-    """Record every delivery of the update (then `update.planned`); returns the records."""
+def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
+               update_no: int) -> list[Any]:
+    """Record every delivery of the planned update (then `update.planned`), each message
+    before the deliveries that use it; returns the records."""
     from incident_notify.audit import AuditEntry
 
     batch: list[Any] = []
@@ -62,7 +64,7 @@ def write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) 
             written.extend(rt.audit.append_many([*entries, *batch]))
         batch.clear()
 
-    for job in planner.jobs():
+    for job in plan.jobs:
         for p in job:
             d = p.delivery
             batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=d.channel,
@@ -70,7 +72,7 @@ def write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) 
                                     payload=dict(p.payload)))
         if len(batch) >= 500:
             flush()
-    for s in planner.skips:
+    for s in plan.skips:
         batch.append(AuditEntry("delivery.planned", incident=incident_id, channel=s.channel,
                                 recipient=s.recipient, key=s.key,
                                 payload={"update_no": update_no, "contact_id": s.contact_id,
@@ -81,9 +83,9 @@ def write_plan(rt: Runtime, planner: Planner, incident_id: str, update_no: int) 
     flush()
     written.append(rt.audit.append("update.planned", incident=incident_id,
                                    payload={"update_no": update_no,
-                                            "planned": planner.stats.planned,
-                                            "skipped": planner.stats.skipped,
-                                            "warnings": planner.stats.warnings}))
+                                            "planned": plan.stats.planned,
+                                            "skipped": plan.stats.skipped,
+                                            "warnings": plan.stats.warnings}))
     return written
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from incident_notify.channels.base import Channel, Health
+from incident_notify.contacts import ContactSet
 from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
 from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
 from incident_notify.incident import IncidentState, apply, fold
@@ -36,7 +37,7 @@ from incident_notify.journal import (
 )
 from incident_notify.messages import IncidentContext, RenderedMessage
 from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
-from incident_notify.plan import Planner
+from incident_notify.plan import Plan, Planner
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
 from incident_notify.runtime import Runtime, build_channels, check_health
 
@@ -122,36 +123,43 @@ def make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
                    state=state)
 
 
+@dataclass
+class Prepared:
+    """Everything an update needs, built before anything is recorded."""
+
+    preflight: Preflight
+    contacts: ContactSet
+    channels: dict[str, Channel]
+    """The stage's channels and their fallbacks, built once; the caller closes them."""
+    planner: Planner
+    plan: Plan
+
+
 def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: UpdateSpec,
-            state: IncidentState | None, *, check: bool = True
-            ) -> tuple[Preflight, Any, dict[str, Channel]]:
+            state: IncidentState | None, *, check: bool = True) -> Prepared:
     """Load, plan, render and check everything an update needs, before anything is
-    recorded: the preflight, the contacts, and the channel instances (the stage's channels
-    and their fallbacks), built once and used again to send. The caller closes them."""
+    recorded. The update is planned once: the preflight's counts, the journal's records and
+    the dispatcher's jobs are that one plan."""
     if rt.sandbox is not None and state is not None:
         rt.sandbox.remember_tweets(state.last_tweet.values())
     contacts = load_contact_set(rt, pb)
     declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
     planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
     messages = planner.render_all()
-    # A counting pass with a throwaway planner: sizes per channel without sending.
-    counter = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
-    for job in counter.jobs():
-        for _ in job:
-            pass
     refuse_misleading(pb, rt.renderer(pb), contacts, spec.stage, messages, state)
+    plan = planner.plan()
     used = stage_channels(pb, spec.stage)
     checked = build_channels(rt, pb, used)
     health = check_health(checked) if check else {}
     pre = Preflight(
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
-        event=spec.event, messages=messages, audience_sizes=dict(counter.stats.per_channel),
-        health=health, stats=counter.stats, skips=counter.skips,
+        event=spec.event, messages=messages, audience_sizes=dict(plan.stats.per_channel),
+        health=health, stats=plan.stats, skips=plan.skips,
         invalid_contacts=contacts.invalid_records,
         contact_source_problems=len(contacts.problems) - contacts.invalid_records,
         endpoints={n: ch.endpoint() for n, ch in checked.items()},
     )
-    return pre, contacts, checked
+    return Prepared(pre, contacts, checked, planner, plan)
 
 
 def refuse_misleading(pb: Playbook, renderer: Any, contacts: Any, stage: str,
@@ -259,21 +267,22 @@ def run_update(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec
     For a declaration `incident_id` is provisional (shown in the preview); the real id is
     allocated under the lifecycle lock after confirmation.
     """
-    pre, contacts, channels = prepare(rt, pb, incident_id, update_no, spec, state)
+    prepared = prepare(rt, pb, incident_id, update_no, spec, state)
     try:
         if dry_run:
-            return SendOutcome(incident_id, spec.stage, update_no, True, pre, None)
-        return _record_and_send(rt, pb, incident_id, update_no, spec, pre, contacts,
-                                channels, confirm, progress, lifecycle_payload)
+            return SendOutcome(incident_id, spec.stage, update_no, True, prepared.preflight,
+                               None)
+        return _record_and_send(rt, pb, incident_id, update_no, spec, prepared, confirm,
+                                progress, lifecycle_payload)
     finally:
-        close_channels(channels)
+        close_channels(prepared.channels)
 
 
 def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int,
-                     spec: UpdateSpec, pre: Preflight, contacts: Any,
-                     channels: dict[str, Channel], confirm: ConfirmFn | None,
+                     spec: UpdateSpec, prepared: Prepared, confirm: ConfirmFn | None,
                      progress: ProgressFn | None,
                      lifecycle_payload: dict[str, Any]) -> SendOutcome:
+    pre, contacts, channels = prepared.preflight, prepared.contacts, prepared.channels
     asked = time.monotonic()
     if confirm is not None and not confirm(pre):
         raise AbortedError("nothing was sent: the commander declined",
@@ -300,11 +309,17 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
     # The state read under the lock plus what this command writes: no re-reading the log.
     state = current
     apply(state, record)
-    planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
-                           state.declared_at)
-    planner.render_all()
-    for written in write_plan(rt, planner, incident_id, update_no):
+    planner, plan = prepared.planner, prepared.plan
+    if incident_id != pre.incident_id:
+        # Another commander declared meanwhile and took the provisional id: the messages
+        # name the incident, so they are planned again under the real one.
+        planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
+                               state.declared_at)
+        planner.render_all()
+        plan = planner.plan()
+    for written in write_plan(rt, planner, plan, incident_id, update_no):
         apply(state, written)
+    plan.jobs.clear()  # recorded: the dispatcher sends what the record says is pending
     result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress,
                              channels=channels)
     v, final = finish_update(rt, incident_id, update_no, result)

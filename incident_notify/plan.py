@@ -68,6 +68,17 @@ class PlanStats:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Plan:
+    """One update's deliveries, planned once: what the preflight counts, what the journal
+    records and what the dispatcher sends are the same objects."""
+
+    jobs: list[list[Planned]]
+    """One delivery each, or the parts of a thread."""
+    skips: list[Skip]
+    stats: PlanStats
+
+
 class Planner:
     """Expands one update of an incident into deliveries; re-routes them on failure."""
 
@@ -107,6 +118,8 @@ class Planner:
         if state is not None:
             self._keys.update(k for k, d in state.deliveries.items() if d.update_no == update_no)
         self._lock = threading.Lock()
+        self.walks = 0
+        """How many times the audiences were walked (once: the plan is kept)."""
 
     # ------------------------------------------------------------------ rendering
     def message(self, audience: str, channel: str,
@@ -172,8 +185,16 @@ class Planner:
         return renders
 
     # ------------------------------------------------------------------ planning
-    def jobs(self) -> Iterator[list[Planned]]:
-        """Stream the update's jobs: one delivery each, or the parts of a thread."""
+    def plan(self) -> Plan:
+        """Walk the audiences once and keep the result (a planner plans once: a second walk
+        would find every key claimed)."""
+        if self.walks:
+            raise RuntimeError("this planner has already planned its update")
+        self.walks += 1
+        return Plan(jobs=list(self._jobs()), skips=self.skips, stats=self.stats)
+
+    def _jobs(self) -> Iterator[list[Planned]]:
+        """The update's jobs: one delivery each, or the parts of a thread."""
         seen_people: set[str] = set()
         order = sorted(self.pb.audiences_for(self.stage),
                        key=lambda a: {"internal": 0, "public": 1}.get(

@@ -191,7 +191,8 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
                                     state.declared_at)
             if not upd.planned:
                 # Crashed while planning: plan again; keys already in the log are skipped.
-                for written in write_plan(rt, planner, incident_id, upd.update_no):
+                for written in write_plan(rt, planner, planner.plan(), incident_id,
+                                          upd.update_no):
                     apply(state, written)
             result = dispatch_update(rt, pb, planner, state, contacts, upd.update_no, health,
                                progress, include_unknown=include_unknown, channels=channels)

@@ -34,6 +34,15 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         counts[f"channel:{spec.name}"] += 1
         real_init(self, spec, secrets)
 
+    from incident_notify.plan import Planner
+
+    real_jobs = Planner._jobs
+
+    def jobs(self: Planner) -> Any:
+        counts["plan walks"] += 1
+        return real_jobs(self)
+
+    monkeypatch.setattr(Planner, "_jobs", jobs)
     monkeypatch.setattr(notify, "load_playbook", load_playbook)
     monkeypatch.setattr(contacts_module, "load_contacts", load_contacts)
     monkeypatch.setattr(Channel, "__init__", init)
@@ -51,6 +60,8 @@ def test_each_command_loads_and_builds_once(tmp_path: Path, sandbox: Any,
         outcome = action()
         assert outcome.exit_code == 0, outcome.to_dict()["result"]
         assert counted["playbook"] == 1 and counted["contacts"] == 1, counted
+        # Planned once: the preflight's counts, the record and the sends are one plan.
+        assert counted["plan walks"] == 1, counted
         assert {k for k in counted if k.startswith("channel:")} <= channels
         assert all(counted[k] == 1 for k in counted if k.startswith("channel:")), counted
 
@@ -62,3 +73,4 @@ def test_each_command_loads_and_builds_once(tmp_path: Path, sandbox: Any,
     counted.clear()
     resumed = resume_module.resume(rt, incident)
     assert resumed.exit_code == 0 and counted["playbook"] == 1
+    assert counted["plan walks"] == 0  # nothing left to plan: resume reads the record
