@@ -22,7 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from incident_notify.audit import AuditRecord
 
 OUTCOMES = {
     "delivery.sent": "sent",
@@ -91,7 +94,7 @@ class IncidentState:
     failovers: list[dict[str, Any]] = field(default_factory=list)
     replies: list[dict[str, Any]] = field(default_factory=list)
     """Replies fetched from the public thread (``reply.received``)."""
-    events: list[Any] = field(default_factory=list)
+    events: list[AuditRecord] = field(default_factory=list)
 
     @property
     def update_no(self) -> int:
@@ -121,7 +124,8 @@ class IncidentState:
                 and (update_no is None or d.update_no == update_no)]
 
 
-def fold(records: Iterable[Any], incident_id: str, *, keep_events: bool = False) -> IncidentState:
+def fold(records: Iterable[AuditRecord], incident_id: str, *,
+         keep_events: bool = False) -> IncidentState:
     """Build an incident's state from its audit records (in log order)."""
     state = IncidentState(id=incident_id)
     for rec in records:
@@ -133,7 +137,7 @@ def fold(records: Iterable[Any], incident_id: str, *, keep_events: bool = False)
     return state
 
 
-def apply(state: IncidentState, rec: Any) -> None:
+def apply(state: IncidentState, rec: AuditRecord) -> None:
     event: str = rec.event
     p: dict[str, Any] = dict(rec.payload or {})
     state.last_event_at = rec.ts
@@ -220,7 +224,7 @@ def _note_failover(state: IncidentState, rec: Any, p: dict[str, Any]) -> None:
     state.failovers.append({"ts": rec.ts, "event": rec.event, "channel": rec.channel, **p})
 
 
-def list_incidents(records: Iterable[Any]) -> dict[str, IncidentState]:
+def list_incidents(records: Iterable[AuditRecord]) -> dict[str, IncidentState]:
     """Every incident in the log, folded in one pass."""
     states: dict[str, IncidentState] = {}
     for rec in records:

@@ -6,7 +6,7 @@ to send from the folded state. A first run and a resume go through the same func
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from incident_notify.channels.base import Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, Planned
@@ -15,18 +15,23 @@ from incident_notify.plan import Plan, Planner
 from incident_notify.runtime import Runtime
 from incident_notify.verdict import Verdict, verdict
 
+if TYPE_CHECKING:
+    from incident_notify.audit import AuditEntry, AuditRecord
+    from incident_notify.contacts import ContactSet
+    from incident_notify.dispatch import AuditSink
+
 
 class AuditedRouter:
     """The planner as the dispatcher's router. New rendered messages (a fallback's) are
     handed back as records for the dispatcher to write with the failover that needs them;
     an opt-out is recorded at once."""
 
-    def __init__(self, planner: Planner, audit: Any, incident_id: str) -> None:
+    def __init__(self, planner: Planner, audit: AuditSink, incident_id: str) -> None:
         self.planner = planner
         self.audit = audit
         self.incident_id = incident_id
 
-    def new_records(self) -> list[Any]:
+    def new_records(self) -> list[AuditEntry]:
         from incident_notify.audit import AuditEntry
 
         return [AuditEntry("message.rendered", incident=self.incident_id,
@@ -48,13 +53,13 @@ class AuditedRouter:
 
 
 def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
-               update_no: int) -> list[Any]:
+               update_no: int) -> list[AuditRecord]:
     """Record every delivery of the planned update (then `update.planned`), each message
     before the deliveries that use it; returns the records."""
     from incident_notify.audit import AuditEntry
 
-    batch: list[Any] = []
-    written: list[Any] = []
+    batch: list[AuditEntry] = []
+    written: list[AuditRecord] = []
 
     def flush() -> None:
         renders = planner.take_new_renders()
@@ -89,7 +94,7 @@ def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
     return written
 
 
-def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
+def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: ContactSet,
                          reply_to: str | None) -> Delivery | None:
     p = ds.payload
     msg = state.messages.get(p.get("digest", ""))
@@ -101,7 +106,7 @@ def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
         # Redacted in the log: look the address up again by contact id.
         from incident_notify.channels import available_types, channel_class
 
-        person = contacts.contacts.get(p.get("contact_id"))
+        person = contacts.contacts.get(str(p.get("contact_id") or ""))
         ctype = p.get("channel_type", "")
         field = channel_class(ctype).address if ctype in available_types() else None
         recipient = (person.address_for(field) if person and field else None) or ""
@@ -118,7 +123,7 @@ def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Any,
     )
 
 
-def pending_jobs(state: IncidentState, contacts: Any, update_no: int,
+def pending_jobs(state: IncidentState, contacts: ContactSet, update_no: int,
                  include_unknown: bool = False) -> Iterator[list[Delivery]]:
     """Jobs for the deliveries of an update that have no outcome yet, threads grouped."""
     wanted = {"planned", "attempting", "unknown"} if include_unknown else {"planned"}

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from incident_notify.channels.base import Channel, Health
 from incident_notify.contacts import ContactSet
@@ -40,6 +40,10 @@ from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
 from incident_notify.plan import Plan, Planner
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
 from incident_notify.runtime import Runtime, build_channels, check_health
+
+if TYPE_CHECKING:
+    from incident_notify.optouts import OptOutStore
+    from incident_notify.render import Renderer
 
 HEALTH_MAX_AGE_S = 30.0
 """A preflight health check older than this (a slow answer at the prompt) is redone."""
@@ -63,20 +67,20 @@ def playbook_of(state: IncidentState, override: Path | None = None) -> Playbook:
     return load_playbook(path)
 
 
-def load_contact_set(rt: Runtime, pb: Playbook) -> Any:
+def load_contact_set(rt: Runtime, pb: Playbook) -> ContactSet:
     from incident_notify.contacts import load_contacts
 
     paths = [*pb.contact_paths(), *rt.settings.contacts]
     return load_contacts(paths, default_region=rt.settings.default_region)
 
 
-def optout_store(rt: Runtime) -> Any:
+def optout_store(rt: Runtime) -> OptOutStore:
     from incident_notify.optouts import OptOutStore
 
     return OptOutStore(rt.settings.optouts_path(), rt.settings.default_region)
 
 
-def _lock(path: Path) -> Any:
+def _lock(path: Path) -> IO[str]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     handle = open(path, "a+")  # noqa: SIM115 - held for the duration of the declare
     fcntl.flock(handle, fcntl.LOCK_EX)
@@ -97,7 +101,7 @@ def next_incident_id(rt: Runtime, today: datetime | None = None) -> str:
     return f"{prefix}{highest + 1:04d}"
 
 
-def lifecycle_lock(rt: Runtime) -> Any:
+def lifecycle_lock(rt: Runtime) -> IO[str]:
     """Held only while a lifecycle event is decided and recorded, never across a prompt:
     two commanders declaring at once get distinct ids, and two updating the same incident
     cannot both claim the same update number."""
@@ -113,7 +117,7 @@ class UpdateSpec:
     values: dict[str, str]
 
 
-def make_planner(rt: Runtime, pb: Playbook, contacts: Any, incident_id: str,
+def make_planner(rt: Runtime, pb: Playbook, contacts: ContactSet, incident_id: str,
                   update_no: int, spec: UpdateSpec, state: IncidentState | None,
                   declared_at: str) -> Planner:
     ctx = IncidentContext(id=incident_id, stage=spec.stage, update_no=update_no,
@@ -162,7 +166,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     return Prepared(pre, contacts, checked, planner, plan)
 
 
-def refuse_misleading(pb: Playbook, renderer: Any, contacts: Any, stage: str,
+def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, stage: str,
                        messages: list[RenderedMessage], state: IncidentState | None) -> None:
     """Stop before anything is sent when sending would mislead: contacts that did not load
     (people would silently not be told), an internal audience that selects nobody, or a
@@ -224,7 +228,7 @@ def stage_channels(pb: Playbook, stage: str) -> list[str]:
 
 
 def dispatch_update(rt: Runtime, pb: Playbook, planner: Planner, state: IncidentState,
-              contacts: Any, update_no: int, health: Mapping[str, Health],
+              contacts: ContactSet, update_no: int, health: Mapping[str, Health],
               progress: ProgressFn | None, include_unknown: bool = False,
               channels: Mapping[str, Channel] | None = None) -> DispatchResult:
     from incident_notify.audit import GroupCommitWriter

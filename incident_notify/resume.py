@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from incident_notify.contacts import ContactSet
 
 from incident_notify.channels.base import Channel
 from incident_notify.dispatch import DispatchResult, ProgressFn
@@ -63,7 +66,7 @@ def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
     return previous.provider_id if previous is not None else None
 
 
-def settle(state: IncidentState, contacts: Any, channels: Mapping[str, Channel],
+def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Channel],
            update_nos: list[int]) -> list[Settlement]:
     """Ask each provider what became of the deliveries in doubt (attempted, no answer
     recorded). Read-only: the caller records the answers. A provider that cannot be asked

@@ -7,12 +7,28 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from incident_notify.channels.base import Channel, Health
 from incident_notify.config import Settings, load_secrets
 from incident_notify.dispatch import RetryPolicy
 from incident_notify.playbook import Playbook
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from incident_notify.audit import AuditLog
+    from incident_notify.render import Renderer
+
+
+class Rehearsal(Protocol):
+    """The sandbox as the core sees it: the emulators' environment, and a way to stop."""
+
+    def env(self) -> dict[str, str]: ...
+
+    def stop(self) -> None: ...
+
+    def remember_tweets(self, tweet_ids: Iterable[str]) -> None: ...
 
 
 @dataclass
@@ -21,15 +37,15 @@ class Runtime:
 
     settings: Settings
     secrets: dict[str, str]
-    audit: Any
-    sandbox: Any = None
+    audit: AuditLog
+    sandbox: Rehearsal | None = None
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     rate_override: float | None = None
     """Sandbox runs send as fast as the emulators allow, not at the providers' rates."""
-    renderers: dict[str, Any] = field(default_factory=dict)
+    renderers: dict[str, Renderer] = field(default_factory=dict)
     """One template renderer per playbook for the command (its compiled-template cache)."""
 
-    def renderer(self, pb: Playbook) -> Any:
+    def renderer(self, pb: Playbook) -> Renderer:
         from incident_notify.messages import make_renderer
 
         key = str(pb.path)
@@ -43,7 +59,7 @@ class Runtime:
             self.sandbox = None
 
 
-def open_runtime(settings: Settings, *, sandbox: Any = None) -> Runtime:
+def open_runtime(settings: Settings, *, sandbox: Rehearsal | None = None) -> Runtime:
     from incident_notify.audit import AuditLog
 
     secrets = load_secrets(settings)

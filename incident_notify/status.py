@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from incident_notify.runtime import Runtime
 
 from incident_notify.errors import NotFoundError
 from incident_notify.incident import IncidentState, age, fold, list_incidents
@@ -33,7 +36,7 @@ def summary(state: IncidentState, now: datetime | None = None) -> dict[str, Any]
     }
 
 
-def incident_summaries(rt: Any, incident: str | None,
+def incident_summaries(rt: Runtime, incident: str | None,
                        include_resolved: bool = False) -> list[dict[str, Any]]:
     if incident:
         state = fold(rt.audit.records(incident=incident), incident)

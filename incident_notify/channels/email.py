@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
@@ -62,7 +63,7 @@ class EmailChannel(Channel):
     api_base_env = "INCIDENT_NOTIFY_SMTP_URL"
     options: EmailOptions
 
-    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+    def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         super().__init__(spec, secrets)
         self.host, self.port, self.tls = self._endpoint()
         self.cafile = self.secrets.get("INCIDENT_NOTIFY_SMTP_CAFILE") or None

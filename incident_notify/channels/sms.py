@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
@@ -57,7 +58,7 @@ class SMSChannel(Channel):
     api_base_env = "INCIDENT_NOTIFY_TWILIO_API_BASE"
     options: SMSOptions
 
-    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+    def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         super().__init__(spec, secrets)
         if not spec.sender and not self.options.messaging_service_sid:
             raise ConfigError(f"channel {spec.name!r} (sms) needs a sender (From number) or "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -44,7 +45,7 @@ class TwitterChannel(Channel):
     refuses_duplicates = True
     public = True
 
-    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+    def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         super().__init__(spec, secrets)
         self._local = threading.local()
 

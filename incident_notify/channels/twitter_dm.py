@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from incident_notify.channels._twitter_client import map_error
 from incident_notify.channels.base import (
@@ -29,7 +30,7 @@ class TwitterDMChannel(TwitterChannel):
     refuses_duplicates = False
     public = False
 
-    def __init__(self, spec: ChannelSpec, secrets: Any) -> None:
+    def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         super().__init__(spec, secrets)
         self._ids: dict[str, str] = {}
         self._ids_lock = threading.Lock()
