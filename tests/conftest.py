@@ -76,15 +76,18 @@ def mail_to(sandbox: Any) -> Counter[str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
-            cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+            cwd: Path | None = None, timeout: float = 300,
+            merged: bool = False) -> subprocess.CompletedProcess[str]:
     """The real command line, run in this process through the same entry point the
     console script uses (`main.invoke`), with its own streams and environment variables:
     what a user or runbook sees on stdout and stderr, and the exit code. Tests where the
-    process itself matters (signals, start-up imports, closed pipes) use `run_process`."""
+    process itself matters (signals, start-up imports, closed pipes) use `run_process`.
+    `merged`: stderr interleaved into stdout, as a terminal shows them."""
     from incident_notify.cli.environment import Environment
     from incident_notify.cli.main import invoke
 
-    stdout, stderr = io.StringIO(), io.StringIO()
+    stdout = io.StringIO()
+    stderr = stdout if merged else io.StringIO()
     overrides = env or {}
     saved = {name: os.environ.get(name) for name in overrides}
     here = os.getcwd()
@@ -103,7 +106,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(),
+                                       "" if merged else stderr.getvalue())
 
 
 def run_process(*args: str, env: dict[str, str] | None = None, input: str | None = None,

@@ -15,8 +15,6 @@ then read the diff.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -28,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"^```text\n(.*?)^```\n", re.S | re.M)
@@ -144,31 +142,12 @@ def _recaptured(expected: list[str], raw: list[str], tmp: Path) -> list[str]:
 
 
 def _run(command: str, env: dict[str, str], incident_day: str) -> tuple[int, list[str]]:
-    from incident_notify.cli.environment import Environment
-    from incident_notify.cli.main import invoke
-
     argv = shlex.split(re.sub(r"INC-\d{8}-", f"INC-{incident_day}-", command))
     assert argv[0] == "incident-notify"
-    merged = io.StringIO()  # stdout and stderr interleaved, as a terminal shows them
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    here = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(merged), contextlib.redirect_stderr(merged):
-            code = invoke(argv[1:], Environment(stdin=io.StringIO(""), stdout=merged,
-                                                stderr=merged, environ=os.environ))
-    finally:
-        os.chdir(here)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    lines = merged.getvalue().splitlines()
+    proc = run_cli(*argv[1:], env=env, merged=True)
     # Every --sandbox command says so first; the pages leave that line out.
-    lines = [line for line in lines if not line.startswith("SANDBOX: ")]
-    return code, lines
+    return proc.returncode, [line for line in proc.stdout.splitlines()
+                             if not line.startswith("SANDBOX: ")]
 
 
 def _pages() -> list[Path]:
