@@ -31,16 +31,19 @@ Rules a channel follows:
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from incident_notify.errors import IncidentNotifyError
 from incident_notify.exit_codes import ExitCode
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -341,8 +344,18 @@ class Channel(ABC):
             threads=base.threads,
             broadcast=base.broadcast,
         )
+        self._thread_local = threading.local()
 
     # -- helpers for subclasses
+    def per_thread(self, name: str, make: Callable[[], T]) -> T:
+        """One `name` per sending thread, made on first use there (HTTP clients and their
+        sessions are not shared between the channel's concurrent workers)."""
+        value = getattr(self._thread_local, name, None)
+        if value is None:
+            value = make()
+            setattr(self._thread_local, name, value)
+        return value
+
     def api_base(self, default: str) -> str:
         """The base URL requests go to: the operator's override (environment, config file
         or the channel's account, as the runtime resolved it into `secrets`), else the

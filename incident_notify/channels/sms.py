@@ -8,7 +8,6 @@ a `TwilioHttpClient` subclass rewrites ``https://api.twilio.com`` to it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -66,7 +65,6 @@ class SMSChannel(Channel):
         if spec.rate_per_second is None:
             rate = RATES[self.options.sender_kind]
             self.limits = replace(self.limits, rate_per_second=rate, burst=max(1, int(rate)))
-        self._local = threading.local()
 
     def endpoint(self) -> str:
         return self.api_base(TWILIO_API)
@@ -77,29 +75,29 @@ class SMSChannel(Channel):
         from twilio.rest.api.v2010.account.message import MessageList  # noqa: F401
 
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            from twilio.http.http_client import TwilioHttpClient
-            from twilio.rest import Client
+        return self.per_thread("client", self._make_client)
 
-            base = self.api_base(TWILIO_API)
+    def _make_client(self) -> Any:
+        from twilio.http.http_client import TwilioHttpClient
+        from twilio.rest import Client
 
-            class Rewriting(TwilioHttpClient):
-                last_headers: Any = None
-                """Headers of the last answer (a 429's Retry-After; the client drops them)."""
+        base = self.api_base(TWILIO_API)
 
-                def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-                    if url.startswith(TWILIO_API):
-                        url = base + url[len(TWILIO_API):]
-                    self.last_headers = None
-                    response = super().request(method, url, *args, **kwargs)
-                    self.last_headers = getattr(response, "headers", None)
-                    return response
+        class Rewriting(TwilioHttpClient):
+            last_headers: Any = None
+            """Headers of the last answer (a 429's Retry-After; the client drops them)."""
 
-            http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
-            client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
-                            http_client=http)
-            self._local.client = client
+            def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+                if url.startswith(TWILIO_API):
+                    url = base + url[len(TWILIO_API):]
+                self.last_headers = None
+                response = super().request(method, url, *args, **kwargs)
+                self.last_headers = getattr(response, "headers", None)
+                return response
+
+        http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
+        client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
+                        http_client=http)
         return client
 
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
@@ -165,7 +163,7 @@ class SMSChannel(Channel):
 
     def _retry_after(self) -> float:
         """Seconds until Twilio accepts requests again: its Retry-After header, else 1 s."""
-        client = getattr(self._local, "client", None)
+        client = getattr(self._thread_local, "client", None)
         headers = getattr(getattr(client, "http_client", None), "last_headers", None) or {}
         return _seconds(headers.get("Retry-After") or headers.get("retry-after"))
 

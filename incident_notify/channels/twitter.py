@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -47,7 +46,6 @@ class TwitterChannel(Channel):
 
     def __init__(self, spec: ChannelSpec, secrets: Mapping[str, str]) -> None:
         super().__init__(spec, secrets)
-        self._local = threading.local()
 
     def endpoint(self) -> str:
         from incident_notify.channels._twitter_client import TWITTER_API
@@ -59,10 +57,7 @@ class TwitterChannel(Channel):
         import tweepy  # noqa: F401
 
     def client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = make_client(self)
-        return client
+        return self.per_thread("client", lambda: make_client(self))
 
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         client = self.client()
@@ -77,14 +72,14 @@ class TwitterChannel(Channel):
             raise map_error(self.name, exc, broadcast=True) from None
 
     def my_id(self) -> str:
-        me = getattr(self._local, "me", None)
-        if me is None:
+        def fetch() -> str:
             try:
                 response = self.client().get_me(user_auth=True)
             except Exception as exc:
                 raise map_error(self.name, exc) from None
-            me = self._local.me = str(response.data.id)
-        return str(me)
+            return str(response.data.id)
+
+        return self.per_thread("me", fetch)
 
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """The account's own recent tweets: one with the same text replying to the same

@@ -140,43 +140,43 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     env.console().print(t)
 
 
+KindArg = Annotated[str, typer.Argument(help="sms, email or twitter_dm.")]
+AddressArg = Annotated[str, typer.Argument(help="Number, email or @handle.")]
+
+
+def _optout_change(ctx: typer.Context, action: str, kind: str, address: str,
+                   optouts: Path | None, region: str | None, json: bool) -> None:
+    env = environment(ctx)
+    env.json = json
+    store = _store(_settings(region, optouts))
+    kind, address = _checked(store, kind, address, "record" if action == "add" else "remove")
+    if action == "add":
+        changed = store.add(kind, address, "manual")
+        data = {"kind": kind, "address": address, "added": changed}
+        said = "added." if changed else "already opted out."
+    else:
+        store.remove(kind, address, "manual")
+        data, said = {"kind": kind, "address": address, "removed": True}, "removed."
+    if json:
+        env.emit_json(f"contacts optout {action}", data)
+    else:
+        env.console().print(f"{address}: {said}", markup=False)
+
+
 @optout_app.command("add")
-def optout_add(ctx: typer.Context,
-               kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
-               address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
+def optout_add(ctx: typer.Context, kind: KindArg, address: AddressArg,
                optouts: OptoutsOpt = None, region: RegionOpt = None,
                json: JsonOpt = False) -> None:
     """Record that a person does not want messages on a channel kind."""
-    env = environment(ctx)
-    env.json = json
-    store = _store(_settings(region, optouts))
-    kind, address = _checked(store, kind, address, "record")
-    added = store.add(kind, address, "manual")
-    if json:
-        env.emit_json("contacts optout add", {"kind": kind, "address": address,
-                                                 "added": added})
-    else:
-        env.console().print(f"{address}: " + ("added." if added else "already opted out."),
-                               markup=False)
+    _optout_change(ctx, "add", kind, address, optouts, region, json)
 
 
 @optout_app.command("remove")
-def optout_remove(ctx: typer.Context,
-                  kind: Annotated[str, typer.Argument(help="sms, email or twitter_dm.")],
-                  address: Annotated[str, typer.Argument(help="Number, email or @handle.")],
+def optout_remove(ctx: typer.Context, kind: KindArg, address: AddressArg,
                   optouts: OptoutsOpt = None, region: RegionOpt = None,
                   json: JsonOpt = False) -> None:
     """Opt a person back in (recorded, never deleted)."""
-    env = environment(ctx)
-    env.json = json
-    store = _store(_settings(region, optouts))
-    kind, address = _checked(store, kind, address, "remove")
-    store.remove(kind, address, "manual")
-    if json:
-        env.emit_json("contacts optout remove", {"kind": kind, "address": address,
-                                                    "removed": True})
-    else:
-        env.console().print(f"{address}: removed.", markup=False)
+    _optout_change(ctx, "remove", kind, address, optouts, region, json)
 
 
 @optout_app.command("list")
