@@ -25,7 +25,7 @@ from incident_notify.messages import (
     resolve_variables,
     used_variables,
 )
-from incident_notify.playbook import Playbook, load_playbook
+from incident_notify.playbook import Playbook, load_playbook, message_targets
 
 if TYPE_CHECKING:
     from incident_notify.render import Renderer
@@ -81,27 +81,6 @@ def _sensitivity_problems(pb: Playbook, renderer: Renderer) -> Iterator[Problem]
 
     for sname in pb.stage_names:
         yield from leak_problems(pb, renderer, sname)
-
-
-def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | None]]:
-    """(audience, channel, fallback_from) for every message a stage may send."""
-    seen: set[tuple[str, str, str | None]] = set()
-    for aname in pb.audiences_for(stage):
-        aud = pb.model.audiences[aname]
-        for ch in aud.channels:
-            todo: list[tuple[str, str | None]] = [(ch, None)]
-            visited: set[str] = set()
-            while todo:
-                current, origin = todo.pop(0)
-                if current in visited:
-                    continue
-                visited.add(current)
-                key = (aname, current, origin)
-                if key not in seen:
-                    seen.add(key)
-                    yield key
-                for fb in pb.model.channels[current].fallback:
-                    todo.append((fb, current))
 
 
 ContactSets = dict[tuple[tuple[Path, ...], str], Any]

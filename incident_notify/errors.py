@@ -82,6 +82,13 @@ class NotFoundError(IncidentNotifyError):
     exit_code = ExitCode.NOT_FOUND
 
 
+def no_incident(incident: str, log: object) -> NotFoundError:
+    """The one wording for an incident the audit log does not hold."""
+    return NotFoundError(f"no incident {incident!r} in {log}",
+                         hint="run 'incident-notify status --all' to list incidents, or pass "
+                         "--audit-log if it was recorded elsewhere")
+
+
 class StateError(IncidentNotifyError):
     exit_code = ExitCode.STATE_CONFLICT
 

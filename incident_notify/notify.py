@@ -26,7 +26,13 @@ from typing import IO, TYPE_CHECKING, Any
 from incident_notify.channels.base import Channel, Health
 from incident_notify.contacts import ContactSet
 from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
-from incident_notify.errors import AbortedError, NotFoundError, StateError, UsageError
+from incident_notify.errors import (
+    AbortedError,
+    NotFoundError,
+    StateError,
+    UsageError,
+    no_incident,
+)
 from incident_notify.incident import IncidentState, apply, fold
 from incident_notify.journal import (
     AuditedRouter,
@@ -53,9 +59,7 @@ HEALTH_MAX_AGE_S = 30.0
 def load_state(rt: Runtime, incident_id: str) -> IncidentState:
     state = fold(rt.audit.records(incident=incident_id), incident_id)
     if not state.updates:
-        raise NotFoundError(f"no incident {incident_id!r} in {rt.settings.audit_path()}",
-                            hint="run 'incident-notify status' to list incidents, or pass "
-                            "--audit-log if it was recorded elsewhere")
+        raise no_incident(incident_id, rt.settings.audit_path())
     return state
 
 
@@ -340,10 +344,7 @@ def declare(rt: Runtime, playbook: Path | Playbook, values: dict[str, str], *,
     (the CLI loads it once to read the variables, and passes it down)."""
     pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
     playbook = pb.path
-    first = stage or pb.first_stage
-    if first not in pb.model.stages:
-        raise NotFoundError(f"{playbook}: no stage {first!r}",
-                            hint=f"stages: {', '.join(pb.stage_names)}")
+    first = pb.stage_named(stage)
     spec = UpdateSpec("incident.declared", first, message, values)
     provisional = next_incident_id(rt)
     payload = {"playbook": str(playbook.resolve()), "playbook_name": pb.name,
@@ -376,10 +377,7 @@ def _step(rt: Runtime, state: IncidentState, pb: Playbook, *, stage: str | None,
                          hint=f"reopen it first: incident-notify reopen {incident_id}")
     if event == "incident.reopened" and state.status != "resolved":
         raise StateError(f"{incident_id} is not resolved, so it cannot be reopened")
-    target = stage or state.stage
-    if target not in pb.model.stages:
-        raise NotFoundError(f"{pb.path}: no stage {target!r}",
-                            hint=f"stages: {', '.join(pb.stage_names)}")
+    target = pb.stage_named(stage or state.stage)
     if event == "incident.updated" and target != state.stage:
         allowed = pb.allowed_next(state.stage)
         if target not in allowed:

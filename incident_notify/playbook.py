@@ -9,7 +9,7 @@ line; rendering checks (templates, variables, limits) live in `incident_notify.c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -400,6 +400,16 @@ class Playbook:
     def first_stage(self) -> str:
         return self.stage_names[0]
 
+    def stage_named(self, name: str | None) -> str:
+        """`name` (default: the first stage), which must be one of this playbook's."""
+        name = name or self.first_stage
+        if name not in self.model.stages:
+            from incident_notify.errors import NotFoundError
+
+            raise NotFoundError(f"{self.path}: no stage {name!r}",
+                                hint=f"stages: {', '.join(self.stage_names)}")
+        return name
+
     @property
     def final_stage(self) -> str:
         return "resolved" if "resolved" in self.model.stages else self.stage_names[-1]
@@ -634,7 +644,7 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
         for aname in pb.audiences_for(sname):
             if aname not in m.audiences:
                 continue
-            for ch in _channels_with_fallbacks(pb, m.audiences[aname].channels):
+            for ch in channels_with_fallbacks(pb, m.audiences[aname].channels):
                 if pb.message_for(sname, ch, aname) is None:
                     yield smap.problem((*base, "messages"), f"stage {sname!r} has no message "
                                        f"for channel {ch!r} (used by audience {aname!r})",
@@ -642,21 +652,38 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
                                        f"type {m.channels[ch].type!r}")
 
 
-def _channels_with_fallbacks(pb: Playbook, channels: list[str]) -> list[str]:
-    """The channels plus every fallback reachable from them, in order, each once."""
-    seen: list[str] = []
-    todo = list(channels)
+def fallback_walk(pb: Playbook, channels: Iterable[str]) -> Iterator[tuple[str, str | None]]:
+    """Every channel reachable from `channels` through fallbacks, each once, breadth first,
+    with the channel it is first reached from (None for a starting channel). The one
+    traversal of fallbacks: planning, validation, preview and sensitivity all use it."""
+    from collections import deque
+
+    seen: set[str] = set()
+    todo: deque[tuple[str, str | None]] = deque((c, None) for c in channels)
     while todo:
-        ch = todo.pop(0)
+        ch, origin = todo.popleft()
         if ch in seen or ch not in pb.model.channels:
             continue
-        seen.append(ch)
-        todo.extend(pb.model.channels[ch].fallback)
-    return seen
+        seen.add(ch)
+        yield ch, origin
+        todo.extend((fb, ch) for fb in pb.model.channels[ch].fallback)
 
 
-def channels_with_fallbacks(pb: Playbook, channels: list[str]) -> list[str]:
-    return _channels_with_fallbacks(pb, channels)
+def channels_with_fallbacks(pb: Playbook, channels: Iterable[str]) -> list[str]:
+    """The channels plus every fallback reachable from them, in order, each once."""
+    return [ch for ch, _ in fallback_walk(pb, channels)]
+
+
+def message_targets(pb: Playbook, stage: str) -> Iterator[tuple[str, str, str | None]]:
+    """(audience, channel, fallback_from) for every message a stage may send: each
+    audience's channels and, per channel, the fallbacks that could carry it."""
+    seen: set[tuple[str, str, str | None]] = set()
+    for aname in pb.audiences_for(stage):
+        for start in pb.model.audiences[aname].channels:
+            for ch, origin in fallback_walk(pb, [start]):
+                if (aname, ch, origin) not in seen:
+                    seen.add((aname, ch, origin))
+                    yield aname, ch, origin
 
 
 def find_playbooks(paths: list[Path]) -> list[Path]:

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from incident_notify.checks import message_targets
-from incident_notify.errors import NotFoundError, PlaybookError, Problem
+from incident_notify.errors import PlaybookError, Problem
 from incident_notify.messages import (
     IncidentContext,
     RenderedMessage,
@@ -16,7 +15,7 @@ from incident_notify.messages import (
     describe_measure,
     make_renderer,
 )
-from incident_notify.playbook import Playbook, load_playbook
+from incident_notify.playbook import Playbook, load_playbook, message_targets
 
 
 @dataclass
@@ -60,11 +59,7 @@ def message_to_dict(m: RenderedMessage) -> dict[str, Any]:
 
 
 def check_stage(pb: Playbook, stage: str | None) -> str:
-    name = stage or pb.first_stage
-    if name not in pb.model.stages:
-        raise NotFoundError(f"{pb.path}: no stage {name!r}",
-                            hint=f"stages: {', '.join(pb.stage_names)}")
-    return name
+    return pb.stage_named(stage)
 
 
 def preview_stage(

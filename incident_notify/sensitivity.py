@@ -43,7 +43,7 @@ def leak_problems(pb: Playbook, renderer: Renderer, stage: str) -> list[Problem]
     """Every path by which a stage would carry internal content to a public channel or a
     public or customer audience (direct, or as a fallback with its notice), each located
     at its line. `validate`, `preview` and the send preflight all use this."""
-    from incident_notify.checks import message_targets
+    from incident_notify.playbook import message_targets
 
     problems: list[Problem] = []
     seen: set[tuple[str, str | None]] = set()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from incident_notify.runtime import Runtime
 
-from incident_notify.errors import NotFoundError
+from incident_notify.errors import no_incident
 from incident_notify.incident import IncidentState, age, fold, list_incidents
 
 
@@ -41,8 +41,7 @@ def incident_summaries(rt: Runtime, incident: str | None,
     if incident:
         state = fold(rt.audit.records(incident=incident), incident)
         if not state.updates:
-            raise NotFoundError(f"no incident {incident!r} in {rt.settings.audit_path()}",
-                                hint="run 'incident-notify status --all' to list incidents")
+            raise no_incident(incident, rt.settings.audit_path())
         return [summary(state)]
     states = list_incidents(rt.audit.records())
     rows = [summary(s) for s in states.values()
@@ -58,12 +57,11 @@ _TITLES = {
 }
 
 
-def timeline_entries(rt: Any, incident: str, deliveries: bool = False) -> list[dict[str, Any]]:
+def timeline_entries(rt: Runtime, incident: str, deliveries: bool = False) -> list[dict[str, Any]]:
     """Readable events: lifecycle, what was said per channel, outcomes, failovers."""
     records = list(rt.audit.records(incident=incident))
     if not records:
-        raise NotFoundError(f"no incident {incident!r} in {rt.settings.audit_path()}",
-                            hint="run 'incident-notify status --all' to list incidents")
+        raise no_incident(incident, rt.settings.audit_path())
     entries: list[dict[str, Any]] = []
     outcomes: dict[int, Counter[str]] = {}
     update_of: dict[str, int] = {}
