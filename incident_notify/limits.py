@@ -100,15 +100,32 @@ def _graphemes(word: str) -> list[str]:
 
 
 def _hard_split_measured(units: list[str], room: int) -> list[str]:
-    pieces, current = [], ""
-    for unit in units:
-        if current and tweet_length(current + unit) > room:
-            pieces.append(current)
-            current = unit
+    """Pieces of at most `room` weight, each cut where a binary search finds the longest
+    prefix that still fits (a few measurements a piece, not one per unit: a long word full of
+    URLs took seconds). A URL's weight does not grow with its length, so a shorter prefix
+    can weigh more than a longer one; the search only ever keeps prefixes it measured as
+    fitting, so every piece fits, and a single unit (at most 2) always does."""
+
+    def fits(start: int, end: int) -> bool:
+        return tweet_length("".join(units[start:end])) <= room
+
+    pieces: list[str] = []
+    start, n = 0, len(units)
+    while start < n:
+        hi = min(n, start + 4 * room)
+        if fits(start, hi):
+            end = hi
         else:
-            current += unit
-    if current:
-        pieces.append(current)
+            lo = start + 1  # fits; hi does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(start, mid):
+                    lo = mid
+                else:
+                    hi = mid
+            end = lo
+        pieces.append("".join(units[start:end]))
+        start = end
     return pieces
 
 
