@@ -18,24 +18,17 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from incident_notify.audit_schema import is_int, record_problem
 from incident_notify.errors import AuditError
 
 SCHEMA = 1
 GENESIS = "0" * 64
-EVENTS = (
-    "incident.declared", "incident.updated", "incident.resolved", "incident.reopened",
-    "message.rendered", "update.planned", "update.completed",
-    "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
-    "delivery.unknown", "delivery.skipped", "delivery.failover", "delivery.settled",
-    "channel.circuit_open", "channel.circuit_closed", "optout.added",
-    "audit.torn_tail_recovered", "reply.received",
-)
 FIELDS = ("schema", "seq", "ts", "actor", "incident", "event", "channel", "recipient", "key",
           "payload", "prev", "hash")
 
@@ -442,7 +435,7 @@ class AuditLog:
             with os.fdopen(fd, "rb") as handle:
                 data = json.loads(handle.read(4096))
             seq, digest = data["seq"], data["hash"]
-            if not _is_int(seq) or not isinstance(digest, str) or len(digest) != 64:
+            if not is_int(seq) or not isinstance(digest, str) or len(digest) != 64:
                 return None
             return {"seq": seq, "hash": digest}
         except (OSError, ValueError, KeyError, TypeError):
@@ -490,73 +483,6 @@ def _owner_only(fd: int, path: Path) -> None:
         except OSError:
             raise AuditError(f"{path} is open to other users and cannot be made private",
                              hint=f"chmod 600 {path}") from None
-
-
-def _str_or_none(v: Any) -> bool:
-    return v is None or isinstance(v, str)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_list(v: Any) -> bool:
-    return isinstance(v, list)
-
-
-def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-Check = Callable[[Any], bool]
-_LIFECYCLE_SCHEMA: dict[str, Check] = {"stage": _is_str, "update_no": _is_int,
-                                       "variables": _is_dict, "message": _is_str}
-PAYLOAD_SCHEMA: dict[str, dict[str, Check]] = {
-    "incident.declared": {**_LIFECYCLE_SCHEMA, "playbook": _is_str},
-    "incident.updated": _LIFECYCLE_SCHEMA, "incident.resolved": _LIFECYCLE_SCHEMA,
-    "incident.reopened": _LIFECYCLE_SCHEMA,
-    "message.rendered": {"digest": _is_str, "update_no": _is_int, "parts": _is_list,
-                         "subject": _str_or_none, "html": _str_or_none},
-    "update.planned": {"update_no": _is_int}, "update.completed": {"update_no": _is_int},
-    "delivery.planned": {"update_no": _is_int, "part": _is_int, "parts": _is_int},
-    "delivery.attempt": {"attempt": _is_int},
-    "delivery.sent": {"provider_id": _is_str},
-    "delivery.settled": {"outcome": _is_str},
-    "delivery.skipped": {"reason": _is_str},
-    "reply.received": {"id": _is_str, "text": _is_str},
-}
-"""Payload keys each event must carry, with their kind: what the readers rely on."""
-_RECORD_TYPES: dict[str, Check] = {
-    "incident": _str_or_none, "channel": _str_or_none, "recipient": _str_or_none,
-    "key": _str_or_none, "ts": _is_str, "actor": _is_str, "event": _is_str,
-    "payload": _is_dict}
-
-
-def record_problem(data: Mapping[str, Any]) -> str | None:
-    """What is wrong with a well-chained record's content (a payload the readers could not
-    use), or None. `verify` reports it; readers refuse the record instead of crashing."""
-    for name, check in _RECORD_TYPES.items():
-        if not check(data.get(name)):
-            return f"field {name!r} has the wrong type"
-    if data["event"] not in EVENTS:
-        return f"unknown event {data['event']!r}"
-    payload = data["payload"]
-    for key, check in PAYLOAD_SCHEMA.get(data["event"], {}).items():
-        if key not in payload:
-            return f"{data['event']} record without {key!r}"
-        if not check(payload[key]):
-            return f"{data['event']} record with a malformed {key!r}"
-    if data["event"] == "message.rendered" and not all(isinstance(p, str)
-                                                       for p in payload["parts"]):
-        return "message.rendered record with malformed parts"
-    if data["event"].startswith("incident.") and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in payload["variables"].items()):
-        return f"{data['event']} record with malformed variables"
-    return None
 
 
 def _check_line(raw: bytes, seq: int, prev: str) -> str | None:

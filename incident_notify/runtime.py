@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from incident_notify.channels.base import Channel, Health
 from incident_notify.config import Settings, load_secrets
-from incident_notify.dispatch import RetryPolicy
+from incident_notify.flow import RetryPolicy
 from incident_notify.playbook import Playbook
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from incident_notify.dispatch import RetryPolicy
+from incident_notify.flow import RetryPolicy
 from incident_notify.notify import declare, update
 from tests.conftest import (
     ROOT,

@@ -274,7 +274,7 @@ def test_channels_check_never_names_the_account(sandbox: Any) -> None:
 def test_slow_pattern_refuses_ambiguous_nesting_only(pattern: str, refused: bool) -> None:
     import re
 
-    from incident_notify.playbook import slow_pattern
+    from incident_notify.patterns import slow_pattern
 
     assert (slow_pattern(pattern) is not None) is refused
     if not refused:  # and what is accepted answers adversarial input at once
