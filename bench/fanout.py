@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from incident_notify.config import Settings
-from incident_notify.notify import declare
+from incident_notify.lifecycle import declare
 from incident_notify.runtime import open_runtime
 from tests.conftest import make_fanout_playbook
 

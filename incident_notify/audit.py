@@ -7,6 +7,10 @@ hash of the record before, `seq` its 1-based position. Writers hold an exclusive
 while they read the tail, append and fsync, so several processes can append at once and
 the chain stays whole. A torn last line (a crash mid-write) is never dropped: the next
 append moves its bytes to a sidecar file and records that it did.
+
+Long on purpose: the log's write path (append, group commit, torn-tail recovery, the head)
+and its read and verify paths share the file format and locking; split, the chain's
+invariants would be in two places.
 """
 
 from __future__ import annotations

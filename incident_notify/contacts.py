@@ -5,6 +5,9 @@ per row) or directories of them. Every record is validated — phone numbers nor
 E.164 with `phonenumbers`, emails with `email-validator` (syntax only, no network), Twitter
 handles by Twitter's rules — and a bad record is reported as ``file:line: field: problem``
 while the rest still load. CSV is streamed row by row. Reference: docs/contacts.md.
+
+Long on purpose: every contact source (CSV, YAML) goes through one loader and one field
+validator, so all are checked alike, with located problems.
 """
 
 from __future__ import annotations

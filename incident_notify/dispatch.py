@@ -18,6 +18,10 @@ the queued deliveries fail over without touching the provider again.
 
 When a channel is down (circuit open, or retries exhausted by the deadline) the
 `Router` (the planner) re-routes its deliveries to the playbook's fallback channels.
+
+Long on purpose: the Dispatcher is one state machine (workers, rate limits, retries, the
+breaker, failover, the attempt and outcome records), and its invariants (a durable attempt
+before every request; no job lost or sent twice) are kept in one place.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 from incident_notify.config import Settings
 from incident_notify.dispatch import ProgressFn
-from incident_notify.notify import SendOutcome, declare, load_contact_set, update
+from incident_notify.lifecycle import SendOutcome, declare, load_contact_set, update
 from incident_notify.playbook import load_playbook
 from incident_notify.runtime import open_runtime
 

@@ -5,6 +5,9 @@ measures it with the channel's own length rule, splits an over-long tweet into a
 numbered thread when the playbook allows it, and reports every limit problem with the
 playbook line it came from. validate, preview and the planner all go through here, so
 what CI checks is exactly what is sent.
+
+Long on purpose: variables, the template context, composing and measuring one message are
+one step of the pipeline (render, then check against the channel), sharing that context.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Rules (docs/audiences.md):
 * one delivery per person per channel instance per update, whichever audiences they are
   in; the idempotency key is ``INCIDENT/UPDATE/CHANNEL/CONTACT/PART``, so planning the same
   update twice (resume) never produces a second delivery.
+
+Long on purpose: planning an update and re-routing its deliveries on failover share the
+claimed keys and the rendered-message cache of that update: the router must see what the
+plan claimed.
 """
 
 from __future__ import annotations

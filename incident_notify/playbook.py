@@ -4,6 +4,9 @@
 schema (unknown keys refused) and checks cross-references (channels, audiences, stages,
 fallbacks, channel options). Every problem in the file is collected, each naming its
 line; rendering checks (templates, variables, limits) live in `incident_notify.checks`.
+
+Long on purpose: the schema, the loader and the cross-reference checks of one file belong
+together: each problem is located at its line by the same source map.
 """
 
 from __future__ import annotations

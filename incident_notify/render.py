@@ -9,6 +9,10 @@ folders (no symlink out of them, only template suffixes, so no contacts, secrets
 playbooks can be included), the sandbox refuses string and number operations that would
 build more than `MAX_OUTPUT` characters, and a render that runs longer than `MAX_RENDER_S`
 is stopped.
+
+Long on purpose: the Jinja sandbox (its limits, the watchdog, the loader's room) and the
+locating of template errors are one security boundary, kept in one file so it can be
+reviewed in one read.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from incident_notify.contacts import ContactSet
 
+from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel
 from incident_notify.dispatch import DispatchResult, ProgressFn
 from incident_notify.errors import AbortedError
@@ -22,7 +23,7 @@ from incident_notify.journal import (
     in_doubt_list,
     write_plan,
 )
-from incident_notify.notify import (
+from incident_notify.lifecycle import (
     UpdateSpec,
     close_channels,
     dispatch_update,
@@ -34,7 +35,7 @@ from incident_notify.notify import (
 )
 from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
 from incident_notify.plan import PlanStats
-from incident_notify.runtime import Runtime, build_channels, check_health
+from incident_notify.runtime import Runtime
 from incident_notify.verdict import Verdict, verdict
 
 

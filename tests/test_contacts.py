@@ -10,7 +10,7 @@ import pytest
 
 from incident_notify.config import Settings
 from incident_notify.contacts import load_contacts, normalise_phone
-from incident_notify.notify import declare, update
+from incident_notify.lifecycle import declare, update
 from incident_notify.optouts import OptOutStore
 from incident_notify.runtime import open_runtime
 from tests.conftest import PLAYBOOKS, json_doc, run_cli

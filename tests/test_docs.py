@@ -284,3 +284,7 @@ def test_every_file_the_docs_name_exists() -> None:
         for name in re.findall(r"`((?:tests|bench|scripts|playbooks|templates)/[\w./-]+)`",
                                page.read_text()):
             assert (ROOT / name).exists(), f"{page.name} names {name}, which does not exist"
+    modules = {p.name for p in ROOT.rglob("*.py") if ".venv" not in p.parts}
+    for page in DOC_FILES:
+        for name in re.findall(r"`(\w+\.py)`", page.read_text()):
+            assert name in modules, f"{page.name} names {name}, which does not exist"

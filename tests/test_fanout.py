@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from incident_notify.flow import RetryPolicy
-from incident_notify.notify import declare, update
+from incident_notify.lifecycle import declare, update
 from tests.conftest import (
     ROOT,
     json_doc,
@@ -270,9 +270,9 @@ def test_concurrent_update_is_refused_not_merged(tmp_path: Path, sandbox: Any) -
 
 def test_health_is_checked_again_after_a_slow_confirmation(
         tmp_path: Path, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import incident_notify.notify as notify
+    import incident_notify.lifecycle as lifecycle
 
-    monkeypatch.setattr(notify, "HEALTH_MAX_AGE_S", 0.0)
+    monkeypatch.setattr(lifecycle, "HEALTH_MAX_AGE_S", 0.0)
     pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=2)
     rt = runtime(tmp_path, sandbox)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
-from incident_notify.notify import declare, update
+from incident_notify.lifecycle import declare, update
 from incident_notify.resume import resume
 from tests.conftest import mail_to, make_fanout_playbook, sandbox_runtime, sms_to
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import incident_notify.contacts as contacts_module
-import incident_notify.notify as notify
+import incident_notify.lifecycle as lifecycle
 import incident_notify.resume as resume_module
 from incident_notify.channels.base import Channel
 from tests.conftest import make_fanout_playbook, sandbox_runtime
@@ -19,7 +19,7 @@ from tests.conftest import make_fanout_playbook, sandbox_runtime
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     counts: Counter[str] = Counter()
-    real_playbook, real_contacts = notify.load_playbook, contacts_module.load_contacts
+    real_playbook, real_contacts = lifecycle.load_playbook, contacts_module.load_contacts
     real_init = Channel.__init__
 
     def load_playbook(path: Path) -> Any:
@@ -43,7 +43,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         return real_jobs(self)
 
     monkeypatch.setattr(Planner, "_jobs", jobs)
-    monkeypatch.setattr(notify, "load_playbook", load_playbook)
+    monkeypatch.setattr(lifecycle, "load_playbook", load_playbook)
     monkeypatch.setattr(contacts_module, "load_contacts", load_contacts)
     monkeypatch.setattr(Channel, "__init__", init)
     return counts
@@ -66,10 +66,10 @@ def test_each_command_loads_and_builds_once(tmp_path: Path, sandbox: Any,
         assert all(counted[k] == 1 for k in counted if k.startswith("channel:")), counted
 
     declared: list[Any] = []
-    once(lambda: declared.append(notify.declare(rt, pb, {"site": "LON-2"})) or declared[0])
+    once(lambda: declared.append(lifecycle.declare(rt, pb, {"site": "LON-2"})) or declared[0])
     incident = declared[0].incident_id
-    once(lambda: notify.update(rt, incident, stage="identified", sets={}))
-    once(lambda: notify.resolve(rt, incident, sets={}))
+    once(lambda: lifecycle.update(rt, incident, stage="identified", sets={}))
+    once(lambda: lifecycle.resolve(rt, incident, sets={}))
     counted.clear()
     resumed = resume_module.resume(rt, incident)
     assert resumed.exit_code == 0 and counted["playbook"] == 1

@@ -11,7 +11,7 @@ import pytest
 
 from incident_notify.drill import run_drill
 from incident_notify.errors import ContactsError, PlaybookError, StateError
-from incident_notify.notify import declare, reopen, resolve, update
+from incident_notify.lifecycle import declare, reopen, resolve, update
 from tests.conftest import (
     PLAYBOOKS,
     json_doc,

@@ -304,7 +304,7 @@ def test_internal_stage_to_a_public_audience_is_refused_by_the_planner_too(
         tmp_path: Path, sandbox: Any) -> None:
     from incident_notify.config import Settings
     from incident_notify.errors import PlaybookError
-    from incident_notify.notify import declare
+    from incident_notify.lifecycle import declare
     from incident_notify.runtime import open_runtime
 
     pb = _security_playbook(tmp_path)

@@ -26,6 +26,9 @@ Rules a channel follows:
   and text, never from request headers or the client object's repr.
 * Heavy client libraries (tweepy, twilio, smtplib's TLS set-up) are imported inside the
   methods that need them, never at module level, to keep the CLI's start-up fast.
+
+Long on purpose: it is the whole channel contract (deliveries, receipts, errors, options,
+limits and the Channel class): a plugin author reads one file.
 """
 
 from __future__ import annotations

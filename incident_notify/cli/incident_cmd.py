@@ -1,4 +1,8 @@
-"""Lifecycle commands: declare, update, resolve, reopen, resume, status, timeline."""
+"""Lifecycle commands: declare, update, resolve, reopen, resume, status, timeline.
+
+Long on purpose: the lifecycle commands share one sending sequence (`_send`: confirmation,
+progress, summary, exit code) and its options; apart, that sequence would be copied.
+"""
 
 from __future__ import annotations
 
@@ -144,12 +148,13 @@ def _send(ctx: typer.Context, command: str, send: SendOptions,
 def _change(ctx: typer.Context, command: str, send: SendOptions, incident: str,
             sets: list[str] | None, message: str, **extra: Any) -> None:
     """update / resolve / reopen: one lifecycle step of an existing incident."""
-    from incident_notify import notify
+    from incident_notify import lifecycle
     from incident_notify.messages import parse_set
 
     environment(ctx).json = send.json
     values = parse_set(sets or [])
-    step = {"update": notify.update, "resolve": notify.resolve, "reopen": notify.reopen}[command]
+    step = {"update": lifecycle.update, "resolve": lifecycle.resolve,
+            "reopen": lifecycle.reopen}[command]
     _send(ctx, command, send, lambda rt, confirm, progress: step(
         rt, incident, sets=values, message=message, dry_run=send.dry_run, confirm=confirm,
         progress=progress, playbook=send.playbook, **extra))
@@ -171,14 +176,14 @@ def declare(
     The incident id (INC-YYYYMMDD-NNNN) is printed; use it with update / resolve.
     Variables come from --set, --vars and INCIDENT_NOTIFY_VAR_<NAME>.
     """
-    from incident_notify import notify
+    from incident_notify import lifecycle
     from incident_notify.messages import collect_variables
     from incident_notify.playbook import load_playbook
 
     environment(ctx).json = send.json
     pb = load_playbook(playbook)  # once: its variables here, then the declaration
     values = collect_variables(pb, sets or [], vars_file)
-    _send(ctx, "declare", send, lambda rt, confirm, progress: notify.declare(
+    _send(ctx, "declare", send, lambda rt, confirm, progress: lifecycle.declare(
         rt, pb, values, message=message, stage=stage, dry_run=send.dry_run,
         confirm=confirm, progress=progress))
 
@@ -268,7 +273,7 @@ def status(
     env = environment(ctx)
     from incident_notify.config import load_settings
     from incident_notify.runtime import open_runtime
-    from incident_notify.status import incident_summaries
+    from incident_notify.views import incident_summaries
 
     env.json = json
     settings = load_settings({"audit_log": audit_log, "sandbox": sandbox})
@@ -334,12 +339,12 @@ def timeline(
     """Every event of an incident in order: what was said, on which channel, to whom, and
     (with --replies) what people answered on the public thread."""
     env = environment(ctx)
-    from incident_notify.status import timeline_entries
+    from incident_notify.views import timeline_entries
 
     env.json = json
     with runtime(audit_log, sandbox, secrets) as rt:
         if replies:
-            from incident_notify.notify import fetch_replies
+            from incident_notify.lifecycle import fetch_replies
 
             fetch_replies(rt, incident)
         entries = timeline_entries(rt, incident, deliveries=deliveries)

@@ -216,9 +216,10 @@ def check(
     required channel is down.
     """
     env = environment(ctx)
+    from incident_notify.channel_setup import build_channels, check_health
     from incident_notify.config import load_settings
     from incident_notify.playbook import find_playbooks, load_playbook
-    from incident_notify.runtime import build_channels, check_health, open_runtime
+    from incident_notify.runtime import open_runtime
 
     env.json = json
     settings = load_settings({"sandbox": sandbox, "secrets_file": secrets})

@@ -11,6 +11,9 @@ Each sending operation runs the same steps:
    ``update.planned`` marker to the audit log;
 5. dispatch the pending deliveries read back from the log (so a first run and a resume
    are the same code), then append ``update.completed`` with the summary.
+
+Long on purpose: each lifecycle operation and the sequence they share (prepare, confirm,
+record, dispatch, finish) read top to bottom in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel, Health
 from incident_notify.contacts import ContactSet
 from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
@@ -45,7 +49,7 @@ from incident_notify.messages import IncidentContext, RenderedMessage
 from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
 from incident_notify.plan import Plan, Planner
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
-from incident_notify.runtime import Runtime, build_channels, check_health
+from incident_notify.runtime import Runtime
 
 if TYPE_CHECKING:
     from incident_notify.optouts import OptOutStore
