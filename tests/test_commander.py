@@ -246,3 +246,45 @@ def test_failover_notes_and_warnings_go_to_stderr(sandbox: Any,
     assert "failover:" in proc.stderr and "failover:" not in proc.stdout
     assert "is unhealthy" in proc.stderr and "is unhealthy" not in proc.stdout
     assert "Everyone was reached" in proc.stdout
+
+
+def test_every_command_takes_json() -> None:
+    """The guide tells scripts to add --json to any command: every command accepts it."""
+    import typer.main
+
+    from incident_notify.cli.main import _register, app
+
+    _register()
+
+    def leaves(command: Any, path: list[str]) -> Any:
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from leaves(sub, [*path, name])
+        else:
+            yield " ".join(path), {o for p in command.params for o in getattr(p, "opts", [])}
+
+    commands = leaves(typer.main.get_command(app), [])
+    missing = [name for name, opts in commands if "--json" not in opts]
+    assert not missing, missing
+
+
+def test_audit_commands_read_the_rehearsal_log_and_export_reports_in_json(
+        sandbox: Any, tmp_path: Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    declared = run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", "--json", env=env)
+    assert declared.returncode == 0, declared.stderr
+    real = run_cli("audit", "head", "--json", env=env)
+    rehearsal = run_cli("audit", "head", "--sandbox", "--json", env=env)
+    assert json_doc(real)["data"]["records"] == 0
+    assert json_doc(rehearsal)["data"]["records"] > 0
+    assert json_doc(rehearsal)["data"]["path"].endswith("sandbox-audit.jsonl")
+    assert run_cli("audit", "verify", "--sandbox", env=env).returncode == 0
+    out = tmp_path / "export.jsonl"
+    exported = json_doc(run_cli("audit", "export", "--sandbox", "-o", str(out), "--json",
+                                env=env))
+    assert exported["data"] == {"path": str(out), "format": "jsonl",
+                                "records": len(out.read_text().splitlines())}
+    assert exported["data"]["records"] == json_doc(rehearsal)["data"]["records"]
+    to_stdout = run_cli("audit", "export", "--json", env=env)
+    assert to_stdout.returncode == ExitCode.USAGE
+    assert "-o FILE" in json_doc(to_stdout)["errors"][0]["message"]

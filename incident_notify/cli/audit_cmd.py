@@ -7,16 +7,19 @@ import json as jsonlib
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
-from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.cli.options import AuditLogOpt, JsonOpt, RehearsalLogOpt
 from incident_notify.cli.output import safe as escape
 from incident_notify.errors import UsageError
 from incident_notify.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from incident_notify.audit import AuditLog
 
 audit_app = typer.Typer(help="Verify, show and export the audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -31,10 +34,13 @@ SinceOpt = Annotated[str | None, typer.Option(
     "--since", help="Only records since a time (2026-11-22T10:00) or an age (2h, 30m, 1d).")]
 
 
-def _log(path: Path | None) -> Any:
-    from incident_notify.audit import AuditLog, default_audit_path
+def _log(path: Path | None, sandbox: bool = False) -> AuditLog:
+    """The log the other commands write: --audit-log, else the environment or config file,
+    else the default; with --sandbox the rehearsals' log."""
+    from incident_notify.audit import AuditLog
+    from incident_notify.config import load_settings
 
-    return AuditLog(path or default_audit_path())
+    return AuditLog(load_settings({"audit_log": path, "sandbox": sandbox}).audit_path())
 
 
 def parse_since(value: str | None) -> datetime | None:
@@ -52,10 +58,10 @@ def parse_since(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _filtered(path: Path | None, incident: str | None, channel: str | None,
+def _filtered(path: Path | None, sandbox: bool, incident: str | None, channel: str | None,
               status: str | None, event: str | None, since: str | None) -> Any:
     prefix = f"delivery.{status}" if status else event
-    return _log(path).records(incident=incident, channel=channel, event_prefix=prefix,
+    return _log(path, sandbox).records(incident=incident, channel=channel, event_prefix=prefix,
                               since=parse_since(since))
 
 
@@ -71,6 +77,7 @@ def _summary(rec: Any) -> str:
 def verify(
     ctx: typer.Context,
     audit_log: AuditLogOpt = None,
+    sandbox: RehearsalLogOpt = False,
     expect: Annotated[str | None, typer.Option(
         "--expect", help="The head hash kept elsewhere (from 'audit head'): the log must end "
         "exactly there.",
@@ -81,7 +88,7 @@ def verify(
     bad line (exit 8). With --expect, also that the log ends at a head kept elsewhere."""
     env = environment(ctx)
     env.json = json
-    log = _log(audit_log)
+    log = _log(audit_log, sandbox)
     if expect is not None and not (12 <= len(expect) <= 64
                                    and all(c in "0123456789abcdef" for c in expect)):
         from incident_notify.errors import UsageError
@@ -119,13 +126,14 @@ def spreadsheet_safe(value: Any) -> Any:
 
 
 @audit_app.command("head")
-def head(ctx: typer.Context, audit_log: AuditLogOpt = None, json: JsonOpt = False) -> None:
+def head(ctx: typer.Context, audit_log: AuditLogOpt = None, sandbox: RehearsalLogOpt = False,
+         json: JsonOpt = False) -> None:
     """Print the log's head (record count and the last record's hash), to keep somewhere
     the log's writer cannot change (a ticket, a chat message); check it later with
     'audit verify --expect HASH'."""
     env = environment(ctx)
     env.json = json
-    log = _log(audit_log)
+    log = _log(audit_log, sandbox)
     records, digest = log.head()
     if json:
         env.emit_json("audit head", {"path": str(log.path), "records": records,
@@ -138,7 +146,8 @@ def head(ctx: typer.Context, audit_log: AuditLogOpt = None, json: JsonOpt = Fals
 @audit_app.command("show")
 def show(
     ctx: typer.Context,
-    audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
+    audit_log: AuditLogOpt = None, sandbox: RehearsalLogOpt = False,
+    incident: IncidentOpt = None, channel: ChannelOpt = None,
     status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
     limit: Annotated[int, typer.Option("--limit", min=0, help="At most this many (the latest).")]
     = 200,
@@ -149,7 +158,8 @@ def show(
     from collections import deque
 
     env.json = json
-    records = deque(_filtered(audit_log, incident, channel, status, event, since), maxlen=limit)
+    records = deque(_filtered(audit_log, sandbox, incident, channel, status, event, since),
+                    maxlen=limit)
     if json:
         env.emit_json("audit show", {"records": [r.to_dict() for r in records]})
         return
@@ -168,16 +178,25 @@ def export(
     format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "jsonl",
     output_file: Annotated[str, typer.Option("--output", "-o", help="File, or - for stdout.")]
     = "-",
-    audit_log: AuditLogOpt = None, incident: IncidentOpt = None, channel: ChannelOpt = None,
+    audit_log: AuditLogOpt = None, sandbox: RehearsalLogOpt = False,
+    incident: IncidentOpt = None, channel: ChannelOpt = None,
     status: StatusOpt = None, event: EventOpt = None, since: SinceOpt = None,
+    json: Annotated[bool, typer.Option(
+        "--json", help="With -o FILE: print one JSON document saying what was exported.")]
+    = False,
 ) -> None:
     """Export records as CSV (flat columns, payload as JSON) or JSON Lines."""
     env = environment(ctx)
     from incident_notify.audit import FIELDS
 
+    env.json = json
     if format not in ("csv", "jsonl"):
         raise UsageError(f"--format {format!r}: expected csv or jsonl")
-    records = _filtered(audit_log, incident, channel, status, event, since)
+    if json and output_file == "-":
+        raise UsageError("--json needs -o FILE: without it the export itself is what goes "
+                         "to stdout", hint="add -o incident.jsonl (or drop --json)")
+    records = _filtered(audit_log, sandbox, incident, channel, status, event, since)
+    written = 0
     if output_file == "-":
         handle = env.stdout
     else:
@@ -192,6 +211,7 @@ def export(
         if format == "jsonl":
             for r in records:
                 handle.write(jsonlib.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                written += 1
         else:
             writer = csv.writer(handle)
             writer.writerow(FIELDS)
@@ -200,6 +220,10 @@ def export(
                 row["payload"] = jsonlib.dumps(row["payload"], ensure_ascii=False,
                                                sort_keys=True)
                 writer.writerow([spreadsheet_safe(row[f]) for f in FIELDS])
+                written += 1
     finally:
         if handle is not env.stdout:
             handle.close()
+    if json:
+        env.emit_json("audit export", {"path": output_file, "format": format,
+                                       "records": written})

@@ -18,7 +18,7 @@ import typer
 
 from incident_notify.cli.environment import environment
 from incident_notify.cli.main import app
-from incident_notify.cli.options import AuditLogOpt, JsonOpt
+from incident_notify.cli.options import AuditLogOpt, JsonOpt, RehearsalLogOpt
 from incident_notify.cli.output import safe as escape
 from incident_notify.cli.playbook_cmd import SetOpt, VarsOpt
 
@@ -263,9 +263,7 @@ def status(
     incident: Annotated[str | None, typer.Argument(help="One incident (default: all open).")]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="Include resolved incidents.")] = False,
-    sandbox: Annotated[bool, typer.Option(
-        "--sandbox", envvar="INCIDENT_NOTIFY_SANDBOX",
-        help="Read the rehearsals' log (sandbox runs record apart from real ones).")] = False,
+    sandbox: RehearsalLogOpt = False,
     audit_log: AuditLogOpt = None,
     json: JsonOpt = False,
 ) -> None:

@@ -10,6 +10,11 @@ import typer
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one versioned JSON document on stdout.")
 ]
+RehearsalLogOpt = Annotated[
+    bool, typer.Option("--sandbox", envvar="INCIDENT_NOTIFY_SANDBOX",
+                       help="Read the rehearsals' log (sandbox runs record apart from real "
+                       "ones).")
+]
 AuditLogOpt = Annotated[
     Path | None,
     typer.Option(
