@@ -72,8 +72,8 @@ HEALTH_DEADLINE_S = 8.0
 then is down for this update (its circuit opens and its audiences fail over)."""
 
 
-def check_health(channels: Mapping[str, Channel],
-                 deadline_s: float = HEALTH_DEADLINE_S) -> dict[str, Health]:
+def check_health(channels: Mapping[str, Channel], deadline_s: float = HEALTH_DEADLINE_S,
+                 retry_after_s: float = 0.5) -> dict[str, Health]:
     """Run every channel's check() concurrently, all within `deadline_s`. A check that
     raises, or has not answered by the deadline, is an unhealthy result, never an error.
     Checks run in daemon threads: one that hangs is abandoned, and cannot hold up the
@@ -94,9 +94,9 @@ def check_health(channels: Mapping[str, Channel],
         health = Health(ok=False, detail="not checked")
         for attempt in range(2):
             if attempt:
-                if time.monotonic() + 0.5 >= ends:
+                if time.monotonic() + retry_after_s >= ends:
                     break
-                time.sleep(0.5)
+                time.sleep(retry_after_s)
             try:
                 health = ch.check()
             except Exception as exc:  # a failing check is a result, not a crash

@@ -121,6 +121,10 @@ class ChannelRunner:
         # (job, from_feeder); None tells a worker to stop.
         self.queue: deque[tuple[list[Delivery], bool] | None] = deque()
         self.cond = threading.Condition()
+        self.max_threads = max(1, lim.concurrency)
+        self.idle = 0
+        """Workers waiting for a job: a new one starts only when none is (three DMs do
+        not start eight threads; each start costs a GIL hand-over)."""
         self.paused_until = 0.0
         """time.monotonic() before which no request goes (a 429's reset)."""
         self.down_reason = ""
@@ -204,11 +208,6 @@ class Dispatcher:
             runner = self._runners.get(name)
             if runner is None:
                 runner = ChannelRunner(self.channels[name], self.policy)
-                for i in range(max(1, runner.channel.limits.concurrency)):
-                    t = threading.Thread(target=self._worker, args=(runner,),
-                                         name=f"{name}-{i}", daemon=True)
-                    runner.threads.append(t)
-                    t.start()
                 self._runners[name] = runner
             return runner
 
@@ -221,6 +220,12 @@ class Dispatcher:
             self._outstanding += 1
         with runner.cond:
             runner.queue.append((job, from_feeder))
+            if len(runner.queue) > runner.idle and len(runner.threads) < runner.max_threads:
+                # Workers start as the queue needs them, up to the channel's concurrency.
+                t = threading.Thread(target=self._worker, args=(runner,), daemon=True,
+                                     name=f"{runner.channel.name}-{len(runner.threads)}")
+                runner.threads.append(t)
+                t.start()
             runner.cond.notify()
 
     def _job_done(self, from_feeder: bool) -> None:
@@ -249,7 +254,9 @@ class Dispatcher:
         while True:
             with runner.cond:
                 while not runner.queue:
+                    runner.idle += 1
                     runner.cond.wait()
+                    runner.idle -= 1
                 item = runner.queue.popleft()
             if item is None:
                 return

@@ -162,7 +162,7 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     plan = planner.plan()
     used = stage_channels(pb, spec.stage)
     checked = build_channels(rt, pb, used)
-    health = check_health(checked) if check else {}
+    health = check_health(checked, retry_after_s=rt.health_retry_s) if check else {}
     pre = Preflight(
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
         event=spec.event, messages=messages, audience_sizes=dict(plan.stats.per_channel),
@@ -302,7 +302,7 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
     health = pre.health
     if time.monotonic() - asked > HEALTH_MAX_AGE_S:
         # The commander took a while to answer: channels may have gone down or come back.
-        health = check_health(channels)
+        health = check_health(channels, retry_after_s=rt.health_retry_s)
     handle = lifecycle_lock(rt)
     try:
         if spec.event == "incident.declared":

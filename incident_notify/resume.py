@@ -164,7 +164,8 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
         numbers = [u.update_no for u in unfinished]
         settled = settle(state, contacts, channels, numbers)
         used = sorted({c for u in unfinished for c in stage_channels(pb, u.stage)})
-        health = check_health({n: channels[n] for n in used if n in channels})
+        health = check_health({n: channels[n] for n in used if n in channels},
+                              retry_after_s=rt.health_retry_s)
         unknowable = {s.delivery.key for s in settled if s.outcome == "unknowable"}
         sizes: dict[str, int] = {}
         for upd in unfinished:

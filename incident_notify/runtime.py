@@ -39,6 +39,9 @@ class Runtime:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     rate_override: float | None = None
     """Sandbox runs send as fast as the emulators allow, not at the providers' rates."""
+    health_retry_s: float = 0.5
+    """Pause before a failed health check's one retry (a rehearsal's emulators answer at
+    once: it waits a tenth of that)."""
     renderers: dict[str, Renderer] = field(default_factory=dict)
     """One template renderer per playbook for the command (its compiled-template cache)."""
 
@@ -76,4 +79,5 @@ def open_runtime(settings: Settings, *, sandbox: Rehearsal | None = None) -> Run
         rt.sandbox = sb
         rt.secrets = {**secrets, **sb.env()}
         rt.rate_override = 200.0
+        rt.health_retry_s = 0.05
     return rt

@@ -228,7 +228,8 @@ def check(
     try:
         for path in find_playbooks(playbooks or [settings.playbooks_dir]):
             pb = load_playbook(path)
-            health = check_health(build_channels(rt, pb, list(pb.model.channels)))
+            health = check_health(build_channels(rt, pb, list(pb.model.channels)),
+                                  retry_after_s=rt.health_retry_s)
             for name, h in health.items():
                 rows.append({"playbook": pb.name, "channel": name,
                              "type": pb.model.channels[name].type,

@@ -291,7 +291,9 @@ class HttpEmulator:
 
     def start(self) -> HttpEmulator:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=type(self).__name__, daemon=True
+            # A short poll: stopping waits for it (0.5 s by default, paid by every test).
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=type(self).__name__, daemon=True
         )
         self._thread.start()
         return self
