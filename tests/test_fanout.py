@@ -146,7 +146,8 @@ def test_recipient_reached_nowhere_is_a_partial_delivery(tmp_path: Path, sandbox
 @pytest.mark.slow
 def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
                                                                  sandbox: Any) -> None:
-    pb = make_fanout_playbook(tmp_path / "pb", 1000, rate=2000, concurrency=4)
+    people = 600  # 1,200 deliveries; the 1,000-person run above proves the scale
+    pb = make_fanout_playbook(tmp_path / "pb", people, rate=2000, concurrency=4)
     sandbox.twilio.faults.update(latency_ms=5)
     sandbox.smtp.faults.update(latency_ms=5)
     sandbox.write_state()  # subprocesses attach to this sandbox with --sandbox
@@ -157,14 +158,14 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
          "--yes", "--sandbox", "--json"],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 400:
+    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 250:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     sent_before = len(sandbox.twilio.received) + len(sandbox.smtp.received)
-    assert sent_before < 2000, "the kill must land mid fan-out"
+    assert sent_before < 2 * people, "the kill must land mid fan-out"
 
     status = json_doc(run_cli("status", "--json", env=env))
     incident = status["data"]["incidents"][0]["id"]
@@ -176,8 +177,8 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
     # Twilio's records, so every number got exactly one; an email in doubt (SMTP keeps no
     # record to ask) is listed, never silently dropped or re-sent.
     assert set(sms.values()) <= {1} and set(mail.values()) <= {1}
-    expected_sms = {f"+1202555{i:04d}" for i in range(1000)}
-    expected_mail = {f"person{i}@example.com" for i in range(1000)}
+    expected_sms = {f"+1202555{i:04d}" for i in range(people)}
+    expected_mail = {f"person{i}@example.com" for i in range(people)}
     assert set(sms) == expected_sms
     assert expected_mail - set(mail) <= in_doubt
     assert len(in_doubt) <= 8, "at most the requests in flight at the kill are unknown"
@@ -188,7 +189,7 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
 @pytest.mark.parametrize("redact", [False, True])
 def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
                                                    redact: bool) -> None:
-    pb = make_fanout_playbook(tmp_path / "pb", 300, rate=2000, concurrency=2)
+    pb = make_fanout_playbook(tmp_path / "pb", 200, rate=2000, concurrency=2)
     sandbox.twilio.faults.update(latency_ms=10)
     sandbox.smtp.faults.update(latency_ms=10)
     sandbox.write_state()
@@ -206,7 +207,7 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
         # at a terminal has the default disposition, so the child gets it here too.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 100:
+    while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 80:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -215,13 +216,13 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     assert "Traceback" not in err
     assert "interrupted" in out and "resume" in out
     sent_at_stop = len(sandbox.twilio.received) + len(sandbox.smtp.received)
-    assert sent_at_stop < 600
+    assert sent_at_stop < 400
     incident = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"][0]["id"]
     resumed = run_cli("resume", incident, "--yes", "--sandbox", "--json", env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     sms, mail = sms_to(sandbox), mail_to(sandbox)
-    assert len(sms) == 300 and set(sms.values()) == {1}
-    assert len(mail) == 300 and set(mail.values()) == {1}
+    assert len(sms) == 200 and set(sms.values()) == {1}
+    assert len(mail) == 200 and set(mail.values()) == {1}
     assert run_cli("audit", "verify", env=env).returncode == 0
     log_text = (tmp_path / "audit.jsonl").read_text()
     assert ("+12025550001" in log_text) is not redact
