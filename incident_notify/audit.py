@@ -392,10 +392,9 @@ class AuditLog:
                     return VerifyResult(False, count, number, "torn last line (a write was "
                                         "interrupted); the next append preserves it in a "
                                         "sidecar file", torn_tail=True, head=prev)
-                problem = _check_line(raw, seq, prev)
+                problem, data = _check_line(raw, seq, prev)
                 if problem:
                     return VerifyResult(False, count, number, problem, head=prev)
-                data = json.loads(raw)
                 prev, seq, count = data["hash"], data["seq"], count + 1
         if head is None:
             if seq:
@@ -489,29 +488,47 @@ def _owner_only(fd: int, path: Path) -> None:
                              hint=f"chmod 600 {path}") from None
 
 
-def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
+_FIELD_SET = frozenset(FIELDS)
+_HASH_KEY = b',"hash":"'
+
+
+def _line_hash(raw: bytes) -> str | None:
+    """The hash of a canonical line's record: the line without its `"hash":"...",` member
+    and newline is exactly the canonical JSON the hash was computed over (keys are sorted,
+    and the members before "hash" are actor, channel and event, plain strings that cannot
+    hold an unescaped quote). None when the member is not where it must be."""
+    at = raw.find(_HASH_KEY)
+    end = at + len(_HASH_KEY) + 64
+    if at < 0 or raw[end:end + 2] != b'",':
+        return None
+    return hashlib.sha256(raw[:at + 1] + raw[end + 2:-1]).hexdigest()
+
+
+def _check_line(raw: bytes, seq: int, prev: str) -> tuple[str | None, dict[str, Any]]:
+    """What is wrong with one line of the log given the record before it, or None; and
+    the parsed record. Every line is parsed once, re-encoded once and hashed once."""
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
-        return "not valid JSON (the line was altered)"
-    if not isinstance(data, dict) or set(data) != set(FIELDS):
-        return "not an audit record (fields missing or added)"
+        return "not valid JSON (the line was altered)", {}
+    if not isinstance(data, dict) or data.keys() != _FIELD_SET:
+        return "not an audit record (fields missing or added)", {}
     if data["schema"] != SCHEMA:
-        return f"unknown schema {data['schema']!r}"
+        return f"unknown schema {data['schema']!r}", data
     if canonical(data) + b"\n" != raw:
-        return "not in canonical form (the line was altered)"
+        return "not in canonical form (the line was altered)", data
     if data["seq"] != seq + 1:
-        return f"sequence {data['seq']} where {seq + 1} was expected (a record was removed " \
-               "or reordered)"
+        return (f"sequence {data['seq']} where {seq + 1} was expected (a record was removed "
+                "or reordered)"), data
     if data["prev"] != prev:
-        return "does not chain to the record before it (a record was removed, inserted or " \
-               "reordered)"
-    if record_hash(data) != data["hash"]:
-        return "hash mismatch (the record was altered)"
+        return ("does not chain to the record before it (a record was removed, inserted or "
+                "reordered)"), data
+    if _line_hash(raw) != data["hash"]:
+        return "hash mismatch (the record was altered)", data
     problem = record_problem(data)
     if problem:
-        return f"well chained but malformed: {problem}"
-    return None
+        return f"well chained but malformed: {problem}", data
+    return None, data
 
 
 def _default_actor() -> str:

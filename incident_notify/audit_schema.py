@@ -4,7 +4,7 @@ breaks this, `verify` reports one, and every reader skips one instead of crashin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 EVENTS = (
@@ -16,68 +16,65 @@ EVENTS = (
     "audit.torn_tail_recovered", "reply.received",
 )
 
-def _str_or_none(v: Any) -> bool:
-    return v is None or isinstance(v, str)
-
-
 def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # JSON integers; True/False are not counts
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
+_INT = "int"
+Kind = Any
+"""A tuple of types for isinstance, or _INT for a JSON integer (not a bool)."""
+_STR: Kind = (str,)
+_OPT_STR: Kind = (str, type(None))
+_LIST: Kind = (list,)
+_DICT: Kind = (dict,)
 
-
-def _is_list(v: Any) -> bool:
-    return isinstance(v, list)
-
-
-def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-Check = Callable[[Any], bool]
-_LIFECYCLE_SCHEMA: dict[str, Check] = {"stage": _is_str, "update_no": is_int,
-                                       "variables": _is_dict, "message": _is_str}
-PAYLOAD_SCHEMA: dict[str, dict[str, Check]] = {
-    "incident.declared": {**_LIFECYCLE_SCHEMA, "playbook": _is_str},
+_LIFECYCLE_SCHEMA: dict[str, Kind] = {"stage": _STR, "update_no": _INT, "variables": _DICT,
+                                      "message": _STR}
+PAYLOAD_SCHEMA: dict[str, dict[str, Kind]] = {
+    "incident.declared": {**_LIFECYCLE_SCHEMA, "playbook": _STR},
     "incident.updated": _LIFECYCLE_SCHEMA, "incident.resolved": _LIFECYCLE_SCHEMA,
     "incident.reopened": _LIFECYCLE_SCHEMA,
-    "message.rendered": {"digest": _is_str, "update_no": is_int, "parts": _is_list,
-                         "subject": _str_or_none, "html": _str_or_none},
-    "update.planned": {"update_no": is_int}, "update.completed": {"update_no": is_int},
-    "delivery.planned": {"update_no": is_int, "part": is_int, "parts": is_int},
-    "delivery.attempt": {"attempt": is_int},
-    "delivery.sent": {"provider_id": _is_str},
-    "delivery.settled": {"outcome": _is_str},
-    "delivery.skipped": {"reason": _is_str},
-    "reply.received": {"id": _is_str, "text": _is_str},
+    "message.rendered": {"digest": _STR, "update_no": _INT, "parts": _LIST,
+                         "subject": _OPT_STR, "html": _OPT_STR},
+    "update.planned": {"update_no": _INT}, "update.completed": {"update_no": _INT},
+    "delivery.planned": {"update_no": _INT, "part": _INT, "parts": _INT},
+    "delivery.attempt": {"attempt": _INT},
+    "delivery.sent": {"provider_id": _STR},
+    "delivery.settled": {"outcome": _STR},
+    "delivery.skipped": {"reason": _STR},
+    "reply.received": {"id": _STR, "text": _STR},
 }
 """Payload keys each event must carry, with their kind: what the readers rely on."""
-_RECORD_TYPES: dict[str, Check] = {
-    "incident": _str_or_none, "channel": _str_or_none, "recipient": _str_or_none,
-    "key": _str_or_none, "ts": _is_str, "actor": _is_str, "event": _is_str,
-    "payload": _is_dict}
+_RECORD_TYPES: tuple[tuple[str, Kind], ...] = (
+    ("incident", _OPT_STR), ("channel", _OPT_STR), ("recipient", _OPT_STR),
+    ("key", _OPT_STR), ("ts", _STR), ("actor", _STR), ("event", _STR), ("payload", _DICT))
+_EVENTS = frozenset(EVENTS)
 
 
 def record_problem(data: Mapping[str, Any]) -> str | None:
     """What is wrong with a well-chained record's content (a payload the readers could not
-    use), or None. `verify` reports it; readers refuse the record instead of crashing."""
-    for name, check in _RECORD_TYPES.items():
-        if not check(data.get(name)):
+    use), or None. `verify` reports it; readers refuse the record instead of crashing.
+    (Called for every record `verify` reads: the checks are inlined type tests.)"""
+    for name, kind in _RECORD_TYPES:
+        value = data.get(name)
+        if not (type(value) is int if kind is _INT else isinstance(value, kind)):
             return f"field {name!r} has the wrong type"
-    if data["event"] not in EVENTS:
-        return f"unknown event {data['event']!r}"
+    event = data["event"]
+    if event not in _EVENTS:
+        return f"unknown event {event!r}"
     payload = data["payload"]
-    for key, check in PAYLOAD_SCHEMA.get(data["event"], {}).items():
+    schema = PAYLOAD_SCHEMA.get(event)
+    if schema is None:
+        return None
+    for key, kind in schema.items():
         if key not in payload:
-            return f"{data['event']} record without {key!r}"
-        if not check(payload[key]):
-            return f"{data['event']} record with a malformed {key!r}"
-    if data["event"] == "message.rendered" and not all(isinstance(p, str)
-                                                       for p in payload["parts"]):
+            return f"{event} record without {key!r}"
+        value = payload[key]
+        if not (type(value) is int if kind is _INT else isinstance(value, kind)):
+            return f"{event} record with a malformed {key!r}"
+    if event == "message.rendered" and not all(isinstance(p, str) for p in payload["parts"]):
         return "message.rendered record with malformed parts"
-    if data["event"].startswith("incident.") and not all(
+    if event.startswith("incident.") and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in payload["variables"].items()):
-        return f"{data['event']} record with malformed variables"
+        return f"{event} record with malformed variables"
     return None

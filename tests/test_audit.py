@@ -290,3 +290,24 @@ def test_event_prefilter_returns_exactly_what_parsing_would(tmp_path: Path) -> N
     everything = [r.event for r in log.records() if r.event.startswith("incident.declared")]
     assert found == everything == ["incident.declared"]
     assert [r.incident for r in log.records(incident="INC-1")] == ["INC-1", "INC-1"]
+
+
+def test_the_line_hash_is_the_record_hash(tmp_path: Path) -> None:
+    """verify hashes the line's bytes without its hash member: the same digest the writer
+    computed from the record, whatever the record holds (unicode, nulls, a nested "hash")."""
+    from incident_notify.audit import AuditEntry, AuditLog, _line_hash, record_hash
+
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.append_many([
+        AuditEntry("incident.declared", incident="INC-1", payload={
+            "playbook": "p", "stage": "s", "update_no": 1, "variables": {"ü": "東京"},
+            "message": 'quote " and ,"hash":"x'}),
+        AuditEntry("delivery.sent", incident=None, channel=None, key="k",
+                   payload={"provider_id": "x", "hash": "nested"}),
+        AuditEntry("optout.added", payload={"contact_id": "a\nb"}),
+    ])
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    for line in lines:
+        assert _line_hash(line) == record_hash(json.loads(line))
+    assert _line_hash(lines[0].replace(b'"hash":"', b'"hasH":"')) is None

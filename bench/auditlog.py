@@ -1,0 +1,111 @@
+"""Benchmark: what a long audit log costs the commands that read it.
+
+Builds a log of N records (incidents of ~50 records each, the shape real updates write),
+then times, each in a fresh process, `status`, `declare --dry-run` and `timeline` of one
+incident, next to the same commands on an empty log, and `audit verify` (MB/s, full and
+incremental). Issue 13's targets: commands within 1.5x of the empty log; verify >= 50 MB/s.
+
+    python bench/auditlog.py [--records 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build(path: Path, records: int) -> list[str]:
+    """A log of `records` records in incidents of ~50 (declare, rendered, planned,
+    attempts, outcomes, resolve); returns the incident ids."""
+    from incident_notify.audit import AuditEntry, AuditLog
+
+    log = AuditLog(path)
+    ids: list[str] = []
+    written, n = 0, 0
+    while written < records:
+        n += 1
+        inc = f"INC-20250101-{n:04d}" if n < 10000 else f"INC-2025{n // 10000:04d}-{n % 10000:04d}"
+        ids.append(inc)
+        batch = [AuditEntry("incident.declared", incident=inc, payload={
+            "playbook": "/x.yaml", "stage": "investigating", "update_no": 1,
+            "variables": {"site": "LON-2"}, "message": ""})]
+        batch.append(AuditEntry("message.rendered", incident=inc, channel="team_sms", payload={
+            "digest": "d" * 64, "update_no": 1, "parts": ["Power loss at LON-2."],
+            "subject": None, "html": None}))
+        for i in range(12):
+            key = f"{inc}/1/team_sms/p{i}/1"
+            batch.append(AuditEntry("delivery.planned", incident=inc, channel="team_sms",
+                                    recipient=f"+1202555{i:04d}", key=key, payload={
+                                        "update_no": 1, "part": 1, "parts": 1,
+                                        "digest": "d" * 64, "contact_id": f"p{i}"}))
+            batch.append(AuditEntry("delivery.attempt", incident=inc, channel="team_sms",
+                                    recipient=f"+1202555{i:04d}", key=key,
+                                    payload={"attempt": 1}))
+            batch.append(AuditEntry("delivery.sent", incident=inc, channel="team_sms",
+                                    recipient=f"+1202555{i:04d}", key=key,
+                                    payload={"provider_id": f"SM{i:032d}"}))
+        batch.append(AuditEntry("update.completed", incident=inc, payload={"update_no": 1}))
+        if n % 10:  # one incident in ten stays open
+            batch.append(AuditEntry("incident.resolved", incident=inc, payload={
+                "stage": "resolved", "update_no": 2, "variables": {}, "message": ""}))
+        log.append_many(batch)
+        written += len(batch)
+    return ids
+
+
+def timed(args: list[str], env: dict[str, str], repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "incident_notify", *args], cwd=ROOT, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        empty, big = Path(tmp) / "empty.jsonl", Path(tmp) / "big.jsonl"
+        started = time.perf_counter()
+        ids = build(big, args.records)
+        size = big.stat().st_size
+        print(f"built {args.records:,} records ({size / 1e6:.0f} MB, {len(ids):,} incidents) "
+              f"in {time.perf_counter() - started:.1f}s")
+        base = {**os.environ, "HOME": tmp, "XDG_STATE_HOME": f"{tmp}/state", "NO_COLOR": "1"}
+        pb = str(ROOT / "playbooks" / "dc-power-failure.yaml")
+        sets = ["--set", "site=LON-2", "--set", "services=compute", "--set",
+                "status_url=https://status.acme.example/i/1"]
+        commands = {
+            "status": ["status"],
+            "timeline (one incident)": ["timeline", ids[len(ids) // 2]],
+            "declare --dry-run": ["declare", pb, *sets, "--dry-run", "--sandbox"],
+        }
+        print(f"{'command':26} {'empty s':>8} {'big s':>8} {'ratio':>6}")
+        for name, argv in commands.items():
+            e = timed(argv, {**base, "INCIDENT_NOTIFY_AUDIT_LOG": str(empty)})
+            b = timed(argv, {**base, "INCIDENT_NOTIFY_AUDIT_LOG": str(big)})
+            print(f"{name:26} {e:8.2f} {b:8.2f} {b / e:6.1f}")
+        from incident_notify.audit import AuditLog
+
+        log = AuditLog(big)
+        started = time.perf_counter()
+        result = log.verify()
+        took = time.perf_counter() - started
+        print(f"audit verify (in-process): {took:.2f}s, {size / 1e6 / took:.1f} MB/s, "
+              f"ok={result.ok}")
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
