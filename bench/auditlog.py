@@ -104,6 +104,18 @@ def main() -> int:
         took = time.perf_counter() - started
         print(f"audit verify (in-process): {took:.2f}s, {size / 1e6 / took:.1f} MB/s, "
               f"ok={result.ok}")
+        assert result.checkpoint is not None
+        build_more = AuditLog(big)
+        from incident_notify.audit import AuditEntry
+
+        build_more.append_many([AuditEntry("delivery.sent", incident="INC-NEW", key=f"k{i}",
+                                           payload={"provider_id": f"SM{i}"})
+                                for i in range(1000)])
+        started = time.perf_counter()
+        again = log.verify(since=result.checkpoint)
+        took = time.perf_counter() - started
+        print(f"audit verify --incremental after 1,000 more records: {took * 1000:.0f} ms, "
+              f"checked {again.checked}, ok={again.ok}")
         return 0
 
 

@@ -100,6 +100,31 @@ class AuditRecord:
 
 
 @dataclass
+class Checkpoint:
+    """Where a verification ended: the last record checked (its seq and hash) and the bytes
+    it occupies, so the next verification can start right after it."""
+
+    seq: int
+    hash: str
+    line_start: int
+    end: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "line_start": self.line_start,
+                "end": self.end}
+
+    @staticmethod
+    def from_dict(data: Any) -> Checkpoint | None:
+        try:
+            cp = Checkpoint(data["seq"], data["hash"], data["line_start"], data["end"])
+        except (KeyError, TypeError):
+            return None
+        ok = (is_int(cp.seq) and is_int(cp.line_start) and is_int(cp.end)
+              and isinstance(cp.hash, str) and 0 <= cp.line_start < cp.end)
+        return cp if ok else None
+
+
+@dataclass
 class VerifyResult:
     ok: bool
     records: int
@@ -107,6 +132,10 @@ class VerifyResult:
     problem: str | None = None
     torn_tail: bool = False
     head: str | None = None
+    checkpoint: Checkpoint | None = None
+    """Where this verification ended (when it passed)."""
+    checked: int = 0
+    """Records read by this verification (all of them, or those after a checkpoint)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "records": self.records, "first_bad_line": self.first_bad_line,
@@ -273,6 +302,35 @@ class AuditLog:
             "bytes": len(tail.torn), "sidecar": str(sidecar),
             "sha256": hashlib.sha256(tail.torn).hexdigest(), "offset": tail.end})
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".verified")
+
+    def read_checkpoint(self) -> Checkpoint | None:
+        """Where the last passing `audit verify` ended, if it left a readable note."""
+        try:
+            fd = _open_regular(self.checkpoint_path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as handle:
+                return Checkpoint.from_dict(json.loads(handle.read(4096)))
+        except (OSError, ValueError):
+            return None
+
+    def write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Remember where a passing verification ended (owner-only, replaced atomically).
+        Only a shortcut for the next `verify --incremental`, which checks that the record
+        there is still the one verified: never trusted over the log."""
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + f".{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(json.dumps(checkpoint.to_dict()).encode() + b"\n")
+            os.replace(tmp, self.checkpoint_path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
     def _write_head(self, seq: int, head: str) -> None:
         # Written in place under the log's lock (a fixed-width line, so no rename is
         # needed); the head is a truncation check, not the record itself.
@@ -355,11 +413,13 @@ class AuditLog:
             yield rec
 
     def verify(self, expected_head: str | None = None,
-               since: tuple[int, str] | None = None) -> VerifyResult:
+               since: Checkpoint | None = None) -> VerifyResult:
         """Check every record, the chain, its head file and (given) an externally kept
-        head; name the first bad line. `since` = (seq, hash) of a head verified before:
-        only what was appended after it is read (the part before is trusted)."""
+        head; name the first bad line. `since`: where an earlier verification ended; only
+        what was appended after it is read (the part before is trusted), once the record
+        there is checked to be still the one verified."""
         prev, seq, count = GENESIS, 0, 0
+        offset = line_start = 0
         head = self._read_head()
         exists = self.path.exists() or self.path.is_symlink()
         if not exists:
@@ -380,12 +440,13 @@ class AuditLog:
         with handle:
             start_line = 1
             if since is not None:
-                found = self._seek_after(handle, since)
-                if found is None:
-                    return VerifyResult(False, 0, since[0], f"record {since[0]} is not the "
-                                        f"verified head {since[1][:12]} any more (the log "
+                if not self._still_there(handle, since):
+                    return VerifyResult(False, 0, since.seq, f"record {since.seq} is not the "
+                                        f"verified head {since.hash[:12]} any more (the log "
                                         "was rewritten)")
-                prev, seq, count, start_line = since[1], since[0], since[0], since[0] + 1
+                prev, seq, count, start_line = since.hash, since.seq, since.seq, since.seq + 1
+                offset = line_start = since.end
+            checked = 0
             for number, raw in enumerate(handle, start=start_line):
                 if not raw.endswith(b"\n"):
                     torn = True
@@ -396,6 +457,7 @@ class AuditLog:
                 if problem:
                     return VerifyResult(False, count, number, problem, head=prev)
                 prev, seq, count = data["hash"], data["seq"], count + 1
+                line_start, offset, checked = offset, offset + len(raw), checked + 1
         if head is None:
             if seq:
                 return VerifyResult(False, count, None, "the head file "
@@ -417,20 +479,24 @@ class AuditLog:
                 not (len(expected_head) >= 12 and prev.startswith(expected_head)):
             return VerifyResult(False, count, None, "the chain's head is not the expected "
                                 f"{expected_head[:12]}", torn, prev)
-        return VerifyResult(True, count, head=prev)
+        checkpoint = Checkpoint(seq, prev, line_start, offset) if seq else None
+        return VerifyResult(True, count, head=prev, checkpoint=checkpoint, checked=checked)
 
     @staticmethod
-    def _seek_after(handle: Any, since: tuple[int, str]) -> bool | None:
-        """Position `handle` after record `since[0]` if it still has hash `since[1]`."""
-        for number, raw in enumerate(handle, start=1):
-            if number == since[0]:
-                try:
-                    data = json.loads(raw)
-                except ValueError:
-                    return None
-                return True if data.get("hash") == since[1] and raw.endswith(b"\n") \
-                    else None
-        return None
+    def _still_there(handle: Any, since: Checkpoint) -> bool:
+        """Position `handle` after the checkpoint's record if the bytes there are still that
+        record (its seq and hash, a whole line ending exactly at the checkpoint)."""
+        handle.seek(since.line_start)
+        raw = handle.read(since.end - since.line_start)
+        if len(raw) != since.end - since.line_start or not raw.endswith(b"\n") \
+                or b"\n" in raw[:-1]:
+            return False
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return False
+        return (isinstance(data, dict) and data.get("seq") == since.seq
+                and data.get("hash") == since.hash and _line_hash(raw) == since.hash)
 
     def _read_head(self) -> dict[str, Any] | None:
         try:

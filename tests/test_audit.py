@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from incident_notify.audit import FIELDS, AuditLog, GroupCommitWriter
+from incident_notify.exit_codes import ExitCode
 from tests.conftest import ROOT, json_doc, run_cli
 
 
@@ -311,3 +312,39 @@ def test_the_line_hash_is_the_record_hash(tmp_path: Path) -> None:
     for line in lines:
         assert _line_hash(line) == record_hash(json.loads(line))
     assert _line_hash(lines[0].replace(b'"hash":"', b'"hasH":"')) is None
+
+
+def test_incremental_verify_reads_only_what_was_appended(log: AuditLog) -> None:
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)}
+    full = json_doc(run_cli("audit", "verify", "--json", env=env))["data"]
+    assert full["ok"] and full["records"] == 20 and full["checked"] == 20
+    for i in range(5):
+        log.append("delivery.sent", incident="INC-9", key=f"n{i}", payload={"provider_id": "x"})
+    quick = run_cli("audit", "verify", "--incremental", "--json", env=env)
+    data = json_doc(quick)["data"]
+    assert quick.returncode == 0 and data["records"] == 25 and data["checked"] == 5
+    # Nothing new: nothing read past the checkpoint, still the whole count.
+    again = json_doc(run_cli("audit", "verify", "--incremental", "--json", env=env))["data"]
+    assert again["ok"] and again["records"] == 25 and again["checked"] == 0
+    # A record appended after the checkpoint and then altered is caught.
+    log.append("delivery.sent", incident="INC-9", key="late", payload={"provider_id": "y"})
+    content = lines(log)
+    content[-1] = content[-1].replace(b'"provider_id":"y"', b'"provider_id":"z"')
+    write(log, content)
+    bad = run_cli("audit", "verify", "--incremental", env=env)
+    assert bad.returncode == ExitCode.AUDIT_INVALID and ":26:" in bad.stderr
+
+
+def test_incremental_verify_notices_the_checkpoint_record_rewritten(log: AuditLog) -> None:
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(log.path)}
+    assert run_cli("audit", "verify", env=env).returncode == 0
+    content = lines(log)
+    content[-1] = content[-1].replace(b"message number 19", b"message number 91")
+    write(log, content)
+    proc = run_cli("audit", "verify", "--incremental", env=env)
+    assert proc.returncode == ExitCode.AUDIT_INVALID
+    assert "not the verified head" in proc.stderr
+    # Without a usable checkpoint the whole log is checked (and the change found).
+    log.checkpoint_path.write_text("not json")
+    proc = run_cli("audit", "verify", "--incremental", env=env)
+    assert proc.returncode == ExitCode.AUDIT_INVALID and "hash mismatch" in proc.stderr

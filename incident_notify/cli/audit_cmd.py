@@ -82,6 +82,9 @@ def verify(
         "--expect", help="The head hash kept elsewhere (from 'audit head'): the log must end "
         "exactly there.",
         show_default=False)] = None,
+    incremental: Annotated[bool, typer.Option(
+        "--incremental", help="Check only what was appended since the last passing "
+        "verification (after checking the record it ended at is unchanged).")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Check every record's hash, the chain, the head file and the payloads; name the first
@@ -96,19 +99,25 @@ def verify(
         raise UsageError(f"--expect {expect!r} is not a head hash",
                          hint="give the hex hash 'incident-notify audit head' printed "
                          "(12 to 64 characters)")
-    result = log.verify(expected_head=expect)
+    since = log.read_checkpoint() if incremental else None
+    result = log.verify(expected_head=expect, since=since)
+    if result.ok and result.checkpoint is not None:
+        log.write_checkpoint(result.checkpoint)
     code = int(ExitCode.OK if result.ok else ExitCode.AUDIT_INVALID)
     if json:
         errors = [] if result.ok else [{"message": result.problem,
                                         "line": result.first_bad_line,
                                         "file": str(log.path)}]
-        env.emit_json("audit verify", {"path": str(log.path), **result.to_dict()},
+        env.emit_json("audit verify", {"path": str(log.path), **result.to_dict(),
+                                       "checked": result.checked},
                          exit_code=code, errors=errors)
         raise typer.Exit(code)
     if result.ok:
         head = (result.head or "")[:12]
+        fresh = (f"; {result.checked} checked since the last verification"
+                 if since is not None else "")
         env.console().print(f"OK: {result.records} records, chain intact (head {head}) "
-                               f"in {log.path}", markup=False)
+                            f"in {log.path}{fresh}", markup=False)
     else:
         hint = ("the next append moves the torn bytes to a sidecar file and records it"
                 if result.torn_tail else "compare with a backup; do not edit the log")
