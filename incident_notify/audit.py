@@ -22,7 +22,7 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -379,9 +379,10 @@ class AuditLog:
                 yield number, raw
 
     def records(self, *, incident: str | None = None, event_prefix: str | None = None,
-                channel: str | None = None, since: datetime | None = None
-                ) -> Iterator[AuditRecord]:
-        """Stream records in log order, filtered."""
+                channel: str | None = None, since: datetime | None = None,
+                incidents: Collection[str] | None = None) -> Iterator[AuditRecord]:
+        """Stream records in log order, filtered (`incidents`: only records of these)."""
+        wanted = {i.encode() for i in incidents} if incidents is not None else None
         since_s = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
         # Records are canonical JSON (sorted keys, no spaces), so a wanted event or incident
         # appears verbatim in its line: lines without it are skipped unparsed. A match is
@@ -392,6 +393,14 @@ class AuditLog:
                 continue
             if event_needle is not None and event_needle not in raw:
                 continue
+            if wanted is not None:
+                at = raw.find(_INCIDENT_KEY)
+                if at < 0:
+                    continue  # "incident":null
+                start = at + len(_INCIDENT_KEY)
+                name = raw[start:raw.find(b'"', start)]
+                if name not in wanted and b"\\" not in name:
+                    continue  # (an escaped id is parsed and compared below)
             try:
                 data = json.loads(raw)
                 problem = record_problem(data) if isinstance(data, dict) else "not a record"
@@ -403,6 +412,8 @@ class AuditLog:
                 raise AuditError(f"{self.path}:{number}: {problem}",
                                  hint="run 'incident-notify audit verify' to check the log")
             if incident is not None and rec.incident != incident:
+                continue
+            if incidents is not None and rec.incident not in incidents:
                 continue
             if event_prefix is not None and not rec.event.startswith(event_prefix):
                 continue
@@ -555,6 +566,9 @@ def _owner_only(fd: int, path: Path) -> None:
 
 
 _FIELD_SET = frozenset(FIELDS)
+_INCIDENT_KEY = b'"incident":"'
+"""Where a canonical line names its incident: the first such member at the top level (the
+members before it, actor, channel, event and hash, are plain strings)."""
 _HASH_KEY = b',"hash":"'
 
 

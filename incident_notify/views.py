@@ -43,7 +43,14 @@ def incident_summaries(rt: Runtime, incident: str | None,
         if not state.updates:
             raise no_incident(incident, rt.settings.audit_path())
         return [summary(state)]
-    states = list_incidents(rt.audit.records())
+    if include_resolved:
+        states = list_incidents(rt.audit.records())
+    else:
+        # The lifecycle records alone say which incidents are open (a byte pre-filter skips
+        # the rest unparsed); only the open ones are folded, in one more pass.
+        lifecycle = list_incidents(rt.audit.records(event_prefix="incident."))
+        open_ids = {i for i, s in lifecycle.items() if s.updates and s.status != "resolved"}
+        states = list_incidents(rt.audit.records(incidents=open_ids)) if open_ids else {}
     rows = [summary(s) for s in states.values()
             if s.updates and (include_resolved or s.status != "resolved")]
     return sorted(rows, key=lambda r: r["declared_at"])

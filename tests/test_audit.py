@@ -246,6 +246,10 @@ def test_a_symlinked_log_or_head_is_never_written_through(tmp_path: Path) -> Non
 
 def test_well_chained_malformed_payload_fails_verify_and_readers_refuse(
         log: AuditLog) -> None:
+    # INC-1 is an open incident, so every reader below reads its records.
+    log.append("incident.declared", incident="INC-1", payload={
+        "playbook": "p.yaml", "stage": "investigating", "update_no": 1, "variables": {},
+        "message": ""})
     forge(log, "message.rendered", {"digest": 5, "parts": "x"})
     log.close()
     result = AuditLog(log.path).verify()
@@ -348,3 +352,16 @@ def test_incremental_verify_notices_the_checkpoint_record_rewritten(log: AuditLo
     log.checkpoint_path.write_text("not json")
     proc = run_cli("audit", "verify", "--incremental", env=env)
     assert proc.returncode == ExitCode.AUDIT_INVALID and "hash mismatch" in proc.stderr
+
+
+def test_reading_some_incidents_returns_exactly_theirs(tmp_path: Path) -> None:
+    """The byte pre-filter that lets `status` fold only open incidents never takes a
+    look-alike (a longer id, a nested "incident" in a payload, no incident) for one."""
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.append("optout.added", payload={"incident": "INC-1", "contact_id": "c"})
+    for inc in ("INC-1", "INC-10", "INC-2", 'INC-"3'):
+        log.append("delivery.sent", incident=inc, key=inc, payload={"provider_id": "x",
+                                                                     "note": "INC-1"})
+    got = [r.incident for r in log.records(incidents={"INC-1", 'INC-"3'})]
+    assert got == ["INC-1", 'INC-"3']
+    assert [r.incident for r in log.records(incidents=set())] == []
