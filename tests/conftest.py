@@ -187,3 +187,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     110 s for the suite; a fourth only adds contention)."""
     return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count() or 1) + 1
+
+
+_LONG_FIRST = ("test_fanout.py", "test_faults.py", "test_refusals.py", "test_commander.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long end-to-end modules first: with work stealing, the short tests then fill
+    the gaps, instead of a long test starting last and holding up the end of the run."""
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
