@@ -39,7 +39,10 @@ def main() -> int:
     args = parser.parse_args()
     tool = [sys.executable, "-m", "incident_notify"]
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HOME": tmp, "XDG_STATE_HOME": f"{tmp}/state",
+        # Bytecode as installed tools have it (this machine sets PYTHONDONTWRITEBYTECODE,
+        # which recompiles the package in every process).
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+               "HOME": tmp, "XDG_STATE_HOME": f"{tmp}/state",
                "INCIDENT_NOTIFY_AUDIT_LOG": f"{tmp}/audit.jsonl", "NO_COLOR": "1"}
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
