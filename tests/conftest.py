@@ -33,6 +33,10 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "160")
+    # Child processes (the kill, Ctrl-C and pty tests) keep the compiled package between
+    # runs, as an installed tool does; this machine's PYTHONDONTWRITEBYTECODE would have
+    # every one of them compile it again.
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
     return home
 
 
