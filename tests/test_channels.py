@@ -318,3 +318,35 @@ def test_channels_check_sandbox_healthy_then_twitter_down(sandbox: Any) -> None:
     lines = [line for line in proc.stdout.splitlines() if "status_twitter" in line]
     assert lines and "DOWN" in lines[0]
     assert all("healthy" in line for line in proc.stdout.splitlines() if "customer_sms" in line)
+
+
+def test_an_email_built_from_the_shared_body_is_the_whole_message() -> None:
+    """Each recipient's headers joined to a body flattened once per text: the same
+    message, header for header and part for part, as flattening the whole message."""
+    from email import message_from_bytes, policy
+
+    from incident_notify.channels.base import ChannelSpec, Delivery, OutgoingMessage
+    from incident_notify.channels.email import EmailChannel, _flatten
+
+    spec = ChannelSpec(name="e", type="email", sender="Öps <ops@acme.example>",
+                       options={"reply_to": "desk@acme.example"})
+    ch = EmailChannel(spec, {"INCIDENT_NOTIFY_SMTP_URL": "smtp://127.0.0.1:25"})
+    for recipient, html in (("a@b.example", "<p>hi</p>"), ("ü@b.example", None)):
+        d = Delivery(key=f"k-{recipient}", incident_id="INC-1", update_no=1, channel="e",
+                     recipient=recipient, message=OutgoingMessage(
+                         text="Hello ünïcode\nline 2 " + "x" * 200, subject="Sübject " * 12,
+                         html=html), reply_to="<x@y>", thread_refs=("<w@y>",))
+        shared, options = ch.flatten(d)
+        whole, whole_options = _flatten(ch.build(d), ch.from_addr, recipient)
+        assert options == whole_options
+        a, b = (message_from_bytes(m, policy=policy.default) for m in (shared, whole))
+        assert sorted(a.keys()) == sorted(b.keys())
+        for name in set(a.keys()) - {"Date", "Content-Type"}:
+            assert str(a[name]) == str(b[name]), name
+        assert a.get_content_type() == b.get_content_type()
+        parts = [(p.get_content_type(), p.get_content()) for p in a.walk()
+                 if not p.is_multipart()]
+        assert parts == [(p.get_content_type(), p.get_content()) for p in b.walk()
+                         if not p.is_multipart()]
+        # The body is shared, not rebuilt: a second recipient of the text reuses it.
+        assert ch._bodies[(d.message.text, html)] in shared
