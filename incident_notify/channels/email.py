@@ -9,6 +9,10 @@ from ``smtp_cafile`` / ``INCIDENT_NOTIFY_SMTP_CAFILE``. AUTH from ``SMTP_USERNAM
 HTML), carry a Message-ID derived from the delivery's idempotency key (a resend after a
 crash has the same Message-ID, so mail systems can drop the duplicate), and thread the
 incident's updates with In-Reply-To / References. Connections are pooled and reused.
+
+Long on purpose: the endpoint, the connection pool, the message (its body flattened once
+per text) and the SMTP transaction with the attempt record before DATA are one channel;
+split, the point where a message may have been delivered would span files.
 """
 
 from __future__ import annotations
