@@ -152,8 +152,8 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     """Load, plan, render and check everything an update needs, before anything is
     recorded. The update is planned once: the preflight's counts, the journal's records and
     the dispatcher's jobs are that one plan."""
-    if rt.sandbox is not None and state is not None:
-        rt.sandbox.remember_tweets(state.last_tweet.values())
+    if state is not None:
+        rt.continuing(state.last_tweet.values())
     contacts = load_contact_set(rt, pb)
     declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
     planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)

@@ -53,6 +53,13 @@ class Runtime:
             self.renderers[key] = make_renderer(pb)
         return self.renderers[key]
 
+    def continuing(self, tweet_ids: Iterable[str]) -> None:
+        """An update continues these public threads. A rehearsal started afresh for this
+        command learns them, so replies to them are accepted as the real API accepts
+        replies to existing posts; against the real providers there is nothing to do."""
+        if self.sandbox is not None:
+            self.sandbox.remember_tweets(tweet_ids)
+
     def close(self) -> None:
         if self.sandbox is not None:
             self.sandbox.stop()
