@@ -27,13 +27,19 @@ GSM7_BASIC = frozenset(
 GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
 
 
+_DOMAIN_DOT = re.compile(r"[A-Za-z0-9]\.[A-Za-z0-9]")
+
+
 def tweet_length(text: str) -> int:
     """Twitter's weighted length of `text` (NFC-normalised).
 
-    Exact fast path: printable ASCII with no '.' holds no URL (a URL needs a dotted domain)
-    and no emoji, and every ASCII character weighs 1, so the weight is the length. Anything
-    else goes to twitter-text, which is also the tests' oracle for the fast path."""
-    if text.isascii() and "." not in text and text.isprintable():
+    Exact fast path: in ASCII text every character weighs 1 and there is no emoji, so only
+    a URL could change the weight. A URL needs a domain, and in ASCII a domain's dot has a
+    letter or digit on both sides; text with no such dot and no '://' (sentences ending in
+    '.', newlines) weighs its length. Anything else goes to twitter-text, which is also the
+    tests' oracle for the fast path."""
+    if text.isascii() and "://" not in text and text.replace("\n", " ").isprintable() \
+            and not _DOMAIN_DOT.search(text):
         return len(text)
     from twitter_text import parse_tweet
 

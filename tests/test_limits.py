@@ -158,6 +158,15 @@ def test_fast_path_and_word_additivity_agree_with_twitter_text() -> None:
     for _ in range(3000):  # printable ASCII: the fast path
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
         assert tweet_length(text) == parse_tweet(text).weightedLength, text
+    # Sentences, dots and newlines near words, look-alikes of domains and schemes: the fast
+    # path takes what has no domain-like dot, the library the rest; both must agree.
+    pieces = ["Power", "is", "back", "LON-2", "v1", "2", "ops", "acme", "example", "co", "uk",
+              "http", "https", "www", "a", "Z9", "x_"]
+    glue = [". ", ".", " ", "\n", "...", ": ", "://", "/", "@", "-", ", ", ".\n", "(", ")"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) + rng.choice(glue)
+                       for _ in range(rng.randint(1, 12)))
+        assert tweet_length(text) == parse_tweet(text).weightedLength, repr(text)
     for _ in range(1500):  # mixed words: weight = words' weights + spaces
         words = [rng.choice(_VOCAB) for _ in range(rng.randint(1, 12))]
         words = [w for w in words if w.split() == [w]] or ["x"]
