@@ -28,7 +28,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel, Health
-from incident_notify.contacts import ContactSet
 from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
 from incident_notify.errors import (
     AbortedError,
@@ -52,6 +51,7 @@ from incident_notify.playbook import Playbook, channels_with_fallbacks, load_pla
 from incident_notify.runtime import Runtime
 
 if TYPE_CHECKING:
+    from incident_notify.contacts import ContactSet
     from incident_notify.optouts import OptOutStore
     from incident_notify.render import Renderer
 

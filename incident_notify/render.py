@@ -234,7 +234,6 @@ def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
     import threading
 
     token = _WATCHDOG.arm(MAX_RENDER_S)
-    fired = False
     try:
         try:
             out: list[str] = []
@@ -253,8 +252,7 @@ def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
                 template.environment.handle_exception()
             return "".join(out)
         finally:
-            fired = _WATCHDOG.disarm(token)
-            if fired:  # clear an exception set but not yet delivered
+            if _WATCHDOG.disarm(token):  # clear an exception set but not yet delivered
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(threading.get_ident()), None)
     except RenderLimit as exc:

@@ -101,11 +101,6 @@ class Environment:
         """Diagnostics: warnings, failover notes, progress, errors."""
         return self._console(self.stderr)
 
-    def info(self, message: str) -> None:
-        """A progress/info line for humans; silent with --quiet."""
-        if not self.quiet:
-            self.console().print(message)
-
     def emit_json(self, command: str, data: Any, *, exit_code: int = 0,
                   errors: list[dict[str, Any]] | None = None) -> None:
         """Write the one JSON document of this command to stdout."""

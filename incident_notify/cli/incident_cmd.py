@@ -100,6 +100,7 @@ def sending_command(*, recorded_playbook: bool = True) -> Callable[[Callable[...
 
         def command(**kwargs: Any) -> None:
             options = SendOptions(**{p.name: kwargs.pop(p.name) for p in shared})
+            environment(kwargs["ctx"]).json = options.json
             fn(send=options, **kwargs)
 
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
@@ -123,7 +124,6 @@ def _send(ctx: typer.Context, command: str, send: SendOptions,
     )
 
     env = environment(ctx)
-    env.json = send.json
     with runtime(send.audit_log, send.sandbox, send.secrets) as rt:
         sandboxed = rt.sandbox is not None
         if sandboxed:
@@ -151,7 +151,6 @@ def _change(ctx: typer.Context, command: str, send: SendOptions, incident: str,
     from incident_notify import lifecycle
     from incident_notify.messages import parse_set
 
-    environment(ctx).json = send.json
     values = parse_set(sets or [])
     step = {"update": lifecycle.update, "resolve": lifecycle.resolve,
             "reopen": lifecycle.reopen}[command]
@@ -180,7 +179,6 @@ def declare(
     from incident_notify.messages import collect_variables
     from incident_notify.playbook import load_playbook
 
-    environment(ctx).json = send.json
     pb = load_playbook(playbook)  # once: its variables here, then the declaration
     values = collect_variables(pb, sets or [], vars_file)
     _send(ctx, "declare", send, lambda rt, confirm, progress: lifecycle.declare(

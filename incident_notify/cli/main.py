@@ -54,8 +54,7 @@ def main(
 ) -> None:
     """Incident mass notification from YAML playbooks."""
     env = environment(ctx)
-    env.debug = env.debug or debug
-    env.quiet = quiet
+    env.debug, env.quiet = debug, quiet
 
 
 def _register() -> None:
@@ -176,7 +175,7 @@ def invoke(argv: list[str], env: Environment) -> int:
     except _ClickException as exc:  # usage errors: click's own message, exit 2
         exc.show(file=env.stderr)
         return int(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         env.err_console().print("interrupted.", markup=False)
         return int(ExitCode.INTERRUPTED)
     except IncidentNotifyError as exc:
@@ -185,9 +184,6 @@ def invoke(argv: list[str], env: Environment) -> int:
 
             traceback.print_exc(file=env.stderr)
         return report_error(env, exc, command)
-    except KeyboardInterrupt:
-        env.err_console().print("interrupted.", markup=False)
-        return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`| head`): end quietly, and keep Python from complaining
         # again when it flushes stdout at exit.
