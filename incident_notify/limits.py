@@ -15,6 +15,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 TWEET_MAX = 280
 DM_MAX = 10_000
@@ -33,17 +34,89 @@ _DOMAIN_DOT = re.compile(r"[A-Za-z0-9]\.[A-Za-z0-9]")
 def tweet_length(text: str) -> int:
     """Twitter's weighted length of `text` (NFC-normalised).
 
-    Exact fast path: in ASCII text every character weighs 1 and there is no emoji, so only
-    a URL could change the weight. A URL needs a domain, and in ASCII a domain's dot has a
-    letter or digit on both sides; text with no such dot and no '://' (sentences ending in
-    '.', newlines) weighs its length. Anything else goes to twitter-text, which is also the
-    tests' oracle for the fast path."""
-    if text.isascii() and "://" not in text and text.replace("\n", " ").isprintable() \
-            and not _DOMAIN_DOT.search(text):
-        return len(text)
-    from twitter_text import parse_tweet
+    Exact fast paths for printable ASCII, where every character weighs 1 and there is no
+    emoji, so only a URL can change the weight: text with no domain-like dot (a letter or
+    digit on both sides) and no '://' weighs its length; other ASCII text weighs its length
+    with each URL that twitter-text's own extractor finds counted 23 (the library's
+    extractor alone, a fifth of its import). Anything else goes to the whole library, which
+    is also the tests' oracle for both fast paths."""
+    if text.isascii() and text.replace("\n", " ").isprintable():
+        if "://" not in text and not _DOMAIN_DOT.search(text):
+            return len(text)
+        return _ascii_weight_with_urls(text)
+    return int(_parse_tweet()(unicodedata.normalize("NFC", text)).weightedLength)
 
-    return int(parse_tweet(unicodedata.normalize("NFC", text)).weightedLength)
+
+def _ascii_weight_with_urls(text: str) -> int:
+    """parse_tweet's count for printable ASCII: its loop, with its URL entities, where every
+    other character weighs 1 (twitter-text's first range, 0-4351, weighs 100/100)."""
+    urls = {u["indices"][0]: u["url"] for u in _url_extractor()(text)}
+    weight = i = 0
+    n = len(text)
+    while i < n:
+        url = urls.get(i)
+        if url is None:
+            weight += 1
+            i += 1
+        else:
+            weight += 23
+            i += len(url)
+    return weight
+
+
+_TWITTER_TEXT_URLS = "_incident_notify_twitter_text_urls"
+
+
+@lru_cache(maxsize=1)
+def _url_extractor() -> Any:
+    """twitter-text's `extract_urls_with_indices`, loaded without the package's __init__
+    (which compiles the emoji tables and imports pkg_resources: 0.8-1.2 s): its modules are
+    loaded under a private package name pointing at the same files."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("twitter_text")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("twitter_text", name="twitter_text")
+    if _TWITTER_TEXT_URLS not in sys.modules:
+        package = types.ModuleType(_TWITTER_TEXT_URLS)
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules[_TWITTER_TEXT_URLS] = package
+    return importlib.import_module(f"{_TWITTER_TEXT_URLS}.extract_urls").\
+        extract_urls_with_indices
+
+
+@lru_cache(maxsize=1)
+def _parse_tweet() -> Any:
+    """twitter-text's `parse_tweet`. The library reads its emoji table through
+    pkg_resources, which setuptools 81 no longer ships and which costs a scan of every
+    installed distribution: a stand-in serving that one call is in place while it imports."""
+    import sys
+    import types
+
+    if "twitter_text" in sys.modules or "pkg_resources" in sys.modules:
+        from twitter_text import parse_tweet
+
+        return parse_tweet
+    shim = types.ModuleType("pkg_resources")
+
+    def resource_string(module_name: str, resource: str) -> bytes:
+        from pathlib import Path
+
+        module_file = sys.modules[module_name].__file__
+        assert module_file is not None
+        return (Path(module_file).parent / resource).read_bytes()
+
+    shim.resource_string = resource_string  # type: ignore[attr-defined]
+    sys.modules["pkg_resources"] = shim
+    try:
+        from twitter_text import parse_tweet
+    finally:
+        if sys.modules.get("pkg_resources") is shim:
+            del sys.modules["pkg_resources"]
+    return parse_tweet
 
 
 @lru_cache(maxsize=8192)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import unicodedata
+from typing import Any
 
 import pytest
 
@@ -133,11 +134,24 @@ def test_dm_and_email_limits() -> None:
     assert check_email("ok", "é" * 500)  # 1,000 bytes in one line
 
 
-def test_twitter_text_imports_in_a_fresh_interpreter() -> None:
-    # twitter-text-parser imports pkg_resources; pyproject pins setuptools<81 for that.
-    proc = subprocess.run([sys.executable, "-c", "import twitter_text; print('ok')"],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+def test_the_library_loads_without_pkg_resources_in_a_fresh_interpreter() -> None:
+    # twitter-text-parser imports pkg_resources, which setuptools 81 no longer ships: with
+    # it made unimportable, both the URL extractor and the whole library still load.
+    code = (
+        "import sys\n"
+        "class Gone:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pkg_resources': raise ModuleNotFoundError(name=name)\n"
+        "sys.meta_path.insert(0, Gone())\n"
+        "from incident_notify.limits import tweet_length\n"
+        "a = tweet_length('see https://example.com/x now')\n"
+        "assert 'twitter_text' not in sys.modules, 'the URL path imported the whole library'\n"
+        "b = tweet_length('\u65e5\u672c \U0001F600 https://example.com')\n"
+        "print(a, b, 'pkg_resources' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["31", "31", "False"]
 
 
 # ------------------------------------------------------------------ the fast path's oracle
@@ -175,6 +189,66 @@ def test_fast_path_and_word_additivity_agree_with_twitter_text() -> None:
 
         expected = parse_tweet(unicodedata.normalize("NFC", joined)).weightedLength
         assert sum(word_weight(w) for w in words) + len(words) - 1 == expected, joined
+
+
+_URL_PARTS = {
+    "scheme": ["", "", "http://", "https://", "HTTPS://", "ftp://", "https:/", "://"],
+    "host": ["acme", "status.acme", "www.acme", "t", "a-b", "x_y", "-bad", "sub.sub.acme",
+             "ACME", "a" * 64, "1.2.3", "localhost", "status.acme.example", "t.co"],
+    "tld": [".com", ".org", ".io", ".co.uk", ".dev", ".example", ".invalid", ".jp", ".c",
+            ".app", ".COM", ".museum", "", ".xn--p1ai", ".co"],
+    "port": ["", "", "", ":8080", ":", ":99999"],
+    "path": ["", "", "/", "/i/4321", "/a/b/", "/p?x=1", "/p?x=1&y=2.", "/(x)", "/a.b",
+             "/~u", "/%20", "/a#frag", "?q=1", "/" + "p" * 40],
+    "before": ["", " ", " ", "\n", "(", "@", "$", "#", "x", ".", "/", "\"", "-"],
+    "after": ["", " ", " ", ".", ",", ")", "!", "?", ":", "\n", "...", "'", "/"],
+}
+
+
+def _random_url_text(rng: Any, extra: list[str]) -> str:
+    """Text made of words and URL look-alikes: with and without a scheme, bare domains,
+    real and unknown TLDs, ports, paths, queries, and punctuation on either side."""
+    out = []
+    for _ in range(rng.randint(1, 6)):
+        if rng.random() < 0.35:
+            out.append(rng.choice(extra))
+            continue
+        p = _URL_PARTS
+        out.append(rng.choice(p["before"]) + rng.choice(p["scheme"]) + rng.choice(p["host"])
+                   + rng.choice(p["tld"]) + rng.choice(p["port"]) + rng.choice(p["path"])
+                   + rng.choice(p["after"]))
+    return rng.choice(["", " "]).join(out) if rng.random() < 0.2 else " ".join(out)
+
+
+def test_urls_in_ascii_text_weigh_as_twitter_text_says() -> None:
+    import random
+
+    from twitter_text import parse_tweet
+
+    from incident_notify.limits import _ascii_weight_with_urls
+
+    rng = random.Random(2611)
+    words = ["Power", "is", "back", "see", "LON-2", "v1.2", "e.g.", "ops", "a.b", "x", "50%"]
+    for _ in range(2500):  # printable ASCII with URL candidates: the extractor path
+        text = _random_url_text(rng, words)
+        expected = parse_tweet(text).weightedLength
+        assert tweet_length(text) == expected, repr(text)
+        if text.replace("\n", " ").isprintable():
+            assert _ascii_weight_with_urls(text) == expected, repr(text)
+
+
+def test_mixed_scripts_emoji_and_urls_weigh_as_twitter_text_says() -> None:
+    import random
+
+    from twitter_text import parse_tweet
+
+    rng = random.Random(1126)
+    for _ in range(1500):  # CJK, ZWJ sequences, combining marks, next to URLs and domains
+        text = _random_url_text(rng, _VOCAB)
+        if rng.random() < 0.5:
+            text = unicodedata.normalize("NFD", text)
+        assert tweet_length(text) == parse_tweet(
+            unicodedata.normalize("NFC", text)).weightedLength, repr(text)
 
 
 @pytest.mark.parametrize("seed", range(6))
