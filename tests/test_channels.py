@@ -320,6 +320,52 @@ def test_channels_check_sandbox_healthy_then_twitter_down(sandbox: Any) -> None:
     assert all("healthy" in line for line in proc.stdout.splitlines() if "customer_sms" in line)
 
 
+@pytest.mark.parametrize("sender", ["Öps <ops@acme.example>", "ops@acme.example",
+                                    "Acme Status Desk <status@acme.example>"])
+def test_recipient_headers_written_directly_are_the_ones_build_folds(
+        monkeypatch: pytest.MonkeyPatch, sender: str) -> None:
+    """The per-recipient header fast path gives byte for byte the message `build` and the
+    email generator give, for plain and awkward recipients, subjects and threads (the
+    awkward ones go through `build`); only the MIME boundary is random."""
+    import re as re_
+    from datetime import UTC, datetime
+
+    from incident_notify.channels import email as email_module
+    from incident_notify.channels.base import ChannelSpec, Delivery, OutgoingMessage
+
+    monkeypatch.setattr(email_module, "time_now",
+                        lambda: datetime(2026, 11, 26, 9, 5, 7, tzinfo=UTC))
+    for options in ({}, {"reply_to": "desk@acme.example",
+                         "list_unsubscribe": "mailto:unsub@acme.example"}):
+        spec = ChannelSpec(name="e", type="email", sender=sender, options=options)
+        ch = email_module.EmailChannel(spec, {"INCIDENT_NOTIFY_SMTP_URL": "smtp://127.0.0.1:25"})
+        recipients = ["a@b.example", "first.last+tag@sub.example.org", "ü@b.example",
+                      "x" * 70 + "@b.example", '"quoted name"@b.example', "a..b@b.example",
+                      "o'brien@b.example", "UPPER@B.EXAMPLE", ".lead@b.example"]
+        subjects = [None, "", "Power loss at LON-2", "Sübject " * 12, "x" * 120,
+                    "line\nbreak"]
+        threads = [(None, ()), ("<r@acme.example>", ()),
+                   ("<r@acme.example>", ("<a@acme.example>", "<b@acme.example>") * 4)]
+        fast = 0
+        for i, (recipient, subject, (reply_to, refs)) in enumerate(
+                (r, sub, t) for r in recipients for sub in subjects for t in threads):
+            d = Delivery(key=f"k{i}", incident_id="INC-20261126-001", update_no=1,
+                         channel="e", recipient=recipient,
+                         message=OutgoingMessage(text="Hello\nline 2", subject=subject,
+                                                 html="<p>hi</p>" if i % 2 else None),
+                         reply_to=reply_to, thread_refs=refs)
+            fast += ch._recipient_headers(d) is not None
+            shared, shared_options = ch.flatten(d)
+            whole, whole_options = email_module._flatten(ch.build(d), ch.from_addr, recipient)
+
+            def plain(m: bytes) -> bytes:
+                return re_.sub(rb'==+[0-9]+==', b"BOUNDARY", m)
+
+            assert plain(shared) == plain(whole), (recipient, subject, reply_to)
+            assert shared_options == whole_options
+        assert fast >= len(subjects) * len(threads) * 4  # the plain recipients went fast
+
+
 def test_an_email_built_from_the_shared_body_is_the_whole_message() -> None:
     """Each recipient's headers joined to a body flattened once per text: the same
     message, header for header and part for part, as flattening the whole message."""

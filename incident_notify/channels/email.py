@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import smtplib
 import socket
 import ssl
@@ -48,6 +49,10 @@ from incident_notify.channels.base import (
 from incident_notify.errors import ConfigError
 
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
+"""An ASCII address the email policy writes back exactly as given (no quoting, no
+encoding): a dot-atom local part at a plain domain."""
 
 
 class EmailOptions(ChannelOptions):
@@ -87,6 +92,7 @@ class EmailChannel(Channel):
         self._bodies: dict[tuple[str, str | None], bytes] = {}
         """The MIME body (its content headers and parts) of each message text, flattened
         once: every recipient of an update gets the same body under their own headers."""
+        self._shared_headers: dict[tuple[object, ...], tuple[bytes, bytes, bytes]] = {}
 
     def _endpoint(self) -> tuple[str, int, str]:
         url = self.secrets.get("INCIDENT_NOTIFY_SMTP_URL") or \
@@ -218,12 +224,78 @@ class EmailChannel(Channel):
         """The message for one recipient as SMTP sends it: their headers, then the body
         shared by every recipient of the same text (identical to flattening the whole
         message, at a fraction of the cost)."""
-        headers, options = _flatten(self.build(delivery, body=False), self.from_addr,
-                                    delivery.recipient)
+        fast = self._recipient_headers(delivery)
+        if fast is not None:
+            headers, options = fast
+        else:
+            headers, options = _flatten(self.build(delivery, body=False), self.from_addr,
+                                        delivery.recipient)
         if not headers.endswith(b"\r\n\r\n"):  # never seen; the whole message then
             return _flatten(self.build(delivery), self.from_addr, delivery.recipient)
         return headers[:-2] + self._body(delivery.message.text, delivery.message.html), \
             options
+
+    def _recipient_headers(self, delivery: Delivery) -> tuple[bytes, list[str]] | None:
+        """The header block `build` makes, without building a message per recipient: the
+        headers every recipient of an update shares are folded once (each header folds on
+        its own, so folding them apart gives the same lines), and the three that differ
+        (To, Date, Message-ID) are written directly when they are plain ASCII short enough
+        never to fold. None sends the recipient through `build` instead."""
+        recipient = delivery.recipient
+        message_id = self.message_id(delivery.key)
+        to_line = f"To: {recipient}\r\n"
+        id_line = f"Message-ID: {message_id}\r\n"
+        if len(to_line) > 80 or len(id_line) > 80 or not _PLAIN_ADDRESS.match(recipient) \
+                or not _PLAIN_ADDRESS.match(message_id[1:-1]):
+            return None
+        refs = list(delivery.thread_refs)
+        if delivery.reply_to and delivery.reply_to not in refs:
+            refs.append(delivery.reply_to)
+        key = (delivery.message.subject, delivery.reply_to, tuple(refs), delivery.incident_id)
+        with self._lock:
+            shared = self._shared_headers.get(key)
+        if shared is None:
+            shared = self._fold_shared(delivery, refs)
+            with self._lock:
+                if len(self._shared_headers) > 64:
+                    self._shared_headers.clear()
+                self._shared_headers[key] = shared
+        head, subject, tail = shared
+        date_line = f"Date: {format_datetime(time_now())}\r\n"
+        options = [] if self.from_addr.isascii() else ["SMTPUTF8", "BODY=8BITMIME"]
+        return (b"".join((head, to_line.encode(), subject, date_line.encode(),
+                          id_line.encode(), tail, b"\r\n")), options)
+
+    def _fold_shared(self, delivery: Delivery, refs: list[str]) -> tuple[bytes, bytes, bytes]:
+        """From; Subject; and In-Reply-To through List-Unsubscribe: each folded as `build`
+        folds them, in its order."""
+        m = delivery.message
+        pieces = []
+        for names in (("From",), ("Subject",),
+                      ("In-Reply-To", "References", "Auto-Submitted", "X-Incident-Id",
+                       "Reply-To", "List-Unsubscribe")):
+            msg = EmailMessage()
+            for name in names:
+                if name == "From":
+                    msg[name] = Address(self.from_name, addr_spec=self.from_addr) \
+                        if self.from_name else self.from_addr
+                elif name == "Subject":
+                    msg[name] = (m.subject or "").replace("\r", " ").replace("\n", " ")
+                elif name == "In-Reply-To" and delivery.reply_to:
+                    msg[name] = delivery.reply_to
+                elif name == "References" and refs:
+                    msg[name] = " ".join(refs)
+                elif name == "Auto-Submitted":
+                    msg[name] = "auto-generated"
+                elif name == "X-Incident-Id":
+                    msg[name] = delivery.incident_id
+                elif name == "Reply-To" and self.options.reply_to:
+                    msg[name] = self.options.reply_to
+                elif name == "List-Unsubscribe" and self.options.list_unsubscribe:
+                    msg[name] = f"<{self.options.list_unsubscribe}>"
+            flat, _ = _flatten(msg, self.from_addr, self.from_addr)
+            pieces.append(flat[:-2])  # without the blank line that ends a header block
+        return pieces[0], pieces[1], pieces[2]
 
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         """One SMTP transaction: MAIL and RCPT first (refusals there are definite answers,
