@@ -85,7 +85,7 @@ def main() -> int:
                 received = len(json.loads(r1.read())["received"]) + \
                     len(json.loads(r2.read())["received"])
         finally:
-            server.send_signal(signal.SIGINT)
+            server.send_signal(signal.SIGTERM)  # SIGINT is ignored when started in the background
             server.wait(timeout=30)
         assert outcome.verdict is not None and outcome.result is not None
         result = outcome.result

@@ -28,6 +28,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from incident_notify.audit_index import (
+    SAVE_AFTER_BYTES,
+    AuditIndex,
+    IndexMismatch,
+    incident_of,
+    index_path,
+    read_runs,
+)
+from incident_notify.audit_index import save as save_index
 from incident_notify.audit_schema import is_int, record_problem
 from incident_notify.errors import AuditError
 
@@ -166,6 +175,10 @@ class AuditLog:
         self._fd: int | None = None
         self._tail: _Tail | None = None
         self._head_fd: int | None = None
+        self._index: AuditIndex | None = None
+        self.use_index = True
+        """Read one incident's records through the index beside the log (tests of the
+        index compare both ways)."""
 
     @property
     def head_path(self) -> Path:
@@ -388,7 +401,8 @@ class AuditLog:
         # appears verbatim in its line: lines without it are skipped unparsed. A match is
         # still parsed and checked, so a look-alike inside a payload is never taken for it.
         event_needle = b'"event":"' + event_prefix.encode() if event_prefix else None
-        for number, raw in self._lines():
+        indexed = self._indexed_lines(incident, incidents)
+        for number, raw in indexed if indexed is not None else self._lines():
             if incident is not None and incident.encode() not in raw:
                 continue
             if event_needle is not None and event_needle not in raw:
@@ -409,6 +423,8 @@ class AuditLog:
             except (ValueError, KeyError, TypeError):
                 problem = "not a valid audit record"
             if problem is not None:
+                if indexed is not None:  # (an offset there: say the line number)
+                    number = self._line_number(number)
                 raise AuditError(f"{self.path}:{number}: {problem}",
                                  hint="run 'incident-notify audit verify' to check the log")
             if incident is not None and rec.incident != incident:
@@ -422,6 +438,97 @@ class AuditLog:
             if since_s is not None and rec.ts < since_s:
                 continue
             yield rec
+
+    # ------------------------------------------------------------------ the index
+    def index(self) -> AuditIndex:
+        """The index beside the log, checked against the log as it is now and brought up
+        to date: loaded when its last line is still where it says, else rebuilt; the
+        records appended since are scanned; saved again when that tail was large."""
+        try:
+            handle = os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb")
+        except FileNotFoundError:
+            return AuditIndex()
+        except OSError as exc:
+            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}") \
+                from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            index = self._index
+            if index is None or not _index_holds(handle, index, size):
+                index = self._load_index(handle, size)
+            start, fresh = index.covered, index.covered == 0
+            if size > start:
+                handle.seek(start)
+                offset, last = start, b""
+                for raw in handle:
+                    if not raw.endswith(b"\n"):
+                        break  # a torn last line: not a record (yet)
+                    index.add_line(offset, raw)
+                    offset += len(raw)
+                    last = raw
+                if last:
+                    index.last_hash = _line_hash(last)
+                if index.covered - start >= SAVE_AFTER_BYTES or (fresh and index.covered):
+                    save_index(index_path(self.path), index)
+            self._index = index
+            return index
+
+    def _load_index(self, handle: Any, size: int) -> AuditIndex:
+        path = index_path(self.path)
+        try:
+            fd = _open_regular(path, os.O_RDONLY)
+        except OSError:
+            return AuditIndex()
+        with os.fdopen(fd, "rb") as f:
+            loaded = AuditIndex.from_json(f.read())
+        if loaded is None or not _index_holds(handle, loaded, size):
+            return AuditIndex()  # rebuilt from the log by the caller
+        return loaded
+
+    def _indexed_lines(self, incident: str | None,
+                       incidents: Collection[str] | None) -> Iterator[tuple[int, bytes]] | None:
+        """(byte offset, line) of the wanted incidents' records, in log order, read through
+        the index; None to read the whole log (no incident filter, the index off, or an
+        index that pointed at another incident's record: it is then removed, and rebuilt
+        by the next reader). Every run is checked to hold only wanted records before the
+        first is handed out, so a reader never switches source half-way."""
+        if not self.use_index or (incident is None and incidents is None):
+            return None
+        wanted = {incident} if incident is not None else set(incidents or ())
+        index = self.index()
+        runs = sorted(run for i in wanted if (e := index.incidents.get(i)) for run in e.runs)
+        try:
+            with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
+                holds = all(incident_of(raw) in wanted for _, raw in read_runs(handle, runs))
+        except FileNotFoundError:
+            return iter(())
+        except (OSError, IndexMismatch):
+            holds = False
+        if holds:
+            return self._read_runs(runs)
+        self._index = None
+        try:
+            index_path(self.path).unlink()
+        except OSError:
+            pass
+        return None
+
+    def _read_runs(self, runs: list[list[int]]) -> Iterator[tuple[int, bytes]]:
+        with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
+            yield from read_runs(handle, runs)
+
+    def _line_number(self, offset: int) -> int:
+        with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
+            return handle.read(offset).count(b"\n") + 1
+
+    def incident_ids(self) -> dict[str, str | None]:
+        """Every incident in the log with its last lifecycle event (None: none yet), from
+        the index."""
+        return {i: e.last_lifecycle for i, e in self.index().incidents.items()}
+
+    def declared_ids(self) -> list[str]:
+        """The incidents with an incident.declared record, from the index."""
+        return [i for i, e in self.index().incidents.items() if e.declared]
 
     def verify(self, expected_head: str | None = None,
                since: Checkpoint | None = None) -> VerifyResult:
@@ -570,6 +677,18 @@ _INCIDENT_KEY = b'"incident":"'
 """Where a canonical line names its incident: the first such member at the top level (the
 members before it, actor, channel, event and hash, are plain strings)."""
 _HASH_KEY = b',"hash":"'
+
+
+def _index_holds(handle: Any, index: AuditIndex, size: int) -> bool:
+    """The log still holds, where the index says it ends, the line the index last saw."""
+    if index.covered == 0:
+        return True
+    if index.covered > size or index.last_hash is None:
+        return False
+    handle.seek(index.last_start)
+    raw = handle.read(index.covered - index.last_start)
+    return raw.endswith(b"\n") and b"\n" not in raw[:-1] and \
+        _line_hash(raw) == index.last_hash
 
 
 def _line_hash(raw: bytes) -> str | None:

@@ -100,10 +100,10 @@ def next_incident_id(rt: Runtime, today: datetime | None = None) -> str:
     day = (today or datetime.now(UTC)).strftime("%Y%m%d")
     prefix = f"INC-{day}-"
     highest = 0
-    for rec in rt.audit.records(event_prefix="incident.declared"):
-        if rec.incident and rec.incident.startswith(prefix):
+    for incident in rt.audit.declared_ids():
+        if incident.startswith(prefix):
             try:
-                highest = max(highest, int(rec.incident[len(prefix):]))
+                highest = max(highest, int(incident[len(prefix):]))
             except ValueError:
                 continue
     return f"{prefix}{highest + 1:04d}"

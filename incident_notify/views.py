@@ -46,10 +46,11 @@ def incident_summaries(rt: Runtime, incident: str | None,
     if include_resolved:
         states = list_incidents(rt.audit.records())
     else:
-        # The lifecycle records alone say which incidents are open (a byte pre-filter skips
-        # the rest unparsed); only the open ones are folded, in one more pass.
-        lifecycle = list_incidents(rt.audit.records(event_prefix="incident."))
-        open_ids = {i for i, s in lifecycle.items() if s.updates and s.status != "resolved"}
+        # The index beside the log knows each incident's last lifecycle event (a fold
+        # says "resolved" exactly when that is incident.resolved): only the open ones are
+        # read and folded.
+        open_ids = {i for i, last in rt.audit.incident_ids().items()
+                    if last is not None and last != "incident.resolved"}
         states = list_incidents(rt.audit.records(incidents=open_ids)) if open_ids else {}
     rows = [summary(s) for s in states.values()
             if s.updates and (include_resolved or s.status != "resolved")]

@@ -365,3 +365,120 @@ def test_reading_some_incidents_returns_exactly_theirs(tmp_path: Path) -> None:
     got = [r.incident for r in log.records(incidents={"INC-1", 'INC-"3'})]
     assert got == ["INC-1", 'INC-"3']
     assert [r.incident for r in log.records(incidents=set())] == []
+
+
+# ------------------------------------------------------------------ the index beside the log
+def _history(audit: AuditLog, incidents: int, seed: int, day: str = "20261126") -> list[str]:
+    """Interleaved incidents (two at a time, like concurrent commanders), some resolved,
+    some reopened, records without an incident between them."""
+    import random
+
+    rng = random.Random(seed)
+    ids = [f"INC-{day}-{n:04d}" for n in range(1, incidents + 1)]
+    life = {"stage": "investigating", "update_no": 1, "variables": {}, "message": ""}
+    for inc in ids:
+        audit.append("incident.declared", incident=inc, payload={**life, "playbook": "x"})
+    for _ in range(incidents * 6):
+        inc = rng.choice(ids)
+        event = rng.choice(["delivery.sent", "delivery.failed", "incident.updated",
+                            "incident.resolved", "incident.reopened", "channel.circuit_open"])
+        payload = {**life} if event.startswith("incident.") else \
+            {"provider_id": f"p{rng.random()}"}
+        audit.append(event, incident=inc, channel="team_sms", payload=payload)
+        if rng.random() < 0.1:  # no incident, but its id in the payload: a look-alike
+            audit.append("optout.added", payload={"incident": inc})
+    return ids
+
+
+def _through_both(audit: AuditLog, **filters: object) -> tuple[list[str], list[str]]:
+    audit.use_index = True
+    indexed = [r.hash for r in audit.records(**filters)]  # type: ignore[arg-type]
+    audit.use_index = False
+    scanned = [r.hash for r in audit.records(**filters)]  # type: ignore[arg-type]
+    audit.use_index = True
+    return indexed, scanned
+
+
+def test_reading_through_the_index_gives_exactly_what_reading_the_log_gives(
+        tmp_path: Path) -> None:
+    from incident_notify.incident import list_incidents
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    ids = _history(audit, 12, seed=5)
+    for inc in ids[:4]:
+        indexed, scanned = _through_both(audit, incident=inc)
+        assert indexed == scanned and indexed
+    indexed, scanned = _through_both(audit, incidents=set(ids[3:9]))
+    assert indexed == scanned and len(indexed) > 20
+    assert _through_both(audit, incident="INC-20261126-0999") == ([], [])
+    folded = list_incidents(AuditLog(tmp_path / "audit.jsonl").records())
+    lifecycle = audit.incident_ids()
+    assert set(lifecycle) == set(folded)
+    for inc, state in folded.items():
+        assert (lifecycle[inc] == "incident.resolved") == (state.status == "resolved")
+    assert sorted(audit.declared_ids()) == ids
+    assert (tmp_path / "audit.jsonl.index").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "stale", "truncated", "replaced",
+                                    "wrong-runs"])
+def test_an_index_that_does_not_match_the_log_is_never_believed(
+        tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    ids = _history(audit, 8, seed=7)
+    audit.index()  # saved beside the log
+    index_file = tmp_path / "audit.jsonl.index"
+    assert index_file.exists()
+    if damage == "missing":
+        index_file.unlink()
+    elif damage == "garbage":
+        index_file.write_bytes(b"{not json")
+    elif damage == "stale":
+        _history(audit, 3, seed=8)  # more records after the index was saved
+    elif damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2].rsplit(b"\n", 1)[0] + b"\n")
+    elif damage == "replaced":
+        path.unlink()
+        (tmp_path / "audit.jsonl.head").unlink(missing_ok=True)
+        _history(AuditLog(path), 10, seed=9, day="20261127")  # another, longer log
+    elif damage == "wrong-runs":
+        doc = json.loads(index_file.read_bytes())
+        a, b = ids[0], ids[1]
+        doc["incidents"][a][0], doc["incidents"][b][0] = \
+            doc["incidents"][b][0], doc["incidents"][a][0]
+        index_file.write_text(json.dumps(doc))
+    from incident_notify.incident import list_incidents
+
+    folded = list_incidents(AuditLog(path).records())
+    fresh = AuditLog(path)  # a new command: it reads the index file
+    assert set(fresh.incident_ids()) == set(folded), damage  # (what `status` asks first)
+    for inc in [*ids[:3], "INC-20261127-0001"]:
+        indexed, scanned = _through_both(fresh, incident=inc)
+        assert indexed == scanned, damage
+
+
+def test_a_saved_index_spares_the_next_command_the_scan(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from incident_notify import audit_index
+
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    _history(audit, 40, seed=11)
+    total = len(lines(audit))
+    AuditLog(path).index()  # the first reader builds and saves it
+    audit.append("incident.updated", incident="INC-20261126-0001", payload={
+        "stage": "identified", "update_no": 9, "variables": {}, "message": ""})
+    scanned: list[int] = []
+    original = audit_index.AuditIndex.add_line
+
+    def counting(self: audit_index.AuditIndex, start: int, raw: bytes) -> None:
+        scanned.append(start)
+        original(self, start, raw)
+
+    monkeypatch.setattr(audit_index.AuditIndex, "add_line", counting)
+    fresh = AuditLog(path)
+    records = list(fresh.records(incident="INC-20261126-0001"))
+    assert records[-1].payload["update_no"] == 9
+    assert len(scanned) == 1, f"{len(scanned)} of {total + 1} lines scanned"
