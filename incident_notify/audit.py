@@ -564,18 +564,25 @@ class AuditLog:
                                         "was rewritten)")
                 prev, seq, count, start_line = since.hash, since.seq, since.seq, since.seq + 1
                 offset = line_start = since.end
-            checked = 0
-            for number, raw in enumerate(handle, start=start_line):
-                if not raw.endswith(b"\n"):
+            checked, number = 0, start_line
+            while True:
+                lines = handle.readlines(_VERIFY_BLOCK)
+                if not lines:
+                    break
+                torn_line = not lines[-1].endswith(b"\n")
+                whole = lines[:-1] if torn_line else lines
+                passed, problem, seq, prev = _check_lines(whole, seq, prev)
+                count, checked, number = count + passed, checked + passed, number + passed
+                if passed:
+                    line_start = offset + sum(len(raw) for raw in whole[:passed - 1])
+                    offset = line_start + len(whole[passed - 1])
+                if problem:
+                    return VerifyResult(False, count, number, problem, head=prev)
+                if torn_line:
                     torn = True
                     return VerifyResult(False, count, number, "torn last line (a write was "
                                         "interrupted); the next append preserves it in a "
                                         "sidecar file", torn_tail=True, head=prev)
-                problem, data = _check_line(raw, seq, prev)
-                if problem:
-                    return VerifyResult(False, count, number, problem, head=prev)
-                prev, seq, count = data["hash"], data["seq"], count + 1
-                line_start, offset, checked = offset, offset + len(raw), checked + 1
         if head is None:
             if seq:
                 return VerifyResult(False, count, None, "the head file "
@@ -673,6 +680,8 @@ def _owner_only(fd: int, path: Path) -> None:
 
 
 _FIELD_SET = frozenset(FIELDS)
+_VERIFY_BLOCK = 1 << 20
+"""Bytes of lines `verify` checks at once."""
 _INCIDENT_KEY = b'"incident":"'
 """Where a canonical line names its incident: the first such member at the top level (the
 members before it, actor, channel, event and hash, are plain strings)."""
@@ -716,18 +725,57 @@ def _check_line(raw: bytes, seq: int, prev: str) -> tuple[str | None, dict[str, 
         return f"unknown schema {data['schema']!r}", data
     if canonical(data) + b"\n" != raw:
         return "not in canonical form (the line was altered)", data
+    return _check_chained(raw, data, seq, prev), data
+
+
+def _check_chained(raw: bytes, data: dict[str, Any], seq: int, prev: str) -> str | None:
+    """The checks after parsing: sequence, chain, hash, payload."""
     if data["seq"] != seq + 1:
         return (f"sequence {data['seq']} where {seq + 1} was expected (a record was removed "
-                "or reordered)"), data
+                "or reordered)")
     if data["prev"] != prev:
         return ("does not chain to the record before it (a record was removed, inserted or "
-                "reordered)"), data
+                "reordered)")
     if _line_hash(raw) != data["hash"]:
-        return "hash mismatch (the record was altered)", data
+        return "hash mismatch (the record was altered)"
     problem = record_problem(data)
     if problem:
-        return f"well chained but malformed: {problem}", data
-    return None, data
+        return f"well chained but malformed: {problem}"
+    return None
+
+
+def _check_lines(lines: list[bytes], seq: int,
+                 prev: str) -> tuple[int, str | None, int, str]:
+    """Check consecutive complete lines as `_check_line` does, the JSON work done for all
+    of them at once: one parse of the lines as one JSON array and one canonical encoding
+    of that array, compared with the lines' own bytes (equal exactly when every line is
+    one canonical record). Then per line: fields, schema, sequence, chain, hash, payload.
+    When the batch does not hold, the lines are checked one by one, which names the first
+    bad one with the same words. Returns (lines that passed, the first problem or None,
+    the seq and hash of the last passing record)."""
+    body = b"[" + b",".join([raw[:-1] for raw in lines]) + b"]"
+    try:
+        records = json.loads(body)
+        batch = len(records) == len(lines) and \
+            json.dumps(records, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False).encode() == body
+    except (UnicodeDecodeError, ValueError):
+        batch = False
+    for i, raw in enumerate(lines):
+        if batch:
+            data = records[i]
+            if type(data) is not dict or data.keys() != _FIELD_SET:
+                problem: str | None = "not an audit record (fields missing or added)"
+            elif data["schema"] != SCHEMA:
+                problem = f"unknown schema {data['schema']!r}"
+            else:
+                problem = _check_chained(raw, data, seq, prev)
+        else:
+            problem, data = _check_line(raw, seq, prev)
+        if problem:
+            return i, problem, seq, prev
+        seq, prev = data["seq"], data["hash"]
+    return len(lines), None, seq, prev
 
 
 def _default_actor() -> str:
