@@ -13,19 +13,16 @@ fsync), real twilio / smtplib clients over loopback HTTP / SMTP to an emulator p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._sandbox import Sandbox
 from incident_notify.config import Settings
 from incident_notify.lifecycle import declare
 from incident_notify.runtime import open_runtime
@@ -49,24 +46,10 @@ def main() -> int:
         # The emulators run in their own process (`incident-notify sandbox`), so the
         # figure measures the tool, not the tool and the emulators sharing one GIL.
         env = {**os.environ, "HOME": str(root / "home"), "XDG_STATE_HOME": str(root / "st")}
-        server = subprocess.Popen([sys.executable, "-m", "incident_notify", "sandbox"],
-                                  env=env, stdout=subprocess.PIPE, text=True)
+        sandbox = Sandbox(env)
         try:
-            control, token = "", ""
-            assert server.stdout is not None
-            for line in server.stdout:
-                if "INCIDENT_NOTIFY_SANDBOX_TOKEN=" in line:
-                    token = line.strip().split("=", 1)[1]
-                if "INCIDENT_NOTIFY_SANDBOX_CONTROL=" in line:
-                    control = line.strip().split("=", 1)[1]
-                if control and token:
-                    break
-            auth = {"Authorization": f"Bearer {token}"}
             for service in ("twilio", "smtp"):
-                req = urllib.request.Request(
-                    f"{control}/{service}/faults", method="POST", headers=auth,
-                    data=json.dumps({"latency_ms": args.latency_ms}).encode())
-                urllib.request.urlopen(req, timeout=5).read()
+                sandbox.faults(service, latency_ms=args.latency_ms)
             os.environ.update({"HOME": env["HOME"], "XDG_STATE_HOME": env["XDG_STATE_HOME"]})
             from incident_notify.sandbox import RemoteSandbox
 
@@ -78,15 +61,9 @@ def main() -> int:
             started = time.perf_counter()
             outcome = declare(rt, pb, {"site": "LON-2"})
             wall = time.perf_counter() - started
-            with urllib.request.urlopen(urllib.request.Request(
-                    f"{control}/twilio/received", headers=auth), timeout=30) as r1, \
-                    urllib.request.urlopen(urllib.request.Request(
-                        f"{control}/smtp/received", headers=auth), timeout=30) as r2:
-                received = len(json.loads(r1.read())["received"]) + \
-                    len(json.loads(r2.read())["received"])
+            received = sandbox.received("twilio") + sandbox.received("smtp")
         finally:
-            server.send_signal(signal.SIGTERM)  # SIGINT is ignored when started in the background
-            server.wait(timeout=30)
+            sandbox.stop()
         assert outcome.verdict is not None and outcome.result is not None
         result = outcome.result
         sent = outcome.verdict.total("sent")
