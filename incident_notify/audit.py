@@ -496,7 +496,10 @@ class AuditLog:
             return None
         wanted = {incident} if incident is not None else set(incidents or ())
         index = self.index()
-        runs = sorted(run for i in wanted if (e := index.incidents.get(i)) for run in e.runs)
+        try:
+            runs = sorted(run for i in wanted for run in index.runs(i))
+        except TypeError:  # a damaged entry
+            runs = [[-1, -1]]
         try:
             with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
                 holds = all(incident_of(raw) in wanted for _, raw in read_runs(handle, runs))
@@ -524,11 +527,11 @@ class AuditLog:
     def incident_ids(self) -> dict[str, str | None]:
         """Every incident in the log with its last lifecycle event (None: none yet), from
         the index."""
-        return {i: e.last_lifecycle for i, e in self.index().incidents.items()}
+        return {i: e[1] for i, e in self.index().incidents.items()}
 
     def declared_ids(self) -> list[str]:
         """The incidents with an incident.declared record, from the index."""
-        return [i for i, e in self.index().incidents.items() if e.declared]
+        return [i for i, e in self.index().incidents.items() if e[2] is True]
 
     def verify(self, expected_head: str | None = None,
                since: Checkpoint | None = None) -> VerifyResult:

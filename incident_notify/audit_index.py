@@ -43,14 +43,6 @@ class IndexMismatch(Exception):
 
 
 @dataclass
-class IncidentEntry:
-    runs: list[list[int]] = field(default_factory=list)
-    """[start, end) byte ranges of the log holding this incident's records, in order."""
-    last_lifecycle: str | None = None
-    declared: bool = False
-
-
-@dataclass
 class AuditIndex:
     covered: int = 0
     """Bytes of the log the index describes (always at a line end)."""
@@ -58,7 +50,22 @@ class AuditIndex:
     """Where the last covered line starts."""
     last_hash: str | None = None
     """That line's hash, to know the log is still the one indexed."""
-    incidents: dict[str, IncidentEntry] = field(default_factory=dict)
+    incidents: dict[str, list[Any]] = field(default_factory=dict)
+    """Incident id -> [runs, last lifecycle event or None, declared]: runs are the
+    [start, end) byte ranges of the log holding its records, in order. Kept as the JSON
+    file holds them (a year of incidents loads in one parse, no object per incident)."""
+
+    def runs(self, incident: str) -> list[list[int]]:
+        entry = self.incidents.get(incident)
+        return entry[0] if entry is not None else []
+
+    def last_lifecycle(self, incident: str) -> str | None:
+        entry = self.incidents.get(incident)
+        return entry[1] if entry is not None else None
+
+    def declared(self, incident: str) -> bool:
+        entry = self.incidents.get(incident)
+        return bool(entry[2]) if entry is not None else False
 
     # ------------------------------------------------------------------ building
     def add_line(self, start: int, raw: bytes) -> None:
@@ -68,41 +75,40 @@ class AuditIndex:
         if incident is not None:
             entry = self.incidents.get(incident)
             if entry is None:
-                entry = self.incidents[incident] = IncidentEntry()
-            if entry.runs and entry.runs[-1][1] == start:
-                entry.runs[-1][1] = end
+                entry = self.incidents[incident] = [[], None, False]
+            runs = entry[0]
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = end
             else:
-                entry.runs.append([start, end])
+                runs.append([start, end])
             event = _event_of(raw)
             if event in _LIFECYCLE:
-                entry.last_lifecycle = event.decode()
+                entry[1] = event.decode()
                 if event == b"incident.declared":
-                    entry.declared = True
+                    entry[2] = True
         self.covered, self.last_start = end, start
 
     # ------------------------------------------------------------------ file
     def to_json(self) -> bytes:
         return json.dumps({
             "version": INDEX_VERSION, "covered": self.covered, "last_start": self.last_start,
-            "last_hash": self.last_hash,
-            "incidents": {i: [e.runs, e.last_lifecycle, e.declared]
-                          for i, e in self.incidents.items()},
+            "last_hash": self.last_hash, "incidents": self.incidents,
         }, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> AuditIndex | None:
+        """The index in a file, or None when it is not one (the caller rebuilds). Entries
+        are checked for their shape where they are used (`read_runs`)."""
         try:
             doc = json.loads(data)
-            if doc.get("version") != INDEX_VERSION:
+            if doc.get("version") != INDEX_VERSION or not isinstance(doc["incidents"], dict):
                 return None
             index = cls(covered=int(doc["covered"]), last_start=int(doc["last_start"]),
-                        last_hash=doc["last_hash"])
-            for incident, (runs, last, declared) in doc["incidents"].items():
-                index.incidents[str(incident)] = IncidentEntry(
-                    [[int(s), int(e)] for s, e in runs], last, bool(declared))
+                        last_hash=doc["last_hash"], incidents=doc["incidents"])
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        if not 0 <= index.last_start <= index.covered:
+        if not 0 <= index.last_start <= index.covered or \
+                not all(type(e) is list and len(e) == 3 for e in index.incidents.values()):
             return None
         return index
 
@@ -138,8 +144,13 @@ def index_path(log_path: Path) -> Path:
 
 
 def read_runs(handle: Any, runs: list[list[int]]) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) of every line in `runs` of an open log file."""
-    for start, end in runs:
+    """(byte offset, line) of every line in `runs` of an open log file; IndexMismatch
+    when a run is not a range of whole lines there."""
+    for run in runs:
+        if type(run) is not list or len(run) != 2 or type(run[0]) is not int \
+                or type(run[1]) is not int or not 0 <= run[0] < run[1]:
+            raise IndexMismatch
+        start, end = run
         handle.seek(start)
         block = handle.read(end - start)
         if len(block) != end - start or not block.endswith(b"\n"):

@@ -143,8 +143,9 @@ def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
     directory.mkdir(parents=True, exist_ok=True)
     rows = ["id,name,email,phone,twitter,channels,groups,tags"]
     for i in range(people):
-        rows.append(f"p{i:05d},Person {i},person{i}@example.com,+1202555{i:04d},,"
-                    f"sms;email,team,")
+        # Past 10,000 people the area code moves on (202, 203, ...: all valid NANP codes).
+        rows.append(f"p{i:05d},Person {i},person{i}@example.com,+1{202 + i // 10_000}555"
+                    f"{i % 10_000:04d},,sms;email,team,")
     for i in range(subscribers):
         rows.append(f"s{i:05d},Subscriber {i},sub{i}@example.org,+1415555{i:04d},,"
                     f"sms;email,,status-subscriber")
