@@ -490,8 +490,9 @@ class AuditLog:
         """(byte offset, line) of the wanted incidents' records, in log order, read through
         the index; None to read the whole log (no incident filter, the index off, or an
         index that pointed at another incident's record: it is then removed, and rebuilt
-        by the next reader). Every run is checked to hold only wanted records before the
-        first is handed out, so a reader never switches source half-way."""
+        by the next reader). Every run that came from the index file is checked to hold
+        only wanted records before the first is handed out, so a reader never switches
+        source half-way."""
         if not self.use_index or (incident is None and incidents is None):
             return None
         wanted = {incident} if incident is not None else set(incidents or ())
@@ -500,9 +501,12 @@ class AuditLog:
             runs = sorted(run for i in wanted for run in index.runs(i))
         except TypeError:  # a damaged entry
             runs = [[-1, -1]]
-        try:
+        from_file = [run for run in runs if type(run) is not list or not run
+                     or type(run[0]) is not int or run[0] < index.read_from_file]
+        try:  # (runs this process indexed itself need no second look)
             with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
-                holds = all(incident_of(raw) in wanted for _, raw in read_runs(handle, runs))
+                holds = all(incident_of(raw) in wanted
+                            for _, raw in read_runs(handle, from_file))
         except FileNotFoundError:
             return iter(())
         except (OSError, IndexMismatch):

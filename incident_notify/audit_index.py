@@ -50,6 +50,9 @@ class AuditIndex:
     """Where the last covered line starts."""
     last_hash: str | None = None
     """That line's hash, to know the log is still the one indexed."""
+    read_from_file: int = 0
+    """Below this offset the runs came from the index file (checked before use); above it
+    this process indexed the log's bytes itself. Not saved."""
     incidents: dict[str, list[Any]] = field(default_factory=dict)
     """Incident id -> [runs, last lifecycle event or None, declared]: runs are the
     [start, end) byte ranges of the log holding its records, in order. Kept as the JSON
@@ -105,6 +108,7 @@ class AuditIndex:
                 return None
             index = cls(covered=int(doc["covered"]), last_start=int(doc["last_start"]),
                         last_hash=doc["last_hash"], incidents=doc["incidents"])
+            index.read_from_file = index.covered
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
         if not 0 <= index.last_start <= index.covered or \
