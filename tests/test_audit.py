@@ -482,3 +482,45 @@ def test_a_saved_index_spares_the_next_command_the_scan(tmp_path: Path,
     records = list(fresh.records(incident="INC-20261126-0001"))
     assert records[-1].payload["update_no"] == 9
     assert len(scanned) == 1, f"{len(scanned)} of {total + 1} lines scanned"
+
+
+def test_the_fast_payload_check_agrees_with_the_exact_one(tmp_path: Path) -> None:
+    """record_problem's one-expression path answers exactly as the member-by-member loop on
+    records with members of the wrong type, missing, or of a subclass, for every event."""
+    import random
+
+    from incident_notify.audit_schema import EVENTS, PAYLOAD_SCHEMA, _exact_problem, record_problem
+
+    class Str(str):
+        pass
+
+    rng = random.Random(42)
+    values = [None, "x", Str("y"), 1, True, 1.5, [], ["a"], [1], {}, {"a": "b"}, {"a": 1}]
+    checked = problems = 0
+    for _ in range(6000):
+        event = rng.choice([*EVENTS, "made.up"])
+        payload = {k: ("s" if kind != "int" and str in kind else
+                       1 if kind == "int" else [] if list in kind else {})
+                   for k, kind in PAYLOAD_SCHEMA.get(event, {}).items()}
+        data = {"schema": 1, "seq": 1, "ts": "t", "actor": "a", "incident": "INC-1",
+                "event": event, "channel": None, "recipient": None, "key": None,
+                "payload": payload, "prev": "0", "hash": "0"}
+        for _ in range(rng.randint(0, 2)):
+            target = data if rng.random() < 0.4 or not payload else payload
+            key = rng.choice(list(target))
+            if rng.random() < 0.2:
+                del target[key]
+            else:
+                target[key] = rng.choice(values)
+        try:
+            got = record_problem(data)
+        except (AttributeError, TypeError, KeyError):
+            got = "raised"
+        try:
+            exact = _exact_problem(data)
+        except (AttributeError, TypeError, KeyError):
+            exact = "raised"
+        assert got == exact, data
+        checked += 1
+        problems += exact is not None
+    assert problems > 1000 and checked - problems > 1000
