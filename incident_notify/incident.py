@@ -19,6 +19,7 @@ Event vocabulary (payload keys in docs/audit-log.md):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,13 +38,15 @@ OUTCOMES = {
 LIFECYCLE = ("incident.declared", "incident.updated", "incident.resolved", "incident.reopened")
 
 
-@dataclass
+@dataclass(slots=True)
 class DeliveryState:
     key: str
     channel: str
     recipient: str | None
     update_no: int
     payload: dict[str, Any]
+    """The planned record's payload without its contact id; shared, never changed: every
+    delivery of an update's channel has the same one (resume folds 100,000 of them)."""
     status: str = "planned"
     """planned, attempting, sent, failed, unknown, skipped, failed_over."""
     attempts: int = 0
@@ -53,6 +56,7 @@ class DeliveryState:
     """Timestamp of the latest attempt record (where `resume` starts looking)."""
     opted_out: bool = False
     """Skipped because the person opted out: not someone this update intends to reach."""
+    contact_id: str = ""
 
 
 @dataclass
@@ -95,6 +99,9 @@ class IncidentState:
     replies: list[dict[str, Any]] = field(default_factory=list)
     """Replies fetched from the public thread (``reply.received``)."""
     events: list[AuditRecord] = field(default_factory=list)
+    shared_payloads: dict[tuple[Any, ...], dict[str, Any]] = field(
+        default_factory=dict, repr=False, compare=False)
+    """One copy of each distinct planned payload (without the contact id)."""
 
     @property
     def update_no(self) -> int:
@@ -173,9 +180,12 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
         return
     key = rec.key
     if event == "delivery.planned" and key:
-        state.deliveries.setdefault(key, DeliveryState(
-            key=key, channel=rec.channel or "", recipient=rec.recipient,
-            update_no=int(p.get("update_no", 0)), payload=p))
+        if key not in state.deliveries:
+            contact = p.pop("contact_id", None)
+            state.deliveries[key] = DeliveryState(
+                key=key, channel=sys.intern(rec.channel or ""), recipient=rec.recipient,
+                update_no=int(p.get("update_no", 0)), payload=_shared(state, p),
+                contact_id=contact if isinstance(contact, str) else "")
         return
     d = state.deliveries.get(key) if key else None
     if d is None:
@@ -205,6 +215,16 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
             _note_failover(state, rec, p)
 
 
+def _shared(state: IncidentState, payload: dict[str, Any]) -> dict[str, Any]:
+    """The one copy of this payload the state holds (payloads with a member that cannot
+    be a dictionary key are kept as they are)."""
+    try:
+        shape = tuple((k, tuple(v) if type(v) is list else v) for k, v in payload.items())
+        return state.shared_payloads.setdefault(shape, payload)
+    except TypeError:
+        return payload
+
+
 def _sent(state: IncidentState, d: DeliveryState, p: dict[str, Any]) -> None:
     d.status, d.error = "sent", None
     d.provider_id = p.get("provider_id")
@@ -216,7 +236,7 @@ def _sent(state: IncidentState, d: DeliveryState, p: dict[str, Any]) -> None:
         state.last_tweet[d.channel] = d.provider_id
         state.first_tweet.setdefault(d.channel, d.provider_id)
     elif threading == "references" and d.provider_id:
-        contact = d.payload.get("contact_id") or d.recipient or ""
+        contact = d.contact_id or d.recipient or ""
         state.email_refs.setdefault((d.channel, contact), []).append(d.provider_id)
 
 

@@ -106,7 +106,7 @@ def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Conta
         # Redacted in the log: look the address up again by contact id.
         from incident_notify.channels import available_types, channel_class
 
-        person = contacts.contacts.get(str(p.get("contact_id") or ""))
+        person = contacts.contacts.get(ds.contact_id)
         ctype = p.get("channel_type", "")
         field = channel_class(ctype).address if ctype in available_types() else None
         recipient = (person.address_for(field) if person and field else None) or ""
@@ -117,7 +117,7 @@ def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Conta
         recipient=recipient,
         message=OutgoingMessage(text=msg["parts"][part - 1], subject=msg.get("subject"),
                                 html=msg.get("html")),
-        contact_id=p.get("contact_id", ""), audience=p.get("audience", ""), part=part,
+        contact_id=ds.contact_id, audience=p.get("audience", ""), part=part,
         parts=int(p.get("parts", 1)), reply_to=reply_to,
         thread_refs=tuple(p.get("thread_refs") or ()), fallback_from=p.get("fallback_from"),
     )
@@ -178,5 +178,5 @@ def finish_update(rt: Runtime, incident_id: str, update_no: int,
 
 def in_doubt_list(state: IncidentState, update_no: int) -> list[dict[str, Any]]:
     return [{"key": d.key, "channel": d.channel, "recipient": d.recipient,
-             "contact": d.payload.get("contact_id") or None, "attempts": d.attempts}
+             "contact": d.contact_id or None, "attempts": d.attempts}
             for d in state.in_doubt(update_no)]

@@ -211,7 +211,7 @@ def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, st
         return
     posted: dict[str, set[str]] = {}
     for d in state.deliveries.values():
-        if d.status == "sent" and not d.payload.get("contact_id"):
+        if d.status == "sent" and not d.contact_id:
             msg = state.messages.get(d.payload.get("digest", ""))
             part = int(d.payload.get("part", 1))
             if msg and part <= len(msg["parts"]):

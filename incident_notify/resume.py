@@ -53,7 +53,7 @@ class Settlement:
     def to_dict(self) -> dict[str, Any]:
         d = self.delivery
         return {"key": d.key, "channel": d.channel, "recipient": d.recipient,
-                "contact": d.payload.get("contact_id") or None, "outcome": self.outcome,
+                "contact": d.contact_id or None, "outcome": self.outcome,
                 "provider_id": self.provider_id, "detail": self.detail}
 
 

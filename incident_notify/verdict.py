@@ -108,7 +108,7 @@ def verdict(state: IncidentState, update_no: int) -> Verdict:
         channels.setdefault(d.channel, Counter())[d.status] += 1
         if d.status == "skipped" and d.opted_out:
             continue  # opted out: not someone this update intends to reach
-        contact = d.payload.get("contact_id") or ""
+        contact = d.contact_id
         who = contact or f"public:{d.channel}"
         groups.setdefault(who, []).append(d)
     recipients = []
