@@ -156,11 +156,11 @@ def read_runs(handle: Any, runs: list[list[int]]) -> Iterator[tuple[int, bytes]]
             raise IndexMismatch
         start, end = run
         handle.seek(start)
-        block = handle.read(end - start)
-        if len(block) != end - start or not block.endswith(b"\n"):
-            raise IndexMismatch
         offset = start
-        for line in block.splitlines(keepends=True):
+        while offset < end:  # line by line: a run can be most of the log
+            line = handle.readline(end - offset)
+            if not line.endswith(b"\n"):
+                raise IndexMismatch
             yield offset, line
             offset += len(line)
 
