@@ -53,7 +53,8 @@ class DeliveryState:
     provider_id: str | None = None
     error: str | None = None
     attempted_at: str = ""
-    """Timestamp of the latest attempt record (where `resume` starts looking)."""
+    """Timestamp of the latest attempt record (where `resume` starts looking), while the
+    delivery is in doubt; dropped once it has an outcome (a fold holds 100,000)."""
     opted_out: bool = False
     """Skipped because the person opted out: not someone this update intends to reach."""
     contact_id: str = ""
@@ -181,11 +182,14 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
     key = rec.key
     if event == "delivery.planned" and key:
         if key not in state.deliveries:
+            # Interned: a second fold of the same records (after sending) shares the strings.
             contact = p.pop("contact_id", None)
-            state.deliveries[key] = DeliveryState(
-                key=key, channel=sys.intern(rec.channel or ""), recipient=rec.recipient,
+            recipient = rec.recipient
+            state.deliveries[sys.intern(key)] = DeliveryState(
+                key=sys.intern(key), channel=sys.intern(rec.channel or ""),
+                recipient=sys.intern(recipient) if recipient is not None else None,
                 update_no=int(p.get("update_no", 0)), payload=_shared(state, p),
-                contact_id=contact if isinstance(contact, str) else "")
+                contact_id=sys.intern(contact) if isinstance(contact, str) else "")
         return
     d = state.deliveries.get(key) if key else None
     if d is None:
@@ -206,6 +210,8 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
         return
     if event in OUTCOMES:
         d.status = OUTCOMES[event]
+        if d.status != "unknown":
+            d.attempted_at = ""
         d.error = p.get("error") or p.get("reason")
         if event == "delivery.skipped":
             d.opted_out = bool(p.get("opted_out"))
@@ -226,7 +232,7 @@ def _shared(state: IncidentState, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sent(state: IncidentState, d: DeliveryState, p: dict[str, Any]) -> None:
-    d.status, d.error = "sent", None
+    d.status, d.error, d.attempted_at = "sent", None, ""
     d.provider_id = p.get("provider_id")
     threading = d.payload.get("threading")
     if threading is None:  # records written before the contract declared it
