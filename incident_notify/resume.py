@@ -201,6 +201,7 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
                     apply(state, written)
             result = dispatch_update(rt, pb, planner, state, contacts, upd.update_no, health,
                                progress, include_unknown=include_unknown, channels=channels)
+            del planner, state  # let the fold go before the record is folded again
             v, state = finish_update(rt, incident_id, upd.update_no, result)
             verdicts.append(v)
             in_doubt += in_doubt_list(state, upd.update_no)
