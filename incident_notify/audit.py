@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from incident_notify.audit_index import (
     SAVE_AFTER_BYTES,
@@ -123,7 +123,9 @@ class Checkpoint:
                 "end": self.end}
 
     @staticmethod
-    def from_dict(data: Any) -> Checkpoint | None:
+    def from_dict(data: object) -> Checkpoint | None:
+        if not isinstance(data, dict):
+            return None
         try:
             cp = Checkpoint(data["seq"], data["hash"], data["line_start"], data["end"])
         except (KeyError, TypeError):
@@ -473,7 +475,7 @@ class AuditLog:
             self._index = index
             return index
 
-    def _load_index(self, handle: Any, size: int) -> AuditIndex:
+    def _load_index(self, handle: BinaryIO, size: int) -> AuditIndex:
         path = index_path(self.path)
         try:
             fd = _open_regular(path, os.O_RDONLY)
@@ -615,7 +617,7 @@ class AuditLog:
         return VerifyResult(True, count, head=prev, checkpoint=checkpoint, checked=checked)
 
     @staticmethod
-    def _still_there(handle: Any, since: Checkpoint) -> bool:
+    def _still_there(handle: BinaryIO, since: Checkpoint) -> bool:
         """Position `handle` after the checkpoint's record if the bytes there are still that
         record (its seq and hash, a whole line ending exactly at the checkpoint)."""
         handle.seek(since.line_start)
@@ -695,7 +697,7 @@ members before it, actor, channel, event and hash, are plain strings)."""
 _HASH_KEY = b',"hash":"'
 
 
-def _index_holds(handle: Any, index: AuditIndex, size: int) -> bool:
+def _index_holds(handle: BinaryIO, index: AuditIndex, size: int) -> bool:
     """The log still holds, where the index says it ends, the line the index last saw."""
     if index.covered == 0:
         return True

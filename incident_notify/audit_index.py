@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 INDEX_VERSION = 1
 SAVE_AFTER_BYTES = 256 * 1024
@@ -147,7 +147,7 @@ def index_path(log_path: Path) -> Path:
     return Path(str(log_path) + ".index")
 
 
-def read_runs(handle: Any, runs: list[list[int]]) -> Iterator[tuple[int, bytes]]:
+def read_runs(handle: BinaryIO, runs: list[list[int]]) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line) of every line in `runs` of an open log file; IndexMismatch
     when a run is not a range of whole lines there."""
     for run in runs:

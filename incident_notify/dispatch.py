@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from incident_notify.audit import AuditEntry
+from incident_notify.audit import AuditEntry, AuditRecord
 from incident_notify.channels.base import (
     Channel,
     ChannelError,
@@ -49,9 +49,9 @@ from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
 
 # --------------------------------------------------------------------- interfaces
 class AuditSink(Protocol):
-    def append(self, event: str, **fields: Any) -> Any: ...
+    def append(self, event: str, **fields: Any) -> AuditRecord: ...
 
-    def append_many(self, entries: Sequence[AuditEntry]) -> Any: ...
+    def append_many(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]: ...
 
 
 @dataclass(frozen=True)

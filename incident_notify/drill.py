@@ -12,13 +12,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from incident_notify.config import Settings
 from incident_notify.dispatch import ProgressFn
 from incident_notify.lifecycle import SendOutcome, declare, load_contact_set, update
 from incident_notify.playbook import load_playbook
 from incident_notify.runtime import open_runtime
+
+if TYPE_CHECKING:
+    from incident_notify.contacts import Contact, ContactSet
+    from incident_notify.playbook import Playbook
+    from incident_notify.sandbox import Sandbox
 
 
 @dataclass
@@ -55,7 +60,7 @@ class DrillReport:
         }
 
 
-def _stage_path(pb: Any) -> list[str]:
+def _stage_path(pb: Playbook) -> list[str]:
     """First stage, then each allowed next stage in playbook order, ending resolved."""
     path = [pb.first_stage]
     while path[-1] != pb.final_stage:
@@ -110,8 +115,8 @@ def run_drill(playbook: Path, values: Mapping[str, str], *, audit_log: Path | No
         sandbox.stop()
 
 
-def _received(sandbox: Any, contacts: Any, pb: Any) -> tuple[list[dict[str, Any]],
-                                                              list[dict[str, Any]]]:
+def _received(sandbox: Sandbox, contacts: ContactSet,
+              pb: Playbook) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """What each person got, from the emulators' own records."""
     by_phone = {c.phone: c for c in contacts.contacts.values() if c.phone}
     by_email = {c.email.lower(): c for c in contacts.contacts.values() if c.email}
@@ -120,7 +125,7 @@ def _received(sandbox: Any, contacts: Any, pb: Any) -> tuple[list[dict[str, Any]
     users = {uid: name for name, uid in getattr(sandbox.twitter, "users", {}).items()}
     people: dict[str, dict[str, Any]] = {}
 
-    def add(contact: Any, channel: str, text: str) -> None:
+    def add(contact: Contact | None, channel: str, text: str) -> None:
         entry = people.setdefault(contact.id if contact else "?", {
             "contact": contact.id if contact else None,
             "name": contact.name if contact else "(unknown)",
@@ -130,7 +135,7 @@ def _received(sandbox: Any, contacts: Any, pb: Any) -> tuple[list[dict[str, Any]
         entry["received"].append({"channel": channel, "text": text})
 
     for rec in sandbox.twilio.received.all():
-        add(by_phone.get(rec.get("to")), "sms", rec.get("body", ""))
+        add(by_phone.get(str(rec.get("to", ""))), "sms", rec.get("body", ""))
     for rec in sandbox.smtp.received.all():
         for rcpt in rec.get("rcpt_tos", []):
             add(by_email.get(rcpt.lower()), "email", rec.get("subject", ""))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -68,7 +69,7 @@ _TWITTER_TEXT_URLS = "_incident_notify_twitter_text_urls"
 
 
 @lru_cache(maxsize=1)
-def _url_extractor() -> Any:
+def _url_extractor() -> Callable[[str], list[dict[str, Any]]]:
     """twitter-text's `extract_urls_with_indices`, loaded without the package's __init__
     (which compiles the emoji tables and imports pkg_resources: 0.8-1.2 s): its modules are
     loaded under a private package name pointing at the same files."""
@@ -84,12 +85,13 @@ def _url_extractor() -> Any:
         package = types.ModuleType(_TWITTER_TEXT_URLS)
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules[_TWITTER_TEXT_URLS] = package
-    return importlib.import_module(f"{_TWITTER_TEXT_URLS}.extract_urls").\
-        extract_urls_with_indices
+    extract: Callable[[str], list[dict[str, Any]]] = importlib.import_module(
+        f"{_TWITTER_TEXT_URLS}.extract_urls").extract_urls_with_indices
+    return extract
 
 
 @lru_cache(maxsize=1)
-def _parse_tweet() -> Any:
+def _parse_tweet() -> Callable[[str], Any]:
     """twitter-text's `parse_tweet`. The library reads its emoji table through
     pkg_resources, which setuptools 81 no longer ships and which costs a scan of every
     installed distribution: a stand-in serving that one call is in place while it imports."""
