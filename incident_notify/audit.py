@@ -23,6 +23,7 @@ import json
 import os
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -539,8 +540,8 @@ class AuditLog:
         """The incidents with an incident.declared record, from the index."""
         return [i for i, e in self.index().incidents.items() if e[2] is True]
 
-    def verify(self, expected_head: str | None = None,
-               since: Checkpoint | None = None) -> VerifyResult:
+    def verify(self, expected_head: str | None = None, since: Checkpoint | None = None, *,
+               workers: int | None = None, pool: Executor | None = None) -> VerifyResult:
         """Check every record, the chain, its head file and (given) an externally kept
         head; name the first bad line. `since`: where an earlier verification ended; only
         what was appended after it is read (the part before is trusted), once the record
@@ -573,25 +574,25 @@ class AuditLog:
                                         "was rewritten)")
                 prev, seq, count, start_line = since.hash, since.seq, since.seq, since.seq + 1
                 offset = line_start = since.end
-            checked, number = 0, start_line
-            while True:
-                lines = handle.readlines(_VERIFY_BLOCK)
-                if not lines:
-                    break
-                torn_line = not lines[-1].endswith(b"\n")
-                whole = lines[:-1] if torn_line else lines
-                passed, problem, seq, prev = _check_lines(whole, seq, prev)
-                count, checked, number = count + passed, checked + passed, number + passed
-                if passed:
-                    line_start = offset + sum(len(raw) for raw in whole[:passed - 1])
-                    offset = line_start + len(whole[passed - 1])
-                if problem:
-                    return VerifyResult(False, count, number, problem, head=prev)
-                if torn_line:
-                    torn = True
-                    return VerifyResult(False, count, number, "torn last line (a write was "
-                                        "interrupted); the next append preserves it in a "
-                                        "sidecar file", torn_tail=True, head=prev)
+            scan = None
+            if since is None:
+                size = os.fstat(handle.fileno()).st_size
+                n = workers if workers is not None else (
+                    min(os.cpu_count() or 1, 8) if size >= PARALLEL_VERIFY_BYTES else 1)
+                if n > 1:
+                    scan = _verify_parallel(self.path, handle, size, n, pool)
+            if scan is None:
+                scan = _scan(handle, offset, None, seq, prev)
+            seq, prev, line_start, offset = scan.seq, scan.prev, scan.line_start, scan.offset
+            count, checked = count + scan.passed, scan.passed
+            number = start_line + scan.passed
+            if scan.problem:
+                return VerifyResult(False, count, number, scan.problem, head=prev)
+            if scan.torn:
+                torn = True
+                return VerifyResult(False, count, number, "torn last line (a write was "
+                                    "interrupted); the next append preserves it in a "
+                                    "sidecar file", torn_tail=True, head=prev)
         if head is None:
             if seq:
                 return VerifyResult(False, count, None, "the head file "
@@ -737,14 +738,21 @@ def _check_line(raw: bytes, seq: int, prev: str) -> tuple[str | None, dict[str, 
     return _check_chained(raw, data, seq, prev), data
 
 
-def _check_chained(raw: bytes, data: dict[str, Any], seq: int, prev: str) -> str | None:
-    """The checks after parsing: sequence, chain, hash, payload."""
-    if data["seq"] != seq + 1:
-        return (f"sequence {data['seq']} where {seq + 1} was expected (a record was removed "
+def _chain_problem(found_seq: object, found_prev: object, seq: int, prev: str) -> str | None:
+    if found_seq != seq + 1:
+        return (f"sequence {found_seq} where {seq + 1} was expected (a record was removed "
                 "or reordered)")
-    if data["prev"] != prev:
+    if found_prev != prev:
         return ("does not chain to the record before it (a record was removed, inserted or "
                 "reordered)")
+    return None
+
+
+def _check_chained(raw: bytes, data: dict[str, Any], seq: int, prev: str) -> str | None:
+    """The checks after parsing: sequence, chain, hash, payload."""
+    chain = _chain_problem(data["seq"], data["prev"], seq, prev)
+    if chain:
+        return chain
     if _line_hash(raw) != data["hash"]:
         return "hash mismatch (the record was altered)"
     problem = record_problem(data)
@@ -785,6 +793,120 @@ def _check_lines(lines: list[bytes], seq: int,
             return i, problem, seq, prev
         seq, prev = data["seq"], data["hash"]
     return len(lines), None, seq, prev
+
+
+@dataclass
+class _Scan:
+    """What checking a stretch of the log found."""
+
+    seq: int
+    prev: str
+    line_start: int
+    offset: int
+    passed: int = 0
+    problem: str | None = None
+    torn: bool = False
+    first: tuple[int, str] | None = None
+    """(A stretch checked on its own:) its first record's own seq and prev, to be linked
+    to the stretch before it."""
+
+
+def _scan(handle: BinaryIO, offset: int, end: int | None, seq: int, prev: str) -> _Scan:
+    """Check the lines from `offset` (to `end`, or to the end of the file) given the
+    record before them: a megabyte at a time, until the first problem or a torn line."""
+    out = _Scan(seq, prev, offset, offset)
+    handle.seek(offset)
+    while end is None or out.offset < end:
+        lines = handle.readlines(_VERIFY_BLOCK if end is None
+                                 else min(_VERIFY_BLOCK, end - out.offset))
+        if end is not None:  # (readlines goes one line past a hint it meets exactly)
+            room, kept = end - out.offset, 0
+            while kept < len(lines) and room > 0:
+                room -= len(lines[kept])
+                kept += 1
+            del lines[kept:]
+        if not lines:
+            break
+        torn_line = not lines[-1].endswith(b"\n")
+        whole = lines[:-1] if torn_line else lines
+        passed, problem, out.seq, out.prev = _check_lines(whole, out.seq, out.prev)
+        out.passed += passed
+        if passed:
+            out.line_start = out.offset + sum(len(raw) for raw in whole[:passed - 1])
+            out.offset = out.line_start + len(whole[passed - 1])
+        if problem:
+            out.problem = problem
+            break
+        if torn_line:
+            out.torn = True
+            break
+    return out
+
+
+PARALLEL_VERIFY_BYTES = 64 * 1024 * 1024
+"""From this size on, `verify` checks stretches of the log in parallel processes."""
+
+
+def _verify_range(path: str, start: int, end: int) -> _Scan | None:
+    """Check one stretch of the log on its own (in a worker process): its first record
+    is taken at its word for seq and prev, which the caller then links to the stretch
+    before. None when that first record cannot say (the caller checks in one pass)."""
+    with os.fdopen(_open_regular(Path(path), os.O_RDONLY), "rb") as handle:
+        handle.seek(start)
+        try:
+            first = json.loads(handle.readline())
+            first_seq, first_prev = first["seq"], first["prev"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not is_int(first_seq) or not isinstance(first_prev, str):
+            return None
+        scan = _scan(handle, start, end, first_seq - 1, first_prev)
+        scan.first = (first_seq, first_prev)
+        return scan
+
+
+def _verify_parallel(path: Path, handle: BinaryIO, size: int, workers: int,
+                     pool: Executor | None = None) -> _Scan | None:
+    """The log checked in `workers` stretches at once (cut at line ends), then linked:
+    the same answer as one pass, problem for problem. None sends the caller to one pass
+    (a stretch whose first line is itself in question, or no worker processes)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cuts = [0]
+    for k in range(1, workers):
+        handle.seek(max(size * k // workers - 1, cuts[-1]))
+        handle.readline()  # to the next line end
+        cut = handle.tell()
+        if cut < size and cut > cuts[-1]:
+            cuts.append(cut)
+    ends = [*cuts[1:], size]
+    args = ([str(path)] * len(cuts), cuts, ends)
+    try:
+        if pool is not None:
+            reports = list(pool.map(_verify_range, *args))
+        else:
+            with ProcessPoolExecutor(max_workers=len(cuts),
+                                     mp_context=multiprocessing.get_context("spawn")) as own:
+                reports = list(own.map(_verify_range, *args))
+    except (OSError, RuntimeError):
+        return None
+    total = _Scan(0, GENESIS, 0, 0)
+    for report in reports:
+        if report is None or report.first is None or (report.passed == 0 and
+                                                       (report.problem or report.torn)):
+            return None
+        link = _chain_problem(report.first[0], report.first[1], total.seq, total.prev)
+        if link:
+            total.problem = link
+            return total
+        total.passed += report.passed
+        total.seq, total.prev = report.seq, report.prev
+        total.line_start, total.offset = report.line_start, report.offset
+        if report.problem or report.torn:
+            total.problem, total.torn = report.problem, report.torn
+            return total
+    return total
 
 
 def _default_actor() -> str:

@@ -524,3 +524,47 @@ def test_the_fast_payload_check_agrees_with_the_exact_one(tmp_path: Path) -> Non
         checked += 1
         problems += exact is not None
     assert problems > 1000 and checked - problems > 1000
+
+
+def test_verifying_in_parallel_stretches_gives_the_one_pass_answer(tmp_path: Path) -> None:
+    """The log checked in stretches by worker processes, then linked, answers exactly as
+    one pass does (ok, records, first bad line, problem, head, checkpoint) for damage
+    anywhere, at the cuts between stretches included."""
+    import multiprocessing
+    import random
+    from concurrent.futures import ProcessPoolExecutor
+
+    from incident_notify.audit import _verify_parallel
+
+    pool = ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn"))
+    path = tmp_path / "audit.jsonl"
+    _history(AuditLog(path), 30, seed=3)
+    pristine = path.read_bytes()
+    lines_ = pristine.splitlines(keepends=True)
+    n = len(lines_)
+    with path.open("rb") as handle:
+        scan = _verify_parallel(path, handle, len(pristine), 3, pool)
+    assert scan is not None and scan.passed == n and scan.problem is None  # really parallel
+    rng = random.Random(8)
+    damages: list[bytes] = []
+    for at in [1, n // 3, n // 3 + 1, n // 2, 2 * n // 3, n - 2, *rng.sample(range(n - 1), 6)]:
+        flipped = bytearray(lines_[at])
+        flipped[rng.randrange(len(flipped) - 1)] ^= 0x01
+        damages += [
+            b"".join([*lines_[:at], bytes(flipped), *lines_[at + 1:]]),        # a bit flipped
+            b"".join(lines_[:at] + lines_[at + 1:]),                           # a line gone
+            b"".join([*lines_[:at], lines_[at + 1], lines_[at], *lines_[at + 2:]]),  # swapped
+            b"".join([*lines_[:at], lines_[at], *lines_[at:]]),                # duplicated
+            b"".join([*lines_[:at], lines_[at].replace(b":", b": ", 1), *lines_[at + 1:]]),
+        ]
+    damages.append(pristine[:-40])  # a torn last line
+    differ = 0
+    for content in damages:
+        path.write_bytes(content)
+        one = AuditLog(path).verify(workers=1)
+        many = AuditLog(path).verify(workers=3, pool=pool)
+        assert many.to_dict() == one.to_dict(), (one, many)
+        assert many.checkpoint == one.checkpoint
+        differ += not one.ok
+    pool.shutdown()
+    assert differ == len(damages)
