@@ -541,11 +541,14 @@ class AuditLog:
         return [i for i, e in self.index().incidents.items() if e[2] is True]
 
     def verify(self, expected_head: str | None = None, since: Checkpoint | None = None, *,
-               workers: int | None = None, pool: Executor | None = None) -> VerifyResult:
+               workers: int | None = 1, pool: Executor | None = None) -> VerifyResult:
         """Check every record, the chain, its head file and (given) an externally kept
         head; name the first bad line. `since`: where an earlier verification ended; only
         what was appended after it is read (the part before is trusted), once the record
-        there is checked to be still the one verified."""
+        there is checked to be still the one verified. `workers`: processes checking
+        stretches of the log at once (None: one per core for a log of 64 MB or more; they
+        are spawned, so a calling script needs the usual `if __name__ == "__main__"`).
+        `pool`: an executor to run them in."""
         prev, seq, count = GENESIS, 0, 0
         offset = line_start = 0
         head = self._read_head()

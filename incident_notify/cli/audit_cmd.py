@@ -100,7 +100,7 @@ def verify(
                          hint="give the hex hash 'incident-notify audit head' printed "
                          "(12 to 64 characters)")
     since = log.read_checkpoint() if incremental else None
-    result = log.verify(expected_head=expect, since=since)
+    result = log.verify(expected_head=expect, since=since, workers=None)
     if result.ok and result.checkpoint is not None:
         log.write_checkpoint(result.checkpoint)
     code = int(ExitCode.OK if result.ok else ExitCode.AUDIT_INVALID)
