@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 SAVE_AFTER_BYTES = 256 * 1024
 """Rewrite the index file once this much of the log was scanned beyond it."""
 
@@ -42,6 +42,11 @@ class IndexMismatch(Exception):
     """The index pointed at a record that is not the one it claimed."""
 
 
+_CODE = {"incident.declared": "d", "incident.updated": "u", "incident.resolved": "r",
+         "incident.reopened": "o", None: "-"}
+_EVENT_OF_CODE = {code: event for event, code in _CODE.items()}
+
+
 @dataclass
 class AuditIndex:
     covered: int = 0
@@ -53,22 +58,43 @@ class AuditIndex:
     read_from_file: int = 0
     """Below this offset the runs came from the index file (checked before use); above it
     this process indexed the log's bytes itself. Not saved."""
-    incidents: dict[str, list[Any]] = field(default_factory=dict)
+    incidents: dict[str, list[Any] | str] = field(default_factory=dict)
     """Incident id -> [runs, last lifecycle event or None, declared]: runs are the
-    [start, end) byte ranges of the log holding its records, in order. Kept as the JSON
-    file holds them (a year of incidents loads in one parse, no object per incident)."""
+    [start, end) byte ranges of the log holding its records, in order. The file holds
+    each entry as one string, "<lifecycle code><declared 0/1>:<start>-<end>,...", decoded
+    only when that incident is read (a year of incidents loads in one short parse)."""
+
+    def _entry(self, incident: str) -> list[Any] | None:
+        """The decoded entry, None when the incident has none; IndexMismatch when it is not
+        an entry."""
+        entry = self.incidents.get(incident)
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            entry = self.incidents[incident] = _decode(entry)
+        if type(entry) is not list or len(entry) != 3:
+            raise IndexMismatch
+        return entry
 
     def runs(self, incident: str) -> list[list[int]]:
-        entry = self.incidents.get(incident)
+        entry = self._entry(incident)
         return entry[0] if entry is not None else []
 
-    def last_lifecycle(self, incident: str) -> str | None:
-        entry = self.incidents.get(incident)
-        return entry[1] if entry is not None else None
+    def lifecycle(self) -> dict[str, str | None]:
+        """Every incident with its last lifecycle event (None: none yet)."""
+        out: dict[str, str | None] = {}
+        for incident, entry in self.incidents.items():
+            if isinstance(entry, str) and entry[:1] in _EVENT_OF_CODE:
+                out[incident] = _EVENT_OF_CODE[entry[:1]]
+            else:
+                out[incident] = (self._entry(incident) or [None, None])[1]
+        return out
 
-    def declared(self, incident: str) -> bool:
-        entry = self.incidents.get(incident)
-        return bool(entry[2]) if entry is not None else False
+    def declared(self) -> list[str]:
+        """The incidents with an incident.declared record."""
+        return [i for i, e in self.incidents.items()
+                if (e[1:2] == "1" if isinstance(e, str) else (self._entry(i) or [0, 0, 0])[2]
+                    is True)]
 
     # ------------------------------------------------------------------ building
     def add_line(self, start: int, raw: bytes) -> None:
@@ -76,7 +102,7 @@ class AuditIndex:
         end = start + len(raw)
         incident = incident_of(raw)
         if incident is not None:
-            entry = self.incidents.get(incident)
+            entry = self._entry(incident)
             if entry is None:
                 entry = self.incidents[incident] = [[], None, False]
             runs = entry[0]
@@ -95,13 +121,15 @@ class AuditIndex:
     def to_json(self) -> bytes:
         return json.dumps({
             "version": INDEX_VERSION, "covered": self.covered, "last_start": self.last_start,
-            "last_hash": self.last_hash, "incidents": self.incidents,
+            "last_hash": self.last_hash,
+            "incidents": {i: e if isinstance(e, str) else _encode(e)
+                          for i, e in self.incidents.items()},
         }, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> AuditIndex | None:
         """The index in a file, or None when it is not one (the caller rebuilds). Entries
-        are checked for their shape where they are used (`read_runs`)."""
+        are checked where they are decoded (IndexMismatch)."""
         try:
             doc = json.loads(data)
             if doc.get("version") != INDEX_VERSION or not isinstance(doc["incidents"], dict):
@@ -111,10 +139,27 @@ class AuditIndex:
             index.read_from_file = index.covered
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        if not 0 <= index.last_start <= index.covered or \
-                not all(type(e) is list and len(e) == 3 for e in index.incidents.values()):
+        if not 0 <= index.last_start <= index.covered:
             return None
         return index
+
+
+def _encode(entry: list[Any]) -> str:
+    runs = ",".join(f"{s}-{e}" for s, e in entry[0])
+    return f"{_CODE.get(entry[1], '-')}{'1' if entry[2] else '0'}:{runs}"
+
+
+def _decode(text: str) -> list[Any]:
+    """An entry as the file holds it; IndexMismatch when it is not one."""
+    try:
+        code, declared, runs = text[0], text[1], text[3:]
+        if text[2] != ":" or code not in _EVENT_OF_CODE or declared not in "01":
+            raise ValueError(text)
+        pairs = [[int(a), int(b)] for a, b in (p.split("-") for p in runs.split(","))] \
+            if runs else []
+    except (ValueError, IndexError):
+        raise IndexMismatch from None
+    return [pairs, _EVENT_OF_CODE[code], declared == "1"]
 
 
 def incident_of(raw: bytes) -> str | None:

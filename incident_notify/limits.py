@@ -7,6 +7,10 @@
   characters take 2 septets), else UCS-2 (UTF-16 code units). One segment holds 160 septets
   / 70 units; a multipart message 153 / 67 per segment (the rest is the UDH). Segments are
   counted by packing, so an escape pair or a surrogate pair is never split.
+
+Long on purpose: each channel's length rule is a few functions and `measure` dispatches
+over all of them; the tweet rule carries its exact fast paths and the loaders of the
+library they defer to.
 """
 
 from __future__ import annotations

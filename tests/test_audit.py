@@ -421,7 +421,7 @@ def test_reading_through_the_index_gives_exactly_what_reading_the_log_gives(
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "stale", "truncated", "replaced",
-                                    "wrong-runs"])
+                                    "wrong-runs", "garbled-entry"])
 def test_an_index_that_does_not_match_the_log_is_never_believed(
         tmp_path: Path, damage: str) -> None:
     path = tmp_path / "audit.jsonl"
@@ -445,15 +445,21 @@ def test_an_index_that_does_not_match_the_log_is_never_believed(
         _history(AuditLog(path), 10, seed=9, day="20261127")  # another, longer log
     elif damage == "wrong-runs":
         doc = json.loads(index_file.read_bytes())
-        a, b = ids[0], ids[1]
-        doc["incidents"][a][0], doc["incidents"][b][0] = \
-            doc["incidents"][b][0], doc["incidents"][a][0]
+        ea, eb = doc["incidents"][ids[0]], doc["incidents"][ids[1]]
+        doc["incidents"][ids[0]], doc["incidents"][ids[1]] = ea[:3] + eb[3:], eb[:3] + ea[3:]
+        index_file.write_text(json.dumps(doc))
+    elif damage == "garbled-entry":
+        doc = json.loads(index_file.read_bytes())
+        doc["incidents"][ids[0]] = "z9:12-x"
+        doc["incidents"][ids[1]] = [1, 2]
         index_file.write_text(json.dumps(doc))
     from incident_notify.incident import list_incidents
 
     folded = list_incidents(AuditLog(path).records())
     fresh = AuditLog(path)  # a new command: it reads the index file
     assert set(fresh.incident_ids()) == set(folded), damage  # (what `status` asks first)
+    assert sorted(AuditLog(path).declared_ids()) == \
+        sorted(i for i, s in folded.items() if s.declared_at), damage
     for inc in [*ids[:3], "INC-20261127-0001"]:
         indexed, scanned = _through_both(fresh, incident=inc)
         assert indexed == scanned, damage
@@ -534,7 +540,7 @@ def test_verifying_in_parallel_stretches_gives_the_one_pass_answer(tmp_path: Pat
     import random
     from concurrent.futures import ProcessPoolExecutor
 
-    from incident_notify.audit import _verify_parallel
+    from incident_notify.audit_verify import scan_parallel
 
     pool = ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn"))
     path = tmp_path / "audit.jsonl"
@@ -543,7 +549,7 @@ def test_verifying_in_parallel_stretches_gives_the_one_pass_answer(tmp_path: Pat
     lines_ = pristine.splitlines(keepends=True)
     n = len(lines_)
     with path.open("rb") as handle:
-        scan = _verify_parallel(path, handle, len(pristine), 3, pool)
+        scan = scan_parallel(path, handle, len(pristine), 3, pool)
     assert scan is not None and scan.passed == n and scan.problem is None  # really parallel
     rng = random.Random(8)
     damages: list[bytes] = []
