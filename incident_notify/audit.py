@@ -544,6 +544,15 @@ class AuditLog:
             self._drop_index()
             return self.index().lifecycle()
 
+    def open_incidents(self) -> set[str]:
+        """The incidents whose last lifecycle event is not incident.resolved, from the
+        index (a fold says "resolved" exactly then)."""
+        try:
+            return self.index().open_ids()
+        except IndexMismatch:  # a damaged entry: rebuilt from the log
+            self._drop_index()
+            return self.index().open_ids()
+
     def declared_ids(self) -> list[str]:
         """The incidents with an incident.declared record, from the index."""
         try:

@@ -90,6 +90,21 @@ class AuditIndex:
                 out[incident] = (self._entry(incident) or [None, None])[1]
         return out
 
+    def open_ids(self) -> set[str]:
+        """The incidents whose last lifecycle event is there and is not incident.resolved
+        (`status` folds exactly these): one pass over the entries' first characters."""
+        found = {i for i, e in self.incidents.items()
+                 if not (isinstance(e, str) and e[:1] in "r-" and e[:1] != "")}
+        return {i for i in found
+                if (last := self._lifecycle_of(i)) is not None and last != "incident.resolved"}
+
+    def _lifecycle_of(self, incident: str) -> str | None:
+        entry = self.incidents.get(incident)
+        if isinstance(entry, str) and entry[:1] in _EVENT_OF_CODE and entry[:1] != "":
+            return _EVENT_OF_CODE[entry[:1]]
+        decoded = self._entry(incident)
+        return decoded[1] if decoded is not None else None
+
     def declared(self) -> list[str]:
         """The incidents with an incident.declared record."""
         return [i for i, e in self.incidents.items()

@@ -49,8 +49,7 @@ def incident_summaries(rt: Runtime, incident: str | None,
         # The index beside the log knows each incident's last lifecycle event (a fold
         # says "resolved" exactly when that is incident.resolved): only the open ones are
         # read and folded.
-        open_ids = {i for i, last in rt.audit.incident_ids().items()
-                    if last is not None and last != "incident.resolved"}
+        open_ids = rt.audit.open_incidents()
         states = list_incidents(rt.audit.records(incidents=open_ids)) if open_ids else {}
     rows = [summary(s) for s in states.values()
             if s.updates and (include_resolved or s.status != "resolved")]

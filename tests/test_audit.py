@@ -416,6 +416,9 @@ def test_reading_through_the_index_gives_exactly_what_reading_the_log_gives(
     assert set(lifecycle) == set(folded)
     for inc, state in folded.items():
         assert (lifecycle[inc] == "incident.resolved") == (state.status == "resolved")
+    open_now = {i for i, s in folded.items() if s.updates and s.status != "resolved"}
+    assert AuditLog(tmp_path / "audit.jsonl").open_incidents() == open_now  # from the file
+    assert audit.open_incidents() == open_now and 0 < len(open_now) < len(ids)
     assert sorted(audit.declared_ids()) == ids
     assert (tmp_path / "audit.jsonl.index").exists()
 
@@ -457,7 +460,9 @@ def test_an_index_that_does_not_match_the_log_is_never_believed(
 
     folded = list_incidents(AuditLog(path).records())
     fresh = AuditLog(path)  # a new command: it reads the index file
-    assert set(fresh.incident_ids()) == set(folded), damage  # (what `status` asks first)
+    assert set(fresh.incident_ids()) == set(folded), damage
+    assert AuditLog(path).open_incidents() == {  # (what `status` asks first)
+        i for i, s in folded.items() if s.updates and s.status != "resolved"}, damage
     assert sorted(AuditLog(path).declared_ids()) == \
         sorted(i for i, s in folded.items() if s.declared_at), damage
     for inc in [*ids[:3], "INC-20261127-0001"]:
