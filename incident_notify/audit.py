@@ -22,12 +22,12 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from incident_notify.audit_index import (
     SAVE_AFTER_BYTES,
@@ -46,6 +46,8 @@ GENESIS = "0" * 64
 FIELDS = ("schema", "seq", "ts", "actor", "incident", "event", "channel", "recipient", "key",
           "payload", "prev", "hash")
 
+
+_T = TypeVar("_T")
 
 def default_audit_path() -> Path:
     env = os.environ.get("INCIDENT_NOTIFY_AUDIT_LOG")
@@ -535,31 +537,27 @@ class AuditLog:
         with os.fdopen(_open_regular(self.path, os.O_RDONLY), "rb") as handle:
             return handle.read(offset).count(b"\n") + 1
 
-    def incident_ids(self) -> dict[str, str | None]:
-        """Every incident in the log with its last lifecycle event (None: none yet), from
-        the index."""
+    def _ask_index(self, question: Callable[[AuditIndex], _T]) -> _T:
+        """An answer from the index; a damaged entry found on the way removes the index
+        and the answer comes from one rebuilt from the log."""
         try:
-            return self.index().lifecycle()
-        except IndexMismatch:  # a damaged entry: rebuilt from the log
+            return question(self.index())
+        except IndexMismatch:
             self._drop_index()
-            return self.index().lifecycle()
+            return question(self.index())
+
+    def incident_ids(self) -> dict[str, str | None]:
+        """Every incident in the log with its last lifecycle event (None: none yet)."""
+        return self._ask_index(AuditIndex.lifecycle)
 
     def open_incidents(self) -> set[str]:
-        """The incidents whose last lifecycle event is not incident.resolved, from the
-        index (a fold says "resolved" exactly then)."""
-        try:
-            return self.index().open_ids()
-        except IndexMismatch:  # a damaged entry: rebuilt from the log
-            self._drop_index()
-            return self.index().open_ids()
+        """The incidents whose last lifecycle event is not incident.resolved (a fold says
+        "resolved" exactly then)."""
+        return self._ask_index(AuditIndex.open_ids)
 
     def declared_ids(self) -> list[str]:
-        """The incidents with an incident.declared record, from the index."""
-        try:
-            return self.index().declared()
-        except IndexMismatch:  # a damaged entry: rebuilt from the log
-            self._drop_index()
-            return self.index().declared()
+        """The incidents with an incident.declared record."""
+        return self._ask_index(AuditIndex.declared)
 
     def verify(self, expected_head: str | None = None, since: Checkpoint | None = None, *,
                workers: int | None = 1, pool: Executor | None = None) -> VerifyResult:
