@@ -49,6 +49,7 @@ FIELDS = ("schema", "seq", "ts", "actor", "incident", "event", "channel", "recip
 
 _T = TypeVar("_T")
 
+
 def default_audit_path() -> Path:
     env = os.environ.get("INCIDENT_NOTIFY_AUDIT_LOG")
     if env:
