@@ -342,9 +342,8 @@ def test_recipient_headers_written_directly_are_the_ones_build_folds(
         recipients = ["a@b.example", "first.last+tag@sub.example.org", "ü@b.example",
                       "x" * 70 + "@b.example", '"quoted name"@b.example', "a..b@b.example",
                       "o'brien@b.example", "UPPER@B.EXAMPLE", ".lead@b.example"]
-        subjects = [None, "", "Power loss at LON-2", "Sübject " * 12, "x" * 120,
-                    "line\nbreak"]
-        threads = [(None, ()), ("<r@acme.example>", ()),
+        subjects = [None, "Power loss at LON-2", "Sübject " * 12, "line\nbreak " + "x" * 90]
+        threads = [(None, ()),
                    ("<r@acme.example>", ("<a@acme.example>", "<b@acme.example>") * 4)]
         fast = 0
         for i, (recipient, subject, (reply_to, refs)) in enumerate(
