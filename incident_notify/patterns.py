@@ -40,22 +40,24 @@ def slow_pattern(pattern: str) -> str | None:
             return out
         return None
 
-    def all_chars(items: Any) -> set[int] | None:
+    def chars(items: Any, only_repeated: bool = False) -> set[int] | None:
+        """The characters `items` can match (None: anything); with `only_repeated`, only
+        those a repetition nested in them can match."""
         out: set[int] = set()
         for op, arg in items:
             name = str(op)
             if name in repeats:
-                sub = all_chars(arg[2])
+                sub = chars(arg[2])
             elif name == "SUBPATTERN":
-                sub = all_chars(arg[-1])
+                sub = chars(arg[-1], only_repeated)
             elif name == "BRANCH":
                 sub = set()
                 for branch in arg[1]:
-                    b = all_chars(branch)
+                    b = chars(branch, only_repeated)
                     if b is None:
                         return None
                     sub |= b
-            elif name in ("AT",):
+            elif name == "AT" or only_repeated:
                 continue
             else:
                 sub = item_chars(op, arg)
@@ -75,29 +77,6 @@ def slow_pattern(pattern: str) -> str | None:
             return item_chars(op, arg)
         return None
 
-    def repeated_chars(items: Any) -> set[int] | None:
-        """Characters any repetition nested in `items` can match (None: anything)."""
-        out: set[int] = set()
-        for op, arg in items:
-            name = str(op)
-            if name in repeats:
-                found = all_chars(arg[2])
-            elif name == "SUBPATTERN":
-                found = repeated_chars(arg[-1])
-            elif name == "BRANCH":
-                found = set()
-                for branch in arg[1]:
-                    b = repeated_chars(branch)
-                    if b is None:
-                        return None
-                    found |= b
-            else:
-                continue
-            if found is None:
-                return None
-            out |= found
-        return out
-
     def has_branch(items: Any) -> bool:
         for op, arg in items:
             name = str(op)
@@ -114,7 +93,7 @@ def slow_pattern(pattern: str) -> str | None:
         inside it can match: rounds cannot compete for the same text."""
         if has_branch(body):
             return False  # alternatives are checked on their own, under the repetition
-        inner = repeated_chars(body)
+        inner = chars(body, only_repeated=True)
         if inner is None:
             return False
         for first in (True, False):
