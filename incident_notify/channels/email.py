@@ -172,30 +172,36 @@ class EmailChannel(Channel):
     def message_id(self, key: str) -> str:
         return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}.incident-notify@{self.domain}>"
 
+    def _headers(self, delivery: Delivery) -> list[tuple[str, object]]:
+        """The message's headers, in order (None: the header is left out)."""
+        m = delivery.message
+        refs = list(delivery.thread_refs)
+        if delivery.reply_to and delivery.reply_to not in refs:
+            refs.append(delivery.reply_to)
+        headers: list[tuple[str, object]] = [
+            ("From", Address(self.from_name, addr_spec=self.from_addr) if self.from_name
+             else self.from_addr),
+            ("To", delivery.recipient),
+            ("Subject", (m.subject or "").replace("\r", " ").replace("\n", " ")),
+            ("Date", format_datetime(time_now())),
+            ("Message-ID", self.message_id(delivery.key)),
+            ("In-Reply-To", delivery.reply_to or None),
+            ("References", " ".join(refs) or None),
+            ("Auto-Submitted", "auto-generated"),
+            ("X-Incident-Id", delivery.incident_id),
+            ("Reply-To", self.options.reply_to or None),
+            ("List-Unsubscribe", f"<{self.options.list_unsubscribe}>"
+             if self.options.list_unsubscribe else None),
+        ]
+        return [(name, value) for name, value in headers if value is not None]
+
     def build(self, delivery: Delivery, *, body: bool = True) -> EmailMessage:
         """The whole message; with `body=False` only the recipient's headers (`send` joins
         them to the body flattened once per message text)."""
         m = delivery.message
         msg = EmailMessage()
-        msg["From"] = Address(self.from_name, addr_spec=self.from_addr) if self.from_name \
-            else self.from_addr
-        msg["To"] = delivery.recipient
-        msg["Subject"] = (m.subject or "").replace("\r", " ").replace("\n", " ")
-        msg["Date"] = format_datetime(time_now())
-        msg["Message-ID"] = self.message_id(delivery.key)
-        refs = list(delivery.thread_refs)
-        if delivery.reply_to:
-            msg["In-Reply-To"] = delivery.reply_to
-            if delivery.reply_to not in refs:
-                refs.append(delivery.reply_to)
-        if refs:
-            msg["References"] = " ".join(refs)
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-Incident-Id"] = delivery.incident_id
-        if self.options.reply_to:
-            msg["Reply-To"] = self.options.reply_to
-        if self.options.list_unsubscribe:
-            msg["List-Unsubscribe"] = f"<{self.options.list_unsubscribe}>"
+        for name, value in self._headers(delivery):
+            msg[name] = value
         if body:
             msg.set_content(m.text)
             if m.html:
@@ -248,14 +254,12 @@ class EmailChannel(Channel):
         if len(to_line) > 80 or len(id_line) > 80 or not _PLAIN_ADDRESS.match(recipient) \
                 or not _PLAIN_ADDRESS.match(message_id[1:-1]):
             return None
-        refs = list(delivery.thread_refs)
-        if delivery.reply_to and delivery.reply_to not in refs:
-            refs.append(delivery.reply_to)
-        key = (delivery.message.subject, delivery.reply_to, tuple(refs), delivery.incident_id)
+        message = delivery.message
+        key = (message.subject, delivery.reply_to, delivery.thread_refs, delivery.incident_id)
         with self._lock:
             shared = self._shared_headers.get(key)
         if shared is None:
-            shared = self._fold_shared(delivery, refs)
+            shared = self._fold_shared(delivery)
             with self._lock:
                 if len(self._shared_headers) > 64:
                     self._shared_headers.clear()
@@ -266,33 +270,18 @@ class EmailChannel(Channel):
         return (b"".join((head, to_line.encode(), subject, date_line.encode(),
                           id_line.encode(), tail, b"\r\n")), options)
 
-    def _fold_shared(self, delivery: Delivery, refs: list[str]) -> tuple[bytes, bytes, bytes]:
-        """From; Subject; and In-Reply-To through List-Unsubscribe: each folded as `build`
-        folds them, in its order."""
-        m = delivery.message
+    def _fold_shared(self, delivery: Delivery) -> tuple[bytes, bytes, bytes]:
+        """From; Subject; and the headers after Message-ID: each folded as `build` folds
+        them, in its order."""
+        headers = self._headers(delivery)
+        names = [name for name, _ in headers]
+        tail = names[names.index("Message-ID") + 1:]
         pieces = []
-        for names in (("From",), ("Subject",),
-                      ("In-Reply-To", "References", "Auto-Submitted", "X-Incident-Id",
-                       "Reply-To", "List-Unsubscribe")):
+        for group in (("From",), ("Subject",), tail):
             msg = EmailMessage()
-            for name in names:
-                if name == "From":
-                    msg[name] = Address(self.from_name, addr_spec=self.from_addr) \
-                        if self.from_name else self.from_addr
-                elif name == "Subject":
-                    msg[name] = (m.subject or "").replace("\r", " ").replace("\n", " ")
-                elif name == "In-Reply-To" and delivery.reply_to:
-                    msg[name] = delivery.reply_to
-                elif name == "References" and refs:
-                    msg[name] = " ".join(refs)
-                elif name == "Auto-Submitted":
-                    msg[name] = "auto-generated"
-                elif name == "X-Incident-Id":
-                    msg[name] = delivery.incident_id
-                elif name == "Reply-To" and self.options.reply_to:
-                    msg[name] = self.options.reply_to
-                elif name == "List-Unsubscribe" and self.options.list_unsubscribe:
-                    msg[name] = f"<{self.options.list_unsubscribe}>"
+            for name, value in headers:
+                if name in group:
+                    msg[name] = value
             flat, _ = _flatten(msg, self.from_addr, self.from_addr)
             pieces.append(flat[:-2])  # without the blank line that ends a header block
         return pieces[0], pieces[1], pieces[2]
