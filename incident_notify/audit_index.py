@@ -82,25 +82,20 @@ class AuditIndex:
 
     def lifecycle(self) -> dict[str, str | None]:
         """Every incident with its last lifecycle event (None: none yet)."""
-        out: dict[str, str | None] = {}
-        for incident, entry in self.incidents.items():
-            if isinstance(entry, str) and entry[:1] in _EVENT_OF_CODE:
-                out[incident] = _EVENT_OF_CODE[entry[:1]]
-            else:
-                out[incident] = (self._entry(incident) or [None, None])[1]
-        return out
+        return {incident: self._lifecycle_of(incident) for incident in self.incidents}
 
     def open_ids(self) -> set[str]:
         """The incidents whose last lifecycle event is there and is not incident.resolved
-        (`status` folds exactly these): one pass over the entries' first characters."""
-        found = {i for i, e in self.incidents.items()
-                 if not (isinstance(e, str) and e[:1] in "r-" and e[:1] != "")}
-        return {i for i in found
-                if (last := self._lifecycle_of(i)) is not None and last != "incident.resolved"}
+        (`status` folds exactly these): entries still coded "resolved" or "none" are
+        passed over by their first character."""
+        return {i for i, e in self.incidents.items()
+                if not (isinstance(e, str) and e[:1] in ("r", "-"))
+                and (last := self._lifecycle_of(i)) is not None
+                and last != "incident.resolved"}
 
     def _lifecycle_of(self, incident: str) -> str | None:
         entry = self.incidents.get(incident)
-        if isinstance(entry, str) and entry[:1] in _EVENT_OF_CODE and entry[:1] != "":
+        if isinstance(entry, str) and entry[:1] in _EVENT_OF_CODE:
             return _EVENT_OF_CODE[entry[:1]]
         decoded = self._entry(incident)
         return decoded[1] if decoded is not None else None

@@ -57,8 +57,7 @@ _FAST_PAYLOAD: dict[str, tuple[tuple[str, frozenset[type]], ...]] = {
     for event in EVENTS}
 """Per event, each required payload key with the exact types that pass (the fast path:
 a subclass or a missing key goes to the exact loop)."""
-_DEEP_CHECKS = frozenset({"message.rendered", "incident.declared", "incident.updated",
-                          "incident.resolved", "incident.reopened"})
+_DEEP_CHECKS = frozenset({"message.rendered", *(e for e in EVENTS if e.startswith("incident."))})
 """Events whose payload has members inside to check: always the exact loop."""
 
 
