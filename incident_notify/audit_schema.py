@@ -4,6 +4,8 @@ breaks this, `verify` reports one, and every reader skips one instead of crashin
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,35 +51,46 @@ _RECORD_TYPES: tuple[tuple[str, Kind], ...] = (
     ("incident", _OPT_STR), ("channel", _OPT_STR), ("recipient", _OPT_STR),
     ("key", _OPT_STR), ("ts", _STR), ("actor", _STR), ("event", _STR), ("payload", _DICT))
 _EVENTS = frozenset(EVENTS)
-_NULLABLE_STR = frozenset({str, type(None)})
-_MISSING = object()
-_FAST_PAYLOAD: dict[str, tuple[tuple[str, frozenset[type]], ...]] = {
-    event: tuple((key, frozenset({int}) if kind is _INT else frozenset(kind))
-                 for key, kind in PAYLOAD_SCHEMA.get(event, {}).items())
-    for event in EVENTS}
-"""Per event, each required payload key with the exact types that pass (the fast path:
-a subclass or a missing key goes to the exact loop)."""
+
+
+def _passing(kinds: list[Kind]) -> frozenset[tuple[type, ...]]:
+    """Every tuple of exact types that passes, member by member, kinds `kinds`."""
+    return frozenset(itertools.product(*((int,) if kind is _INT else kind for kind in kinds)))
+
+
 _DEEP_CHECKS = frozenset({"message.rendered", *(e for e in EVENTS if e.startswith("incident."))})
 """Events whose payload has members inside to check: always the exact loop."""
+_RECORD_GET = operator.itemgetter(*(name for name, _ in _RECORD_TYPES))
+_RECORD_PASS = _passing([kind for _, kind in _RECORD_TYPES])
+_EVENT_AT, _PAYLOAD_AT = 6, 7
+_FAST_PAYLOAD: dict[str, tuple[Any, frozenset[tuple[type, ...]]] | None] = {}
+"""Per event with no deep check: None when its payload has no required key, else a getter
+of the required keys (named twice when there is one, so that it gives a tuple) and the
+tuples of exact types that pass. A subclass or a missing key goes to the exact loop."""
+for _event in EVENTS:
+    if _event not in _DEEP_CHECKS:
+        _keys = list(PAYLOAD_SCHEMA.get(_event, {}).items()) * \
+            (2 if len(PAYLOAD_SCHEMA.get(_event, {})) == 1 else 1)
+        _FAST_PAYLOAD[_event] = (operator.itemgetter(*(k for k, _ in _keys)),
+                                 _passing([kind for _, kind in _keys])) if _keys else None
 
 
 def record_problem(data: Mapping[str, Any]) -> str | None:
     """What is wrong with a well-chained record's content (a payload the readers could not
     use), or None. `verify` reports it; readers refuse the record instead of crashing.
     (Called for every record `verify` reads: the common case, every member of the plain
-    type JSON gives it, is one expression; anything else takes the loop that names it.)"""
-    get = data.get
-    if type(get("incident")) in _NULLABLE_STR and type(get("channel")) in _NULLABLE_STR and \
-            type(get("recipient")) in _NULLABLE_STR and type(get("key")) in _NULLABLE_STR and \
-            type(get("ts")) is str and type(get("actor")) is str and \
-            type(get("event")) is str and type(get("payload")) is dict:
-        event = data["event"]
-        fast = _FAST_PAYLOAD.get(event)
-        if fast is not None:
-            payload = data["payload"]
-            if all(type(payload.get(key, _MISSING)) in kinds for key, kinds in fast) and \
-                    event not in _DEEP_CHECKS:
-                return None
+    type JSON gives it, is a few lookups in sets of passing type tuples; anything else
+    takes the loop that names it.)"""
+    try:
+        values = _RECORD_GET(data)
+        if tuple(map(type, values)) in _RECORD_PASS:
+            event = values[_EVENT_AT]
+            if event in _FAST_PAYLOAD:
+                fast = _FAST_PAYLOAD[event]
+                if fast is None or tuple(map(type, fast[0](values[_PAYLOAD_AT]))) in fast[1]:
+                    return None
+    except KeyError:
+        pass
     return _exact_problem(data)
 
 

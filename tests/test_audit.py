@@ -579,3 +579,88 @@ def test_verifying_in_parallel_stretches_gives_the_one_pass_answer(tmp_path: Pat
         differ += not one.ok
     pool.shutdown()
     assert differ == len(damages)
+
+
+def test_the_fast_json_writes_every_string_and_integer_as_the_standard_library() -> None:
+    """`verify` lets msgspec say a block of lines is canonical. That holds only if it writes
+    every character (all code points but surrogates, one by one: a string is written
+    character by character) and integers exactly as `json.dumps` does."""
+    from incident_notify.audit_verify import _ENCODER
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    assert _ENCODER.encode(chars) == \
+        json.dumps(chars, separators=(",", ":"), ensure_ascii=False).encode()
+    ints = [0, -1, 7, 2**31, -2**31, 2**53 + 1, 2**63 - 1, -2**63, 2**64 - 1, 10**20]
+    assert _ENCODER.encode(ints) == json.dumps(ints, separators=(",", ":")).encode()
+    nested = {"b": [True, False, None, {"é": "x", "a": []}], "a": {}, "ä": 1, "Z": "\u2028"}
+    assert _ENCODER.encode(nested) == \
+        json.dumps(nested, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+FLOATS = [0.1, 0.25, 123.0, -0.0, 1e16, 1e-06, 1e22, 5e-324, 1.7976931348623157e+308,
+          0.0001, 1.2345678901234568e+17]
+
+
+def _respellings(line: bytes) -> list[bytes]:
+    """Other spellings of the same values in `line` (one at a time): what the standard
+    library would not write, some of it what a faster JSON library would."""
+    import msgspec
+
+    swaps: list[tuple[bytes, bytes]] = []
+    for value in FLOATS:
+        ours = repr(value).encode()
+        for other in {msgspec.json.encode(value), ours.replace(b"e+", b"e"),
+                      ours.replace(b"e", b"E"), ours + b"0" if b"." in ours else ours + b".0",
+                      f"{value:f}".encode(), f"{value:.20g}".encode()}:
+            if other != ours:
+                swaps.append((b":" + ours + b",", b":" + other + b","))
+    swaps += [(b"\\u001f", b"\\u001F"), (b"\\u001f", b"\x1f"), ("é".encode(), b"\\u00e9"),
+              (b"/", b"\\/"), ("\u2028".encode(), b"\\u2028"), (b":10,", b":10.0,"),
+              (b":10,", b":1e1,"), (b":100000000000000000000,", b":1e20,"),
+              (b'"n":10,', b'"n":10,"n":10,'), (b":true", b":1")]
+    out = []
+    for old, new in swaps:
+        at = line.find(old)
+        if at >= 0:
+            out.append(line[:at] + new + line[at + len(old):])
+    return out
+
+
+def test_verify_with_the_fast_json_answers_as_with_the_standard_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log whose records hold floats passes (on msgspec's path where it writes the float
+    as `repr` does); every other spelling of the same values, the line's hash
+    made to match, is refused with the same words as when only the standard library
+    checks (a float msgspec writes differently, an escape in capitals, an escaped slash,
+    a duplicated member...)."""
+    from incident_notify import audit_verify
+    from incident_notify.audit import _line_hash
+
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    for value in FLOATS:
+        audit.append("delivery.sent", incident="INC-1", channel="team_sms", payload={
+            "provider_id": "a/b é \x1f \u2028", "elapsed_s": value, "n": 10,
+            "big": 100000000000000000000, "flag": True})
+    pristine = path.read_bytes()
+    lines_ = pristine.splitlines(keepends=True)
+    for line, value in zip(lines_, FLOATS, strict=True):  # msgspec's path where it writes alike
+        fast = audit_verify._ENCODER.encode(audit_verify._DECODER.decode(line)) == line[:-1]
+        assert fast == (audit_verify._ENCODER.encode(value) == repr(value).encode()), line
+
+    respelled = 0
+    for at in range(len(lines_)):
+        for line in _respellings(lines_[at]):
+            rehashed = line.replace(json.loads(lines_[at])["hash"].encode(),
+                                    _line_hash(line).encode())  # type: ignore[union-attr]
+            path.write_bytes(b"".join([*lines_[:at], rehashed]))  # the last line respelled
+            fast = AuditLog(path).verify(workers=1).to_dict()
+            with monkeypatch.context() as m:
+                m.setattr(audit_verify, "_FAST_JSON", False)
+                slow = AuditLog(path).verify(workers=1).to_dict()
+            assert fast == slow, line
+            assert not fast["ok"], (line, fast)  # (a raw control character is not JSON)
+            respelled += "canonical" in fast["problem"]
+    assert respelled > 10 * len(FLOATS)
+    path.write_bytes(pristine)
+    assert AuditLog(path).verify(workers=1).ok
