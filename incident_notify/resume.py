@@ -190,7 +190,7 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
         verdicts = []
         result = DispatchResult()
         in_doubt: list[dict[str, Any]] = []
-        for upd in unfinished:
+        for n, upd in enumerate(unfinished, 1):
             spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
             planner = make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
                                     state.declared_at)
@@ -202,6 +202,8 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
             result = dispatch_update(rt, pb, planner, state, contacts, upd.update_no, health,
                                progress, include_unknown=include_unknown, channels=channels)
             del planner, state  # let the fold go before the record is folded again
+            if n == len(unfinished):
+                del contacts  # and the contacts, once no update is left to plan
             v, state = finish_update(rt, incident_id, upd.update_no, result)
             verdicts.append(v)
             in_doubt += in_doubt_list(state, upd.update_no)

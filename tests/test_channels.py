@@ -395,3 +395,81 @@ def test_an_email_built_from_the_shared_body_is_the_whole_message() -> None:
                          if not p.is_multipart()]
         # The body is shared, not rebuilt: a second recipient of the text reuses it.
         assert ch._bodies[(d.message.text, html)] in shared
+
+
+# ------------------------------------------------------------------ proxies
+class ForwardProxy:
+    """A plain HTTP forward proxy that relays each request to the URL in its request line
+    and remembers which URLs went through it."""
+
+    def __init__(self) -> None:
+        import http.client
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []  # type: list[str]
+
+        class Relay(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self) -> None:
+                seen.append(self.path)
+                url = urllib.parse.urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("proxy-connection", "connection")}
+                upstream.request(self.command, url.path + (f"?{url.query}" if url.query
+                                                           else ""), body, headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_POST = do_DELETE = _relay
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+def test_sms_and_tweets_go_through_the_proxy_the_environment_names(
+        sandbox: Any, twitter: TwitterEmulator, monkeypatch: pytest.MonkeyPatch,
+        bypassed: bool) -> None:
+    """The HTTP clients read the environment once per client instead of per request: the
+    proxy it names is still used for every request, and NO_PROXY still bypasses it."""
+    import os
+
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+    proxy = ForwardProxy()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        if bypassed:
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        sms = sms_channel(sandbox)
+        for n in range(2):
+            sms.send(delivery("sms", f"+1202555010{n}", "Power restored."), NoAttempt())
+        tweets = TwitterChannel(ChannelSpec("status", "twitter"), twitter_secrets(twitter))
+        tweets.send(delivery("status", "", "Power restored."), NoAttempt())
+    finally:
+        proxy.stop()
+    assert len(sandbox.twilio.received.all()) == 2 and len(twitter.received.all()) == 1
+    through = [url for url in proxy.seen if "/Messages.json" in url or "/2/tweets" in url]
+    assert len(through) == (0 if bypassed else 3), proxy.seen

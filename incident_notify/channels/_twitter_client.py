@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from incident_notify.channels._http import transport_error
+from incident_notify.channels._http import read_environment_once, transport_error
 from incident_notify.channels.base import Channel, PermanentChannelError, TransientChannelError
 
 TWITTER_API = "https://api.twitter.com"
@@ -43,6 +43,7 @@ def make_client(channel: Channel) -> Any:
     client = tweepy.Client(consumer_key=key, consumer_secret=secret, access_token=token,
                            access_token_secret=token_secret, wait_on_rate_limit=False)
     client.session = RewritingSession()
+    read_environment_once(client.session, base)
     return client
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
-from incident_notify.channels._http import transport_error
+from incident_notify.channels._http import read_environment_once, transport_error
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -96,6 +96,7 @@ class SMSChannel(Channel):
                 return response
 
         http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
+        read_environment_once(http.session, base)
         client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
                         http_client=http)
         return client
