@@ -182,12 +182,14 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
     key = rec.key
     if event == "delivery.planned" and key:
         if key not in state.deliveries:
-            # Interned: a second fold of the same records (after sending) shares the strings.
+            # Channel names and contact ids are interned (every delivery on a channel, and
+            # a person's delivery on each channel, share one copy). Keys and recipients are
+            # one per delivery: interning them only grew the interpreter's table.
             contact = p.pop("contact_id", None)
             recipient = rec.recipient
-            state.deliveries[sys.intern(key)] = DeliveryState(
-                key=sys.intern(key), channel=sys.intern(rec.channel or ""),
-                recipient=sys.intern(recipient) if recipient is not None else None,
+            state.deliveries[key] = DeliveryState(
+                key=key, channel=sys.intern(rec.channel or ""),
+                recipient=recipient,
                 update_no=int(p.get("update_no", 0)), payload=_shared(state, p),
                 contact_id=sys.intern(contact) if isinstance(contact, str) else "")
         return
