@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -57,6 +58,28 @@ def default_audit_path() -> Path:
     from incident_notify.config import state_dir
 
     return state_dir() / "audit.jsonl"
+
+
+_FAST_PARSE_AFTER = 1000
+"""Lines a reader parses with `json.loads` before it imports msgspec (20 ms) for the rest."""
+
+
+@lru_cache(maxsize=1)
+def _fast_parser() -> Callable[[bytes], Any]:
+    """A line's JSON exactly as `json.loads` gives it, at a third of the cost: msgspec
+    parses, with floats read by `float` as `json.loads` reads them; what msgspec refuses
+    (NaN, a lone surrogate...) goes to `json.loads`, which decides."""
+    import msgspec
+
+    decode = msgspec.json.Decoder(float_hook=float).decode
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except (msgspec.MsgspecError, ValueError):
+            return json.loads(raw)
+
+    return parse
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
@@ -109,7 +132,11 @@ class AuditRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
-        return cls(**{f: data[f] for f in FIELDS})
+        # The fields set directly: a frozen dataclass's __init__ sets each one through
+        # object.__setattr__, which cost readers more than parsing the line.
+        record = object.__new__(cls)
+        record.__dict__.update({f: data[f] for f in FIELDS})
+        return record
 
 
 @dataclass
@@ -408,6 +435,8 @@ class AuditLog:
         # still parsed and checked, so a look-alike inside a payload is never taken for it.
         event_needle = b'"event":"' + event_prefix.encode() if event_prefix else None
         indexed = self._indexed_lines(incident, incidents)
+        parse: Callable[[bytes], Any] = json.loads
+        parsed = 0
         for number, raw in indexed if indexed is not None else self._lines():
             if incident is not None and incident.encode() not in raw:
                 continue
@@ -421,8 +450,11 @@ class AuditLog:
                 name = raw[start:raw.find(b'"', start)]
                 if name not in wanted and b"\\" not in name:
                     continue  # (an escaped id is parsed and compared below)
+            parsed += 1
+            if parsed == _FAST_PARSE_AFTER:
+                parse = _fast_parser()
             try:
-                data = json.loads(raw)
+                data = parse(raw)
                 problem = record_problem(data) if isinstance(data, dict) else "not a record"
                 if problem is None:
                     rec = AuditRecord.from_dict(data)

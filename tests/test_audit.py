@@ -664,3 +664,34 @@ def test_verify_with_the_fast_json_answers_as_with_the_standard_library(
     assert respelled > 10 * len(FLOATS)
     path.write_bytes(pristine)
     assert AuditLog(path).verify(workers=1).ok
+
+
+def test_readers_fast_parse_gives_what_json_loads_gives() -> None:
+    """Readers switch to msgspec after their first lines: for every line it must give the
+    values `json.loads` gives (floats read by `float`, numbers of any size, escapes,
+    duplicate members, what only `json.loads` accepts), or fail where it fails."""
+    import random
+
+    from incident_notify.audit import _fast_parser
+
+    parse = _fast_parser()
+    rng = random.Random(5)
+    texts = [b'{"a":1,"a":2}', b'{"x":NaN}', b'{"x":-Infinity}', b'{"s":"\\ud800"}',
+             b'{"s":"\\u00e9\\n\\/\\"","t":"\xc3\xa9"}', b'[1e400,-0.0,1E5,0.1e-7]',
+             b'{"n":' + b"9" * 4400 + b"}", b'{"bad":"\xff"}', b'{"x":1} trailing',
+             b"[" * 3000 + b"]" * 3000, b'{"big":123456789012345678901234567890}']
+    for _ in range(3000):
+        mantissa = f"{rng.randrange(10**rng.randint(1, 20))}"
+        exponent = rng.choice(["", f"e{rng.randint(-330, 310)}", f"E+{rng.randint(0, 30)}"])
+        point = rng.choice(["", f".{rng.randrange(10**rng.randint(1, 17))}"])
+        texts.append(f'{{"f":{rng.choice(["", "-"])}{mantissa}{point}{exponent}}}'.encode())
+    for text in texts:
+        try:
+            want: object = repr(json.loads(text))
+        except (ValueError, RecursionError) as exc:
+            want = type(exc)
+        try:
+            got: object = repr(parse(text))
+        except (ValueError, RecursionError) as exc:
+            got = type(exc)
+        assert got == want, text[:80]
