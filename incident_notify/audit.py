@@ -243,12 +243,13 @@ class AuditLog:
                 prefix: list[AuditEntry] = []
                 if tail.torn:
                     prefix.append(self._recover_torn(fd, tail))
-                records = []
+                records, lines = [], []
                 seq, prev = tail.seq, tail.hash
+                ts = _now()  # (one write: its records share the moment)
                 for e in [*prefix, *entries]:
                     seq += 1
                     fields: dict[str, Any] = {
-                        "schema": SCHEMA, "seq": seq, "ts": _now(), "actor": self.actor,
+                        "schema": SCHEMA, "seq": seq, "ts": ts, "actor": self.actor,
                         "incident": e.incident, "event": e.event, "channel": e.channel,
                         "recipient": self._redact(e.recipient), "key": e.key,
                         "payload": self._scrub(e.payload or {}, e.recipient), "prev": prev,
@@ -257,10 +258,12 @@ class AuditLog:
                     if problem:  # a bug of ours: the record must stay readable
                         raise AuditError(f"refusing to record a malformed {e.event}: "
                                          f"{problem}")
-                    prev = record_hash(fields)
+                    body = canonical(fields)  # what the hash covers: all but the hash
+                    prev = hashlib.sha256(body).hexdigest()
+                    lines.append(_with_hash(body, prev))
                     fields["hash"] = prev
                     records.append(AuditRecord.from_dict(fields))
-                data = b"".join(canonical(r.to_dict()) + b"\n" for r in records)
+                data = b"".join(lines)
                 start = os.fstat(fd).st_size
                 try:
                     written = os.write(fd, data)
@@ -767,6 +770,19 @@ def _index_holds(handle: BinaryIO, index: AuditIndex, size: int) -> bool:
     raw = handle.read(index.covered - index.last_start)
     return raw.endswith(b"\n") and b"\n" not in raw[:-1] and \
         _line_hash(raw) == index.last_hash
+
+
+_AFTER_HASH = b',"incident":'
+
+
+def _with_hash(body: bytes, digest: str) -> bytes:
+    """The log line of a record: its canonical JSON `body` without the hash, with the hash
+    member put where sorting puts it (before "incident"; the members before it are actor,
+    channel and event, strings that cannot hold an unescaped quote, so the first match
+    is the member's own), and a newline: `canonical` of the whole record, encoded once.
+    `_line_hash` undoes it."""
+    at = body.index(_AFTER_HASH)
+    return b"".join((body[:at], _HASH_KEY, digest.encode(), b'"', body[at:], b"\n"))
 
 
 def _line_hash(raw: bytes) -> str | None:

@@ -299,11 +299,16 @@ def test_event_prefilter_returns_exactly_what_parsing_would(tmp_path: Path) -> N
 
 def test_the_line_hash_is_the_record_hash(tmp_path: Path) -> None:
     """verify hashes the line's bytes without its hash member: the same digest the writer
-    computed from the record, whatever the record holds (unicode, nulls, a nested "hash")."""
-    from incident_notify.audit import AuditEntry, AuditLog, _line_hash, record_hash
+    computed from the record, whatever the record holds (unicode, nulls, a nested "hash",
+    an actor or channel that spells the member after the hash). The writer encodes each
+    record once and puts the hash in: each line is still the canonical JSON of its
+    record."""
+    from incident_notify.audit import AuditEntry, AuditLog, _line_hash, canonical, record_hash
 
-    log = AuditLog(tmp_path / "a.jsonl")
+    log = AuditLog(tmp_path / "a.jsonl", actor='ops "x",\\"incident":"INC-9"')
     log.append_many([
+        AuditEntry("delivery.failed", incident="INC-1", channel=',"incident":"x\\',
+                   payload={"error": "e"}),
         AuditEntry("incident.declared", incident="INC-1", payload={
             "playbook": "p", "stage": "s", "update_no": 1, "variables": {"ü": "東京"},
             "message": 'quote " and ,"hash":"x'}),
@@ -312,9 +317,12 @@ def test_the_line_hash_is_the_record_hash(tmp_path: Path) -> None:
         AuditEntry("optout.added", payload={"contact_id": "a\nb"}),
     ])
     lines = (tmp_path / "a.jsonl").read_bytes().splitlines(keepends=True)
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
+        assert line == canonical(json.loads(line)) + b"\n"
         assert _line_hash(line) == record_hash(json.loads(line))
+    assert json.loads(lines[0])["channel"] == ',"incident":"x\\'
+    assert log.verify().ok
     assert _line_hash(lines[0].replace(b'"hash":"', b'"hasH":"')) is None
 
 
