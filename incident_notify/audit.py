@@ -849,7 +849,11 @@ class GroupCommitWriter:
                 if self._writing:
                     if slot.wake is None:
                         slot.wake = threading.Condition(self._lock)
-                    slot.wake.wait()
+                    try:
+                        slot.wake.wait()
+                    except BaseException:  # Ctrl-C in the main thread while it waited
+                        self._abandon(slot)
+                        raise
                     continue
                 self._writing = True
                 batch, self._pending = (self._pending[: self.max_batch],
@@ -878,6 +882,15 @@ class GroupCommitWriter:
                 raise slot.error
             raise AuditError(f"audit write failed: {slot.error}") from slot.error
         return slot.records
+
+    def _abandon(self, slot: _Slot) -> None:
+        """(Under the lock.) A waiter leaves before its entries were written: they are
+        withdrawn unless a write already holds them, and the turn to lead the next write,
+        which may have been handed to it, goes to the first still queued."""
+        if slot in self._pending:
+            self._pending.remove(slot)
+        if not self._writing and self._pending and self._pending[0].wake is not None:
+            self._pending[0].wake.notify()
 
     def records(self, **filters: Any) -> Iterator[AuditRecord]:
         return self.log.records(**filters)

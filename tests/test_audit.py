@@ -144,6 +144,54 @@ def test_group_commit_from_many_threads(tmp_path: Path) -> None:
     assert len({r.key for r in audit.records()}) == 1600
 
 
+def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
+        tmp_path: Path) -> None:
+    """A finished write wakes only its own writers and the first still queued, to lead the
+    next one. When that first one is the main thread and Ctrl-C interrupts its wait, the
+    turn passes on: the thread queued behind it still gets its record written (a stranded
+    turn hung sending threads forever), and the interrupted entry is withdrawn unwritten."""
+    import os
+    import signal
+    import time
+
+    release = threading.Event()
+
+    class SlowDisk(AuditLog):  # a write that stalls until released (a slow disk)
+        def append_many(self, entries):  # type: ignore[no-untyped-def]
+            if entries[0].key == "first":
+                release.wait(10)
+            return super().append_many(entries)
+
+    audit = SlowDisk(tmp_path / "g.jsonl")
+    writer = GroupCommitWriter(audit)
+    leader = threading.Thread(target=writer.append, args=("delivery.attempt",),
+                              kwargs={"key": "first", "payload": {"attempt": 1}})
+    leader.start()
+    while not writer._writing:
+        time.sleep(0.005)
+    behind = threading.Thread(target=writer.append, args=("delivery.attempt",),
+                              kwargs={"key": "behind", "payload": {"attempt": 1}})
+
+    def interrupt_then_release() -> None:
+        while not writer._pending:  # the main thread queues first, then `behind`
+            time.sleep(0.005)
+        behind.start()
+        while len(writer._pending) < 2:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        release.set()
+
+    threading.Thread(target=interrupt_then_release).start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.append("delivery.attempt", key="main", payload={"attempt": 1})
+    leader.join(10)
+    behind.join(10)
+    assert not behind.is_alive(), "the thread queued behind the interrupted one was stranded"
+    assert [r.key for r in audit.records()] == ["first", "behind"]
+    assert audit.verify().ok
+
+
 def test_cli_verify_ok_and_tampered(log: AuditLog) -> None:
     ok = run_cli("audit", "verify", "--audit-log", str(log.path))
     assert ok.returncode == 0 and "OK: 20 records" in ok.stdout
