@@ -134,7 +134,6 @@ def _check_lines(lines: list[bytes], seq: int,
                     record_problem(data) is None:  # every check below, in one expression
                 seq, prev = data["seq"], data["hash"]
                 continue
-            data = records[i]  # type: ignore[index]
             if type(data) is not dict or data.keys() != _FIELD_SET:
                 problem: str | None = "not an audit record (fields missing or added)"
             elif data["schema"] != SCHEMA:
