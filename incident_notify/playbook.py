@@ -347,7 +347,7 @@ def _pydantic_problems(exc: ValidationError, smap: SourceMap) -> Iterator[Proble
             message = f"{where}: missing required key {loc[-1]!r}"
             hint = "add it; see docs/playbook-format.md"
         else:
-            message = f"{where}: {err['msg']}"
+            message = f"{where}: {err['msg'].removeprefix('Value error, ')}"
             hint = ""
         yield smap.problem(path, message, hint)
 
@@ -428,10 +428,16 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
             for err in exc.errors():
                 key = err["loc"][0] if err["loc"] else ""
                 path = (*base, key) if key else base
+                text = err["msg"].removeprefix("Value error, ")  # (pydantic's wording)
+                env = getattr(channel_class(cfg.type), "api_base_env", None)
+                if "endpoints are the operator's" in text and env:
+                    text = text.replace("environment (docs/channels.md)",
+                                        f"environment ({env}; docs/channels.md)", 1)
                 if err["type"] == "extra_forbidden":
                     msg = f"channel {name!r}: unknown option {key!r} for type {cfg.type!r}"
                 else:
-                    msg = f"channel {name!r}: {key}: {err['msg']}"
+                    msg = f"channel {name!r}: {key}: {text}" if key else \
+                        f"channel {name!r}: {text}"
                 yield smap.problem(path, msg, "see docs/channels.md for each type's options")
         for i, fb in enumerate(cfg.fallback):
             if fb not in m.channels:

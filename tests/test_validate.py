@@ -126,6 +126,11 @@ def test_json_envelope_shape(tmp_path: Path) -> None:
          "duplicate key 'title'"),
         # an unknown channel type names the valid ones
         ("type: sms", "type: pager", 13, "valid channel types are"),
+        # an endpoint: the operator's, never the playbook's (said once, without pydantic's
+        # "Value error," or an empty option name)
+        ("    sender: \"+15005550006\"\n",
+         "    sender: \"+15005550006\"\n    host: 127.0.0.1\n    tls: none\n", 12,
+         "channel 'team_sms': host, tls: endpoints are the operator's configuration"),
     ],
 )
 def test_each_error_names_its_line(tmp_path: Path, old: str, new: str, line: int,
@@ -137,6 +142,9 @@ def test_each_error_names_its_line(tmp_path: Path, old: str, new: str, line: int
     out = proc.stdout + proc.stderr
     assert f"{path}:{line}" in out, out
     assert needle in out
+    assert "Value error" not in out and ": :" not in out
+    if "endpoints" in needle:
+        assert "INCIDENT_NOTIFY_TWILIO_API_BASE" in out  # where the endpoint does go
 
 
 def test_all_problems_of_a_file_are_reported(tmp_path: Path) -> None:
