@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import signal
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,6 +108,8 @@ def _control() -> tuple[str, str]:
 
 
 def _call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import urllib.request  # (here: a seventh of every command's start-up otherwise)
+
     url, token = _control()
     req = urllib.request.Request(url + path, method=method,
                                  data=jsonlib.dumps(body).encode() if body is not None else None,
