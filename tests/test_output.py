@@ -7,15 +7,19 @@ import random
 
 import pytest
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from incident_notify.cli.environment import Environment
 from incident_notify.cli.render_results import FitTable
 
 WORDS = ["INC-20261126-0001", "ok", "+14155550123", "ops@acme.example", "東京", "naïve",
          "[green]ok[/]", "[bold red]FAIL[/]", "1/2 segments (GSM-7, 139 units)", "", "x" * 30,
-         "emoji 🚨", "a b c"]
+         "emoji 🚨", "a b c", "  lead", "trail  ", "a  b   c", "tab\there",
+         "a long sentence of many words that wraps across lines", "東京大阪名古屋福岡札幌",
+         "😀😀😀😀😀😀😀", "x,y;z-long-hyphenated-token-here"]
 
 
 def _render(table: Table, width: int) -> str:
@@ -27,14 +31,15 @@ def _render(table: Table, width: int) -> str:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_plain_tables_are_drawn_exactly_as_rich_draws_them(seed: int) -> None:
-    """The fast plain drawing (pipes, logs, NO_COLOR) is rich's own drawing, to the byte."""
+    """The fast plain drawing (pipes, logs, NO_COLOR) is rich's own drawing, to the byte,
+    tables too wide for the output included (cells wrapped where rich wraps them)."""
     rng = random.Random(seed)
-    drawn_fast = 0
+    drawn_fast = wrapped = 0
     for _ in range(60):
         columns = [rng.choice(WORDS[:9]) or "c" for _ in range(rng.randint(1, 6))]
         title = rng.choice([None, "A title", "Deliveries per channel " * rng.randint(1, 4)])
         rows = [[rng.choice(WORDS) for _ in columns] for _ in range(rng.randint(0, 8))]
-        width = rng.choice([60, 80, 120, 160])
+        width = rng.choice([40, 60, 80, 120, 160])
 
         def build(cls: type[Table], title: str | None = title, columns: list[str] = columns,
                   rows: list[list[str]] = rows) -> Table:
@@ -52,8 +57,13 @@ def test_plain_tables_are_drawn_exactly_as_rich_draws_them(seed: int) -> None:
         if fast is None:
             continue
         drawn_fast += 1
-        assert _render(fit, width) == _render(reference, width), (columns, rows, width)
+        expected = _render(reference, width)
+        assert "".join(t.plain for t in fast) + "\n" == expected, (columns, rows, width)
+        natural = sum(max(cell_len(Text.from_markup(c).plain) for c in [h, *(r[i] for r in rows)])
+                      for i, h in enumerate(columns)) + 3 * len(columns) + 1
+        wrapped += natural > width
     assert drawn_fast >= 20  # the fast drawing is really used
+    assert wrapped >= 5  # tables too wide for the output, wrapped as rich wraps them
 
 
 def test_no_color_and_pipes_get_no_escape_sequences_and_no_bars() -> None:

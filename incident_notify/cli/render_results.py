@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -53,9 +54,13 @@ class FitTable(Table):
 
     def _plain_lines(self, console: Any, options: Any) -> list[Any] | None:
         """The ASCII table exactly as rich draws it, for output without styles (a pipe, a
-        log, NO_COLOR) when every cell fits on one line: rich measures and wraps each cell,
-        which made printing `validate`'s tables cost more than the checks. None when rich
-        must draw it (styles, a cell that wraps, a title wider than the table)."""
+        log, NO_COLOR): rich measures, wraps and pads each cell through its general
+        renderer, which made printing `validate`'s tables cost more than the checks. When
+        the table is wider than the output, columns are narrowed as rich narrows them
+        (`_wrapped_widths`) and cells cut where rich's `divide_line` cuts them; a header
+        sits on its row's last line, as rich sets it. tests/test_output.py compares both
+        with rich byte for byte. None when rich must draw it (styles, a cell holding a
+        line break or a tab, a title wider than the table)."""
         from rich.cells import cell_len
         from rich.text import Text
 
@@ -65,26 +70,78 @@ class FitTable(Table):
         columns = [[c if isinstance(c, str) else str(c) for c in col._cells]
                    for col in self.columns]
         cells = [[Text.from_markup(c).plain for c in col] for col in columns]
-        if any("\n" in c for col in cells for c in col):
+        if any("\n" in c or "\t" in c for col in [*cells, headers] for c in col):
             return None
         widths = [max([cell_len(h), *(cell_len(c) for c in col)])
                   for h, col in zip(headers, cells, strict=True)]
         total = sum(widths) + 3 * len(widths) + 1
         if total > options.max_width:
-            return None
+            widths = _wrapped_widths(widths, options.max_width - self._extra_width)
+            if min(widths, default=1) < 1:
+                return None
+            total = sum(widths) + 3 * len(widths) + 1
         title = Text.from_markup(str(self.title)).plain if self.title else None
         if title is not None and (cell_len(title) > total or "\n" in title):
             return None
 
-        def row(values: list[str]) -> str:
-            return "| " + " | ".join(v + " " * (w - cell_len(v))
-                                     for v, w in zip(values, widths, strict=True)) + " |"
+        def row(values: list[str], header: bool = False) -> list[str] | None:
+            pieces = [_cut(v, w) for v, w in zip(values, widths, strict=True)]
+            if any(p is None for p in pieces):
+                return None
+            height = max(len(p) for p in pieces if p is not None)
+            # (rich sets a header's cells on the bottom line, the others from the top)
+            filled = [[*[" " * w] * (height - len(p)), *p] if header else
+                      [*p, *[" " * w] * (height - len(p))]
+                      for p, w in zip(pieces, widths, strict=True) if p is not None]
+            return ["| " + " | ".join(line) + " |" for line in zip(*filled, strict=True)]
 
         rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-        lines = ([title] if title is not None else []) + [rule, row(headers), rule]
-        lines += [row([col[i] for col in cells]) for i in range(self.row_count)]
-        lines.append(rule)
-        return [Text("\n".join(lines))]
+        body = [row(headers, header=True),
+                *(row([col[i] for col in cells]) for i in range(self.row_count))]
+        if any(lines is None for lines in body):
+            return None
+        out = ([title] if title is not None else []) + [rule, *body[0], rule]  # type: ignore[misc]
+        for lines in body[1:]:
+            out += lines  # type: ignore[arg-type]
+        out.append(rule)
+        return [Text("\n".join(out))]
+
+
+def _wrapped_widths(natural: list[int], room: int) -> list[int]:
+    """The cell widths (without padding) rich gives columns whose widest cells are
+    `natural` wide when the table must fit `room` columns (borders excluded): each column
+    measured with its one-space padding and capped at the room, then the widest columns
+    narrowed first (rich's own `_collapse_widths`), then all evenly (`ratio_reduce`). (rich
+    measures each column again at its new width, which gives back that width.)"""
+    from rich._ratio import ratio_reduce
+
+    if room - 2 < 1:
+        return [0] * len(natural)  # (rich's own narrow case: not copied)
+    widths = [min(w, room - 2) + 2 for w in natural]
+    if sum(widths) > room:
+        widths = Table._collapse_widths(widths, [True] * len(widths), room)
+        if sum(widths) > room:
+            widths = ratio_reduce(sum(widths) - room, [1] * len(widths), widths, widths)
+    return [w - 2 for w in widths]  # (each cell has one space either side)
+
+
+def _cut(text: str, width: int) -> list[str] | None:
+    """`text` as rich wraps a cell `width` wide (overflow "fold", left-justified): its
+    lines, each padded to the width; None for what this does not copy."""
+    from rich._wrap import divide_line
+    from rich.cells import cell_len
+
+    bounds = [0, *divide_line(text, width, fold=True), len(text)]
+    lines = []
+    for start, end in pairwise(bounds):
+        piece = text[start:end]
+        if cell_len(piece) > width:
+            piece = piece.rstrip()  # (spaces past the width are dropped)
+        size = cell_len(piece)
+        if size > width:
+            return None
+        lines.append(piece + " " * (width - size))
+    return lines
 
 
 def table(env: Environment, *columns: str, title: str | None = None) -> Table:
