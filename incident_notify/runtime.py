@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from incident_notify.config import Settings, load_secrets
 from incident_notify.flow import RetryPolicy
-from incident_notify.playbook import Playbook
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from incident_notify.audit import AuditLog
+    from incident_notify.playbook import Playbook
     from incident_notify.render import Renderer
 
 
