@@ -311,3 +311,52 @@ def test_redacted_log_keeps_no_address_even_of_people_not_reached(
     text = (tmp_path / "audit.jsonl").read_text()
     assert "+12025550001" not in text and "person1@example.com" not in text
     assert "p00001" in text  # the person is named by contact id
+
+
+def test_audit_log_that_cannot_grow_stops_the_fan_out_with_nothing_sent_unrecorded(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The disk fills mid fan-out (a real write limit: RLIMIT_FSIZE, so writes past it fail
+    with EFBIG). The record is the point of the tool: sending stops with exit 8 and a
+    clear message, every message a provider received has its durable attempt record, and
+    `resume`, with room again, reaches everyone else once."""
+    import resource
+
+    people = 150
+    pb = make_fanout_playbook(tmp_path / "pb", people, rate=2000, concurrency=4)
+    sandbox.twilio.faults.update(latency_ms=5)
+    sandbox.smtp.faults.update(latency_ms=5)
+    sandbox.write_state()
+    audit = tmp_path / "audit.jsonl"
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
+    limit = 300_000  # the plan fits (~110 kB); the attempts and outcomes do not
+
+    def full_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+        text=True, timeout=120, preexec_fn=full_disk)
+    assert proc.returncode == 8, (proc.returncode, proc.stderr[-2000:])
+    out = proc.stdout + proc.stderr
+    assert "stopped: audit log write failed" in out and "Traceback" not in out, out[-2000:]
+    assert "make room for the audit log" in out and "incident-notify resume INC-" in out
+    received = set(sms_to(sandbox)) | set(mail_to(sandbox))
+    assert 0 < len(received) < 2 * people, "the disk must fill mid fan-out"
+
+    from incident_notify.audit import AuditLog
+
+    attempted = {r.recipient for r in AuditLog(audit).records(event_prefix="delivery.attempt")}
+    assert received <= attempted, "a message went out with no durable attempt record"
+
+    status = json_doc(run_cli("status", "--json", env=env))
+    incident = status["data"]["incidents"][0]["id"]
+    resumed = run_cli("resume", incident, "--yes", "--sandbox", "--json", env=env)
+    assert resumed.returncode in (0, 5), resumed.stderr
+    in_doubt = {d["recipient"] for d in json_doc(resumed)["data"]["in_doubt"]}
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert set(sms.values()) <= {1} and set(mail.values()) <= {1}
+    assert set(sms) == {f"+1202555{i:04d}" for i in range(people)}
+    assert {f"person{i}@example.com" for i in range(people)} - set(mail) <= in_doubt
+    assert run_cli("audit", "verify", env=env).returncode == 0

@@ -233,7 +233,11 @@ def print_outcome(env: Environment, outcome: SendOutcome) -> None:
                   f"incident-notify resume {outcome.incident_id} --include-unknown[/]")
     people = v.to_dict()["people"] if v is not None else {}
     if r.fatal:
-        con.print(f"[bold red]stopped:[/] {escape(r.fatal)}")
+        fix = ("make room for the audit log (or fix its permissions); nothing was sent that "
+               "is not recorded" if r.fatal_kind == "audit" else "the rest is recorded as "
+               "planned")
+        con.print(f"[bold red]stopped:[/] {escape(r.fatal)}; {fix}; then send the rest "
+                  f"with: incident-notify resume {outcome.incident_id}")
     elif r.interrupted:
         con.print(f"[bold yellow]interrupted:[/] the rest is recorded as planned; send it "
                   f"with: incident-notify resume {outcome.incident_id}")
