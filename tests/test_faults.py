@@ -128,6 +128,36 @@ def test_email_dropped_after_data_is_unknown_listed_and_resent_only_when_asked(
         "a resend keeps the Message-ID, so mail systems drop the duplicate"
 
 
+def test_email_server_that_hangs_after_accepting_is_unknown_in_bounded_time_never_resent(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The SMTP server takes each message, then hangs before saying so (after a healthy
+    check). Each email times out after the channel's 2 s: recorded unknown, listed in
+    doubt, the run bounded; the SMS still go out; resume does not send the emails again
+    (SMTP keeps no record to ask), and they did arrive exactly once."""
+    people = 4
+    pb = make_fanout_playbook(tmp_path / "pb", people)
+    pb.write_text(pb.read_text().replace('sender: "Ops <ops@acme.example>"\n',
+                                         'sender: "Ops <ops@acme.example>"\n'
+                                         '    timeout_s: 2\n'))
+    sandbox.smtp.faults.update(send_latency_ms=4_000)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert time.monotonic() - started < 12, "each email waits one timeout, never retried"
+    assert outcome.preflight is not None and outcome.preflight.health["team_email"].ok
+    assert len(events(rt, "delivery.unknown", "team_email")) == people
+    assert events(rt, "delivery.sent", "team_email") == []
+    assert set(sms_to(sandbox).values()) == {1} and len(sms_to(sandbox)) == people
+    assert outcome.exit_code == 5 and len(outcome.in_doubt) == people
+
+    time.sleep(3)  # the server finally answers the messages it was holding
+    sandbox.smtp.faults.update(send_latency_ms=0)
+    listed = resume(rt, outcome.incident_id)
+    assert listed.exit_code == 5 and len(listed.in_doubt) == people
+    mail = mail_to(sandbox)
+    assert len(mail) == people and set(mail.values()) == {1}, "none sent twice"
+
+
 # ------------------------------------------------------------------ far rate limits
 def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
         tmp_path: Path, sandbox: Any) -> None:

@@ -44,8 +44,9 @@ class Faults:
     latency_ms: float = 0.0
     """Sleep this long before answering each request."""
     send_latency_ms: float = 0.0
-    """Sleep this long before answering each send (POST) only: the health check still
-    answers at once, then the sends hang."""
+    """Sleep this long before answering each send (an HTTP POST; for SMTP, the end of
+    DATA, once the message is accepted) only: the health check still answers at once,
+    then the sends hang."""
     rate_limit: int | None = None
     """At most this many accepted requests per `rate_window_s`; then 429."""
     rate_window_s: float = 900.0

@@ -277,6 +277,8 @@ class _Session(socketserver.BaseRequestHandler):
         raw = b"".join(lines)
         self.emu._record(mail_from, rcpt_tos, raw)
         self.emu.faults.note_accept()
+        if self.emu.faults.send_latency_ms:  # accepted, then slow to say so (a hung server)
+            time.sleep(self.emu.faults.send_latency_ms / 1000)
         if self.emu.faults.take_drop():
             # Accepted, then the connection drops before the client hears "250".
             try:
