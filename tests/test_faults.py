@@ -82,6 +82,29 @@ def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
+@pytest.mark.parametrize("service", ["twilio", "twitter"])
+def test_answer_garbled_after_accept_is_unknown_never_resent_then_settled(
+        tmp_path: Path, sandbox: Any, service: str) -> None:
+    """The provider takes the message, then something in the way answers 200 with an HTML
+    page. The client cannot read the answer: the delivery is unknown, never retried
+    blindly; resume finds it in the provider's records and records it sent."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3, twitter=service == "twitter")
+    rt = runtime(tmp_path, sandbox)
+    emulator = getattr(sandbox, service)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: emulator.faults.update(garble_after_accept=1)))
+    channel = "team_sms" if service == "twilio" else "status_twitter"
+    sent_first = len(emulator.received.all())
+    unknown = events(rt, "delivery.unknown")
+    assert [u.channel for u in unknown] == [channel] and outcome.exit_code == 5
+    assert outcome.in_doubt and outcome.in_doubt[0]["channel"] == unknown[0].channel
+
+    settled = resume(rt, outcome.incident_id)
+    assert len(emulator.received.all()) == sent_first, "settled, not sent again"
+    assert [r.payload["outcome"] for r in events(rt, "delivery.settled")] == ["sent"]
+    assert settled.exit_code == 0 and not settled.in_doubt
+
+
 def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
         tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)

@@ -19,7 +19,8 @@ Faults (`Faults`): ``outage``, ``latency_ms`` (a slow or hanging provider), ``ra
 with ``rate_window_s`` (a far reset: ``rate_limit: 0, rate_window_s: 900`` answers 429 with
 a reset 15 minutes away), ``bad_recipients``, ``fail_next``, ``drop_after_accept`` (the
 message is accepted and recorded, then the connection drops before the answer),
-``outage_after`` (an outage starts after that many more accepted messages).
+``garble_after_accept`` (accepted and recorded, then answered with a page that is not the
+API's), ``send_latency_ms`` (only the sends hang), ``outage_after`` (an outage starts after that many more accepted messages).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class Faults:
     drop_after_accept: int = 0
     """Accept (and record) this many next messages, then drop the connection without
     answering: the client cannot tell whether they arrived."""
+    garble_after_accept: int = 0
+    """Accept (and record) this many next messages, then answer 200 with a body that is
+    not the API's (an HTML page, as a proxy in the way gives): the client cannot read
+    whether they arrived."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -89,9 +94,17 @@ class Faults:
 
     def take_drop(self) -> bool:
         """True (and count one down) when this accepted message must lose its answer."""
+        return self._take("drop_after_accept")
+
+    def take_garble(self) -> bool:
+        """True (and count one down) when this accepted message's answer is garbled."""
+        return self._take("garble_after_accept")
+
+    def _take(self, name: str) -> bool:
         with self._lock:
-            if self.drop_after_accept > 0:
-                self.drop_after_accept -= 1
+            left = getattr(self, name)
+            if left > 0:
+                setattr(self, name, left - 1)
                 return True
             return False
 
@@ -243,7 +256,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     def send_accepted(self, status: int, payload: Any,
                       headers: dict[str, str] | None = None) -> None:
         """Answer an accepted message, or (fault `drop_after_accept`) drop the connection
-        with no answer after recording it."""
+        with no answer after recording it, or (`garble_after_accept`) answer with a page
+        that is not the API's."""
         self.emulator.faults.note_accept()
         if self.emulator.faults.take_drop():
             import socket
@@ -253,6 +267,14 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return
+        if self.emulator.faults.take_garble():
+            body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         self.send_json(status, payload, headers)
 
