@@ -20,7 +20,8 @@ with ``rate_window_s`` (a far reset: ``rate_limit: 0, rate_window_s: 900`` answe
 a reset 15 minutes away), ``bad_recipients``, ``fail_next``, ``drop_after_accept`` (the
 message is accepted and recorded, then the connection drops before the answer),
 ``garble_after_accept`` (accepted and recorded, then answered with a page that is not the
-API's), ``send_latency_ms`` (only the sends hang), ``outage_after`` (an outage starts after that many more accepted messages).
+API's), ``send_latency_ms`` (only the sends hang), ``outage_after`` (an outage starts after
+that many more accepted messages).
 """
 
 from __future__ import annotations
