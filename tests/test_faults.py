@@ -151,6 +151,20 @@ def test_email_dropped_after_data_is_unknown_listed_and_resent_only_when_asked(
         "a resend keeps the Message-ID, so mail systems drop the duplicate"
 
 
+def _declare_with_hanging_sends(tmp_path: Path, sandbox: Any, pb: Path, sender: str,
+                                service: str, latency_ms: int) -> tuple[Any, Any, float]:
+    """Declare with the channel of `sender` timing out after 2 s and `service`'s sends
+    hanging for `latency_ms` (its health check still answers at once): the runtime, the
+    outcome and the seconds it took."""
+    pb.write_text(pb.read_text().replace(f"sender: {sender}\n",
+                                         f"sender: {sender}\n    timeout_s: 2\n"))
+    getattr(sandbox, service).faults.update(send_latency_ms=latency_ms)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    return rt, outcome, time.monotonic() - started
+
+
 def test_email_server_that_hangs_after_accepting_is_unknown_in_bounded_time_never_resent(
         tmp_path: Path, sandbox: Any) -> None:
     """The SMTP server takes each message, then hangs before saying so (after a healthy
@@ -158,15 +172,10 @@ def test_email_server_that_hangs_after_accepting_is_unknown_in_bounded_time_neve
     doubt, the run bounded; the SMS still go out; resume does not send the emails again
     (SMTP keeps no record to ask), and they did arrive exactly once."""
     people = 4
-    pb = make_fanout_playbook(tmp_path / "pb", people)
-    pb.write_text(pb.read_text().replace('sender: "Ops <ops@acme.example>"\n',
-                                         'sender: "Ops <ops@acme.example>"\n'
-                                         '    timeout_s: 2\n'))
-    sandbox.smtp.faults.update(send_latency_ms=4_000)
-    rt = runtime(tmp_path, sandbox)
-    started = time.monotonic()
-    outcome = declare(rt, pb, {"site": "LON-2"})
-    assert time.monotonic() - started < 12, "each email waits one timeout, never retried"
+    rt, outcome, took = _declare_with_hanging_sends(
+        tmp_path, sandbox, make_fanout_playbook(tmp_path / "pb", people),
+        '"Ops <ops@acme.example>"', "smtp", 4_000)
+    assert took < 12, "each email waits one timeout, never retried"
     assert outcome.preflight is not None and outcome.preflight.health["team_email"].ok
     assert len(events(rt, "delivery.unknown", "team_email")) == people
     assert events(rt, "delivery.sent", "team_email") == []
@@ -355,14 +364,10 @@ def test_settling_never_takes_someone_elses_message_for_ours(sandbox: Any) -> No
 
 def test_tweet_that_hangs_after_a_healthy_check_is_unknown_and_the_public_still_hears(
         tmp_path: Path, sandbox: Any) -> None:
-    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=3)
-    pb.write_text(pb.read_text().replace('sender: "@acme_status"\n',
-                                         'sender: "@acme_status"\n    timeout_s: 2\n'))
-    sandbox.twitter.faults.update(send_latency_ms=5_000)
-    rt = runtime(tmp_path, sandbox)
-    started = time.monotonic()
-    outcome = declare(rt, pb, {"site": "LON-2"})
-    assert time.monotonic() - started < 10, "one read timeout, no retry"
+    rt, outcome, took = _declare_with_hanging_sends(
+        tmp_path, sandbox, make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=3),
+        '"@acme_status"', "twitter", 5_000)
+    assert took < 10, "one read timeout, no retry"
     assert outcome.preflight is not None and outcome.preflight.health["status_twitter"].ok
     assert [r.channel for r in events(rt, "delivery.unknown")] == ["status_twitter"]
     assert set(sms_to(sandbox)) >= SUBSCRIBERS, "subscribers hear on the fallback"
