@@ -128,12 +128,6 @@ def _check_lines(lines: list[bytes], seq: int,
     for i, raw in enumerate(lines):
         if batch:
             data = records[i]  # type: ignore[index]
-            if type(data) is dict and data.keys() == _FIELD_SET and \
-                    data["schema"] == SCHEMA and data["seq"] == seq + 1 and \
-                    data["prev"] == prev and _line_hash(raw) == data["hash"] and \
-                    record_problem(data) is None:  # every check below, in one expression
-                seq, prev = data["seq"], data["hash"]
-                continue
             if type(data) is not dict or data.keys() != _FIELD_SET:
                 problem: str | None = "not an audit record (fields missing or added)"
             elif data["schema"] != SCHEMA:
