@@ -23,12 +23,11 @@ import json
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from incident_notify.audit_index import (
     SAVE_AFTER_BYTES,
@@ -41,6 +40,9 @@ from incident_notify.audit_index import (
 from incident_notify.audit_index import save as save_index
 from incident_notify.audit_schema import is_int, record_problem
 from incident_notify.errors import AuditError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 SCHEMA = 1
 GENESIS = "0" * 64
