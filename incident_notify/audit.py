@@ -33,6 +33,7 @@ from incident_notify.audit_index import (
     SAVE_AFTER_BYTES,
     AuditIndex,
     IndexMismatch,
+    incident_field,
     incident_of,
     index_path,
     read_runs,
@@ -448,12 +449,8 @@ class AuditLog:
             if event_needle is not None and event_needle not in raw:
                 continue
             if wanted is not None:
-                at = raw.find(_INCIDENT_KEY)
-                if at < 0:
-                    continue  # "incident":null
-                start = at + len(_INCIDENT_KEY)
-                name = raw[start:raw.find(b'"', start)]
-                if name not in wanted and b"\\" not in name:
+                name = incident_field(raw)
+                if name is None or (name not in wanted and b"\\" not in name):
                     continue  # (an escaped id is parsed and compared below)
             parsed += 1
             if parsed == _FAST_PARSE_AFTER:
@@ -756,9 +753,6 @@ def _owner_only(fd: int, path: Path) -> None:
 
 
 _FIELD_SET = frozenset(FIELDS)
-_INCIDENT_KEY = b'"incident":"'
-"""Where a canonical line names its incident: the first such member at the top level (the
-members before it, actor, channel, event and hash, are plain strings)."""
 _HASH_KEY = b',"hash":"'
 
 

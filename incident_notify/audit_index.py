@@ -172,15 +172,22 @@ def _decode(text: str) -> list[Any]:
     return [pairs, _EVENT_OF_CODE[code], declared == "1"]
 
 
-def incident_of(raw: bytes) -> str | None:
+def incident_field(raw: bytes) -> bytes | None:
+    """The line's top-level incident id as its bytes stand (escapes unread); None when it
+    is null."""
     at = raw.find(_INCIDENT)
     if at < 0:
         return None
     start = at + len(_INCIDENT)
     if raw[start:start + 1] != b'"':
         return None  # "incident":null
-    end = raw.find(b'"', start + 1)
-    name = raw[start + 1:end]
+    return raw[start + 1:raw.find(b'"', start + 1)]
+
+
+def incident_of(raw: bytes) -> str | None:
+    name = incident_field(raw)
+    if name is None:
+        return None
     if b"\\" in name:  # an escaped id: let the JSON parser read it
         try:
             value = json.loads(raw).get("incident")
