@@ -871,8 +871,7 @@ class GroupCommitWriter:
                         s.done = True
                         if s.wake is not None:
                             s.wake.notify()
-                    if self._pending and self._pending[0].wake is not None:
-                        self._pending[0].wake.notify()  # to lead the next write
+                    self._hand_on()
         if slot.error is not None:
             if isinstance(slot.error, AuditError):
                 raise slot.error
@@ -885,7 +884,13 @@ class GroupCommitWriter:
         which may have been handed to it, goes to the first still queued."""
         if slot in self._pending:
             self._pending.remove(slot)
-        if not self._writing and self._pending and self._pending[0].wake is not None:
+        if not self._writing:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """(Under the lock, no write in progress.) Wake the first queued thread to lead
+        the next write."""
+        if self._pending and self._pending[0].wake is not None:
             self._pending[0].wake.notify()
 
     def records(self, **filters: Any) -> Iterator[AuditRecord]:
