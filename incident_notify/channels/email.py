@@ -266,7 +266,7 @@ class EmailChannel(Channel):
                 self._shared_headers[key] = shared
         head, subject, tail = shared
         date_line = f"Date: {format_datetime(time_now())}\r\n"
-        options = [] if self.from_addr.isascii() else ["SMTPUTF8", "BODY=8BITMIME"]
+        options = _smtp_options(self.from_addr, recipient)
         return (b"".join((head, to_line.encode(), subject, date_line.encode(),
                           id_line.encode(), tail, b"\r\n")), options)
 
@@ -399,16 +399,18 @@ class EmailChannel(Channel):
                                      channel=name, code="error")
 
 
+def _smtp_options(sender: str, recipient: str) -> list[str]:
+    """MAIL options as smtplib.send_message chooses them: UTF-8 addresses need SMTPUTF8."""
+    return [] if (sender + recipient).isascii() else ["SMTPUTF8", "BODY=8BITMIME"]
+
+
 def _flatten(msg: EmailMessage, sender: str, recipient: str) -> tuple[bytes, list[str]]:
     """The message as SMTP sends it (as smtplib.send_message flattens it)."""
     from email.generator import BytesGenerator
     from io import BytesIO
 
-    options: list[str] = []
-    policy = msg.policy
-    if not (sender + recipient).isascii():
-        options = ["SMTPUTF8", "BODY=8BITMIME"]
-        policy = policy.clone(utf8=True)  # type: ignore[call-arg]
+    options = _smtp_options(sender, recipient)
+    policy = msg.policy.clone(utf8=True) if options else msg.policy  # type: ignore[call-arg]
     with BytesIO() as out:
         BytesGenerator(out, policy=policy).flatten(msg, linesep="\r\n")
         return out.getvalue(), options
