@@ -79,11 +79,7 @@ class Faults:
 
     def take_fail_next(self) -> bool:
         """True (and count one down) when the next request must fail."""
-        with self._lock:
-            if self.fail_next > 0:
-                self.fail_next -= 1
-                return True
-            return False
+        return self._take("fail_next")
 
     def note_accept(self) -> None:
         """An accepted message: count `outage_after` down; at zero the outage starts."""

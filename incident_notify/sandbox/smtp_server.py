@@ -1,8 +1,9 @@
 """SMTP emulator: a small threaded server (one thread per connection, blocking reads) with
 AUTH (PLAIN, LOGIN), optional STARTTLS or implicit TLS with a self-signed certificate made
 at start, a record of every message, and fault injection (outage -> 421, transient 451, bad
-recipients -> 550, rate limit -> 452, latency, and ``drop_after_accept``: the message is
-recorded, then the connection drops before "250").
+recipients -> 550, rate limit -> 452, latency, ``send_latency_ms``: the message is recorded,
+then the answer waits, and ``drop_after_accept``: it is recorded, then the connection drops
+before "250").
 
 It speaks the part of RFC 5321 a submission client uses (EHLO/HELO, STARTTLS, AUTH, MAIL,
 RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT). It replaced an asyncio server whose event
@@ -102,9 +103,14 @@ class _Session(socketserver.BaseRequestHandler):
             except OSError:
                 pass
 
-    def _delay(self) -> None:
+    def _down(self) -> bool:
+        """After the fault's latency: True (having said 421) when the server is out."""
         if self.emu.faults.latency_ms:
             time.sleep(self.emu.faults.latency_ms / 1000)
+        if self.emu.faults.outage:
+            self._send("421 4.3.2 Service not available, closing transmission channel")
+            return True
+        return False
 
     # ------------------------------------------------------------------ commands
     def _command(self, raw: bytes) -> bool:
@@ -115,11 +121,8 @@ class _Session(socketserver.BaseRequestHandler):
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        faults = self.emu.faults
         if verb in ("EHLO", "HELO"):
-            self._delay()
-            if faults.outage:
-                self._send("421 4.3.2 Service not available, closing transmission channel")
+            if self._down():
                 return False
             if not arg:
                 self._send(f"501 5.5.4 Syntax: {verb} hostname")
@@ -170,6 +173,10 @@ class _Session(socketserver.BaseRequestHandler):
         except (binascii.Error, UnicodeDecodeError):
             return None
 
+    def _read_b64(self) -> str | None:
+        """The client's next line (an AUTH answer), base64-decoded."""
+        return self._b64(self._readline().strip().decode("ascii", "replace"))
+
     def _auth(self, arg: str) -> None:
         if self.helo is None:
             self._send("503 5.5.1 Send EHLO first")
@@ -182,8 +189,9 @@ class _Session(socketserver.BaseRequestHandler):
         if mechanism == "PLAIN":
             if not initial:
                 self._send("334 ")
-                initial = self._readline().strip().decode("ascii", "replace")
-            decoded = self._b64(initial)
+                decoded = self._read_b64()
+            else:
+                decoded = self._b64(initial)
             parts = decoded.split("\0") if decoded is not None else []
             login, password = (parts[1], parts[2]) if len(parts) == 3 else (None, None)
         elif mechanism == "LOGIN":
@@ -191,9 +199,9 @@ class _Session(socketserver.BaseRequestHandler):
                 login = self._b64(initial)
             else:
                 self._send("334 VXNlcm5hbWU6")
-                login = self._b64(self._readline().strip().decode("ascii", "replace"))
+                login = self._read_b64()
             self._send("334 UGFzc3dvcmQ6")
-            password = self._b64(self._readline().strip().decode("ascii", "replace"))
+            password = self._read_b64()
         else:
             self._send("504 5.5.4 Unrecognized authentication type")
             return
@@ -209,11 +217,9 @@ class _Session(socketserver.BaseRequestHandler):
 
     def _mail(self, arg: str) -> bool:
         """MAIL FROM; False after a 421, which closes the connection."""
-        self._delay()
-        faults = self.emu.faults
-        if faults.outage:
-            self._send("421 4.3.2 Service not available, closing transmission channel")
+        if self._down():
             return False
+        faults = self.emu.faults
         if self.helo is None:
             self._send("503 5.5.1 Send EHLO first")
         elif self.emu.require_auth and not self.authenticated:
