@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from incident_notify.channels.base import ChannelSpec
+from incident_notify.channels.base import ChannelSpec, endpoint_refusal
 from incident_notify.errors import PlaybookError, Problem
 from incident_notify.patterns import slow_pattern
 from incident_notify.yamlmap import SourceMap, load_yaml
@@ -327,6 +327,12 @@ class Playbook:
                             False))
 
 
+def _pydantic_text(err: Any) -> str:
+    """A validation error's words, without the "Value error, " pydantic puts before a
+    validator's own message."""
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
 def _pydantic_problems(exc: ValidationError, smap: SourceMap) -> Iterator[Problem]:
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -347,7 +353,7 @@ def _pydantic_problems(exc: ValidationError, smap: SourceMap) -> Iterator[Proble
             message = f"{where}: missing required key {loc[-1]!r}"
             hint = "add it; see docs/playbook-format.md"
         else:
-            message = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+            message = f"{where}: {_pydantic_text(err)}"
             hint = ""
         yield smap.problem(path, message, hint)
 
@@ -422,23 +428,24 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
             yield smap.problem((*base, "type"), f"unknown channel type {cfg.type!r}",
                                f"valid channel types are: {', '.join(sorted(types))}")
             continue
-        try:
-            channel_class(cfg.type).Options.model_validate(cfg.options())
-        except ValidationError as exc:
-            for err in exc.errors():
-                key = err["loc"][0] if err["loc"] else ""
-                path = (*base, key) if key else base
-                text = err["msg"].removeprefix("Value error, ")  # (pydantic's wording)
-                env = getattr(channel_class(cfg.type), "api_base_env", None)
-                if "endpoints are the operator's" in text and env:
-                    text = text.replace("environment (docs/channels.md)",
-                                        f"environment ({env}; docs/channels.md)", 1)
-                if err["type"] == "extra_forbidden":
-                    msg = f"channel {name!r}: unknown option {key!r} for type {cfg.type!r}"
-                else:
-                    msg = f"channel {name!r}: {key}: {text}" if key else \
-                        f"channel {name!r}: {text}"
-                yield smap.problem(path, msg, "see docs/channels.md for each type's options")
+        kind = channel_class(cfg.type)
+        refusal = endpoint_refusal(cfg.options(), kind.api_base_env)
+        if refusal:  # (said here, where the type's endpoint variable is known)
+            yield smap.problem(base, f"channel {name!r}: {refusal}",
+                               "see docs/channels.md for each type's options")
+        else:
+            try:
+                kind.Options.model_validate(cfg.options())
+            except ValidationError as exc:
+                for err in exc.errors():
+                    key = err["loc"][0] if err["loc"] else ""
+                    if err["type"] == "extra_forbidden":
+                        msg = f"channel {name!r}: unknown option {key!r} for type {cfg.type!r}"
+                    else:
+                        msg = f"channel {name!r}: {f'{key}: ' if key else ''}" \
+                            f"{_pydantic_text(err)}"
+                    yield smap.problem((*base, key) if key else base, msg,
+                                       "see docs/channels.md for each type's options")
         for i, fb in enumerate(cfg.fallback):
             if fb not in m.channels:
                 yield smap.problem((*base, "fallback", i), f"fallback channel {fb!r} is not "

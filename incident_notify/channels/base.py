@@ -249,14 +249,23 @@ class ChannelOptions(BaseModel):
     @classmethod
     def _no_endpoints(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            found = [k for k in ENDPOINT_KEYS if k in data]
-            if found:
-                raise ValueError(
-                    f"{', '.join(found)}: endpoints are the operator's configuration, not "
-                    "the playbook's; name an account (account: NAME, defined under "
-                    "[accounts.NAME] in the config file) or set the endpoint in the "
-                    "config file or environment (docs/channels.md)")
+            refusal = endpoint_refusal(data)
+            if refusal:
+                raise ValueError(refusal)
         return data
+
+
+def endpoint_refusal(options: Mapping[str, Any], env: str | None = None) -> str | None:
+    """What is wrong with channel options that name an endpoint (`env`: the variable that
+    sets it for the channel's type), or None."""
+    found = [k for k in ENDPOINT_KEYS if k in options]
+    if not found:
+        return None
+    where = f"{env}; docs/channels.md" if env else "docs/channels.md"
+    return (f"{', '.join(found)}: endpoints are the operator's configuration, not the "
+            "playbook's; name an account (account: NAME, defined under [accounts.NAME] in "
+            f"the config file) or set the endpoint in the config file or environment "
+            f"({where})")
 
 
 @dataclass(frozen=True)
