@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from incident_notify.channels.base import Channel, Health
@@ -78,8 +78,17 @@ def check_health(channels: Mapping[str, Channel], deadline_s: float = HEALTH_DEA
     raises, or has not answered by the deadline, is an unhealthy result, never an error.
     Checks run in daemon threads: one that hangs is abandoned, and cannot hold up the
     command or its exit."""
+    return start_health_checks(channels, deadline_s, retry_after_s)()
+
+
+def start_health_checks(channels: Mapping[str, Channel],
+                        deadline_s: float = HEALTH_DEADLINE_S,
+                        retry_after_s: float = 0.5) -> Callable[[], dict[str, Health]]:
+    """`check_health` started: the checks run while the caller goes on (planning, say);
+    the function returned waits for them, within the same deadline, and gives the
+    results."""
     if not channels:
-        return {}
+        return dict
     for ch in channels.values():
         try:
             ch.preload()
@@ -111,9 +120,13 @@ def check_health(channels: Mapping[str, Channel], deadline_s: float = HEALTH_DEA
                                 daemon=True) for name, ch in channels.items()]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(max(0.0, ends - time.monotonic()))
-    with lock:
-        return {name: results.get(name) or Health(
-            ok=False, detail=f"no answer within {deadline_s:.0f}s")
-            for name in channels}
+
+    def wait() -> dict[str, Health]:
+        for t in threads:
+            t.join(max(0.0, ends - time.monotonic()))
+        with lock:
+            return {name: results.get(name) or Health(
+                ok=False, detail=f"no answer within {deadline_s:.0f}s")
+                for name in channels}
+
+    return wait

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from incident_notify.channel_setup import build_channels, check_health
+from incident_notify.channel_setup import build_channels, check_health, start_health_checks
 from incident_notify.channels.base import Channel, Health
 from incident_notify.dispatch import Dispatcher, DispatchResult, ProgressFn
 from incident_notify.errors import (
@@ -154,15 +154,23 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
     the dispatcher's jobs are that one plan."""
     if state is not None:
         rt.continuing(state.last_tweet.values())
-    contacts = load_contact_set(rt, pb)
-    declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
-    planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state, declared_at)
-    messages = planner.render_all()
-    refuse_misleading(pb, rt.renderer(pb), contacts, spec.stage, messages, state)
-    plan = planner.plan()
-    used = stage_channels(pb, spec.stage)
-    checked = build_channels(rt, pb, used)
-    health = check_health(checked, retry_after_s=rt.health_retry_s) if check else {}
+    # The providers are asked whether they are up while the update is planned: the
+    # checks wait on the network, planning on the processor.
+    checked = build_channels(rt, pb, stage_channels(pb, spec.stage))
+    try:
+        health_of = start_health_checks(checked, retry_after_s=rt.health_retry_s) \
+            if check else dict
+        contacts = load_contact_set(rt, pb)
+        declared_at = state.declared_at if state else datetime.now(UTC).isoformat()
+        planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
+                               declared_at)
+        messages = planner.render_all()
+        refuse_misleading(pb, rt.renderer(pb), contacts, spec.stage, messages, state)
+        plan = planner.plan()
+        health = health_of()
+    except BaseException:
+        close_channels(checked)
+        raise
     pre = Preflight(
         incident_id=incident_id, playbook=pb, stage=spec.stage, update_no=update_no,
         event=spec.event, messages=messages, audience_sizes=dict(plan.stats.per_channel),

@@ -59,6 +59,26 @@ def test_provider_answering_after_25s_fails_over_within_bounded_time(
     assert events(rt, "delivery.attempt", "status_twitter") == []
 
 
+def test_health_checks_run_while_the_update_is_planned(tmp_path: Path, sandbox: Any) -> None:
+    """The providers are asked whether they are up while the contacts load and the
+    messages render, not after: a provider slow to answer its check does not add its wait
+    to the planning's, and planning that fails (a contact that does not load) says so at
+    once rather than after the slowest check."""
+    from incident_notify.errors import ContactsError
+
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=1)
+    with (tmp_path / "pb" / "people.csv").open("a") as rows:
+        rows.write("p9,Broken,broken@example.com,+1 555,,sms,team,\n")
+    sandbox.twitter.faults.update(latency_ms=3_000)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    with pytest.raises(ContactsError):
+        declare(rt, pb, {"site": "LON-2"})
+    assert time.monotonic() - started < 2.5, "planning waited for the slow health check"
+    assert sum(sandbox.twitter.hits.values()) >= 1, "the checks had not started"
+    assert sandbox.twitter.received.all() == []
+
+
 # ------------------------------------------------------------------ accepted, then dropped
 def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
         tmp_path: Path, sandbox: Any) -> None:
