@@ -32,6 +32,12 @@ class Sandbox:
                                      headers=self.auth, data=json.dumps(faults).encode())
         urllib.request.urlopen(req, timeout=5).read()
 
+    def reset(self) -> None:
+        """Forget what the emulators received, and their faults."""
+        req = urllib.request.Request(f"{self.control}/reset", method="POST",
+                                     headers=self.auth, data=b"{}")
+        urllib.request.urlopen(req, timeout=5).read()
+
     def received(self, service: str) -> int:
         req = urllib.request.Request(f"{self.control}/{service}/received", headers=self.auth)
         with urllib.request.urlopen(req, timeout=60) as answer:
