@@ -223,13 +223,16 @@ class AuditLog:
     # ------------------------------------------------------------------ writing
     def append(self, event: str, *, incident: str | None = None, channel: str | None = None,
                recipient: str | None = None, key: str | None = None,
-               payload: Mapping[str, Any] | None = None) -> AuditRecord:
+               payload: Mapping[str, Any] | None = None,
+               spans: list[tuple[int, int]] | None = None) -> AuditRecord:
         """Append one record; it is on disk (fsync'd) when this returns."""
         return self.append_many([AuditEntry(event, incident, channel, recipient, key,
-                                            payload)])[0]
+                                            payload)], spans=spans)[0]
 
-    def append_many(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        """Append several records with one lock, one write and one fsync."""
+    def append_many(self, entries: Sequence[AuditEntry], *,
+                    spans: list[tuple[int, int]] | None = None) -> list[AuditRecord]:
+        """Append several records with one lock, one write and one fsync. `spans`: the
+        [start, end) bytes the write took in the log are added to it."""
         if not entries:
             return []
         for e in entries:
@@ -279,6 +282,8 @@ class AuditLog:
                                      hint="free disk space or fix permissions; nothing was "
                                      "sent that is not recorded") from None
                 self._tail = _Tail(seq=seq, hash=prev, end=start + len(data))
+                if spans is not None:
+                    spans.append((start, start + len(data)))
                 self._write_head(seq, prev)
                 return records[len(prefix):]
             finally:
@@ -432,15 +437,19 @@ class AuditLog:
 
     def records(self, *, incident: str | None = None, event_prefix: str | None = None,
                 channel: str | None = None, since: datetime | None = None,
-                incidents: Collection[str] | None = None) -> Iterator[AuditRecord]:
-        """Stream records in log order, filtered (`incidents`: only records of these)."""
+                incidents: Collection[str] | None = None,
+                _runs: list[list[int]] | None = None) -> Iterator[AuditRecord]:
+        """Stream records in log order, filtered (`incidents`: only records of these;
+        `_runs`: only the lines in these byte ranges, already checked to be whole lines of
+        the wanted incident by the index)."""
         wanted = {i.encode() for i in incidents} if incidents is not None else None
         since_s = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if since else None
         # Records are canonical JSON (sorted keys, no spaces), so a wanted event or incident
         # appears verbatim in its line: lines without it are skipped unparsed. A match is
         # still parsed and checked, so a look-alike inside a payload is never taken for it.
         event_needle = b'"event":"' + event_prefix.encode() if event_prefix else None
-        indexed = self._indexed_lines(incident, incidents)
+        indexed = self._indexed_lines(incident, incidents) if _runs is None \
+            else self._read_runs(_runs)
         parse: Callable[[bytes], Any] = json.loads
         parsed = 0
         for number, raw in indexed if indexed is not None else self._lines():
@@ -478,6 +487,36 @@ class AuditLog:
             if since_s is not None and rec.ts < since_s:
                 continue
             yield rec
+
+    def size(self) -> int:
+        """The log's length in bytes now (0 when there is none yet)."""
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def records_after(self, incident: str, known_before: int,
+                      own: Sequence[tuple[int, int]]) -> Iterator[AuditRecord] | None:
+        """The records of `incident` after the last of the byte ranges `own` (a command's
+        own writes), for a caller that holds the fold of every record of it that lay
+        before `known_before` plus the records it wrote there; None when the log holds
+        another record of it in between (someone else wrote one meanwhile), or the index
+        is off or not usable: the caller then folds the incident whole. Read through the
+        index, parsed and checked as `records` does."""
+        if not self.use_index or not own:
+            return None
+        mark = max(end for _, end in own)
+        try:
+            runs = self._ask_index(lambda index: [list(run) for run in index.runs(incident)])
+        except (TypeError, IndexMismatch):
+            return None
+        ranges = sorted(own)
+        for start, end in runs:
+            low, high = max(start, known_before), min(end, mark)
+            if low < high and not _covered(low, high, ranges):
+                return None
+        tail = [[max(start, mark), end] for start, end in runs if end > mark]
+        return self.records(incident=incident, _runs=tail)
 
     # ------------------------------------------------------------------ the index
     def index(self) -> AuditIndex:
@@ -791,6 +830,19 @@ def _line_hash(raw: bytes) -> str | None:
     if at < 0 or raw[end:end + 2] != b'",':
         return None
     return hashlib.sha256(raw[:at + 1] + raw[end + 2:-1]).hexdigest()
+
+
+def _covered(low: int, high: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether [low, high) lies within the union of the sorted [start, end) `ranges`."""
+    for start, end in ranges:
+        if end <= low:
+            continue
+        if start > low:
+            return False
+        low = end
+        if low >= high:
+            return True
+    return False
 
 
 def _default_actor() -> str:

@@ -6,11 +6,12 @@ to send from the folded state. A first run and a resume go through the same func
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from incident_notify.channels.base import Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, Planned
-from incident_notify.incident import DeliveryState, IncidentState, fold
+from incident_notify.incident import DeliveryState, IncidentState, apply, fold
 from incident_notify.plan import Plan, Planner
 from incident_notify.runtime import Runtime
 from incident_notify.verdict import Verdict, verdict
@@ -53,9 +54,11 @@ class AuditedRouter:
 
 
 def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
-               update_no: int) -> list[AuditRecord]:
+               update_no: int, spans: list[tuple[int, int]] | None = None
+               ) -> list[AuditRecord]:
     """Record every delivery of the planned update (then `update.planned`), each message
-    before the deliveries that use it; returns the records."""
+    before the deliveries that use it; returns the records (`spans`: where the writes
+    went in the log are added to it)."""
     from incident_notify.audit import AuditEntry
 
     batch: list[AuditEntry] = []
@@ -66,7 +69,7 @@ def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
         entries = [AuditEntry("message.rendered", incident=incident_id, channel=r["channel"],
                               payload=r) for r in renders]
         if entries or batch:
-            written.extend(rt.audit.append_many([*entries, *batch]))
+            written.extend(rt.audit.append_many([*entries, *batch], spans=spans))
         batch.clear()
 
     for job in plan.jobs:
@@ -90,7 +93,7 @@ def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,
                                    payload={"update_no": update_no,
                                             "planned": plan.stats.planned,
                                             "skipped": plan.stats.skipped,
-                                            "warnings": plan.stats.warnings}))
+                                            "warnings": plan.stats.warnings}, spans=spans))
     return written
 
 
@@ -163,11 +166,31 @@ def pending_jobs(state: IncidentState, contacts: ContactSet, update_no: int,
             yield job
 
 
-def finish_update(rt: Runtime, incident_id: str, update_no: int,
-            result: DispatchResult) -> tuple[Verdict, IncidentState]:
+@dataclass
+class Known:
+    """What a command knows of an incident's record before it sends: `state` is the fold
+    of every record of the incident that lay before byte `before` of the log, then of the
+    records it wrote itself, at `spans`."""
+
+    state: IncidentState
+    before: int
+    spans: list[tuple[int, int]]
+
+
+def finish_update(rt: Runtime, incident_id: str, update_no: int, result: DispatchResult,
+                  known: Known | None = None) -> tuple[Verdict, IncidentState]:
     """The update's verdict from the record, and ``update.completed`` when it ran to the
-    end (an interrupted or stopped run stays open for `resume`)."""
-    state = fold(rt.audit.records(incident=incident_id), incident_id)
+    end (an interrupted or stopped run stays open for `resume`). With `known`, only the
+    records appended after the command's own are read and folded onto its state, unless
+    someone else recorded something of the incident in between: then, as without, the
+    incident is folded from the whole record."""
+    tail = rt.audit.records_after(incident_id, known.before, known.spans) if known else None
+    if known is not None and tail is not None:
+        state = known.state
+        for rec in tail:
+            apply(state, rec)
+    else:
+        state = fold(rt.audit.records(incident=incident_id), incident_id)
     v = verdict(state, update_no)
     if not result.interrupted and result.fatal is None:
         summary = v.to_dict()

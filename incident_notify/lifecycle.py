@@ -39,6 +39,7 @@ from incident_notify.errors import (
 from incident_notify.incident import IncidentState, apply, fold
 from incident_notify.journal import (
     AuditedRouter,
+    Known,
     finish_update,
     in_doubt_list,
     pending_jobs,
@@ -312,18 +313,21 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
         # The commander took a while to answer: channels may have gone down or come back.
         health = check_health(channels, retry_after_s=rt.health_retry_s)
     handle = lifecycle_lock(rt)
+    spans: list[tuple[int, int]] = []
     try:
         if spec.event == "incident.declared":
             incident_id = next_incident_id(rt)
-            current = IncidentState(id=incident_id)
+            current, before = IncidentState(id=incident_id), 0
         else:
+            before = rt.audit.size()
             current = fold(rt.audit.records(incident=incident_id), incident_id)
             if current.update_no != update_no - 1:
                 raise StateError(
                     f"{incident_id} was updated by someone else meanwhile (now at update "
                     f"{current.update_no}, stage {current.stage!r}); nothing was sent",
                     hint=f"review with: incident-notify status {incident_id}, then retry")
-        record = rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload)
+        record = rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload,
+                                 spans=spans)
     finally:
         handle.close()
     # The state read under the lock plus what this command writes: no re-reading the log.
@@ -337,12 +341,14 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
                                state.declared_at)
         planner.render_all()
         plan = planner.plan()
-    for written in write_plan(rt, planner, plan, incident_id, update_no):
+    for written in write_plan(rt, planner, plan, incident_id, update_no, spans):
         apply(state, written)
     plan.jobs.clear()  # recorded: the dispatcher sends what the record says is pending
     result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress,
                              channels=channels)
-    v, final = finish_update(rt, incident_id, update_no, result)
+    # (The dispatcher only read the state: the record of the sending is folded onto it.)
+    v, final = finish_update(rt, incident_id, update_no, result,
+                             Known(state, before, spans))
     return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
                        in_doubt=in_doubt_list(final, update_no))
 

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from incident_notify.audit import FIELDS, AuditLog, GroupCommitWriter
+from incident_notify.audit import FIELDS, AuditEntry, AuditLog, GroupCommitWriter
 from incident_notify.exit_codes import ExitCode
+from incident_notify.incident import apply
 from tests.conftest import ROOT, json_doc, run_cli
 
 
@@ -126,6 +128,54 @@ def test_redaction_with_a_keyed_hash(tmp_path: Path) -> None:
     again = AuditLog(tmp_path / "r2.jsonl", redact_key=b"secret-key")
     assert again.append("delivery.failed", recipient="carol@example.org").recipient == \
         record.recipient
+
+
+def test_records_after_a_commands_own_writes_or_none_when_another_wrote_between(
+        tmp_path: Path) -> None:
+    """After sending, a command folds only what was appended after its own writes onto
+    the state it holds. That holds only if nobody else recorded anything of the incident
+    between the fold it started from and its last write: any such record, even one
+    written by another process (another AuditLog on the same file), gives None, and the
+    caller folds the whole incident."""
+    from incident_notify.incident import fold
+
+    def scenario(foreign: bool) -> tuple[Any, Any]:
+        path = tmp_path / f"after-{foreign}.jsonl"
+        log, other = AuditLog(path), AuditLog(path)
+        log.append("incident.declared", incident="INC-1",
+                   payload={"stage": "investigating", "variables": {}, "message": "",
+                            "playbook": "p.yaml", "update_no": 1})
+        log.append("incident.declared", incident="INC-2",
+                   payload={"stage": "investigating", "variables": {}, "message": "",
+                            "playbook": "p.yaml", "update_no": 1})
+        before = log.size()
+        state = fold(log.records(incident="INC-1"), "INC-1")
+        other.append("delivery.skipped", incident="INC-2", key="b",
+                     payload={"reason": "another incident's record: no matter"})
+        if foreign:
+            other.append("delivery.skipped", incident="INC-1", key="x",
+                         payload={"reason": "written by someone else meanwhile"})
+        spans: list[tuple[int, int]] = []
+        for rec in log.append_many([AuditEntry(
+                "delivery.planned", incident="INC-1", channel="sms", recipient="+1555",
+                key=f"k{i}", payload={"update_no": 1, "part": 1, "parts": 1})
+                for i in range(3)], spans=spans):
+            apply(state, rec)
+        other.append("delivery.attempt", incident="INC-1", channel="sms", key="k0",
+                     payload={"attempt": 1})
+        log.append("delivery.sent", incident="INC-1", channel="sms", key="k0",
+                   payload={"provider_id": "SM1"})
+        return log.records_after("INC-1", before, spans), (log, state)
+
+    tail, (log, state) = scenario(foreign=False)
+    assert tail is not None
+    records = list(tail)
+    assert [r.event for r in records] == ["delivery.attempt", "delivery.sent"]
+    for rec in records:
+        apply(state, rec)
+    assert state == fold(log.records(incident="INC-1"), "INC-1")
+    tail, _ = scenario(foreign=True)
+    assert tail is None, "a record of the incident written by another between was missed"
 
 
 def test_group_commit_from_many_threads(tmp_path: Path) -> None:

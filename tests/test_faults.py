@@ -249,6 +249,51 @@ def test_thread_cut_after_part_one_fails_over_and_counts_as_reached(
     assert outcome.exit_code == 0, outcome.to_dict()["result"]
 
 
+def test_summary_after_faults_and_a_record_written_meanwhile_is_the_records(
+        tmp_path: Path, sandbox: Any) -> None:
+    """After sending, the command folds only what was appended after its own plan onto
+    the state it holds. Through a thread cut mid-way (failover), an SMS whose answer was
+    lost (unknown), an email refused (failed) and a record another commander wrote
+    during the sending, the verdict, the exit code and `update.completed` must be those
+    of the incident folded whole from the log."""
+    from incident_notify.audit import AuditLog
+    from incident_notify.incident import fold
+    from incident_notify.verdict import verdict
+
+    pb = make_fanout_playbook(tmp_path / "pb", 4, twitter=True, subscribers=2)
+    rt = runtime(tmp_path, sandbox)
+    other = AuditLog(rt.audit.path, actor="someone-else")
+    wrote: list[str] = []
+
+    def meanwhile(kind: str, delivery: Any, info: Any) -> None:
+        if kind == "sent" and not wrote:
+            wrote.append(delivery.incident_id)
+            other.append("reply.received", incident=delivery.incident_id,
+                         channel="status_twitter", payload={"id": "r1", "text": "ok?"})
+
+    def faults() -> None:
+        sandbox.twitter.faults.update(outage_after=1)
+        sandbox.twilio.faults.update(drop_after_accept=1)
+        sandbox.smtp.faults.update(bad_recipients=["person2@example.com"])
+
+    long_words = " ".join(["Generators are starting and storage is coming back."] * 5)
+    outcome = declare(rt, pb, {"site": "LON-2"}, message=long_words,
+                      confirm=after_confirmation(faults), progress=meanwhile)
+    assert wrote, "nothing was sent"
+    whole = fold(rt.audit.records(incident=outcome.incident_id), outcome.incident_id)
+    expected = verdict(whole, 1)
+    assert outcome.verdict is not None
+    assert outcome.verdict.to_dict() == expected.to_dict()
+    totals = expected.to_dict()["totals"]
+    assert totals["unknown"] >= 1 and totals["failed"] >= 1 and totals["failed_over"] >= 1, \
+        totals
+    [completed] = events(rt, "update.completed")
+    summary = completed.payload["summary"]
+    assert summary["totals"] == totals
+    assert summary["people"] == expected.to_dict()["people"]
+    assert len(whole.replies) == 1
+
+
 # ------------------------------------------------------------------ primitives
 def test_breaker_probe_is_released_whatever_the_probe_ends_in() -> None:
     now = [0.0]
