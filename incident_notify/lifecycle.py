@@ -19,6 +19,8 @@ record, dispatch, finish) read top to bottom in one place.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from incident_notify.playbook import Playbook, channels_with_fallbacks, load_pla
 from incident_notify.runtime import Runtime
 
 if TYPE_CHECKING:
+    from incident_notify.audit import AuditRecord
     from incident_notify.contacts import ContactSet
     from incident_notify.optouts import OptOutStore
     from incident_notify.render import Renderer
@@ -115,6 +118,40 @@ def lifecycle_lock(rt: Runtime) -> IO[str]:
     two commanders declaring at once get distinct ids, and two updating the same incident
     cannot both claim the same update number."""
     return _lock(Path(str(rt.settings.audit_path()) + ".lifecycle.lock"))
+
+
+_LOCK_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def sending_lock(rt: Runtime, incident_id: str, *, resume: bool = False) -> IO[str]:
+    """Held by a command for as long as it sends an incident's messages. `declare`,
+    `update`, `resolve` and `reopen` share it: each sends only the update it planned.
+    `resume` holds it alone: it sends whatever the record says is still pending, which a
+    live sender of the incident is about to send too. Never waited for: a conflict stops
+    the command before it records or sends anything. The kernel drops the lock of a
+    process that dies, so a resume after a crash or a kill is never refused."""
+    name = incident_id if _LOCK_NAME.fullmatch(incident_id) and incident_id[0] != "." \
+        else "h-" + hashlib.sha256(incident_id.encode()).hexdigest()[:32]
+    directory = Path(str(rt.settings.audit_path()) + ".sending")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(directory / f"{name}.lock", "a+")  # noqa: SIM115 - held while sending
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_EX if resume else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        if resume:
+            raise StateError(
+                f"{incident_id}: another incident-notify process is sending this incident's "
+                "messages right now; resuming beside it would send them twice, so nothing "
+                "was sent",
+                hint=f"let it finish (incident-notify status {incident_id} shows how far it "
+                f"is), or stop it with Ctrl-C, then run: incident-notify resume "
+                f"{incident_id}") from None
+        raise StateError(
+            f"{incident_id}: a resume of this incident is running in another process; "
+            "nothing was sent",
+            hint="run this command again once the resume has finished") from None
+    return handle
 
 
 # ----------------------------------------------------------------------- core
@@ -303,7 +340,7 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
                      spec: UpdateSpec, prepared: Prepared, confirm: ConfirmFn | None,
                      progress: ProgressFn | None,
                      lifecycle_payload: dict[str, Any]) -> SendOutcome:
-    pre, contacts, channels = prepared.preflight, prepared.contacts, prepared.channels
+    pre, channels = prepared.preflight, prepared.channels
     asked = time.monotonic()
     if confirm is not None and not confirm(pre):
         raise AbortedError("nothing was sent: the commander declined",
@@ -314,11 +351,14 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
         health = check_health(channels, retry_after_s=rt.health_retry_s)
     handle = lifecycle_lock(rt)
     spans: list[tuple[int, int]] = []
+    sending: IO[str] | None = None
     try:
         if spec.event == "incident.declared":
             incident_id = next_incident_id(rt)
+            sending = sending_lock(rt, incident_id)
             current, before = IncidentState(id=incident_id), 0
         else:
+            sending = sending_lock(rt, incident_id)
             before = rt.audit.size()
             current = fold(rt.audit.records(incident=incident_id), incident_id)
             if current.update_no != update_no - 1:
@@ -328,8 +368,26 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
                     hint=f"review with: incident-notify status {incident_id}, then retry")
         record = rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload,
                                  spans=spans)
+    except BaseException:
+        if sending is not None:
+            sending.close()
+        raise
     finally:
         handle.close()
+    try:
+        return _send_recorded(rt, pb, incident_id, update_no, spec, prepared, progress,
+                              health, current, record, before, spans)
+    finally:
+        sending.close()
+
+
+def _send_recorded(rt: Runtime, pb: Playbook, incident_id: str, update_no: int,
+                   spec: UpdateSpec, prepared: Prepared, progress: ProgressFn | None,
+                   health: Mapping[str, Health], current: IncidentState, record: AuditRecord,
+                   before: int, spans: list[tuple[int, int]]) -> SendOutcome:
+    """Plan, send and judge an update whose lifecycle record is written (the incident's
+    sending lock held)."""
+    pre, contacts, channels = prepared.preflight, prepared.contacts, prepared.channels
     # The state read under the lock plus what this command writes: no re-reading the log.
     state = current
     apply(state, record)

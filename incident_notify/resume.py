@@ -31,6 +31,7 @@ from incident_notify.lifecycle import (
     load_state,
     make_planner,
     playbook_of,
+    sending_lock,
     stage_channels,
 )
 from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
@@ -149,7 +150,19 @@ def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
     """Finish what a crashed or interrupted run left: settle every delivery in doubt with
     its provider first (found -> recorded sent with the provider's id; absent -> sent now),
     then send what has no outcome. What no provider can settle is listed, and re-sent only
-    with `include_unknown` (email keeps its Message-ID on a resend)."""
+    with `include_unknown` (email keeps its Message-ID on a resend). Refused while another
+    process is sending the incident (see `sending_lock`)."""
+    sending = sending_lock(rt, incident_id, resume=True)
+    try:
+        return _resume(rt, incident_id, include_unknown=include_unknown, dry_run=dry_run,
+                       confirm=confirm, progress=progress, playbook=playbook)
+    finally:
+        sending.close()
+
+
+def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bool,
+            confirm: ConfirmFn | None, progress: ProgressFn | None,
+            playbook: Path | None) -> SendOutcome:
     state = load_state(rt, incident_id)
     pb = playbook_of(state, playbook)
     unfinished = [u for u in state.updates

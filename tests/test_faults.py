@@ -406,6 +406,50 @@ def test_sigkill_at_several_points_then_resume_reaches_everyone_once(
     assert run_cli("audit", "verify", env=env).returncode == 0
 
 
+def test_resume_beside_a_live_sender_is_refused_and_nothing_goes_twice(
+        tmp_path: Path, sandbox: Any) -> None:
+    """A commander whose terminal froze runs `resume` while the first process is still
+    sending. Resuming beside it would send what it is about to send (both read the same
+    pending deliveries): the resume is refused (exit 10, nothing sent), the first process
+    finishes, each person gets each message once, and a resume afterwards has nothing
+    to do."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, json_doc, run_cli
+
+    pb = make_fanout_playbook(tmp_path / "pb", 60, rate=2000, concurrency=2)
+    for emulator in (sandbox.twilio, sandbox.smtp):
+        emulator.faults.update(latency_ms=120)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox", "--json"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(sandbox.twilio.received) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    incident = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"][0]["id"]
+    beside = run_cli("resume", incident, "--yes", "--sandbox", env=env)
+    assert beside.returncode == 10, beside.stdout + beside.stderr
+    assert proc.poll() is None, "the first process ended before the resume was tried"
+    assert "another incident-notify process is sending" in beside.stderr
+    assert "Traceback" not in beside.stderr
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert set(sms.values()) == {1} and len(sms) == 60
+    assert set(mail.values()) == {1} and len(mail) == 60
+    after = run_cli("resume", incident, "--yes", "--sandbox", "--json", env=env)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert sms_to(sandbox) == sms and mail_to(sandbox) == mail
+    assert run_cli("audit", "verify", env=env).returncode == 0
+
+
 def test_settling_never_takes_someone_elses_message_for_ours(sandbox: Any) -> None:
     """A provider list that ignores its filters must not make a lost SMS look delivered."""
     from datetime import UTC, datetime, timedelta
@@ -444,3 +488,32 @@ def test_tweet_that_hangs_after_a_healthy_check_is_unknown_and_the_public_still_
     settled = resume(rt, outcome.incident_id)
     assert settled.exit_code == 0
     assert len(tweets(sandbox)) == 1, "found on the timeline, not posted again"
+
+
+def test_a_running_resume_holds_off_other_senders_of_its_incident(
+        tmp_path: Path, sandbox: Any) -> None:
+    """While a resume of an incident runs (its lock held, as another process would hold
+    it), a second resume and an update of that incident are refused before recording or
+    sending anything; another incident is not held up; once the resume ends, both go."""
+    from incident_notify.errors import StateError
+    from incident_notify.lifecycle import sending_lock
+
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    other = declare(rt, pb, {"site": "AMS-1"})
+    sent = len(sandbox.twilio.received)
+    records = len(list(rt.audit.records()))
+    held = sending_lock(rt, first.incident_id, resume=True)
+    try:
+        with pytest.raises(StateError, match="another incident-notify process is sending"):
+            resume(rt, first.incident_id)
+        with pytest.raises(StateError, match="a resume of this incident is running"):
+            update(rt, first.incident_id, stage="identified", sets={})
+        assert len(sandbox.twilio.received) == sent
+        assert len(list(rt.audit.records())) == records
+        assert update(rt, other.incident_id, stage="identified", sets={}).exit_code == 0
+    finally:
+        held.close()
+    assert update(rt, first.incident_id, stage="identified", sets={}).exit_code == 0
+    assert resume(rt, first.incident_id).exit_code == 0
