@@ -79,6 +79,33 @@ def test_thread_lands_in_order_with_reply_ids(twitter: TwitterEmulator) -> None:
     assert tweets[2]["in_reply_to_tweet_id"] == tweets[1]["id"]
 
 
+def test_tweet_answered_a_byte_at_a_time_is_unknown_within_its_deadline(
+        twitter: TwitterEmulator) -> None:
+    """Every byte of the answer comes within the 1 s socket timeout, so only the deadline
+    on the whole request (3 s) ends it: the tweet was taken, so it is unknown (may have
+    been posted), never a plain failure; the next request on the channel works."""
+    import time
+
+    from incident_notify.channels.base import TransientChannelError
+
+    ch = TwitterChannel(ChannelSpec("status", "twitter", "@acme_status",
+                                    options={"timeout_s": 1}), twitter_secrets(twitter))
+    twitter.faults.update(dribble_ms=300)
+    started = time.monotonic()
+    with pytest.raises(TransientChannelError) as info:
+        ch.send(Delivery(key="k/1", incident_id="I", update_no=1, channel="status",
+                         recipient="", message=OutgoingMessage(text="slow answer")),
+                NoAttempt())
+    assert time.monotonic() - started < 6
+    assert info.value.code == "timeout" and info.value.maybe_delivered
+    assert "within 3s" in info.value.message
+    assert [t["text"] for t in twitter.received.all()] == ["slow answer"]
+    twitter.faults.update(dribble_ms=0)
+    ch.send(Delivery(key="k/2", incident_id="I", update_no=1, channel="status", recipient="",
+                     message=OutgoingMessage(text="next")), NoAttempt())
+    assert len(twitter.received.all()) == 2
+
+
 def test_dm_reaches_the_resolved_user_id_and_lookup_is_cached(twitter: TwitterEmulator) -> None:
     uid = twitter.add_user("carol_ops")
     ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm", "@acme_status"),

@@ -79,6 +79,38 @@ def test_health_checks_run_while_the_update_is_planned(tmp_path: Path, sandbox: 
     assert sandbox.twitter.received.all() == []
 
 
+@pytest.mark.parametrize("service", ["twilio", "smtp"])
+def test_answer_dribbled_after_accept_is_unknown_in_bounded_time_never_resent(
+        tmp_path: Path, sandbox: Any, service: str) -> None:
+    """The provider takes each message, then sends its answer a byte at a time, each byte
+    well within the socket timeout, so no read ever times out: a request is bounded only
+    by its channel's deadline for the whole request (3x its `timeout_s` of 1 s). Each
+    send is recorded unknown in bounded time, the other channel still reaches everyone,
+    nothing is sent twice, and resume settles the SMS against Twilio's records (SMTP keeps
+    none: the emails are listed)."""
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    text = pb.read_text()
+    for sender in ('"+15005550006"', '"Ops <ops@acme.example>"'):
+        text = text.replace(f"sender: {sender}\n", f"sender: {sender}\n    timeout_s: 1\n")
+    pb.write_text(text)
+    getattr(sandbox, service).faults.update(dribble_ms=400)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    took = time.monotonic() - started
+    channel = "team_sms" if service == "twilio" else "team_email"
+    assert took < 12, f"a dribbled answer held the update for {took:.0f}s"
+    unknown = events(rt, "delivery.unknown", channel)
+    assert len(unknown) == 2 and {u.payload["code"] for u in unknown} == {"timeout"}
+    assert "within 3s" in unknown[0].payload["error"]
+    assert outcome.exit_code == 5 and len(outcome.in_doubt) == 2
+    assert set(sms_to(sandbox).values()) == {1} and set(mail_to(sandbox).values()) == {1}
+    getattr(sandbox, service).faults.update(dribble_ms=0)
+    settled = resume(rt, outcome.incident_id)
+    assert set(sms_to(sandbox).values()) == {1} and set(mail_to(sandbox).values()) == {1}
+    assert settled.exit_code == (0 if service == "twilio" else 5)
+
+
 # ------------------------------------------------------------------ accepted, then dropped
 def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
         tmp_path: Path, sandbox: Any) -> None:

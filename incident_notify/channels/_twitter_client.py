@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from incident_notify.channels._deadline import mount
 from incident_notify.channels._http import read_environment_once, transport_error
 from incident_notify.channels.base import Channel, PermanentChannelError, TransientChannelError
 
@@ -44,6 +45,7 @@ def make_client(channel: Channel) -> Any:
                            access_token_secret=token_secret, wait_on_rate_limit=False)
     client.session = RewritingSession()
     read_environment_once(client.session, base)
+    mount(client.session)
     return client
 
 

@@ -368,6 +368,21 @@ class Channel(ABC):
             setattr(self._thread_local, name, value)
         return value
 
+    REQUEST_DEADLINE_FACTOR: ClassVar[float] = 3.0
+
+    def request_deadline_s(self) -> float:
+        """The most one request may take, whole (connecting, sending, reading the answer):
+        three times the channel's `timeout_s` (20 s unless set), which bounds each socket
+        operation only."""
+        return self.REQUEST_DEADLINE_FACTOR * float(getattr(self.options, "timeout_s", 20.0))
+
+    def bounded(self, provider: str, *, maybe_delivered: bool) -> _Bounded:
+        """`with` this around one request (through clients made with `_deadline.mount`):
+        it must end within `request_deadline_s`. When that passes, its connections are
+        shut down, and the error it then raises is reported as a timeout: unknown if the
+        request may have reached the provider (`maybe_delivered`), retried freely if not."""
+        return _Bounded(self, provider, maybe_delivered)
+
     def api_base(self, default: str) -> str:
         """The base URL requests go to: the operator's override (environment, config file
         or the channel's account, as the runtime resolved it into `secrets`), else the
@@ -430,3 +445,29 @@ class Channel(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most channels hold nothing
         """Release connections (SMTP keeps one open for many recipients)."""
+
+
+class _Bounded:
+    """`Channel.bounded`: a `_deadline.Deadline` whose expiry turns the request's error
+    into a timeout of the channel."""
+
+    __slots__ = ("channel", "deadline", "maybe_delivered", "provider")
+
+    def __init__(self, channel: Channel, provider: str, maybe_delivered: bool) -> None:
+        from incident_notify.channels._deadline import Deadline
+
+        self.channel, self.provider, self.maybe_delivered = channel, provider, maybe_delivered
+        self.deadline = Deadline(channel.request_deadline_s())
+
+    def __enter__(self) -> None:
+        self.deadline.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        self.deadline.__exit__()
+        if kind is not None and issubclass(kind, Exception) and self.deadline.expired:
+            name = self.channel.name
+            raise TransientChannelError(
+                f"{name}: {self.provider} did not finish answering within "
+                f"{self.deadline.seconds:.0f}s", channel=name, code="timeout",
+                maybe_delivered=self.maybe_delivered) from None

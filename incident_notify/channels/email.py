@@ -33,6 +33,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
 from typing import Any, ClassVar
 
+from incident_notify.channels._deadline import Deadline, current, watch
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -132,10 +133,17 @@ class EmailChannel(Channel):
         try:
             conn: smtplib.SMTP
             if self.tls == "implicit":
-                conn = smtplib.SMTP_SSL(self.host, self.port, timeout=timeout,
-                                        context=self._context())
+                conn = smtplib.SMTP_SSL(timeout=timeout, context=self._context())
             else:
-                conn = smtplib.SMTP(self.host, self.port, timeout=timeout)
+                conn = smtplib.SMTP(timeout=timeout)
+            # Connected after it is watched: a server may dribble its greeting too.
+            # (smtplib.SMTP(host) sets _host itself; TLS checks the certificate on it.)
+            conn._host = self.host  # type: ignore[attr-defined]
+            watch(conn)
+            code, greeting = conn.connect(self.host, self.port)
+            if code != 220:  # (as smtplib.SMTP(host) itself refuses it)
+                conn.close()
+                raise smtplib.SMTPConnectError(code, greeting)
             conn.ehlo()
             if self.tls == "starttls":
                 conn.starttls(context=self._context())
@@ -292,8 +300,14 @@ class EmailChannel(Channel):
         attempt record, then DATA. A connection lost or timed out during DATA may have
         delivered the message: it is reported unknown, never sent again here."""
         flat, mail_options = self.flatten(delivery)
+        with Deadline(self.request_deadline_s()):
+            return self._transaction(delivery, attempt, flat, mail_options)
+
+    def _transaction(self, delivery: Delivery, attempt: Attempt, flat: bytes,
+                     mail_options: list[str]) -> Receipt:
         for fresh in (False, True):
             conn = self._connect() if fresh else self._take()
+            watch(conn)
             try:
                 self._envelope(conn, delivery.recipient, len(flat), mail_options)
             except smtplib.SMTPServerDisconnected as exc:
@@ -356,6 +370,12 @@ class EmailChannel(Channel):
         name = self.name
         if isinstance(exc, PermanentChannelError | TransientChannelError):
             return exc
+        due = current()
+        if due is not None and due.expired:  # the transaction's deadline shut it down
+            return TransientChannelError(
+                f"{name}: the SMTP server did not finish answering within "
+                f"{due.seconds:.0f}s", channel=name, code="timeout",
+                maybe_delivered=sent_data)
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return PermanentChannelError(f"{name}: the SMTP server rejected the login "
                                          f"({exc.smtp_code})", channel=name, code="auth",

@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
+from incident_notify.channels._deadline import mount
 from incident_notify.channels._http import read_environment_once, transport_error
 from incident_notify.channels.base import (
     Attempt,
@@ -97,6 +98,7 @@ class SMSChannel(Channel):
 
         http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
         read_environment_once(http.session, base)
+        mount(http.session)
         client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
                         http_client=http)
         return client
@@ -111,13 +113,13 @@ class SMSChannel(Channel):
             kwargs["status_callback"] = self.options.status_callback
         client = self._client()
         attempt.begin()
-        try:
-            message = client.messages.create(**kwargs)
-            return Receipt(provider_id=str(message.sid),
-                           segments=int(message.num_segments or 1),
-                           detail={"status": message.status})
-        except Exception as exc:
-            raise self._map(exc) from None
+        with self.bounded("Twilio", maybe_delivered=True):
+            try:
+                message = client.messages.create(**kwargs)
+            except Exception as exc:
+                raise self._map(exc) from None
+        return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
+                       detail={"status": message.status})
 
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """Twilio's message list (newest first), filtered by To and From, matched on the body
@@ -126,10 +128,11 @@ class SMSChannel(Channel):
         kwargs: dict[str, Any] = {"to": delivery.recipient, "limit": 200}
         if self.spec.sender:
             kwargs["from_"] = self.spec.sender
-        try:
-            found = self._client().messages.list(**kwargs)
-        except Exception as exc:
-            raise self._map(exc) from None
+        with self.bounded("Twilio", maybe_delivered=False):
+            try:
+                found = self._client().messages.list(**kwargs)
+            except Exception as exc:
+                raise self._map(exc) from None
         floor = since - timedelta(minutes=5)  # clocks differ a little
         for message in found:
             created = message.date_created

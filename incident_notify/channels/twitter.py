@@ -62,21 +62,23 @@ class TwitterChannel(Channel):
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         client = self.client()
         attempt.begin()
-        try:
-            response = client.create_tweet(text=delivery.message.text,
-                                           in_reply_to_tweet_id=delivery.reply_to,
-                                           user_auth=True)
-            return Receipt(provider_id=str(response.data["id"]),
-                           detail={"in_reply_to": delivery.reply_to})
-        except Exception as exc:
-            raise map_error(self.name, exc, broadcast=True) from None
+        with self.bounded("Twitter", maybe_delivered=True):
+            try:
+                response = client.create_tweet(text=delivery.message.text,
+                                               in_reply_to_tweet_id=delivery.reply_to,
+                                               user_auth=True)
+                return Receipt(provider_id=str(response.data["id"]),
+                               detail={"in_reply_to": delivery.reply_to})
+            except Exception as exc:
+                raise map_error(self.name, exc, broadcast=True) from None
 
     def my_id(self) -> str:
         def fetch() -> str:
-            try:
-                response = self.client().get_me(user_auth=True)
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+            with self.bounded("Twitter", maybe_delivered=False):
+                try:
+                    response = self.client().get_me(user_auth=True)
+                except Exception as exc:
+                    raise map_error(self.name, exc) from None
             return str(response.data.id)
 
         return self.per_thread("me", fetch)
@@ -85,13 +87,14 @@ class TwitterChannel(Channel):
         """The account's own recent tweets: one with the same text replying to the same
         tweet is the one we sent."""
         start = (since - timedelta(minutes=5)).astimezone(UTC)
-        try:
-            response = self.client().get_users_tweets(
-                self.my_id(), user_auth=True, max_results=100,
-                start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                tweet_fields=["created_at", "referenced_tweets"])
-        except Exception as exc:
-            raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=False):
+            try:
+                response = self.client().get_users_tweets(
+                    self.my_id(), user_auth=True, max_results=100,
+                    start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    tweet_fields=["created_at", "referenced_tweets"])
+            except Exception as exc:
+                raise map_error(self.name, exc) from None
         for tweet in response.data or []:
             if tweet.text is None:
                 raise Unknowable(f"{self.name}: the timeline does not show tweet texts",
@@ -105,13 +108,14 @@ class TwitterChannel(Channel):
 
     def replies(self, conversation_id: str) -> list[dict[str, Any]]:
         """Replies from others to the incident's thread (recent search, last 7 days)."""
-        try:
-            response = self.client().search_recent_tweets(
-                query=f"conversation_id:{conversation_id}", user_auth=True,
-                tweet_fields=["author_id", "created_at", "conversation_id"],
-                expansions=["author_id"], max_results=100)
-        except Exception as exc:
-            raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=False):
+            try:
+                response = self.client().search_recent_tweets(
+                    query=f"conversation_id:{conversation_id}", user_auth=True,
+                    tweet_fields=["author_id", "created_at", "conversation_id"],
+                    expansions=["author_id"], max_results=100)
+            except Exception as exc:
+                raise map_error(self.name, exc) from None
         users = {str(u.id): u.username for u in (response.includes or {}).get("users", [])}
         return [{"id": str(t.id), "text": t.text, "author": users.get(str(t.author_id), ""),
                  "created_at": str(t.created_at or "")} for t in (response.data or [])]

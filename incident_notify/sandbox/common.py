@@ -20,8 +20,9 @@ with ``rate_window_s`` (a far reset: ``rate_limit: 0, rate_window_s: 900`` answe
 a reset 15 minutes away), ``bad_recipients``, ``fail_next``, ``drop_after_accept`` (the
 message is accepted and recorded, then the connection drops before the answer),
 ``garble_after_accept`` (accepted and recorded, then answered with a page that is not the
-API's), ``send_latency_ms`` (only the sends hang), ``outage_after`` (an outage starts after
-that many more accepted messages).
+API's), ``send_latency_ms`` (only the sends hang), ``dribble_ms`` (accepted and recorded,
+then the answer comes a byte at a time), ``outage_after`` (an outage starts after that many
+more accepted messages).
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Faults:
     """Accept (and record) this many next messages, then answer 200 with a body that is
     not the API's (an HTML page, as a proxy in the way gives): the client cannot read
     whether they arrived."""
+    dribble_ms: float = 0.0
+    """Accept (and record) each message, then send its answer a byte at a time, this long
+    between bytes: every read gets a byte before a socket timeout, so only a deadline on
+    the whole request ends it (a provider, or a middlebox, that hangs without going
+    silent). For SMTP, the answer to the end of DATA, as a long multi-line reply."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -265,6 +271,9 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
+        if self.emulator.faults.dribble_ms > 0:
+            self._dribble(status, payload, headers)
+            return
         if self.emulator.faults.take_garble():
             body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             self.send_response(200)
@@ -274,6 +283,23 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         self.send_json(status, payload, headers)
+
+    def _dribble(self, status: int, payload: Any, headers: dict[str, str] | None) -> None:
+        """The answer `send_json` would give, a byte at a time (fault `dribble_ms`), until
+        it is all sent or the client gives up."""
+        body = json.dumps(payload).encode()
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+                 "Content-Type: application/json; charset=utf-8",
+                 f"Content-Length: {len(body)}",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        self.close_connection = True
+        try:
+            for i in range(len(data)):
+                self.connection.sendall(data[i:i + 1])
+                time.sleep(self.emulator.faults.dribble_ms / 1000.0)
+        except OSError:
+            pass  # the client gave up
 
     def apply_latency(self) -> None:
         with self.emulator.lock_hits:

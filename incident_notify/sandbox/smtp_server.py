@@ -2,8 +2,9 @@
 AUTH (PLAIN, LOGIN), optional STARTTLS or implicit TLS with a self-signed certificate made
 at start, a record of every message, and fault injection (outage -> 421, transient 451, bad
 recipients -> 550, rate limit -> 452, latency, ``send_latency_ms``: the message is recorded,
-then the answer waits, and ``drop_after_accept``: it is recorded, then the connection drops
-before "250").
+then the answer waits, ``drop_after_accept``: it is recorded, then the connection drops
+before "250", and ``dribble_ms``: it is recorded, then a long multi-line "250" comes a
+byte at a time).
 
 It speaks the part of RFC 5321 a submission client uses (EHLO/HELO, STARTTLS, AUTH, MAIL,
 RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT). It replaced an asyncio server whose event
@@ -293,6 +294,14 @@ class _Session(socketserver.BaseRequestHandler):
             except OSError:
                 pass
             return False
+        if self.emu.faults.dribble_ms > 0:
+            # Accepted, then a long multi-line "250" a byte at a time: until its last line
+            # the client cannot know the reply is complete.
+            reply = b"250-2.0.0 Message accepted, queued\r\n" * 20 + b"250 2.0.0 OK\r\n"
+            for i in range(len(reply)):
+                self.sock.sendall(reply[i:i + 1])
+                time.sleep(self.emu.faults.dribble_ms / 1000)
+            return True
         self._send("250 2.0.0 Message accepted for delivery")
         return True
 

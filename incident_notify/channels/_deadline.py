@@ -1,0 +1,143 @@
+"""A deadline on a whole request, for the clients whose timeouts are per socket operation.
+
+`requests` and `smtplib` time out a read that gets nothing for `timeout` seconds. A
+provider (or a middlebox) that sends its answer a byte at a time never trips that: each
+read gets its byte in time, and one request holds its sending thread, and the update, for
+as long as the answer lasts. A channel runs each request in `with Deadline(seconds):`; the
+connections the request uses register with it (`watch`); once the time is up, a watchdog
+thread shuts their sockets down, the blocked read fails at once, and the channel reports
+the request as timed out (`Deadline.expired`): the provider may have taken the message,
+so the delivery is unknown, never retried blindly.
+
+Starting and ending a deadline costs two dictionary operations (sending threads never
+wait for each other here); the watchdog looks at the running ones four times a second,
+so a deadline ends up to a quarter of a second late.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+_CHECK_EVERY_S = 0.25
+
+_local = threading.local()
+_running: dict[int, Deadline] = {}
+_start_lock = threading.Lock()
+_watchdog: threading.Thread | None = None
+
+
+class Deadline:
+    """The requests this thread makes inside the block end within `seconds`."""
+
+    __slots__ = ("_outer", "ends", "expired", "owners", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends = 0.0
+        self.owners: list[Any] = []
+        """Objects with a `sock` attribute (connections) the requests use."""
+        self.expired = False
+        self._outer: Deadline | None = None
+
+    def __enter__(self) -> Deadline:
+        self.ends = time.monotonic() + self.seconds
+        self._outer = getattr(_local, "deadline", None)
+        _local.deadline = self
+        _running[id(self)] = self
+        if _watchdog is None:
+            _start_watchdog()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _running.pop(id(self), None)
+        _local.deadline = self._outer
+
+
+def watch(owner: Any) -> None:
+    """Put a connection (anything with a `sock`) under the current thread's deadline, if
+    it has one: registered before it blocks, shut down once the deadline passes."""
+    current: Deadline | None = getattr(_local, "deadline", None)
+    if current is None:
+        return
+    current.owners.append(owner)
+    if current.expired:
+        _shut(owner)
+
+
+def current() -> Deadline | None:
+    """The current thread's deadline, if it runs inside one."""
+    found: Deadline | None = getattr(_local, "deadline", None)
+    return found
+
+
+def _start_watchdog() -> None:
+    global _watchdog
+    with _start_lock:
+        if _watchdog is None:
+            thread = threading.Thread(target=_watch_loop, name="request-deadlines",
+                                      daemon=True)
+            thread.start()
+            _watchdog = thread
+
+
+def _watch_loop() -> None:
+    while True:
+        time.sleep(_CHECK_EVERY_S)
+        now = time.monotonic()
+        for due in list(_running.values()):
+            if due.ends <= now and not due.expired:
+                due.expired = True
+                for owner in list(due.owners):
+                    _shut(owner)
+
+
+def _shut(owner: Any) -> None:
+    sock = getattr(owner, "sock", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- requests / urllib3
+def mount(session: Any) -> None:
+    """Make every connection `session` uses register with the current deadline."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class WatchedHTTP(HTTPConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            watch(self)
+            super().request(*args, **kwargs)
+
+    class WatchedHTTPS(HTTPSConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            watch(self)
+            super().request(*args, **kwargs)
+
+    class HTTPPool(HTTPConnectionPool):
+        ConnectionCls = WatchedHTTP
+
+    class HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPS
+
+    pools = {"http": HTTPPool, "https": HTTPSPool}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, Adapter())
