@@ -171,10 +171,16 @@ class EmailChannel(Channel):
                 conn = self._pool.get_nowait()
             except queue.Empty:
                 return
-            try:
+            self._close_politely(conn)
+
+    def _close_politely(self, conn: smtplib.SMTP) -> None:
+        """QUIT, then close; a server slow to answer QUIT does not hold the caller up."""
+        try:
+            with Deadline(self.options.timeout_s):
+                watch(conn)
                 conn.quit()
-            except Exception:
-                pass
+        except Exception:
+            conn.close()
 
     # ------------------------------------------------------------------ messages
     def message_id(self, key: str) -> str:
@@ -356,11 +362,17 @@ class EmailChannel(Channel):
     def check(self) -> Health:
         started = time.monotonic()
         try:
-            conn = self._connect()
-            conn.noop()
-            conn.quit()
+            with Deadline(self.request_deadline_s()):
+                conn = self._connect()
+                code, _ = conn.noop()
         except (PermanentChannelError, TransientChannelError) as exc:
             return Health(ok=False, detail=exc.message)
+        except (OSError, smtplib.SMTPException) as exc:
+            return Health(ok=False, detail=self._map(exc, sent_data=False).message)
+        if code != 250:
+            conn.close()
+            return Health(ok=False, detail=f"{self.name}: NOOP answered {code}")
+        self._close_politely(conn)
         user = self.secrets.get("SMTP_USERNAME")
         detail = f"EHLO ok at {self.host}:{self.port}" + (", authenticated" if user else "")
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)

@@ -71,7 +71,8 @@ class Faults:
     """Accept (and record) each message, then send its answer a byte at a time, this long
     between bytes: every read gets a byte before a socket timeout, so only a deadline on
     the whole request ends it (a provider, or a middlebox, that hangs without going
-    silent). For SMTP, the answer to the end of DATA, as a long multi-line reply."""
+    silent). For SMTP, the answers to the end of DATA and to QUIT, as long multi-line
+    replies."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

@@ -4,7 +4,7 @@ at start, a record of every message, and fault injection (outage -> 421, transie
 recipients -> 550, rate limit -> 452, latency, ``send_latency_ms``: the message is recorded,
 then the answer waits, ``drop_after_accept``: it is recorded, then the connection drops
 before "250", and ``dribble_ms``: it is recorded, then a long multi-line "250" comes a
-byte at a time).
+byte at a time, and so does the answer to QUIT).
 
 It speaks the part of RFC 5321 a submission client uses (EHLO/HELO, STARTTLS, AUTH, MAIL,
 RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT). It replaced an asyncio server whose event
@@ -73,6 +73,12 @@ class _Session(socketserver.BaseRequestHandler):
     # ------------------------------------------------------------------ wire
     def _send(self, *lines: str) -> None:
         self.sock.sendall("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
+
+    def _dribble(self, reply: bytes) -> None:
+        """Send `reply` a byte at a time (fault `dribble_ms`)."""
+        for i in range(len(reply)):
+            self.sock.sendall(reply[i:i + 1])
+            time.sleep(self.emu.faults.dribble_ms / 1000)
 
     def _readline(self) -> bytes:
         line = self.reader.readline(MAX_LINE + 2)
@@ -162,7 +168,10 @@ class _Session(socketserver.BaseRequestHandler):
         elif verb == "NOOP":
             self._send("250 OK")
         elif verb == "QUIT":
-            self._send("221 Bye")
+            if self.emu.faults.dribble_ms > 0:
+                self._dribble(b"221-2.0.0 Closing\r\n" * 20 + b"221 2.0.0 Bye\r\n")
+            else:
+                self._send("221 Bye")
             return False
         else:
             self._send(f"502 5.5.1 Command not implemented: {verb[:20]}")
@@ -297,10 +306,8 @@ class _Session(socketserver.BaseRequestHandler):
         if self.emu.faults.dribble_ms > 0:
             # Accepted, then a long multi-line "250" a byte at a time: until its last line
             # the client cannot know the reply is complete.
-            reply = b"250-2.0.0 Message accepted, queued\r\n" * 20 + b"250 2.0.0 OK\r\n"
-            for i in range(len(reply)):
-                self.sock.sendall(reply[i:i + 1])
-                time.sleep(self.emu.faults.dribble_ms / 1000)
+            self._dribble(b"250-2.0.0 Message accepted, queued\r\n" * 20
+                          + b"250 2.0.0 OK\r\n")
             return True
         self._send("250 2.0.0 Message accepted for delivery")
         return True
