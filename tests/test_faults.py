@@ -386,6 +386,28 @@ def test_every_probe_outcome_leaves_the_breaker_usable(event: str) -> None:
     assert breaker.allow()
 
 
+def _declare_in_background(tmp_path: Path, sandbox: Any, pb: Path, latency_ms: int
+                           ) -> tuple[Any, dict[str, str]]:
+    """`declare --yes --sandbox --json` of `pb` in another process, recording in tmp_path,
+    with every emulator answering after `latency_ms`: the process and the environment
+    that names its audit log."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for emulator in (sandbox.twilio, sandbox.smtp, sandbox.twitter):
+        emulator.faults.update(latency_ms=latency_ms)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox", "--json"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, env
+
+
 # ------------------------------------------------------------------ SIGKILL, then resume
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [1, 40, 160])
@@ -397,21 +419,12 @@ def test_sigkill_at_several_points_then_resume_reaches_everyone_once(
     an email in doubt is listed, never silently lost or sent twice."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT, json_doc, run_cli
+    from tests.conftest import json_doc, run_cli
 
     pb = make_fanout_playbook(tmp_path / "pb", 120, twitter=True, subscribers=0, rate=2000,
                               concurrency=4)
-    for emulator in (sandbox.twilio, sandbox.smtp, sandbox.twitter):
-        emulator.faults.update(latency_ms=40)
-    sandbox.write_state()
-    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox", "--json"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, env = _declare_in_background(tmp_path, sandbox, pb, 40)
     deadline = time.monotonic() + 60
     while len(sandbox.twilio.received) + len(sandbox.smtp.received) < kill_after:
         assert proc.poll() is None, proc.communicate()
@@ -445,21 +458,11 @@ def test_resume_beside_a_live_sender_is_refused_and_nothing_goes_twice(
     pending deliveries): the resume is refused (exit 10, nothing sent), the first process
     finishes, each person gets each message once, and a resume afterwards has nothing
     to do."""
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT, json_doc, run_cli
+    from tests.conftest import json_doc, run_cli
 
     pb = make_fanout_playbook(tmp_path / "pb", 60, rate=2000, concurrency=2)
-    for emulator in (sandbox.twilio, sandbox.smtp):
-        emulator.faults.update(latency_ms=120)
-    sandbox.write_state()
-    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox", "--json"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, env = _declare_in_background(tmp_path, sandbox, pb, 120)
     deadline = time.monotonic() + 60
     while len(sandbox.twilio.received) < 2:
         assert proc.poll() is None, proc.communicate()
