@@ -200,7 +200,6 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
     next one. When that first one is the main thread and Ctrl-C interrupts its wait, the
     turn passes on: the thread queued behind it still gets its record written (a stranded
     turn hung sending threads forever), and the interrupted entry is withdrawn unwritten."""
-    import os
     import signal
     import time
 
@@ -228,7 +227,9 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
         behind.start()
         while len(writer._pending) < 2:
             time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGINT)
+        # At the main thread: sent to the process, the kernel may hand it to another
+        # thread, and the main thread then learns of it only once its wait ends.
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
         time.sleep(0.2)
         release.set()
 
