@@ -230,7 +230,11 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
         # At the main thread: sent to the process, the kernel may hand it to another
         # thread, and the main thread then learns of it only once its wait ends.
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-        time.sleep(0.2)
+        # The slow write ends once the interrupted entry is withdrawn (on a loaded machine
+        # the main thread may take a while to run its handler), or after 10 s.
+        until = time.monotonic() + 10
+        while len(writer._pending) > 1 and time.monotonic() < until:
+            time.sleep(0.005)
         release.set()
 
     threading.Thread(target=interrupt_then_release).start()
