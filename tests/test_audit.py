@@ -199,7 +199,20 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
     """A finished write wakes only its own writers and the first still queued, to lead the
     next one. When that first one is the main thread and Ctrl-C interrupts its wait, the
     turn passes on: the thread queued behind it still gets its record written (a stranded
-    turn hung sending threads forever), and the interrupted entry is withdrawn unwritten."""
+    turn hung sending threads forever), and the interrupted entry is withdrawn unwritten.
+    (On a loaded machine the main thread can be too late to notice the signal while it
+    waits; such a run checks only that nobody is stranded, and the scenario runs again.)"""
+    outcomes = []
+    for run in range(5):
+        outcomes.append(_interrupt_a_waiting_main_thread(tmp_path / f"g{run}.jsonl"))
+        if outcomes[-1] == "withdrawn":
+            break
+    assert outcomes[-1] == "withdrawn", outcomes
+
+
+def _interrupt_a_waiting_main_thread(path: Path) -> str:
+    """One run: "withdrawn" when SIGINT interrupted the main thread's wait and its entry
+    was withdrawn, "late" when the main thread's entry was written first."""
     import signal
     import time
 
@@ -211,7 +224,7 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
                 release.wait(10)
             return super().append_many(entries)
 
-    audit = SlowDisk(tmp_path / "g.jsonl")
+    audit = SlowDisk(path)
     writer = GroupCommitWriter(audit)
     leader = threading.Thread(target=writer.append, args=("delivery.attempt",),
                               kwargs={"key": "first", "payload": {"attempt": 1}})
@@ -227,24 +240,34 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
         behind.start()
         while len(writer._pending) < 2:
             time.sleep(0.005)
-        # At the main thread: sent to the process, the kernel may hand it to another
-        # thread, and the main thread then learns of it only once its wait ends.
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-        # The slow write ends once the interrupted entry is withdrawn (on a loaded machine
-        # the main thread may take a while to run its handler), or after 10 s.
-        until = time.monotonic() + 10
+        # The slow write ends once the interrupted entry is withdrawn, or after 5 s.
+        until = time.monotonic() + 5
         while len(writer._pending) > 1 and time.monotonic() < until:
             time.sleep(0.005)
         release.set()
 
-    threading.Thread(target=interrupt_then_release).start()
-    with pytest.raises(KeyboardInterrupt):
+    helper = threading.Thread(target=interrupt_then_release)
+    helper.start()
+    try:
         writer.append("delivery.attempt", key="main", payload={"attempt": 1})
-    leader.join(10)
-    behind.join(10)
+    except KeyboardInterrupt:
+        pass
+    for thread in (helper, leader, behind):
+        while True:
+            try:
+                thread.join(15)
+                break
+            except KeyboardInterrupt:  # (the signal, noticed late)
+                pass
     assert not behind.is_alive(), "the thread queued behind the interrupted one was stranded"
-    assert [r.key for r in audit.records()] == ["first", "behind"]
+    keys = [r.key for r in audit.records()]
     assert audit.verify().ok
+    if "main" in keys:
+        assert sorted(keys) == ["behind", "first", "main"]
+        return "late"
+    assert keys == ["first", "behind"]
+    return "withdrawn"
 
 
 def test_cli_verify_ok_and_tampered(log: AuditLog) -> None:
