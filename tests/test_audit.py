@@ -202,9 +202,17 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
     turn hung sending threads forever), and the interrupted entry is withdrawn unwritten.
     (On a loaded machine the main thread can be too late to notice the signal while it
     waits; such a run checks only that nobody is stranded, and the scenario runs again.)"""
-    outcomes = []
+    # Each run in a fresh interpreter, whose main thread runs it: a signal's handler runs
+    # in the main thread only, and a test runner may run tests in another.
+    outcomes: list[str] = []
     for run in range(5):
-        outcomes.append(_interrupt_a_waiting_main_thread(tmp_path / f"g{run}.jsonl"))
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from tests.test_audit import _interrupt_a_waiting_main_thread as run; "
+             "print(run(Path(sys.argv[1])))", str(tmp_path / f"g{run}.jsonl")],
+            cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        outcomes.append(done.stdout.strip())
         if outcomes[-1] == "withdrawn":
             break
     assert outcomes[-1] == "withdrawn", outcomes
@@ -227,12 +235,12 @@ def _interrupt_a_waiting_main_thread(path: Path) -> str:
     audit = SlowDisk(path)
     writer = GroupCommitWriter(audit)
     leader = threading.Thread(target=writer.append, args=("delivery.attempt",),
-                              kwargs={"key": "first", "payload": {"attempt": 1}})
+                              kwargs={"key": "first", "payload": {"attempt": 1}}, daemon=True)
     leader.start()
     while not writer._writing:
         time.sleep(0.005)
     behind = threading.Thread(target=writer.append, args=("delivery.attempt",),
-                              kwargs={"key": "behind", "payload": {"attempt": 1}})
+                              kwargs={"key": "behind", "payload": {"attempt": 1}}, daemon=True)
 
     def interrupt_then_release() -> None:
         while not writer._pending:  # the main thread queues first, then `behind`
@@ -247,7 +255,7 @@ def _interrupt_a_waiting_main_thread(path: Path) -> str:
             time.sleep(0.005)
         release.set()
 
-    helper = threading.Thread(target=interrupt_then_release)
+    helper = threading.Thread(target=interrupt_then_release, daemon=True)
     helper.start()
     try:
         writer.append("delivery.attempt", key="main", payload={"attempt": 1})
@@ -256,7 +264,7 @@ def _interrupt_a_waiting_main_thread(path: Path) -> str:
     for thread in (helper, leader, behind):
         while True:
             try:
-                thread.join(15)
+                thread.join(10)
                 break
             except KeyboardInterrupt:  # (the signal, noticed late)
                 pass
