@@ -202,12 +202,14 @@ def test_ctrl_c_while_waiting_on_a_group_commit_strands_no_other_writer(
     turn hung sending threads forever), and the interrupted entry is withdrawn unwritten.
     (On a loaded machine the main thread can be too late to notice the signal while it
     waits; such a run checks only that nobody is stranded, and the scenario runs again.)"""
-    # Each run in a fresh interpreter, whose main thread runs it: a signal's handler runs
-    # in the main thread only, and a test runner may run tests in another.
+    # Each run in a fresh interpreter, whose main thread runs it with Python's own Ctrl-C
+    # handler: a test runner's worker may ignore SIGINT (a child inherits that) or run the
+    # test in another thread (a signal's handler runs in the main thread only).
     outcomes: list[str] = []
     for run in range(5):
         done = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; "
+            [sys.executable, "-c", "import signal, sys; from pathlib import Path; "
+             "signal.signal(signal.SIGINT, signal.default_int_handler); "
              "from tests.test_audit import _interrupt_a_waiting_main_thread as run; "
              "print(run(Path(sys.argv[1])))", str(tmp_path / f"g{run}.jsonl")],
             cwd=ROOT, capture_output=True, text=True, timeout=90)
