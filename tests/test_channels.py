@@ -106,6 +106,65 @@ def test_tweet_answered_a_byte_at_a_time_is_unknown_within_its_deadline(
     assert len(twitter.received.all()) == 2
 
 
+def test_the_deadline_adapter_keeps_tls_verification_and_bounds_a_tls_answer(
+        tmp_path: Path) -> None:
+    """The HTTP channels' sessions go through the deadline's adapter (its own connection
+    classes): over TLS it must still verify the certificate against the CA the
+    environment names, refuse an unknown one, and cut an answer dribbled over TLS."""
+    import http.server
+    import ssl
+    import threading
+    import time
+
+    import requests
+
+    from incident_notify.channels._deadline import Deadline, mount
+    from incident_notify.channels._http import read_environment_once
+    from incident_notify.sandbox.smtp_server import make_self_signed
+
+    cert, key = make_self_signed(tmp_path)
+    body = b'{"sid": "SM1"}'
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            slow = self.path == "/slow"
+            for i in range(len(head + body)):
+                self.wfile.write((head + body)[i:i + 1])
+                self.wfile.flush()
+                if slow:
+                    time.sleep(0.3)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("REQUESTS_CA_BUNDLE", str(cert))
+            trusted = requests.Session()
+            read_environment_once(trusted, base)
+            mount(trusted)
+        assert trusted.get(f"{base}/fast", timeout=5).json() == {"sid": "SM1"}
+        pool = trusted.get_adapter(base).poolmanager.connection_from_url(base)
+        assert pool.ConnectionCls.__name__ == "WatchedHTTPS"
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.RequestException), Deadline(1.0):
+            trusted.get(f"{base}/slow", timeout=5)
+        assert time.monotonic() - started < 3
+        stranger = requests.Session()
+        mount(stranger)
+        with pytest.raises(requests.exceptions.SSLError):
+            stranger.get(f"{base}/fast", timeout=5)
+    finally:
+        server.shutdown()
+
+
 def test_dm_reaches_the_resolved_user_id_and_lookup_is_cached(twitter: TwitterEmulator) -> None:
     uid = twitter.add_user("carol_ops")
     ch = TwitterDMChannel(ChannelSpec("dm", "twitter_dm", "@acme_status"),
