@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from functools import lru_cache
 from typing import Any
 
 _CHECK_EVERY_S = 0.25
@@ -107,19 +108,30 @@ def _shut(owner: Any) -> None:
 # ---------------------------------------------------------------- requests / urllib3
 def mount(session: Any) -> None:
     """Make every connection `session` uses register with the current deadline."""
+    adapter = _adapter_class()
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, adapter())
+
+
+@lru_cache(maxsize=1)
+def _adapter_class() -> type:
+    """A requests adapter whose pools make connections that register with the current
+    deadline before each request (made once, on first use: requests is imported only by
+    the commands that send)."""
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    class WatchedHTTP(HTTPConnection):
+    class Watched:
         def request(self, *args: Any, **kwargs: Any) -> None:
             watch(self)
-            super().request(*args, **kwargs)
+            super().request(*args, **kwargs)  # type: ignore[misc]
 
-    class WatchedHTTPS(HTTPSConnection):
-        def request(self, *args: Any, **kwargs: Any) -> None:
-            watch(self)
-            super().request(*args, **kwargs)
+    class WatchedHTTP(Watched, HTTPConnection):
+        pass
+
+    class WatchedHTTPS(Watched, HTTPSConnection):
+        pass
 
     class HTTPPool(HTTPConnectionPool):
         ConnectionCls = WatchedHTTP
@@ -139,5 +151,4 @@ def mount(session: Any) -> None:
             manager.pool_classes_by_scheme = pools
             return manager
 
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, Adapter())
+    return Adapter

@@ -376,12 +376,20 @@ class Channel(ABC):
         operation only."""
         return self.REQUEST_DEADLINE_FACTOR * float(getattr(self.options, "timeout_s", 20.0))
 
-    def bounded(self, provider: str, *, maybe_delivered: bool) -> _Bounded:
+    def bounded(self, provider: str, *, maybe_delivered: bool,
+                mapped: Callable[[Exception], ChannelError]) -> _Bounded:
         """`with` this around one request (through clients made with `_deadline.mount`):
-        it must end within `request_deadline_s`. When that passes, its connections are
-        shut down, and the error it then raises is reported as a timeout: unknown if the
-        request may have reached the provider (`maybe_delivered`), retried freely if not."""
-        return _Bounded(self, provider, maybe_delivered)
+        it must end within `request_deadline_s`. An error it raises becomes `mapped(error)`,
+        or, once the deadline passed and shut its connections down, `deadline_passed`."""
+        return _Bounded(self, provider, maybe_delivered, mapped)
+
+    def deadline_passed(self, provider: str, seconds: float,
+                        maybe_delivered: bool) -> TransientChannelError:
+        """A request cut by its deadline: a timeout, unknown if the request may have reached
+        the provider (`maybe_delivered`), retried freely if not."""
+        return TransientChannelError(
+            f"{self.name}: {provider} did not finish answering within {seconds:.0f}s",
+            channel=self.name, code="timeout", maybe_delivered=maybe_delivered)
 
     def api_base(self, default: str) -> str:
         """The base URL requests go to: the operator's override (environment, config file
@@ -448,15 +456,16 @@ class Channel(ABC):
 
 
 class _Bounded:
-    """`Channel.bounded`: a `_deadline.Deadline` whose expiry turns the request's error
-    into a timeout of the channel."""
+    """`Channel.bounded`: a `_deadline.Deadline` that maps the request's error."""
 
-    __slots__ = ("channel", "deadline", "maybe_delivered", "provider")
+    __slots__ = ("channel", "deadline", "mapped", "maybe_delivered", "provider")
 
-    def __init__(self, channel: Channel, provider: str, maybe_delivered: bool) -> None:
+    def __init__(self, channel: Channel, provider: str, maybe_delivered: bool,
+                 mapped: Callable[[Exception], ChannelError]) -> None:
         from incident_notify.channels._deadline import Deadline
 
         self.channel, self.provider, self.maybe_delivered = channel, provider, maybe_delivered
+        self.mapped = mapped
         self.deadline = Deadline(channel.request_deadline_s())
 
     def __enter__(self) -> None:
@@ -465,9 +474,9 @@ class _Bounded:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
         self.deadline.__exit__()
-        if kind is not None and issubclass(kind, Exception) and self.deadline.expired:
-            name = self.channel.name
-            raise TransientChannelError(
-                f"{name}: {self.provider} did not finish answering within "
-                f"{self.deadline.seconds:.0f}s", channel=name, code="timeout",
-                maybe_delivered=self.maybe_delivered) from None
+        if not isinstance(exc, Exception):
+            return
+        if self.deadline.expired:
+            raise self.channel.deadline_passed(self.provider, self.deadline.seconds,
+                                               self.maybe_delivered) from None
+        raise self.mapped(exc) from None

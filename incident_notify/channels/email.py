@@ -157,10 +157,13 @@ class EmailChannel(Channel):
             raise self._map(exc, sent_data=False) from None
 
     def _take(self) -> smtplib.SMTP:
+        """A pooled connection, or a new one, under the current deadline."""
         try:
-            return self._pool.get_nowait()
+            conn = self._pool.get_nowait()
         except queue.Empty:
             return self._connect()
+        watch(conn)
+        return conn
 
     def _give(self, conn: smtplib.SMTP) -> None:
         self._pool.put(conn)
@@ -313,7 +316,6 @@ class EmailChannel(Channel):
                      mail_options: list[str]) -> Receipt:
         for fresh in (False, True):
             conn = self._connect() if fresh else self._take()
-            watch(conn)
             try:
                 self._envelope(conn, delivery.recipient, len(flat), mail_options)
             except smtplib.SMTPServerDisconnected as exc:
@@ -384,10 +386,7 @@ class EmailChannel(Channel):
             return exc
         due = current()
         if due is not None and due.expired:  # the transaction's deadline shut it down
-            return TransientChannelError(
-                f"{name}: the SMTP server did not finish answering within "
-                f"{due.seconds:.0f}s", channel=name, code="timeout",
-                maybe_delivered=sent_data)
+            return self.deadline_passed("the SMTP server", due.seconds, sent_data)
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return PermanentChannelError(f"{name}: the SMTP server rejected the login "
                                          f"({exc.smtp_code})", channel=name, code="auth",

@@ -113,11 +113,8 @@ class SMSChannel(Channel):
             kwargs["status_callback"] = self.options.status_callback
         client = self._client()
         attempt.begin()
-        with self.bounded("Twilio", maybe_delivered=True):
-            try:
-                message = client.messages.create(**kwargs)
-            except Exception as exc:
-                raise self._map(exc) from None
+        with self.bounded("Twilio", maybe_delivered=True, mapped=self._map):
+            message = client.messages.create(**kwargs)
         return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
                        detail={"status": message.status})
 
@@ -128,11 +125,8 @@ class SMSChannel(Channel):
         kwargs: dict[str, Any] = {"to": delivery.recipient, "limit": 200}
         if self.spec.sender:
             kwargs["from_"] = self.spec.sender
-        with self.bounded("Twilio", maybe_delivered=False):
-            try:
-                found = self._client().messages.list(**kwargs)
-            except Exception as exc:
-                raise self._map(exc) from None
+        with self.bounded("Twilio", maybe_delivered=False, mapped=self._map):
+            found = self._client().messages.list(**kwargs)
         floor = since - timedelta(minutes=5)  # clocks differ a little
         for message in found:
             created = message.date_created

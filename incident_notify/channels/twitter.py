@@ -11,6 +11,7 @@ from incident_notify.channels._twitter_client import make_client, map_error
 from incident_notify.channels.base import (
     Attempt,
     Channel,
+    ChannelError,
     ChannelLimits,
     ChannelOptions,
     ChannelSpec,
@@ -59,26 +60,27 @@ class TwitterChannel(Channel):
     def client(self) -> Any:
         return self.per_thread("client", lambda: make_client(self))
 
+    def _mapped(self, exc: Exception) -> ChannelError:
+        return map_error(self.name, exc)
+
+    def _mapped_post(self, exc: Exception) -> ChannelError:
+        """A refused public post (a locked account) takes the channel down."""
+        return map_error(self.name, exc, broadcast=True)
+
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         client = self.client()
         attempt.begin()
-        with self.bounded("Twitter", maybe_delivered=True):
-            try:
-                response = client.create_tweet(text=delivery.message.text,
-                                               in_reply_to_tweet_id=delivery.reply_to,
-                                               user_auth=True)
-                return Receipt(provider_id=str(response.data["id"]),
-                               detail={"in_reply_to": delivery.reply_to})
-            except Exception as exc:
-                raise map_error(self.name, exc, broadcast=True) from None
+        with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
+            response = client.create_tweet(text=delivery.message.text,
+                                           in_reply_to_tweet_id=delivery.reply_to,
+                                           user_auth=True)
+            return Receipt(provider_id=str(response.data["id"]),
+                           detail={"in_reply_to": delivery.reply_to})
 
     def my_id(self) -> str:
         def fetch() -> str:
-            with self.bounded("Twitter", maybe_delivered=False):
-                try:
-                    response = self.client().get_me(user_auth=True)
-                except Exception as exc:
-                    raise map_error(self.name, exc) from None
+            with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+                response = self.client().get_me(user_auth=True)
             return str(response.data.id)
 
         return self.per_thread("me", fetch)
@@ -87,14 +89,12 @@ class TwitterChannel(Channel):
         """The account's own recent tweets: one with the same text replying to the same
         tweet is the one we sent."""
         start = (since - timedelta(minutes=5)).astimezone(UTC)
-        with self.bounded("Twitter", maybe_delivered=False):
-            try:
-                response = self.client().get_users_tweets(
-                    self.my_id(), user_auth=True, max_results=100,
-                    start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    tweet_fields=["created_at", "referenced_tweets"])
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+        me = self.my_id()  # (a request of its own, under its own deadline)
+        with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+            response = self.client().get_users_tweets(
+                me, user_auth=True, max_results=100,
+                start_time=start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                tweet_fields=["created_at", "referenced_tweets"])
         for tweet in response.data or []:
             if tweet.text is None:
                 raise Unknowable(f"{self.name}: the timeline does not show tweet texts",
@@ -108,14 +108,11 @@ class TwitterChannel(Channel):
 
     def replies(self, conversation_id: str) -> list[dict[str, Any]]:
         """Replies from others to the incident's thread (recent search, last 7 days)."""
-        with self.bounded("Twitter", maybe_delivered=False):
-            try:
-                response = self.client().search_recent_tweets(
-                    query=f"conversation_id:{conversation_id}", user_auth=True,
-                    tweet_fields=["author_id", "created_at", "conversation_id"],
-                    expansions=["author_id"], max_results=100)
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+            response = self.client().search_recent_tweets(
+                query=f"conversation_id:{conversation_id}", user_auth=True,
+                tweet_fields=["author_id", "created_at", "conversation_id"],
+                expansions=["author_id"], max_results=100)
         users = {str(u.id): u.username for u in (response.includes or {}).get("users", [])}
         return [{"id": str(t.id), "text": t.text, "author": users.get(str(t.author_id), ""),
                  "created_at": str(t.created_at or "")} for t in (response.data or [])]

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import ClassVar
 
-from incident_notify.channels._twitter_client import map_error
 from incident_notify.channels.base import (
     Attempt,
     ChannelLimits,
@@ -41,11 +40,8 @@ class TwitterDMChannel(TwitterChannel):
         with self._ids_lock:
             if key in self._ids:
                 return self._ids[key]
-        with self.bounded("Twitter", maybe_delivered=False):
-            try:
-                response = self.client().get_user(username=name, user_auth=True)
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+            response = self.client().get_user(username=name, user_auth=True)
         if response.data is None:
             raise PermanentChannelError(f"{self.name}: no Twitter user @{name}",
                                         channel=self.name, code="404", recipient_problem=True)
@@ -57,14 +53,11 @@ class TwitterDMChannel(TwitterChannel):
         participant = self.user_id(delivery.recipient)  # a lookup: nothing sent yet
         client = self.client()
         attempt.begin()
-        with self.bounded("Twitter", maybe_delivered=True):
-            try:
-                response = client.create_direct_message(
-                    participant_id=participant, text=delivery.message.text, user_auth=True)
-                return Receipt(provider_id=str(response.data["dm_event_id"]),
-                               detail={"participant_id": participant})
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped):
+            response = client.create_direct_message(
+                participant_id=participant, text=delivery.message.text, user_auth=True)
+            return Receipt(provider_id=str(response.data["dm_event_id"]),
+                           detail={"participant_id": participant})
 
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """The DM conversation with the recipient: a message from us with the same text,
@@ -72,14 +65,11 @@ class TwitterDMChannel(TwitterChannel):
         participant = self.user_id(delivery.recipient)
         mine = self.my_id()
         floor = since - timedelta(minutes=5)
-        with self.bounded("Twitter", maybe_delivered=False):
-            try:
-                response = self.client().get_direct_message_events(
-                    participant_id=participant, user_auth=True, max_results=100,
-                    event_types="MessageCreate",
-                    dm_event_fields=["created_at", "sender_id", "text", "event_type"])
-            except Exception as exc:
-                raise map_error(self.name, exc) from None
+        with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+            response = self.client().get_direct_message_events(
+                participant_id=participant, user_auth=True, max_results=100,
+                event_types="MessageCreate",
+                dm_event_fields=["created_at", "sender_id", "text", "event_type"])
         for event in response.data or []:
             created = getattr(event, "created_at", None)
             sender = getattr(event, "sender_id", None)
