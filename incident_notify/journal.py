@@ -168,9 +168,9 @@ def pending_jobs(state: IncidentState, contacts: ContactSet, update_no: int,
 
 @dataclass
 class Known:
-    """What a command knows of an incident's record before it sends: `state` is the fold
-    of every record of the incident that lay before byte `before` of the log, then of the
-    records it wrote itself, at `spans`."""
+    """What a command knows of an incident's record: `state` is the fold of every record
+    of the incident that lay before byte `before` of the log, then of the records it wrote
+    itself, at `spans`."""
 
     state: IncidentState
     before: int

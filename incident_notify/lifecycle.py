@@ -54,7 +54,6 @@ from incident_notify.playbook import Playbook, channels_with_fallbacks, load_pla
 from incident_notify.runtime import Runtime
 
 if TYPE_CHECKING:
-    from incident_notify.audit import AuditRecord
     from incident_notify.contacts import ContactSet
     from incident_notify.optouts import OptOutStore
     from incident_notify.render import Renderer
@@ -349,66 +348,65 @@ def _record_and_send(rt: Runtime, pb: Playbook, incident_id: str, update_no: int
     if time.monotonic() - asked > HEALTH_MAX_AGE_S:
         # The commander took a while to answer: channels may have gone down or come back.
         health = check_health(channels, retry_after_s=rt.health_retry_s)
+    incident_id, sending, known = _record_lifecycle(rt, spec, incident_id, update_no,
+                                                    lifecycle_payload)
+    try:
+        # The state read under the lock plus what this command writes: no re-reading the
+        # log.
+        state, contacts = known.state, prepared.contacts
+        planner, plan = prepared.planner, prepared.plan
+        if incident_id != pre.incident_id:
+            # Another commander declared meanwhile and took the provisional id: the
+            # messages name the incident, so they are planned again under the real one.
+            planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
+                                   state.declared_at)
+            planner.render_all()
+            plan = planner.plan()
+        for written in write_plan(rt, planner, plan, incident_id, update_no, known.spans):
+            apply(state, written)
+        plan.jobs.clear()  # recorded: the dispatcher sends what the record says is pending
+        result = dispatch_update(rt, pb, planner, state, contacts, update_no, health,
+                                 progress, channels=channels)
+        # (The dispatcher only read the state: the record of the sending is folded onto it.)
+        v, final = finish_update(rt, incident_id, update_no, result, known)
+        return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
+                           in_doubt=in_doubt_list(final, update_no))
+    finally:
+        sending.close()
+
+
+def _record_lifecycle(rt: Runtime, spec: UpdateSpec, incident_id: str, update_no: int,
+                      payload: dict[str, Any]) -> tuple[str, IO[str], Known]:
+    """Under the lifecycle lock: the incident's id (a declaration's final one), its sending
+    lock (held: the caller closes it), and what the command knows of its record (the
+    incident's state read under the lock, with the lifecycle event recorded and applied)."""
     handle = lifecycle_lock(rt)
-    spans: list[tuple[int, int]] = []
     sending: IO[str] | None = None
     try:
         if spec.event == "incident.declared":
             incident_id = next_incident_id(rt)
             sending = sending_lock(rt, incident_id)
-            current, before = IncidentState(id=incident_id), 0
+            known = Known(IncidentState(id=incident_id), 0, [])
         else:
             sending = sending_lock(rt, incident_id)
             before = rt.audit.size()
-            current = fold(rt.audit.records(incident=incident_id), incident_id)
+            known = Known(fold(rt.audit.records(incident=incident_id), incident_id), before,
+                          [])
+            current = known.state
             if current.update_no != update_no - 1:
                 raise StateError(
                     f"{incident_id} was updated by someone else meanwhile (now at update "
                     f"{current.update_no}, stage {current.stage!r}); nothing was sent",
                     hint=f"review with: incident-notify status {incident_id}, then retry")
-        record = rt.audit.append(spec.event, incident=incident_id, payload=lifecycle_payload,
-                                 spans=spans)
+        apply(known.state, rt.audit.append(spec.event, incident=incident_id, payload=payload,
+                                           spans=known.spans))
+        return incident_id, sending, known
     except BaseException:
         if sending is not None:
             sending.close()
         raise
     finally:
         handle.close()
-    try:
-        return _send_recorded(rt, pb, incident_id, update_no, spec, prepared, progress,
-                              health, current, record, before, spans)
-    finally:
-        sending.close()
-
-
-def _send_recorded(rt: Runtime, pb: Playbook, incident_id: str, update_no: int,
-                   spec: UpdateSpec, prepared: Prepared, progress: ProgressFn | None,
-                   health: Mapping[str, Health], current: IncidentState, record: AuditRecord,
-                   before: int, spans: list[tuple[int, int]]) -> SendOutcome:
-    """Plan, send and judge an update whose lifecycle record is written (the incident's
-    sending lock held)."""
-    pre, contacts, channels = prepared.preflight, prepared.contacts, prepared.channels
-    # The state read under the lock plus what this command writes: no re-reading the log.
-    state = current
-    apply(state, record)
-    planner, plan = prepared.planner, prepared.plan
-    if incident_id != pre.incident_id:
-        # Another commander declared meanwhile and took the provisional id: the messages
-        # name the incident, so they are planned again under the real one.
-        planner = make_planner(rt, pb, contacts, incident_id, update_no, spec, state,
-                               state.declared_at)
-        planner.render_all()
-        plan = planner.plan()
-    for written in write_plan(rt, planner, plan, incident_id, update_no, spans):
-        apply(state, written)
-    plan.jobs.clear()  # recorded: the dispatcher sends what the record says is pending
-    result = dispatch_update(rt, pb, planner, state, contacts, update_no, health, progress,
-                             channels=channels)
-    # (The dispatcher only read the state: the record of the sending is folded onto it.)
-    v, final = finish_update(rt, incident_id, update_no, result,
-                             Known(state, before, spans))
-    return SendOutcome(incident_id, spec.stage, update_no, False, pre, result, v,
-                       in_doubt=in_doubt_list(final, update_no))
 
 
 # ----------------------------------------------------------------------- commands
