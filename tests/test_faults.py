@@ -34,6 +34,12 @@ def events(rt: Any, prefix: str, channel: str | None = None) -> list[Any]:
             if channel is None or r.channel == channel]
 
 
+def _time_out(pb: Path, sender: str, seconds: int) -> None:
+    """Give the channel of `sender` in playbook `pb` a `timeout_s`."""
+    pb.write_text(pb.read_text().replace(f"sender: {sender}\n",
+                                         f"sender: {sender}\n    timeout_s: {seconds}\n"))
+
+
 def after_confirmation(action: Any) -> Any:
     def confirm(_: Any) -> bool:
         action()
@@ -92,10 +98,8 @@ def test_answer_dribbled_after_accept_is_unknown_in_bounded_time_never_resent(
     nothing is sent twice, and resume settles the SMS against Twilio's records (SMTP keeps
     none: the emails are listed)."""
     pb = make_fanout_playbook(tmp_path / "pb", 2)
-    text = pb.read_text()
     for sender in ('"+15005550006"', '"Ops <ops@acme.example>"'):
-        text = text.replace(f"sender: {sender}\n", f"sender: {sender}\n    timeout_s: 1\n")
-    pb.write_text(text)
+        _time_out(pb, sender, 1)
     getattr(sandbox, service).faults.update(dribble_ms=400)
     rt = runtime(tmp_path, sandbox)
     started = time.monotonic()
@@ -211,8 +215,7 @@ def _declare_with_hanging_sends(tmp_path: Path, sandbox: Any, pb: Path, sender: 
     """Declare with the channel of `sender` timing out after 2 s and `service`'s sends
     hanging for `latency_ms` (its health check still answers at once): the runtime, the
     outcome and the seconds it took."""
-    pb.write_text(pb.read_text().replace(f"sender: {sender}\n",
-                                         f"sender: {sender}\n    timeout_s: 2\n"))
+    _time_out(pb, sender, 2)
     getattr(sandbox, service).faults.update(send_latency_ms=latency_ms)
     rt = runtime(tmp_path, sandbox)
     started = time.monotonic()
