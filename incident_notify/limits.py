@@ -41,7 +41,8 @@ def tweet_length(text: str) -> int:
 
     Exact fast paths for printable ASCII, where every character weighs 1 and there is no
     emoji, so only a URL can change the weight: text with no domain-like dot (a letter or
-    digit on both sides) and no '://' weighs its length; other ASCII text weighs its length
+    digit on both sides) and no '://' weighs its length, and so does text where no dot is
+    followed by one of twitter-text's top-level domains; other ASCII text weighs its length
     with each URL that twitter-text's own extractor finds counted 23 (the library's
     extractor alone, a fifth of its import). Anything else goes to the whole library, which
     is also the tests' oracle for both fast paths."""
@@ -55,6 +56,8 @@ def tweet_length(text: str) -> int:
 def _ascii_weight_with_urls(text: str) -> int:
     """parse_tweet's count for printable ASCII: its loop, with its URL entities, where every
     other character weighs 1 (twitter-text's first range, 0-4351, weighs 100/100)."""
+    if not _may_hold_url(text):
+        return len(text)
     urls = {u["indices"][0]: u["url"] for u in _url_extractor()(text)}
     weight = i = 0
     n = len(text)
@@ -67,6 +70,66 @@ def _ascii_weight_with_urls(text: str) -> int:
             weight += 23
             i += len(url)
     return weight
+
+
+_AFTER_DOT = re.compile(r"\.([0-9A-Za-z-]+)")
+
+
+def _may_hold_url(text: str) -> bool:
+    """False only when twitter-text's extractor cannot find a URL in this ASCII text.
+
+    Every URL it extracts holds a domain ending in a dot and then a top-level domain from
+    its lists (followed by none of `0-9a-zA-Z@+-`, matched ignoring case) or `xn--`
+    (punycode). Such a TLD, bounded so, is the whole run of `[0-9A-Za-z-]` after its dot,
+    and the character after the run is not '@' or '+'. Text without one (a status page
+    under `.example`, "v2.0.1", "e.g.", "app.internal") weighs its length without loading
+    the extractor (a tenth of a second of regular expressions to compile)."""
+    tlds = _tlds()
+    if tlds is None:
+        return True
+    for found in _AFTER_DOT.finditer(text):
+        run = found.group(1).lower()
+        if run.startswith("xn--"):
+            return True
+        if run in tlds and text[found.end():found.end() + 1] not in ("@", "+"):
+            return True
+    return False
+
+
+_TLD_PATTERN_ENDS = ("(?:(?:", ")(?=[^0-9a-zA-Z@+-]|$))")
+_PUNYCODE_PATTERN = r"(?:xn--[\-0-9a-z]+)"
+_REGEX_SYNTAX = frozenset("\\.^$*+?{}[]()|")
+
+
+@lru_cache(maxsize=1)
+def _tlds() -> frozenset[str] | None:
+    """twitter-text's gTLD and ccTLD lists, lower case, read from the library's source
+    (string literals joined, as its modules join them) without compiling its patterns.
+    None, and every candidate goes to the extractor, when the source is not the plain
+    alternation this reading expects (a later release may change it)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("twitter_text")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "regexp"
+    names: set[str] = set()
+    head, tail = _TLD_PATTERN_ENDS
+    try:
+        for module in ("valid_gtld", "valid_cctld"):
+            source = (folder / f"{module}.py").read_text(encoding="utf-8")
+            pattern = "".join(re.findall(r"'([^'\\]*)'", source))
+            if not (pattern.startswith(head) and pattern.endswith(tail)):
+                return None
+            entries = pattern[len(head):-len(tail)].split("|")
+            if any(not e or _REGEX_SYNTAX.intersection(e) for e in entries):
+                return None
+            names.update(e.lower() for e in entries)
+        punycode = (folder / "valid_punycode.py").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return frozenset(names) if _PUNYCODE_PATTERN in punycode else None
 
 
 _TWITTER_TEXT_URLS = "_incident_notify_twitter_text_urls"

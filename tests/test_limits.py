@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,6 +250,92 @@ def test_mixed_scripts_emoji_and_urls_weigh_as_twitter_text_says() -> None:
             text = unicodedata.normalize("NFD", text)
         assert tweet_length(text) == parse_tweet(
             unicodedata.normalize("NFC", text)).weightedLength, repr(text)
+
+
+def test_a_text_whose_dots_end_in_no_known_tld_weighs_without_the_extractor() -> None:
+    # The shipped playbooks link status pages under .example; versions and abbreviations
+    # hold dots too. None can be a URL, so the extractor's patterns are never compiled.
+    code = (
+        "import sys\n"
+        "from incident_notify.limits import tweet_length\n"
+        "texts = ['see https://status.acme.example/i/1 now', 'v2.0.1 e.g. app.internal',\n"
+        "         'mail ops@acme.com+x', 'a.COM-b a.io1 node3.dc2']\n"
+        "print([tweet_length(t) for t in texts])\n"
+        "print('_incident_notify_twitter_text_urls' in sys.modules)\n"
+        "print(tweet_length('see https://status.acme.COM/i/1'))\n"
+        "print('_incident_notify_twitter_text_urls' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["[39, 24, 19, 23]", "False", "27", "True"]
+
+
+def test_no_url_is_found_where_no_dot_is_followed_by_a_tld() -> None:
+    """The pre-check against the extractor itself, on text made around twitter-text's own
+    TLDs: any case, followed by what bounds a TLD and by what does not, punycode."""
+    import random
+
+    from twitter_text import parse_tweet
+
+    from incident_notify.limits import _may_hold_url, _tlds, _url_extractor
+
+    tlds = sorted(_tlds() or ())
+    assert len(tlds) > 1000
+    ascii_tlds = [t for t in tlds if t.isascii()]
+    rng = random.Random(26112026)
+    after = ["", " ", "/", ".", "@", "+", "-", "1", "a", ":80", "?x", ")", ",", "_", "#"]
+    before = ["", " ", "@", "://", "https://", "www.", "a-", "-", "x_", "(", "1"]
+    hosts = ["acme", "a", "status.acme", "ACME", "xn--p1ai", "1", "a-b", "x_y", ""]
+    fakes = ["example", "internal", "local", "comm", "co-op", "xn--", "XN--P1AI", "c0m",
+             "invalid", "test", "lan"]
+    extract = _url_extractor()
+    said_no = 0
+    for _ in range(12000):
+        tld = rng.choice(ascii_tlds + fakes)
+        tld = {0: tld, 1: tld.upper(), 2: tld.title()}[rng.randrange(3)]
+        text = " ".join(
+            rng.choice(before) + rng.choice(hosts) + "." + (
+                tld if rng.random() < 0.7 else rng.choice(fakes)) + rng.choice(after)
+            for _ in range(rng.randint(1, 3)))
+        if not _may_hold_url(text):
+            said_no += 1
+            assert extract(text) == [], repr(text)
+        assert tweet_length(text) == parse_tweet(text).weightedLength, repr(text)
+    assert 2000 < said_no < 10000  # both answers were tried
+
+
+def test_the_tld_lists_are_read_as_the_library_compiles_them(tmp_path: Path,
+                                                            monkeypatch: Any) -> None:
+    import importlib.util
+
+    from twitter_text.regexp.valid_cctld import valid_cctld
+    from twitter_text.regexp.valid_gtld import valid_gtld
+
+    from incident_notify import limits
+
+    compiled = set()
+    for pattern in (valid_gtld.pattern, valid_cctld.pattern):
+        body = pattern[len("(?:(?:"):-len(")(?=[^0-9a-zA-Z@+-]|$))")]
+        compiled |= {t.lower() for t in body.split("|")}
+    assert limits._tlds() == compiled
+    # A later release written otherwise: every dotted text goes to the extractor.
+    regexp = tmp_path / "twitter_text" / "regexp"
+    regexp.mkdir(parents=True)
+    (regexp / "valid_gtld.py").write_text(
+        "import re\nvalid_gtld = re.compile(r'(?:(?:com|[a-z]{2,})(?=[^0-9a-zA-Z@+-]|$))')\n")
+    (regexp / "valid_cctld.py").write_text("valid_cctld = None\n")
+    spec = importlib.util.spec_from_file_location(
+        "twitter_text", regexp.parent / "__init__.py",
+        submodule_search_locations=[str(regexp.parent)])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec
+                        if name == "twitter_text" else real_find_spec(name, *a))
+    limits._tlds.cache_clear()
+    try:
+        assert limits._tlds() is None
+        assert limits._may_hold_url("see status.acme.example")
+    finally:
+        limits._tlds.cache_clear()
 
 
 @pytest.mark.parametrize("seed", range(6))
