@@ -14,7 +14,14 @@ import pytest
 from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
 from incident_notify.lifecycle import declare, update
 from incident_notify.resume import resume
-from tests.conftest import mail_to, make_fanout_playbook, sandbox_runtime, sms_to
+from tests.conftest import (
+    json_doc,
+    mail_to,
+    make_fanout_playbook,
+    run_cli,
+    sandbox_runtime,
+    sms_to,
+)
 
 FAST = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, deadline_s=20,
                    breaker_threshold=3, breaker_cooldown_s=60)
@@ -139,6 +146,38 @@ def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
     assert [r.payload["outcome"] for r in records] == ["sent"]
     assert records[0].payload["provider_id"].startswith("SM")
     assert settled.exit_code == 0 and not settled.in_doubt
+
+
+def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
+        tmp_path: Path, sandbox: Any, isolated_home: Path, request: Any) -> None:
+    # A drill of "Twilio took the message and the line went dead", with no test code: the
+    # fault is set on the running sandbox by `sandbox fault`, then the real twilio client
+    # meets it.
+    from incident_notify.sandbox.control import ControlServer
+
+    control = ControlServer(sandbox).start()
+    request.addfinalizer(control.stop)
+    sandbox.write_state(control_url=control.url)
+    doc = json_doc(run_cli("sandbox", "fault", "twilio", "--drop-after-accept", "1",
+                           "--outage-after", "7", "--send-latency-ms", "1", "--rate-limit",
+                           "50", "--rate-window-s", "60", "--json"))
+    faults = doc["data"]["faults"]
+    assert (faults["drop_after_accept"], faults["outage_after"], faults["send_latency_ms"],
+            faults["rate_limit"], faults["rate_window_s"]) == (1, 7, 1.0, 50, 60.0)
+    said = run_cli("sandbox", "fault", "smtp", "--dribble-ms", "0.5")
+    assert said.returncode == 0 and said.stdout.strip() == "smtp: dribble ms 0.5"
+    assert sandbox.smtp.faults.dribble_ms == 0.5
+    run_cli("sandbox", "fault", "smtp", "--dribble-ms", "0")
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox", "--json")
+    assert proc.returncode == 5, proc.stderr
+    assert [d["channel"] for d in json_doc(proc)["data"]["in_doubt"]] == ["team_sms"]
+    assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
+    # What the emulator cannot do, or a value no provider gives, is refused plainly.
+    for args in (["smtp", "--garble-after-accept", "1"], ["twilio", "--dribble-ms", "-1"]):
+        refused = run_cli("sandbox", "fault", *args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
+    assert sandbox.smtp.faults.garble_after_accept == 0
 
 
 @pytest.mark.parametrize("service", ["twilio", "twitter"])

@@ -57,10 +57,7 @@ def sandbox_main(
             raise UsageError(f"--outage {name!r}: expected one of {', '.join(SERVICES)}")
         sb.emulators[name].faults.update(outage=True)
     exports = {**sb.env(), "INCIDENT_NOTIFY_SANDBOX_CONTROL": control.url}
-    path = sb.write_state()
-    data = jsonlib.loads(path.read_text())
-    data["env"] = exports
-    path.write_text(jsonlib.dumps(data))
+    path = sb.write_state(control_url=control.url)
     env = environment(ctx)
     env.json = json
     con = env.console()
@@ -129,27 +126,49 @@ def fault(
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
                                                 help="Switch a full outage on or off.")] = None,
-    latency_ms: Annotated[float | None, typer.Option(help="Added latency per request.")] = None,
-    rate_limit: Annotated[int | None, typer.Option(help="Requests per window before 429; "
-                                                   "0 removes the limit.")] = None,
-    fail_next: Annotated[int | None, typer.Option(help="Fail the next N requests.")] = None,
+    latency_ms: Annotated[float | None, typer.Option(
+        min=0, help="Added latency per request.")] = None,
+    rate_limit: Annotated[int | None, typer.Option(
+        min=0, help="Requests per window before 429; 0 removes the limit.")] = None,
+    rate_window_s: Annotated[float | None, typer.Option(
+        min=0.001, help="Length of the rate-limit window, so how far away the 429's reset "
+        "is (900 when not set).")] = None,
+    fail_next: Annotated[int | None, typer.Option(
+        min=0, help="Fail the next N requests.")] = None,
     bad_recipient: Annotated[list[str] | None, typer.Option(
         help="A recipient to reject as invalid (repeatable).", show_default=False)] = None,
+    send_latency_ms: Annotated[float | None, typer.Option(
+        min=0, help="Added latency per send only (health checks answer at once).")] = None,
+    outage_after: Annotated[int | None, typer.Option(
+        min=0, help="An outage starts after N more accepted messages (a thread cut "
+        "mid-way).")] = None,
+    drop_after_accept: Annotated[int | None, typer.Option(
+        min=0, help="Accept the next N messages, then drop the connection "
+        "unanswered.")] = None,
+    garble_after_accept: Annotated[int | None, typer.Option(
+        min=0, help="twitter and twilio: accept the next N messages, then answer with an "
+        "HTML page.")] = None,
+    dribble_ms: Annotated[float | None, typer.Option(
+        min=0, help="Accept each message, then answer a byte at a time, this far apart; "
+        "0 stops it.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Change the faults of a running sandbox's emulator."""
     env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
-    body: dict[str, Any] = {}
-    if outage is not None:
-        body["outage"] = outage
-    if latency_ms is not None:
-        body["latency_ms"] = latency_ms
+    if garble_after_accept and service == "smtp":
+        raise UsageError("--garble-after-accept is an HTTP fault: an SMTP answer that "
+                         "cannot be read is --dribble-ms or --drop-after-accept",
+                         hint="use it with twitter or twilio")
+    body: dict[str, Any] = {k: v for k, v in {
+        "outage": outage, "latency_ms": latency_ms, "rate_window_s": rate_window_s,
+        "fail_next": fail_next, "send_latency_ms": send_latency_ms,
+        "outage_after": outage_after, "drop_after_accept": drop_after_accept,
+        "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
+    }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
-    if fail_next is not None:
-        body["fail_next"] = fail_next
     if bad_recipient:
         body["bad_recipients"] = list(bad_recipient)
     result = _call("POST", f"/{service}/faults", body)
@@ -157,7 +176,7 @@ def fault(
         env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
         active = {k: v for k, v in result.items()
-                  if v and k != "rate_window_s" and v != 0.0}
+                  if v and (k != "rate_window_s" or result.get("rate_limit") is not None)}
         env.console().print(f"{service}: " + (", ".join(
             f"{k.replace('_', ' ')} {'on' if v is True else v}" for k, v in active.items())
             or "no faults"), markup=False)

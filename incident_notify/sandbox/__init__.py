@@ -106,10 +106,15 @@ class Sandbox:
             emu.reset()
 
     # ---------------------------------------------------------------- attach
-    def write_state(self, path: Path | None = None) -> Path:
+    def write_state(self, path: Path | None = None, *, control_url: str | None = None) -> Path:
+        """Tell other processes (`--sandbox`, `sandbox fault`) where this sandbox runs, and
+        its control API when one serves it."""
         target = path or state_file()
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target.write_text(json.dumps({"pid": os.getpid(), "env": self.env()}))
+        env = self.env()
+        if control_url is not None:
+            env["INCIDENT_NOTIFY_SANDBOX_CONTROL"] = control_url
+        target.write_text(json.dumps({"pid": os.getpid(), "env": env}))
         target.chmod(0o600)
         return target
 
