@@ -174,23 +174,34 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     assert [d["channel"] for d in json_doc(proc)["data"]["in_doubt"]] == ["team_sms"]
     assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
     # What the emulator cannot do, or a value no provider gives, is refused plainly.
-    for args in (["smtp", "--garble-after-accept", "1"], ["twilio", "--dribble-ms", "-1"]):
+    for args in (["smtp", "--garble-after-accept", "1"], ["twilio", "--dribble-ms", "-1"],
+                 ["smtp", "--error-after-accept", "1"], ["twitter", "--error-status", "404"]):
         refused = run_cli("sandbox", "fault", *args)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
     assert sandbox.smtp.faults.garble_after_accept == 0
+    said = run_cli("sandbox", "fault", "twitter", "--error-after-accept", "2",
+                   "--error-status", "504")
+    assert said.stdout.strip() == "twitter: error after accept 2, error status 504"
 
 
-@pytest.mark.parametrize("service", ["twilio", "twitter"])
-def test_answer_garbled_after_accept_is_unknown_never_resent_then_settled(
-        tmp_path: Path, sandbox: Any, service: str) -> None:
+@pytest.mark.parametrize(("service", "answer"), [
+    ("twilio", "garbled"), ("twitter", "garbled"), ("twilio", 500), ("twilio", 504),
+    ("twitter", 500), ("twitter", 502)])
+def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_then_settled(
+        tmp_path: Path, sandbox: Any, service: str, answer: str | int) -> None:
     """The provider takes the message, then something in the way answers 200 with an HTML
-    page. The client cannot read the answer: the delivery is unknown, never retried
-    blindly; resume finds it in the provider's records and records it sent."""
+    page, or the provider answers with a server error (Twilio documents that a 500 to a
+    send may hide a message it sent; a gateway's 502 or 504 may too). The delivery is
+    unknown, never retried blindly; resume finds it in the provider's records and records
+    it sent. (A 503 says the request was not taken: it is retried, as in the retry
+    tests.)"""
     pb = make_fanout_playbook(tmp_path / "pb", 3, twitter=service == "twitter")
     rt = runtime(tmp_path, sandbox)
     emulator = getattr(sandbox, service)
+    fault = {"garble_after_accept": 1} if answer == "garbled" else \
+        {"error_after_accept": 1, "error_status": answer}
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
-        lambda: emulator.faults.update(garble_after_accept=1)))
+        lambda: emulator.faults.update(**fault)))
     channel = "team_sms" if service == "twilio" else "status_twitter"
     sent_first = len(emulator.received.all())
     unknown = events(rt, "delivery.unknown")

@@ -84,8 +84,14 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
                                      f"{wait:.0f}s", channel=channel, code="429",
                                      retry_after=wait)
     if isinstance(exc, tweepy.TwitterServerError):
-        return TransientChannelError(f"{channel}: Twitter is unavailable ({_api_text(exc)})",
-                                     channel=channel, code=str(exc.response.status_code))
+        status = exc.response.status_code
+        if status == 503:  # over capacity: the request was not taken
+            return TransientChannelError(f"{channel}: Twitter is unavailable "
+                                         f"({_api_text(exc)})", channel=channel, code="503")
+        # A 500, or a gateway's 502 or 504, may come after the post was made.
+        return TransientChannelError(f"{channel}: Twitter answered with a server error "
+                                     f"({_api_text(exc)})", channel=channel, code=str(status),
+                                     maybe_delivered=True)
     if isinstance(exc, tweepy.Unauthorized):
         return PermanentChannelError(
             f"{channel}: Twitter rejected the credentials ({_api_text(exc)})", channel=channel,

@@ -16,9 +16,11 @@ Rules a channel follows:
   that can reach the provider (after user lookups, connection set-up, ``MAIL``/``RCPT``).
   That call writes the durable ``delivery.attempt`` record. A failure raised before it is
   known not to have delivered anything and is retried freely; a failure after it that may
-  have reached the provider (a dropped connection, a reset, a read timeout) sets
-  ``maybe_delivered`` and is never retried blindly: the delivery is "unknown" until
-  `find_sent` (on `resume`) settles it.
+  have reached the provider (a dropped connection, a reset, a read timeout, and a server
+  error other than 503: Twilio documents that a 500 to a send may hide a message it
+  sent, and a gateway's 502 or 504 may too) sets ``maybe_delivered`` and is never retried
+  blindly: the delivery is "unknown" until `find_sent` (on `resume`) settles it. A 429 or
+  503 says the request was not taken, and is retried.
 * `find_sent(delivery, since)` asks the provider whether an in-doubt delivery arrived:
   a `Receipt` when it did, None when the provider's own records show it did not, or
   `Unknowable` when the provider cannot tell (SMTP).
@@ -77,7 +79,7 @@ class TransientChannelError(ChannelError):
     `retry_after` (seconds) is set when the provider said when to come back (a 429's
     ``x-rate-limit-reset``); the dispatcher then pauses the whole channel until then.
     `maybe_delivered` is True when the request may have reached the provider before the
-    failure (a timeout after sending): such a delivery is "unknown", not "failed".
+    failure (a timeout after sending, a 500): such a delivery is "unknown", not "failed".
     """
 
     def __init__(

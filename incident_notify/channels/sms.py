@@ -194,9 +194,16 @@ class SMSChannel(Channel):
             if code == 20429 or status == 429:
                 return TransientChannelError(f"{name}: rate limited ({text})", channel=name,
                                              code="429", retry_after=self._retry_after())
-            if status >= 500:
+            if status == 503:
                 return TransientChannelError(f"{name}: Twilio unavailable ({text})",
                                              channel=name, code=str(code or status))
+            if status >= 500:
+                # Twilio: "if you get a 500 Server Error on these requests, and you retry
+                # the request, it is possible for a customer to receive multiple messages"
+                # (error 20500); a gateway's 502 or 504 may hide an accepted send too.
+                return TransientChannelError(
+                    f"{name}: Twilio answered with a server error ({text})", channel=name,
+                    code=str(code or status), maybe_delivered=True)
             return PermanentChannelError(f"{name}: {text}", channel=name,
                                          code=str(code or status))
         return transport_error(name, "Twilio", exc)

@@ -148,6 +148,12 @@ def fault(
     garble_after_accept: Annotated[int | None, typer.Option(
         min=0, help="twitter and twilio: accept the next N messages, then answer with an "
         "HTML page.")] = None,
+    error_after_accept: Annotated[int | None, typer.Option(
+        min=0, help="twitter and twilio: accept the next N messages, then answer with "
+        "--error-status.")] = None,
+    error_status: Annotated[int | None, typer.Option(
+        min=500, max=599, help="The server error --error-after-accept answers with (500 "
+        "when not set).")] = None,
     dribble_ms: Annotated[float | None, typer.Option(
         min=0, help="Accept each message, then answer a byte at a time, this far apart; "
         "0 stops it.")] = None,
@@ -157,15 +163,16 @@ def fault(
     env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
-    if garble_after_accept and service == "smtp":
-        raise UsageError("--garble-after-accept is an HTTP fault: an SMTP answer that "
-                         "cannot be read is --dribble-ms or --drop-after-accept",
-                         hint="use it with twitter or twilio")
+    if (garble_after_accept or error_after_accept) and service == "smtp":
+        raise UsageError("--garble-after-accept and --error-after-accept are HTTP faults: "
+                         "an SMTP answer that cannot be read is --dribble-ms or "
+                         "--drop-after-accept", hint="use them with twitter or twilio")
     body: dict[str, Any] = {k: v for k, v in {
         "outage": outage, "latency_ms": latency_ms, "rate_window_s": rate_window_s,
         "fail_next": fail_next, "send_latency_ms": send_latency_ms,
         "outage_after": outage_after, "drop_after_accept": drop_after_accept,
         "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
+        "error_after_accept": error_after_accept, "error_status": error_status,
     }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
@@ -176,7 +183,8 @@ def fault(
         env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
         active = {k: v for k, v in result.items()
-                  if v and (k != "rate_window_s" or result.get("rate_limit") is not None)}
+                  if v and (k != "rate_window_s" or result.get("rate_limit") is not None)
+                  and (k != "error_status" or result.get("error_after_accept"))}
         env.console().print(f"{service}: " + (", ".join(
             f"{k.replace('_', ' ')} {'on' if v is True else v}" for k, v in active.items())
             or "no faults"), markup=False)

@@ -21,8 +21,9 @@ a reset 15 minutes away), ``bad_recipients``, ``fail_next``, ``drop_after_accept
 message is accepted and recorded, then the connection drops before the answer),
 ``garble_after_accept`` (accepted and recorded, then answered with a page that is not the
 API's), ``send_latency_ms`` (only the sends hang), ``dribble_ms`` (accepted and recorded,
-then the answer comes a byte at a time), ``outage_after`` (an outage starts after that many
-more accepted messages).
+then the answer comes a byte at a time), ``error_after_accept`` with ``error_status``
+(accepted and recorded, then answered with a server error), ``outage_after`` (an outage
+starts after that many more accepted messages).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class Faults:
     """Accept (and record) this many next messages, then answer 200 with a body that is
     not the API's (an HTML page, as a proxy in the way gives): the client cannot read
     whether they arrived."""
+    error_after_accept: int = 0
+    """Accept (and record) this many next messages, then answer with a server error of
+    status `error_status` in the API's own error format (Twilio documents that a 500 to
+    a send may hide a message it did send)."""
+    error_status: int = 500
+    """The status `error_after_accept` answers with (500, 502, 504...)."""
     dribble_ms: float = 0.0
     """Accept (and record) each message, then send its answer a byte at a time, this long
     between bytes: every read gets a byte before a socket timeout, so only a deadline on
@@ -99,6 +106,11 @@ class Faults:
     def take_drop(self) -> bool:
         """True (and count one down) when this accepted message must lose its answer."""
         return self._take("drop_after_accept")
+
+    def take_error(self) -> bool:
+        """True (and count one down) when this accepted message is answered with an
+        error."""
+        return self._take("error_after_accept")
 
     def take_garble(self) -> bool:
         """True (and count one down) when this accepted message's answer is garbled."""
@@ -275,6 +287,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         if self.emulator.faults.dribble_ms > 0:
             self._dribble(status, payload, headers)
             return
+        if self.emulator.faults.take_error():
+            status = self.emulator.faults.error_status
+            self.send_json(status, self.server_error(status))
+            return
         if self.emulator.faults.take_garble():
             body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             self.send_response(200)
@@ -284,6 +300,10 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         self.send_json(status, payload, headers)
+
+    def server_error(self, status: int) -> Any:
+        """The body of a server error in this API's format (overridden per API)."""
+        return {"error": self.responses.get(status, ("Server Error",))[0], "status": status}
 
     def _dribble(self, status: int, payload: Any, headers: dict[str, str] | None) -> None:
         """The answer `send_json` would give, a byte at a time (fault `dribble_ms`), until

@@ -132,6 +132,9 @@ class TwilioHandler(EmulatorHandler):
                           "ts": datetime.now(UTC).isoformat()})
         self.send_accepted(201, resource)
 
+    def server_error(self, status: int) -> Any:
+        return _error(20000 + status, self.responses.get(status, ("Server Error",))[0], status)
+
     def _gate(self) -> bool:
         """Faults and authentication common to every route; False when answered."""
         emu = self.emulator

@@ -64,6 +64,10 @@ class TwitterHandler(EmulatorHandler):
     _rate_headers: dict[str, str] = {}
     _body: bytes = b""
 
+    def server_error(self, status: int) -> Any:
+        title = self.responses.get(status, ("Server Error",))[0]
+        return _problem(status, title, "Something went wrong on our side.")
+
     def _gate(self) -> bool:
         """Faults, OAuth and the rate limit, common to all routes; False when answered."""
         emu = self.emulator
