@@ -214,6 +214,26 @@ def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_t
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
+def test_an_sms_twilio_takes_as_already_failed_is_not_counted_as_reached(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio answers 201, but with the message's status already "failed" (a carrier
+    filter, or a stricter fake): the SMS did not reach its person. It is recorded failed
+    with Twilio's error code, not sent again on SMS, and the verdict does not count it."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    rt = runtime(tmp_path, sandbox)
+    number = "+12025550001"
+    sandbox.twilio.faults.update(failed_recipients=[number])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert [m["to"] for m in sandbox.twilio.messages].count(number) == 1
+    # (Failed over: the person's email, already planned, carries the update.)
+    [failed] = events(rt, "delivery.failover", "team_sms")
+    assert failed.payload["code"] == "30003" and "failed" in failed.payload["error"]
+    assert failed.payload["permanent"] and failed.payload["to"] == []
+    assert len(events(rt, "delivery.sent", "team_sms")) == 2
+    assert outcome.verdict is not None and outcome.verdict.total("sent") == 5
+    assert outcome.exit_code == 0
+
+
 def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
         tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)

@@ -115,6 +115,15 @@ class SMSChannel(Channel):
         attempt.begin()
         with self.bounded("Twilio", maybe_delivered=True, mapped=self._map):
             message = client.messages.create(**kwargs)
+        status = str(message.status or "")
+        if status in _NOT_DELIVERED:
+            # Taken, but already known not to reach the handset: not a delivery. The
+            # person's next channel is tried; SMS is not retried.
+            code = message.error_code
+            raise PermanentChannelError(
+                f"{self.name}: Twilio took the message as {status} (error {code}: "
+                f"{message.error_message or 'no detail'})", channel=self.name,
+                code=str(code or status), recipient_problem=True)
         return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
                        detail={"status": message.status})
 
@@ -140,7 +149,7 @@ class SMSChannel(Channel):
                 continue
             if created is not None and created.astimezone(UTC) < floor:
                 continue
-            if str(message.status) in ("failed", "undelivered", "canceled"):
+            if str(message.status) in _NOT_DELIVERED:
                 continue
             return Receipt(provider_id=str(message.sid),
                            segments=int(message.num_segments or 1),
@@ -207,6 +216,10 @@ class SMSChannel(Channel):
             return PermanentChannelError(f"{name}: {text}", channel=name,
                                          code=str(code or status))
         return transport_error(name, "Twilio", exc)
+
+
+_NOT_DELIVERED = ("failed", "undelivered", "canceled")
+"""Message statuses that mean Twilio will not deliver it."""
 
 
 def _seconds(raw: Any) -> float:

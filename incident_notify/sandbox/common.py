@@ -57,6 +57,9 @@ class Faults:
     """Length of the rate-limit window (Twitter's is 15 minutes)."""
     bad_recipients: list[str] = field(default_factory=list)
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
+    failed_recipients: list[str] = field(default_factory=list)
+    """Twilio: numbers whose messages are taken (201) with the status already "failed"
+    (error 30003, unreachable handset), as a carrier filter or a stricter fake answers."""
     fail_next: int = 0
     """Fail this many next requests with 503, then work again (tests of retries)."""
     outage_after: int = 0

@@ -123,6 +123,9 @@ class TwilioHandler(EmulatorHandler):
             "date_created": now, "date_updated": now, "date_sent": None,
             "uri": f"{path[:-5]}/{sid}.json", "subresource_uris": {},
         }
+        if to in emu.faults.failed_recipients:
+            resource.update(status="failed", error_code=30003,
+                            error_message="Unreachable destination handset")
         with emu.lock:
             emu.messages.append(resource)
         emu.received.add({"kind": "sms", "sid": sid, "to": to, "from": sender,
