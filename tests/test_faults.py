@@ -338,6 +338,29 @@ def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
     assert "rate limited" in opened.payload["reason"]
 
 
+def test_twilio_429_with_a_far_retry_after_pauses_sms_once(tmp_path: Path,
+                                                           sandbox: Any) -> None:
+    """Twilio's 429 says when to come back (Retry-After, here the 15 minutes left in its
+    window): the SMS channel is asked once, then paused and its deliveries failed over,
+    with no retry storm and no wait."""
+    pb = make_fanout_playbook(tmp_path / "pb", 4, concurrency=1)  # (one request at once)
+    rt = runtime(tmp_path, sandbox)
+
+    def far_reset() -> None:
+        sandbox.twilio.hits.clear()
+        sandbox.twilio.faults.update(rate_limit=0, rate_window_s=900)
+
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(far_reset))
+    assert time.monotonic() - started < 10
+    posts = [k for k in sandbox.twilio.hits if k.endswith("/Messages.json")]
+    assert sum(sandbox.twilio.hits[k] for k in posts) == 1, "one request, then paused"
+    [opened] = events(rt, "channel.circuit_open", "team_sms")
+    assert "rate limited until 9" in opened.payload["reason"]  # (~900 s away)
+    assert sms_to(sandbox) == {} and len(mail_to(sandbox)) == 4
+    assert outcome.exit_code == 0  # everyone heard by email
+
+
 # ------------------------------------------------------------------ a thread cut mid-way
 def test_thread_cut_after_part_one_fails_over_and_counts_as_reached(
         tmp_path: Path, sandbox: Any) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import re
 import secrets
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -76,10 +78,10 @@ class TwilioHandler(EmulatorHandler):
         if path != f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
             self.send_json(404, _error(20404, "The requested resource was not found", 404))
             return
-        allowed, _, _ = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
-        if not allowed:
+        allowed, _, reset = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
+        if not allowed:  # (Retry-After: the seconds left in the window)
             self.send_json(429, _error(20429, "Too Many Requests", 429),
-                           headers={"Retry-After": "1"})
+                           headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))})
             return
         form = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode()).items()}
         to, text = form.get("To", ""), form.get("Body", "")
