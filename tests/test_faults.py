@@ -256,6 +256,24 @@ def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
     assert tweets(sandbox)[1]["in_reply_to_tweet_id"] == tweets(sandbox)[0]["id"]
 
 
+def test_a_retried_tweet_refused_as_a_duplicate_of_itself_is_sent(tmp_path: Path,
+                                                                  sandbox: Any) -> None:
+    """Twitter posts the tweet but answers 503 (which says it was not taken): the retry is
+    refused as duplicate content. The tweet is on the timeline with the same text and reply
+    target: it is recorded sent with its id, the thread goes on, and nobody is told twice."""
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=2)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.twitter.faults.update(error_after_accept=1, error_status=503)))
+    [tweet] = tweets(sandbox)
+    [sent] = events(rt, "delivery.sent", "status_twitter")
+    assert sent.payload["provider_id"] == tweet["id"] and sent.payload["detail"]["settled"]
+    assert not set(sms_to(sandbox)) & SUBSCRIBERS, "the public was not told twice"
+    assert outcome.exit_code == 0
+    second = update(rt, outcome.incident_id, stage="identified", sets={})
+    assert second.exit_code == 0 and tweets(sandbox)[1]["in_reply_to_tweet_id"] == tweet["id"]
+
+
 def test_email_dropped_after_data_is_unknown_listed_and_resent_only_when_asked(
         tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 2)

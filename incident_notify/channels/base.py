@@ -136,6 +136,10 @@ class Unknowable(ChannelError):
 class Attempt(Protocol):
     """Handed to `Channel.send`; `begin()` writes the durable attempt record."""
 
+    number: int
+    """Which attempt of this delivery in this run `begin()` recorded (1 for the first;
+    0 before it)."""
+
     def begin(self) -> None:
         """Call once, immediately before the request that can reach the provider."""
         ...
@@ -143,6 +147,8 @@ class Attempt(Protocol):
 
 class NoAttempt:
     """An `Attempt` that records nothing (health checks, tools, tests of a channel)."""
+
+    number = 0
 
     def begin(self) -> None:
         return None

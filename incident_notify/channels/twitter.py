@@ -70,12 +70,28 @@ class TwitterChannel(Channel):
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         client = self.client()
         attempt.begin()
-        with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
-            response = client.create_tweet(text=delivery.message.text,
-                                           in_reply_to_tweet_id=delivery.reply_to,
-                                           user_auth=True)
-            return Receipt(provider_id=str(response.data["id"]),
-                           detail={"in_reply_to": delivery.reply_to})
+        try:
+            with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
+                response = client.create_tweet(text=delivery.message.text,
+                                               in_reply_to_tweet_id=delivery.reply_to,
+                                               user_auth=True)
+                return Receipt(provider_id=str(response.data["id"]),
+                               detail={"in_reply_to": delivery.reply_to})
+        except PermanentChannelError as exc:
+            # A retry refused as a duplicate when the first try was not: the tweet that
+            # makes it one appeared meanwhile, most likely this one, made by Twitter
+            # although its answer said otherwise (a 503 after posting). The timeline
+            # settles it (same text, same reply target, recent); anything it cannot show
+            # stays the refusal.
+            if exc.code != "duplicate" or attempt.number < 2:
+                raise
+            try:
+                found = self.find_sent(delivery, datetime.now(UTC) - timedelta(minutes=15))
+            except ChannelError:
+                found = None
+            if found is None:
+                raise
+            return found
 
     def my_id(self) -> str:
         def fetch() -> str:
