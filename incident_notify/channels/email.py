@@ -332,7 +332,16 @@ class EmailChannel(Channel):
             except Exception as exc:
                 _drop(conn)
                 raise self._map(exc, sent_data=True) from None
-            if code != 250:
+            if not 200 <= code < 600 or 300 <= code < 400:
+                # No reply code (smtplib says -1), or one that is no answer to the data:
+                # whether the server took the message cannot be read.
+                _drop(conn)
+                raise TransientChannelError(
+                    f"{self.name}: the SMTP server's reply to the message cannot be read "
+                    f"({reply.decode('utf-8', 'replace')[:80]!r})", channel=self.name,
+                    code="unreadable",
+                    maybe_delivered=True)
+            if code >= 400:
                 self._recycle(conn)
                 raise self._map(smtplib.SMTPDataError(code, reply), sent_data=False) from None
             self._give(conn)

@@ -146,8 +146,8 @@ def fault(
         min=0, help="Accept the next N messages, then drop the connection "
         "unanswered.")] = None,
     garble_after_accept: Annotated[int | None, typer.Option(
-        min=0, help="twitter and twilio: accept the next N messages, then answer with an "
-        "HTML page.")] = None,
+        min=0, help="Accept the next N messages, then answer with an HTML page (SMTP: "
+        "a reply with no code).")] = None,
     error_after_accept: Annotated[int | None, typer.Option(
         min=0, help="twitter and twilio: accept the next N messages, then answer with "
         "--error-status.")] = None,
@@ -163,10 +163,10 @@ def fault(
     env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
-    if (garble_after_accept or error_after_accept) and service == "smtp":
-        raise UsageError("--garble-after-accept and --error-after-accept are HTTP faults: "
-                         "an SMTP answer that cannot be read is --dribble-ms or "
-                         "--drop-after-accept", hint="use them with twitter or twilio")
+    if error_after_accept and service == "smtp":
+        raise UsageError("--error-after-accept is an HTTP fault: an SMTP server's refusal "
+                         "after the data is --fail-next (451)",
+                         hint="use it with twitter or twilio")
     body: dict[str, Any] = {k: v for k, v in {
         "outage": outage, "latency_ms": latency_ms, "rate_window_s": rate_window_s,
         "fail_next": fail_next, "send_latency_ms": send_latency_ms,

@@ -69,8 +69,8 @@ class Faults:
     answering: the client cannot tell whether they arrived."""
     garble_after_accept: int = 0
     """Accept (and record) this many next messages, then answer 200 with a body that is
-    not the API's (an HTML page, as a proxy in the way gives): the client cannot read
-    whether they arrived."""
+    not the API's (an HTML page, as a proxy in the way gives; SMTP: a reply to the data
+    with no reply code): the client cannot read whether they arrived."""
     error_after_accept: int = 0
     """Accept (and record) this many next messages, then answer with a server error of
     status `error_status` in the API's own error format (Twilio documents that a 500 to

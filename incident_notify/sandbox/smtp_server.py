@@ -3,8 +3,9 @@ AUTH (PLAIN, LOGIN), optional STARTTLS or implicit TLS with a self-signed certif
 at start, a record of every message, and fault injection (outage -> 421, transient 451, bad
 recipients -> 550, rate limit -> 452, latency, ``send_latency_ms``: the message is recorded,
 then the answer waits, ``drop_after_accept``: it is recorded, then the connection drops
-before "250", and ``dribble_ms``: it is recorded, then a long multi-line "250" comes a
-byte at a time, and so does the answer to QUIT).
+before "250", ``garble_after_accept``: it is recorded, then the reply has no reply code,
+and ``dribble_ms``: it is recorded, then a long multi-line "250" comes a byte at a time,
+and so does the answer to QUIT).
 
 It speaks the part of RFC 5321 a submission client uses (EHLO/HELO, STARTTLS, AUTH, MAIL,
 RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT). It replaced an asyncio server whose event
@@ -303,6 +304,10 @@ class _Session(socketserver.BaseRequestHandler):
             except OSError:
                 pass
             return False
+        if self.emu.faults.take_garble():
+            # Accepted, then a reply the client cannot read (no reply code).
+            self._send("Queued as 4F2A1C: thank you")
+            return True
         if self.emu.faults.dribble_ms > 0:
             # Accepted, then a long multi-line "250" a byte at a time: until its last line
             # the client cannot know the reply is complete.
