@@ -304,6 +304,53 @@ def test_email_dropped_or_garbled_after_data_is_unknown_listed_and_resent_only_w
         "a resend keeps the Message-ID, so mail systems drop the duplicate"
 
 
+def _email_falling_back_to_sms(directory: Path, people: int) -> Path:
+    pb = make_fanout_playbook(directory, people, concurrency=1)
+    pb.write_text(pb.read_text().replace(
+        "    channels: [team_sms, team_email]\n", "    channels: [team_email]\n").replace(
+        'sender: "Ops <ops@acme.example>"\n',
+        'sender: "Ops <ops@acme.example>"\n    fallback: [team_sms]\n'))
+    return pb
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ({"bad_senders": ["ops@acme.example"]}, "553"),
+    ({"no_extensions": ["AUTH"]}, "does not offer")])
+def test_a_relay_that_refuses_the_sender_takes_email_down_and_everyone_hears_by_sms(
+        tmp_path: Path, sandbox: Any, fault: dict[str, Any], reason: str) -> None:
+    """The relay answers MAIL FROM with 553 (the login may not send as that address), or
+    offers no AUTH for the login: no email can go to anyone. That is the channel down, not
+    each person's problem: the deliveries fail over to SMS after one refusal, none is
+    failed, nothing is retried."""
+    pb = _email_falling_back_to_sms(tmp_path / "pb", 4)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(**fault)))
+    assert mail_to(sandbox) == {} and len(sms_to(sandbox)) == 4
+    [opened] = events(rt, "channel.circuit_open", "team_email")
+    assert reason in opened.payload["reason"]
+    assert len(events(rt, "delivery.attempt", "team_email")) == 0  # (refused before DATA)
+    assert not events(rt, "delivery.failed") and not events(rt, "delivery.retry")
+    assert outcome.exit_code == 0
+
+
+def test_a_relay_without_smtputf8_refuses_only_the_unicode_address(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = _email_falling_back_to_sms(tmp_path / "pb", 3)
+    people = pb.parent / "people.csv"
+    people.write_text(people.read_text().replace("person1@example.com", "pérson1@example.com"))
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(no_extensions=["SMTPUTF8"])))
+    # The address is the problem, not the relay: the others get their email, the channel
+    # stays up, and that person (whose audience has no other channel) is not reached.
+    assert set(mail_to(sandbox)) == {"person0@example.com", "person2@example.com"}
+    assert sms_to(sandbox) == {} and not events(rt, "channel.circuit_open")
+    [failed] = events(rt, "delivery.failed", "team_email")
+    assert failed.payload["code"] == "smtputf8" and failed.payload["permanent"]
+    assert outcome.exit_code == 5
+
+
 def _declare_with_hanging_sends(tmp_path: Path, sandbox: Any, pb: Path, sender: str,
                                 service: str, latency_ms: int) -> tuple[Any, Any, float]:
     """Declare with the channel of `sender` timing out after 2 s and `service`'s sends

@@ -144,10 +144,10 @@ class EmailChannel(Channel):
             if code != 220:  # (as smtplib.SMTP(host) itself refuses it)
                 conn.close()
                 raise smtplib.SMTPConnectError(code, greeting)
-            conn.ehlo()
+            _hello(conn)
             if self.tls == "starttls":
                 conn.starttls(context=self._context())
-                conn.ehlo()
+                _hello(conn)
             user = self.secrets.get("SMTP_USERNAME")
             password = self.secrets.get("SMTP_PASSWORD")
             if user and password:
@@ -401,6 +401,27 @@ class EmailChannel(Channel):
                                          f"({exc.smtp_code})", channel=name, code="auth",
                                          hint="check SMTP_USERNAME and SMTP_PASSWORD",
                                          channel_down=True)
+        if isinstance(exc, smtplib.SMTPSenderRefused | smtplib.SMTPConnectError |
+                      smtplib.SMTPHeloError) and not 400 <= exc.smtp_code < 500:
+            # Refused before any recipient was named (the greeting, EHLO, or MAIL FROM: a
+            # relay that will not take this sender from this login): nobody can be sent
+            # to, so the channel is down and its deliveries fail over.
+            reason = exc.smtp_error.decode("utf-8", "replace") \
+                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            return PermanentChannelError(
+                f"{name}: the SMTP server refused to send ({exc.smtp_code} {reason})",
+                channel=name, code=str(exc.smtp_code), channel_down=True,
+                hint=f"check that the login may send as {self.from_addr} (and the server, "
+                "port and TLS mode of INCIDENT_NOTIFY_SMTP_URL)")
+        if isinstance(exc, smtplib.SMTPNotSupportedError) and "SMTPUTF8" in str(exc):
+            return PermanentChannelError(
+                f"{name}: the SMTP server cannot take a non-ASCII address (no SMTPUTF8)",
+                channel=name, code="smtputf8", recipient_problem=True)
+        if isinstance(exc, smtplib.SMTPNotSupportedError):  # (no AUTH offered)
+            return PermanentChannelError(
+                f"{name}: the SMTP server does not offer what sending needs ({exc})",
+                channel=name, code="unsupported", channel_down=True,
+                hint="check the server, port and TLS mode of INCIDENT_NOTIFY_SMTP_URL")
         if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, text = next(iter(exc.recipients.values()), (550, b""))
             reason = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
@@ -437,6 +458,15 @@ class EmailChannel(Channel):
                                          channel=name, code="connection")
         return TransientChannelError(f"{name}: {type(exc).__name__} talking SMTP",
                                      channel=name, code="error")
+
+
+def _hello(conn: smtplib.SMTP) -> None:
+    """EHLO, refused as smtplib refuses a HELO it cannot use (a 421 while the server shuts
+    down is then a transient refusal, not a server without AUTH)."""
+    code, reply = conn.ehlo()
+    if code != 250:
+        conn.close()
+        raise smtplib.SMTPHeloError(code, reply)
 
 
 def _smtp_options(sender: str, recipient: str) -> list[str]:

@@ -57,6 +57,12 @@ class Faults:
     """Length of the rate-limit window (Twitter's is 15 minutes)."""
     bad_recipients: list[str] = field(default_factory=list)
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
+    bad_senders: list[str] = field(default_factory=list)
+    """SMTP: From addresses refused at MAIL (553), as a relay refuses an address the login
+    may not send as."""
+    no_extensions: list[str] = field(default_factory=list)
+    """SMTP: extensions left out of the EHLO answer (AUTH, SMTPUTF8...), as a relay that
+    offers less than the sender needs."""
     failed_recipients: list[str] = field(default_factory=list)
     """Twilio: numbers whose messages are taken (201) with the status already "failed"
     (error 30003, unreachable handset), as a carrier filter or a stricter fake answers."""

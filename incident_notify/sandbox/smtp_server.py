@@ -144,6 +144,8 @@ class _Session(socketserver.BaseRequestHandler):
             if self.emu.tls == "starttls" and not self.tls_active:
                 lines.append("STARTTLS")
             lines += ["AUTH LOGIN PLAIN", "HELP"]
+            hidden = {x.upper() for x in self.emu.faults.no_extensions}
+            lines = [x for x in lines if x.split()[0].upper() not in hidden]
             self._send(*[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")
         elif verb == "STARTTLS":
             if self.emu.tls != "starttls" or self.tls_active:
@@ -241,6 +243,8 @@ class _Session(socketserver.BaseRequestHandler):
             self._send("501 5.5.4 Syntax: MAIL FROM:<address>")
         elif not self.emu.rate.hit(faults.rate_limit, faults.rate_window_s)[0]:
             self._send("452 4.5.3 Too many messages, slow down")
+        elif parsed[0].lower() in {b.lower() for b in faults.bad_senders}:
+            self._send("553 5.7.1 Sender address rejected: not owned by the login")
         else:
             self.mail_from = parsed[0]
             self._send("250 OK")
