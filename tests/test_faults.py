@@ -334,6 +334,24 @@ def test_a_relay_that_refuses_the_sender_takes_email_down_and_everyone_hears_by_
     assert outcome.exit_code == 0
 
 
+def test_twilio_refusing_the_from_number_takes_sms_down_and_everyone_hears_by_email(
+        tmp_path: Path, sandbox: Any) -> None:
+    """21606: the From number is not one of the account's. No SMS can go to anyone: the
+    channel is down and its deliveries fail over to email after one refusal."""
+    pb = make_fanout_playbook(tmp_path / "pb", 4, concurrency=1)
+    pb.write_text(pb.read_text().replace(
+        "    channels: [team_sms, team_email]\n", "    channels: [team_sms]\n").replace(
+        'sender: "+15005550006"\n', 'sender: "+15005550006"\n    fallback: [team_email]\n'))
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.twilio.faults.update(bad_senders=["+15005550006"])))
+    assert sms_to(sandbox) == {} and len(mail_to(sandbox)) == 4
+    [opened] = events(rt, "channel.circuit_open", "team_sms")
+    assert "21606" in opened.payload["reason"]
+    assert len(events(rt, "delivery.attempt", "team_sms")) == 1
+    assert not events(rt, "delivery.failed") and outcome.exit_code == 0
+
+
 def test_a_relay_without_smtputf8_refuses_only_the_unicode_address(
         tmp_path: Path, sandbox: Any) -> None:
     pb = _email_falling_back_to_sms(tmp_path / "pb", 3)

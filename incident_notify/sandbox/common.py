@@ -58,8 +58,8 @@ class Faults:
     bad_recipients: list[str] = field(default_factory=list)
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
     bad_senders: list[str] = field(default_factory=list)
-    """SMTP: From addresses refused at MAIL (553), as a relay refuses an address the login
-    may not send as."""
+    """Senders refused: SMTP From addresses at MAIL (553, an address the login may not send
+    as), Twilio From numbers (21606, not a number of the account)."""
     no_extensions: list[str] = field(default_factory=list)
     """SMTP: extensions left out of the EHLO answer (AUTH, SMTPUTF8...), as a relay that
     offers less than the sender needs."""

@@ -90,7 +90,7 @@ class TwilioHandler(EmulatorHandler):
             self.send_json(400, _error(21603, "A 'From' or 'MessagingServiceSid' parameter "
                                        "is required to send a message", 400))
             return
-        if sender and sender not in emu.from_numbers:
+        if sender and (sender not in emu.from_numbers or sender in emu.faults.bad_senders):
             self.send_json(400, _error(21606, f"The From phone number {sender} is not a "
                                        "valid, SMS-capable inbound phone number or short "
                                        "code for your account.", 400))
