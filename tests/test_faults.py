@@ -274,6 +274,44 @@ def test_a_retried_tweet_refused_as_a_duplicate_of_itself_is_sent(tmp_path: Path
     assert second.exit_code == 0 and tweets(sandbox)[1]["in_reply_to_tweet_id"] == tweet["id"]
 
 
+def test_an_update_whose_earlier_tweet_vanished_starts_a_new_thread(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The incident's last tweet was deleted (by a moderator, a colleague, or Twitter):
+    X refuses a reply to it (403, "deleted or not visible"). The account is fine and the
+    public must still hear: the update is posted as a new tweet, the next one replies to
+    it, and the SMS fallback is not used."""
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=2)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    [gone] = tweets(sandbox)
+    sandbox.twitter.delete_tweet(gone["id"])
+    second = update(rt, first.incident_id, stage="identified", sets={})
+    assert second.exit_code == 0
+    posted = tweets(sandbox)[1]
+    assert posted["in_reply_to_tweet_id"] is None and "Identified" in posted["text"]
+    [sent] = [e for e in events(rt, "delivery.sent", "status_twitter")
+              if e.payload["provider_id"] == posted["id"]]
+    assert sent.payload["detail"] == {"in_reply_to": None, "reply_target_gone": gone["id"]}
+    assert not set(sms_to(sandbox)) & SUBSCRIBERS, "the public heard on Twitter"
+    third = update(rt, first.incident_id, stage="monitoring", sets={})
+    assert third.exit_code == 0 and tweets(sandbox)[2]["in_reply_to_tweet_id"] == posted["id"]
+
+
+def test_a_new_thread_whose_answer_was_lost_is_settled_from_the_timeline(
+        tmp_path: Path, sandbox: Any) -> None:
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    sandbox.twitter.delete_tweet(tweets(sandbox)[0]["id"])
+    sandbox.twitter.faults.update(drop_after_accept=1)  # (the reply is refused, not taken)
+    second = update(rt, first.incident_id, stage="identified", sets={})
+    assert second.exit_code == 5 and len(tweets(sandbox)) == 2
+    settled = resume(rt, first.incident_id)
+    assert settled.exit_code == 0 and len(tweets(sandbox)) == 2, "not posted again"
+    [record] = events(rt, "delivery.settled")
+    assert record.payload["provider_id"] == tweets(sandbox)[1]["id"]
+
+
 @pytest.mark.parametrize("fault", ["drop_after_accept", "garble_after_accept"])
 def test_email_dropped_or_garbled_after_data_is_unknown_listed_and_resent_only_when_asked(
         tmp_path: Path, sandbox: Any, fault: str) -> None:

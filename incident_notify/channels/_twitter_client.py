@@ -100,6 +100,9 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
             channel_down=True)
     if isinstance(exc, tweepy.Forbidden):
         text = _api_text(exc)
+        if "deleted or not visible" in text.lower():
+            return PermanentChannelError(f"{channel}: the tweet to reply to is gone ({text})",
+                                         channel=channel, code="reply_target_gone")
         if "duplicate" in text.lower():
             return PermanentChannelError(f"{channel}: Twitter refused a duplicate tweet "
                                          f"({text})", channel=channel, code="duplicate",

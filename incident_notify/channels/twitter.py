@@ -71,13 +71,14 @@ class TwitterChannel(Channel):
         client = self.client()
         attempt.begin()
         try:
-            with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
-                response = client.create_tweet(text=delivery.message.text,
-                                               in_reply_to_tweet_id=delivery.reply_to,
-                                               user_auth=True)
-                return Receipt(provider_id=str(response.data["id"]),
-                               detail={"in_reply_to": delivery.reply_to})
+            return self._post(client, delivery.message.text, delivery.reply_to)
         except PermanentChannelError as exc:
+            if exc.code == "reply_target_gone" and delivery.reply_to:
+                # The tweet this one replies to was deleted: X refused the reply, so
+                # nothing was posted. The public must still hear: a new thread starts.
+                receipt = self._post(client, delivery.message.text, None)
+                return Receipt(provider_id=receipt.provider_id, detail={
+                    "in_reply_to": None, "reply_target_gone": delivery.reply_to})
             # A retry refused as a duplicate when the first try was not: the tweet that
             # makes it one appeared meanwhile, most likely this one, made by Twitter
             # although its answer said otherwise (a 503 after posting). The timeline
@@ -92,6 +93,13 @@ class TwitterChannel(Channel):
             if found is None:
                 raise
             return found
+
+    def _post(self, client: Any, text: str, reply_to: str | None) -> Receipt:
+        with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
+            response = client.create_tweet(text=text, in_reply_to_tweet_id=reply_to,
+                                           user_auth=True)
+            return Receipt(provider_id=str(response.data["id"]),
+                           detail={"in_reply_to": reply_to})
 
     def my_id(self) -> str:
         def fetch() -> str:
@@ -117,9 +125,16 @@ class TwitterChannel(Channel):
                                  channel=self.name, code="unknowable")
             replied = next((str(r.id) for r in (tweet.referenced_tweets or [])
                             if r.type == "replied_to"), None)
-            if tweet.text == delivery.message.text and replied == (delivery.reply_to or None):
+            if tweet.text != delivery.message.text:
+                continue
+            if replied == (delivery.reply_to or None):
                 return Receipt(provider_id=str(tweet.id),
                                detail={"in_reply_to": delivery.reply_to, "settled": True})
+            if replied is None and delivery.reply_to:
+                # Posted as a new thread, its reply target being gone (see `send`).
+                return Receipt(provider_id=str(tweet.id), detail={
+                    "in_reply_to": None, "reply_target_gone": delivery.reply_to,
+                    "settled": True})
         return None
 
     def replies(self, conversation_id: str) -> list[dict[str, Any]]:

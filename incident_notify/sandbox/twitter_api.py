@@ -6,8 +6,9 @@ Routes: ``POST /2/tweets``, ``POST /2/dm_conversations/with/{id}/messages``,
 and ``GET /2/tweets/search/recent`` (``conversation_id:`` only). Every request must carry a
 valid OAuth 1.0a HMAC-SHA1 signature (RFC 5849), recomputed here from the configured
 consumer and token secrets (401 otherwise). Tweets are checked for weighted length (400
-over 280), unknown reply targets (400) and duplicate text (403); every response carries
-``x-rate-limit-*`` headers and a configurable limit answers 429.
+over 280), replies to unknown or deleted tweets (403, `delete_tweet`) and duplicate text
+(403); every response carries ``x-rate-limit-*`` headers and a configurable limit answers
+429.
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ class TwitterHandler(EmulatorHandler):
             return
         with emu.lock:
             if reply_to is not None and reply_to not in emu.tweets:
-                self.send_json(400, _problem(400, "Invalid Request", "The reply target "
-                                             f"{reply_to} does not exist or was deleted"))
+                # (What X answers a reply to a deleted tweet, v1.1's code 385.)
+                self.send_json(403, _problem(403, "Forbidden", "You attempted to reply to "
+                                             "a Tweet that is deleted or not visible to "
+                                             "you."))
                 return
             if text in emu.texts:
                 self.send_json(403, {"detail": "You are not allowed to create a Tweet with "
@@ -294,6 +297,7 @@ class TwitterEmulator(HttpEmulator):
         self.meta: dict[str, dict[str, Any]] = {}
         """tweet id -> author_id, conversation_id, in_reply_to, created_at."""
         self.texts: set[str] = set()
+        self.deleted: set[str] = set()
         self.dm_events: list[dict[str, Any]] = []
         self.ids = itertools.count(1_860_000_000_000_000_000)
         self.lock = threading.Lock()
@@ -345,7 +349,16 @@ class TwitterEmulator(HttpEmulator):
     def known_tweet(self, tweet_id: str, text: str = "") -> None:
         """Seed a tweet (from an earlier process's sandbox) so replies to it are accepted."""
         with self.lock:
-            self.tweets.setdefault(tweet_id, text)
+            if tweet_id not in self.deleted:
+                self.tweets.setdefault(tweet_id, text)
+
+    def delete_tweet(self, tweet_id: str) -> None:
+        """The tweet is gone (its author, a moderator, or Twitter deleted it): replies to it
+        are refused, and it is no longer on the timeline."""
+        with self.lock:
+            self.deleted.add(tweet_id)
+            self.tweets.pop(tweet_id, None)
+            self.meta.pop(tweet_id, None)
 
     def reset(self) -> None:
         super().reset()
@@ -353,4 +366,5 @@ class TwitterEmulator(HttpEmulator):
             self.tweets.clear()
             self.texts.clear()
             self.meta.clear()
+            self.deleted.clear()
             self.dm_events.clear()
