@@ -149,10 +149,15 @@ def test_the_library_loads_without_pkg_resources_in_a_fresh_interpreter() -> Non
         "assert 'twitter_text' not in sys.modules, 'the URL path imported the whole library'\n"
         "b = tweet_length('\u65e5\u672c \U0001F600 https://example.com')\n"
         "print(a, b, 'pkg_resources' in sys.modules)\n")
+    assert _fresh_python(code).split() == ["31", "31", "False"]
+
+
+def _fresh_python(code: str) -> str:
+    """What `code` prints in a fresh interpreter (nothing imported yet)."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["31", "31", "False"]
+    return proc.stdout
 
 
 # ------------------------------------------------------------------ the fast path's oracle
@@ -264,10 +269,7 @@ def test_a_text_whose_dots_end_in_no_known_tld_weighs_without_the_extractor() ->
         "print('_incident_notify_twitter_text_urls' in sys.modules)\n"
         "print(tweet_length('see https://status.acme.COM/i/1'))\n"
         "print('_incident_notify_twitter_text_urls' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split("\n")[:4] == ["[39, 24, 19, 23]", "False", "27", "True"]
+    assert _fresh_python(code).split("\n")[:4] == ["[39, 24, 19, 23]", "False", "27", "True"]
 
 
 def test_no_url_is_found_where_no_dot_is_followed_by_a_tld() -> None:
