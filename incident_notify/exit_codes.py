@@ -34,4 +34,4 @@ class ExitCode(IntEnum):
     """Configuration or credentials problem (config file, secrets file, missing env var), or a
     path given cannot be read or written."""
     INTERRUPTED = 130
-    """Stopped by Ctrl-C; the summary says what was sent and what is unknown."""
+    """Stopped by Ctrl-C or SIGTERM; the summary says what was sent and what is unknown."""

@@ -186,9 +186,13 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
     assert run_cli("audit", "verify", env=env).returncode == 0
 
 
-@pytest.mark.parametrize("redact", [False, True])
+@pytest.mark.parametrize(("redact", "stop"), [(False, "SIGINT"), (True, "SIGINT"),
+                                              (False, "SIGTERM")])
 def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
-                                                   redact: bool) -> None:
+                                                   redact: bool, stop: str) -> None:
+    """Ctrl-C, or SIGTERM (a runbook's timeout, a cancelled CI job, a service manager):
+    the sending stops, what was in flight is recorded, the summary says so, exit 130;
+    resume then reaches everyone exactly once."""
     pb = make_fanout_playbook(tmp_path / "pb", 200, rate=2000, concurrency=2)
     sandbox.twilio.faults.update(latency_ms=10)
     sandbox.smtp.faults.update(latency_ms=10)
@@ -210,7 +214,7 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 80:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err
     assert "Traceback" not in err

@@ -146,11 +146,21 @@ class _PipeSafe:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point: the process's own streams, and its exit code."""
+    """Console-script entry point: the process's own streams, and its exit code. SIGTERM
+    (a runbook's timeout, a service manager, a CI job cancelled) stops a command as Ctrl-C
+    does: what is in flight is recorded, the summary printed, exit 130, `resume` later."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
         sys.stdout = _PipeSafe(sys.stdout)
     env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
     sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 try:  # Typer vendors Click from 0.2x on; before, it used the click package
