@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from incident_notify.errors import InvalidField, Problem
 from incident_notify.phones import normalise_phone, region_code
@@ -258,6 +258,20 @@ Record = tuple[Any, ...] | Mapping[str, Any] | InvalidField
 Rows = Iterator[tuple[int, Record]]
 
 
+def _delimiter(handle: IO[str]) -> str:
+    """',' unless the header row has none and is split by ';' (what a spreadsheet saves as
+    CSV where the decimal separator is a comma) or by tabs. The handle is rewound."""
+    header = ""
+    for _ in range(20):  # (blank lines may come first)
+        header = handle.readline()
+        if not header or header.strip():
+            break
+    handle.seek(0)
+    if "," in header:
+        return ","
+    return ";" if ";" in header else "\t" if "\t" in header else ","
+
+
 def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
     """Stream a CSV: one header row naming fields (any case), then one person per row.
     Blank rows are skipped; a row with more values than the header is reported."""
@@ -266,7 +280,7 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
     undecodable = _undecodable_lines(path)
     with open(path, newline="", encoding="utf-8-sig",
               errors="replace" if undecodable else "strict") as handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, delimiter=_delimiter(handle))
         start = 1
         try:
             header: list[str] | None = None

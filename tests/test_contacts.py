@@ -189,6 +189,35 @@ def test_csv_header_is_checked_once_and_read_in_any_case(tmp_path: Path) -> None
         (1, "column 'phone' appears twice; the later one is ignored")]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_spreadsheet_saved_with_semicolons_or_tabs_reads_as_with_commas(
+        tmp_path: Path, sep: str) -> None:
+    """Where the decimal separator is a comma, spreadsheets save "CSV" split by ';' (and
+    quote what holds one); a tab-separated export is common too."""
+    rows = [["id", "name", "email", "phone", "channels", "tags"],
+            ["a", "Ann, ops", "ann@example.com", "+1 202 555 0101", "sms;email", "team"],
+            ["b", "Ben", "ben@example.com", "", "email", "team;customer"]]
+
+    def save(name: str, delimiter: str) -> Path:
+        import csv
+
+        path = tmp_path / name
+        with open(path, "w", newline="", encoding="utf-8-sig") as handle:
+            handle.write("\r\n")  # (a blank line before the header)
+            csv.writer(handle, delimiter=delimiter).writerows(rows)
+        return path
+
+    commas = load_contacts([save("commas.csv", ",")])
+    other = load_contacts([save("other.csv", sep)])
+    assert not other.problems and not commas.problems
+
+    def read(cs: Any) -> dict[str, Any]:
+        return {k: c._replace(source="") for k, c in cs.contacts.items()}
+
+    assert read(other) == read(commas) and len(other.contacts) == 2
+    assert other.contacts["a"].channels == ("sms", "email")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("", "no header row"),
     ("name,email\nAnn,ann@example.com\n", "no 'id' column: no row can be loaded"),
