@@ -235,6 +235,26 @@ def test_an_sms_twilio_takes_as_already_failed_is_not_counted_as_reached(
     assert outcome.exit_code == 0
 
 
+def test_the_summary_of_an_sms_in_doubt_says_who_was_reached_and_how_to_settle_it(
+        tmp_path: Path, sandbox: Any, isolated_home: Path) -> None:
+    """Everyone was reached (each by email too), one SMS is in doubt: exit 5, and the
+    summary says so, not "not everyone was reached"; it points at plain `resume`, which
+    asks Twilio, and resume then settles it."""
+    sandbox.write_state()
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    sandbox.twilio.faults.update(error_after_accept=1)
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox")
+    assert proc.returncode == 5, proc.stderr
+    incident = json_doc(run_cli("status", "--sandbox", "--json"))["data"]["incidents"][0]["id"]
+    assert ("Everyone was reached, with deliveries in doubt: 3 recipient(s), 1 delivery in "
+            "doubt") in proc.stdout
+    assert f"incident-notify resume {incident} asks the providers" in proc.stdout
+    assert "Not everyone" not in proc.stdout
+    resumed = run_cli("resume", incident, "--yes", "--sandbox")
+    assert resumed.returncode == 0 and "Everyone was reached" in resumed.stdout
+    assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
+
+
 def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
         tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)

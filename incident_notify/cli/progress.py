@@ -228,9 +228,17 @@ def print_outcome(env: Environment, outcome: SendOutcome) -> None:
                   f"incident-notify status {outcome.incident_id})")
     if outcome.in_doubt:
         n = len(outcome.in_doubt)
-        con.print(f"[yellow]{n} deliver{'y' if n == 1 else 'ies'} "
-                  "may have arrived and no provider record settles it; resend only with: "
-                  f"incident-notify resume {outcome.incident_id} --include-unknown[/]")
+        many = "y" if n == 1 else "ies"
+        resumed = outcome.preflight is not None and outcome.preflight.event == "resume"
+        if resumed:  # the providers were asked, and could not say
+            con.print(f"[yellow]{n} deliver{many} may have arrived and no provider record "
+                      f"settles it; resend only with: incident-notify resume "
+                      f"{outcome.incident_id} --include-unknown[/]")
+        else:
+            con.print(f"[yellow]{n} deliver{many} may have arrived (the answer was lost): "
+                      f"incident-notify resume {outcome.incident_id} asks the providers "
+                      "that keep a record (SMS, Twitter) and records what they say; what "
+                      "none can settle (email) is re-sent only with --include-unknown[/]")
     people = v.to_dict()["people"] if v is not None else {}
     if r.fatal:
         fix = ("make room for the audit log (or fix its permissions); nothing was sent that "
@@ -244,6 +252,12 @@ def print_outcome(env: Environment, outcome: SendOutcome) -> None:
     elif int(outcome.exit_code) == 0:
         con.print(f"[bold green]Everyone was reached:[/] {people.get('reached', 0)} "
                   f"recipient(s), {v.total('sent') if v else 0} sent, {r.elapsed_s:.1f}s.")
+    elif people.get("reached", 0) == people.get("intended", 0):
+        # (Exit 5: each person was reached on some channel, but a delivery is in doubt.)
+        con.print(f"[bold yellow]Everyone was reached, with deliveries in doubt:[/] "
+                  f"{people.get('reached', 0)} recipient(s), "
+                  f"{len(outcome.in_doubt)} deliver{'y' if len(outcome.in_doubt) == 1 else 'ies'}"
+                  " in doubt (above).")
     else:
         con.print(f"[bold yellow]Not everyone was reached:[/] {people.get('reached', 0)} of "
                   f"{people.get('intended', 0)} recipient(s) reached, "
