@@ -17,6 +17,7 @@ COMMANDS = [
     [], ["validate"], ["preview"], ["declare"], ["update"], ["resolve"], ["reopen"],
     ["resume"], ["status"], ["timeline"], ["drill"], ["channels", "check"], ["sandbox"],
     ["sandbox", "fault"], ["sandbox", "received"], ["sandbox", "reply"],
+    ["sandbox", "delete-tweet"],
     ["audit", "verify"], ["audit", "show"], ["audit", "export"],
     ["contacts", "check"], ["contacts", "list"], ["contacts", "optout", "add"],
     ["contacts", "optout", "remove"], ["contacts", "optout", "list"], ["config", "show"],

@@ -149,16 +149,22 @@ def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
-def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
-        tmp_path: Path, sandbox: Any, isolated_home: Path, request: Any) -> None:
-    # A drill of "Twilio took the message and the line went dead", with no test code: the
-    # fault is set on the running sandbox by `sandbox fault`, then the real twilio client
-    # meets it.
+def _serve_control(sandbox: Any, request: Any) -> None:
+    """Serve `sandbox`'s control API and name it in the state file, as `incident-notify
+    sandbox` does, so that `sandbox fault` and its kin reach it."""
     from incident_notify.sandbox.control import ControlServer
 
     control = ControlServer(sandbox).start()
     request.addfinalizer(control.stop)
     sandbox.write_state(control_url=control.url)
+
+
+def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
+        tmp_path: Path, sandbox: Any, isolated_home: Path, request: Any) -> None:
+    # A drill of "Twilio took the message and the line went dead", with no test code: the
+    # fault is set on the running sandbox by `sandbox fault`, then the real twilio client
+    # meets it.
+    _serve_control(sandbox, request)
     doc = json_doc(run_cli("sandbox", "fault", "twilio", "--drop-after-accept", "1",
                            "--outage-after", "7", "--send-latency-ms", "1", "--rate-limit",
                            "50", "--rate-window-s", "60", "--json"))
@@ -183,6 +189,12 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     said = run_cli("sandbox", "fault", "twitter", "--error-after-accept", "2",
                    "--error-status", "504")
     assert said.stdout.strip() == "twitter: error after accept 2, error status 504"
+    run_cli("sandbox", "fault", "smtp", "--bad-sender", "ops@acme.example", "--no-extension",
+            "SMTPUTF8", "--no-extension", "AUTH")
+    run_cli("sandbox", "fault", "twilio", "--failed-recipient", "+12025550002")
+    assert (sandbox.smtp.faults.bad_senders, sandbox.smtp.faults.no_extensions,
+            sandbox.twilio.faults.failed_recipients) == (
+        ["ops@acme.example"], ["SMTPUTF8", "AUTH"], ["+12025550002"])
 
 
 @pytest.mark.parametrize(("service", "answer"), [
@@ -296,7 +308,7 @@ def test_a_retried_tweet_refused_as_a_duplicate_of_itself_is_sent(tmp_path: Path
 
 
 def test_an_update_whose_earlier_tweet_vanished_starts_a_new_thread(
-        tmp_path: Path, sandbox: Any) -> None:
+        tmp_path: Path, sandbox: Any, isolated_home: Path, request: Any) -> None:
     """The incident's last tweet was deleted (by a moderator, a colleague, or Twitter):
     X refuses a reply to it (403, "deleted or not visible"). The account is fine and the
     public must still hear: the update is posted as a new tweet, the next one replies to
@@ -305,7 +317,11 @@ def test_an_update_whose_earlier_tweet_vanished_starts_a_new_thread(
     rt = runtime(tmp_path, sandbox)
     first = declare(rt, pb, {"site": "LON-2"})
     [gone] = tweets(sandbox)
-    sandbox.twitter.delete_tweet(gone["id"])
+    # (As a commander rehearsing it would: from the command line, on the running sandbox.)
+    _serve_control(sandbox, request)
+    assert run_cli("sandbox", "delete-tweet", "1234").returncode == 9
+    said = run_cli("sandbox", "delete-tweet", gone["id"])
+    assert said.returncode == 0 and said.stdout.strip() == f"tweet {gone['id']} deleted."
     second = update(rt, first.incident_id, stage="identified", sets={})
     assert second.exit_code == 0
     posted = tweets(sandbox)[1]

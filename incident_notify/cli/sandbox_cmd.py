@@ -137,6 +137,15 @@ def fault(
         min=0, help="Fail the next N requests.")] = None,
     bad_recipient: Annotated[list[str] | None, typer.Option(
         help="A recipient to reject as invalid (repeatable).", show_default=False)] = None,
+    bad_sender: Annotated[list[str] | None, typer.Option(
+        help="twilio and smtp: a From number or address to refuse (repeatable).",
+        show_default=False)] = None,
+    failed_recipient: Annotated[list[str] | None, typer.Option(
+        help="twilio: a number whose messages are taken as already failed (repeatable).",
+        show_default=False)] = None,
+    no_extension: Annotated[list[str] | None, typer.Option(
+        help="smtp: an extension to leave out of EHLO, e.g. AUTH or SMTPUTF8 (repeatable).",
+        show_default=False)] = None,
     send_latency_ms: Annotated[float | None, typer.Option(
         min=0, help="Added latency per send only (health checks answer at once).")] = None,
     outage_after: Annotated[int | None, typer.Option(
@@ -176,8 +185,11 @@ def fault(
     }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
-    if bad_recipient:
-        body["bad_recipients"] = list(bad_recipient)
+    for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),
+                        ("failed_recipients", failed_recipient),
+                        ("no_extensions", no_extension)):
+        if given:
+            body[name] = list(given)
     result = _call("POST", f"/{service}/faults", body)
     if json:
         env.emit_json("sandbox fault", {"service": service, "faults": result})
@@ -224,6 +236,27 @@ def reply(
         env.emit_json("sandbox reply", result)
     else:
         env.console().print(f"reply {result['id']} posted.", markup=False)
+
+
+@sandbox_app.command("delete-tweet")
+def delete_tweet(
+    ctx: typer.Context,
+    tweet_id: Annotated[str, typer.Argument(help="The tweet that vanishes.")],
+    json: JsonOpt = False,
+) -> None:
+    """Delete one of the account's tweets, as a moderator or Twitter would (rehearsals: the
+    next update cannot reply to it)."""
+    env = environment(ctx)
+    result = _call("POST", "/twitter/delete", {"id": tweet_id})
+    if not result.get("deleted"):
+        from incident_notify.errors import NotFoundError
+
+        raise NotFoundError(f"the sandbox's Twitter has no tweet {tweet_id}",
+                            hint="incident-notify sandbox received twitter lists its tweets")
+    if json:
+        env.emit_json("sandbox delete-tweet", result)
+    else:
+        env.console().print(f"tweet {result['id']} deleted.", markup=False)
 
 
 @channels_app.command("check")

@@ -5,6 +5,7 @@
 * ``POST /SERVICE/faults``    JSON body of fault fields -> new faults
 * ``POST /reset``             clears every record and fault
 * ``POST /twitter/reply``     ``{"in_reply_to", "username", "text"}``: someone replies
+* ``POST /twitter/delete``    ``{"id"}``: the tweet vanishes (replies to it are refused)
 
 SERVICE is ``twitter``, ``twilio`` or ``smtp``. Bound to 127.0.0.1 only, and every
 request must carry ``Authorization: Bearer <token>``, the sandbox's per-run token (in its
@@ -82,6 +83,16 @@ class ControlServer:
                         self._reply(400, {"error": f"bad reply request: {exc}"})
                         return
                     self._reply(200, {"id": tweet_id})
+                    return
+                if self.path == "/twitter/delete":
+                    try:
+                        tweet_id = str(json.loads(raw or b"{}")["id"])
+                    except (KeyError, TypeError, ValueError) as exc:
+                        self._reply(400, {"error": f"bad delete request: {exc}"})
+                        return
+                    found = tweet_id in sandbox.twitter.tweets
+                    sandbox.twitter.delete_tweet(tweet_id)
+                    self._reply(200, {"id": tweet_id, "deleted": found})
                     return
                 route = self._route()
                 if not route or route[1] != "faults":
