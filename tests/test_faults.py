@@ -483,6 +483,23 @@ def test_email_server_that_hangs_after_accepting_is_unknown_in_bounded_time_neve
 
 
 # ------------------------------------------------------------------ far rate limits
+def test_a_rate_limited_health_check_does_not_take_twitter_down(tmp_path: Path,
+                                                                sandbox: Any) -> None:
+    """X limits each endpoint on its own: the account lookup the health check makes
+    (75 per 15 minutes) can run out while posting still works. A 429 there proves the
+    credentials and the service answer: the tweet goes out, nobody is moved to SMS."""
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=3)
+    rt = runtime(tmp_path, sandbox)
+    sandbox.twitter.faults.update(rate_limit=0, rate_window_s=900,
+                                  rate_limited_paths=["/2/users/me"])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert len(tweets(sandbox)) == 1 and not set(sms_to(sandbox)) & SUBSCRIBERS
+    assert outcome.preflight is not None
+    health = outcome.preflight.health["status_twitter"]
+    assert health.ok and "rate limited" in health.detail
+    assert outcome.exit_code == 0 and not events(rt, "channel.circuit_open")
+
+
 @pytest.mark.parametrize("service", ["twitter", "twilio"])
 def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
         tmp_path: Path, sandbox: Any, service: str) -> None:

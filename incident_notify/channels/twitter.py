@@ -155,7 +155,15 @@ class TwitterChannel(Channel):
         except PermanentChannelError as exc:
             return Health(ok=False, detail=exc.message)
         except Exception as exc:
-            return Health(ok=False, detail=map_error(self.name, exc).message)
+            err = map_error(self.name, exc)
+            if err.code == "429":
+                # Each X endpoint has its own limit: the account lookup (75 per 15 min)
+                # can run out while posting works. Twitter answered, with these
+                # credentials: up. A send that meets a limit pauses then.
+                return Health(ok=True, detail=f"answering, but the account lookup is rate "
+                              f"limited ({err.message})",
+                              latency_ms=(time.monotonic() - started) * 1000)
+            return Health(ok=False, detail=err.message)
         username = me.data.username if me.data else ""
         detail = "authenticated"
         if self.spec.sender and self.spec.sender.lstrip("@").lower() != username.lower():

@@ -81,8 +81,12 @@ class TwitterHandler(EmulatorHandler):
             self.send_json(401, {"title": "Unauthorized", "type": "about:blank",
                                  "status": 401, "detail": problem})
             return False
-        allowed, remaining, reset = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
-        limit = emu.faults.rate_limit or 10**6
+        path = urllib.parse.urlparse(self.path).path
+        limited = emu.faults.rate_limited_paths
+        rate_limit = emu.faults.rate_limit if not limited or any(
+            path.startswith(prefix) for prefix in limited) else None
+        allowed, remaining, reset = emu.rate.hit(rate_limit, emu.faults.rate_window_s)
+        limit = rate_limit or 10**6
         self._rate_headers = {"x-rate-limit-limit": str(limit),
                               "x-rate-limit-remaining": str(remaining),
                               "x-rate-limit-reset": str(int(reset))}
