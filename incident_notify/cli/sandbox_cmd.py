@@ -133,6 +133,9 @@ def fault(
     rate_window_s: Annotated[float | None, typer.Option(
         min=0.001, help="Length of the rate-limit window, so how far away the 429's reset "
         "is (900 when not set).")] = None,
+    rate_limited_path: Annotated[list[str] | None, typer.Option(
+        help="twitter: the rate limit applies only to paths starting so, e.g. /2/users/me "
+        "(repeatable).", show_default=False)] = None,
     fail_next: Annotated[int | None, typer.Option(
         min=0, help="Fail the next N requests.")] = None,
     bad_recipient: Annotated[list[str] | None, typer.Option(
@@ -186,6 +189,7 @@ def fault(
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),
+                        ("rate_limited_paths", rate_limited_path),
                         ("failed_recipients", failed_recipient),
                         ("no_extensions", no_extension)):
         if given:
