@@ -411,6 +411,30 @@ def test_a_relay_that_refuses_the_sender_takes_email_down_and_everyone_hears_by_
     assert outcome.exit_code == 0
 
 
+@pytest.mark.parametrize("service", ["smtp", "twilio"])
+def test_a_customer_whose_message_is_refused_after_sending_hears_on_their_next_channel(
+        tmp_path: Path, sandbox: Any, service: str) -> None:
+    """A mailbox's filter refuses the email at the end of the data (554), or Twilio takes
+    the SMS as already failed: that customer did not hear, and their next channel is
+    tried; the others are untouched."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    first, then = ("email", "sms") if service == "smtp" else ("sms", "email")
+    pb.write_text(pb.read_text().replace("kind: internal", "kind: customers").replace(
+        "    channels: [team_sms, team_email]\n", f"    channels: [team_{first}, team_{then}]\n"))
+    people = pb.parent / "people.csv"
+    people.write_text(people.read_text().replace(",sms;email,team,", f",{first};{then},team,"))
+    rt = runtime(tmp_path, sandbox)
+    refused = "person1@example.com" if service == "smtp" else "+12025550001"
+    getattr(sandbox, service).faults.update(failed_recipients=[refused])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    sms = {m["to"] for m in sandbox.twilio.messages if m["status"] != "failed"}
+    heard_first = set(mail_to(sandbox)) if service == "smtp" else sms
+    heard_then = sms if service == "smtp" else set(mail_to(sandbox))
+    assert refused not in heard_first and len(heard_first) == 2
+    assert heard_then == {"+12025550001" if service == "smtp" else "person1@example.com"}
+    assert outcome.exit_code == 0
+
+
 def test_twilio_refusing_the_from_number_takes_sms_down_and_everyone_hears_by_email(
         tmp_path: Path, sandbox: Any) -> None:
     """21606: the From number is not one of the account's. No SMS can go to anyone: the

@@ -341,6 +341,14 @@ class EmailChannel(Channel):
                     f"({reply.decode('utf-8', 'replace')[:80]!r})", channel=self.name,
                     code="unreadable",
                     maybe_delivered=True)
+            if code >= 500:
+                # This message to this mailbox was refused (a filter, a full mailbox): the
+                # person's next channel is tried.
+                self._recycle(conn)
+                raise PermanentChannelError(
+                    f"{self.name}: the SMTP server refused the message ({code} "
+                    f"{reply.decode('utf-8', 'replace')})", channel=self.name,
+                    code=str(code), recipient_problem=True)
             if code >= 400:
                 self._recycle(conn)
                 raise self._map(smtplib.SMTPDataError(code, reply), sent_data=False) from None

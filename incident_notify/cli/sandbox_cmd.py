@@ -144,7 +144,8 @@ def fault(
         help="twilio and smtp: a From number or address to refuse (repeatable).",
         show_default=False)] = None,
     failed_recipient: Annotated[list[str] | None, typer.Option(
-        help="twilio: a number whose messages are taken as already failed (repeatable).",
+        help="A recipient whose messages are refused once sent (twilio: taken as "
+        "failed; smtp: 554 after the data; repeatable).",
         show_default=False)] = None,
     no_extension: Annotated[list[str] | None, typer.Option(
         help="smtp: an extension to leave out of EHLO, e.g. AUTH or SMTPUTF8 (repeatable).",

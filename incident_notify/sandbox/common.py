@@ -68,8 +68,9 @@ class Faults:
     """SMTP: extensions left out of the EHLO answer (AUTH, SMTPUTF8...), as a relay that
     offers less than the sender needs."""
     failed_recipients: list[str] = field(default_factory=list)
-    """Twilio: numbers whose messages are taken (201) with the status already "failed"
-    (error 30003, unreachable handset), as a carrier filter or a stricter fake answers."""
+    """Recipients whose message is refused once sent: Twilio takes it (201) with the status
+    already "failed" (error 30003, unreachable handset), as a carrier filter or a stricter
+    fake answers; SMTP answers the end of the data "554 5.7.1" (a mailbox's filter)."""
     fail_next: int = 0
     """Fail this many next requests with 503, then work again (tests of retries)."""
     outage_after: int = 0
