@@ -232,8 +232,9 @@ def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_t
 def test_an_sms_twilio_takes_as_already_failed_is_not_counted_as_reached(
         tmp_path: Path, sandbox: Any) -> None:
     """Twilio answers 201, but with the message's status already "failed" (a carrier
-    filter, or a stricter fake): the SMS did not reach its person. It is recorded failed
-    with Twilio's error code, not sent again on SMS, and the verdict does not count it."""
+    filter, or a stricter fake): the SMS did not reach its person. It is not counted sent,
+    not sent again on SMS, and moves on with Twilio's error code to the person's next
+    channel."""
     pb = make_fanout_playbook(tmp_path / "pb", 3)
     rt = runtime(tmp_path, sandbox)
     number = "+12025550001"
