@@ -113,6 +113,10 @@ def start_health_checks(channels: Mapping[str, Channel],
                                 or type(exc).__name__)
             if health.ok:
                 break
+        # (Whatever a channel, a plugin's too, says of itself is shown and recorded.)
+        shown = ch.hide_secrets_in(health.detail or "")
+        if shown != health.detail:
+            health = Health(ok=health.ok, detail=shown, latency_ms=health.latency_ms)
         with lock:
             results[name] = health
 

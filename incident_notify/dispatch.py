@@ -321,17 +321,18 @@ class Dispatcher:
             try:
                 receipt = runner.channel.send(d, attempt)
             except TransientChannelError as exc:
+                runner.channel.hide_secrets(exc)  # (a plugin's error text too)
                 outcome = self._transient(runner, d, exc, attempt, tries, first_attempt_at,
                                           whole)
                 if outcome is None:
                     continue
                 return None
             except PermanentChannelError as exc:
-                self._permanent(runner, d, exc, attempt, whole)
+                self._permanent(runner, d, runner.channel.hide_secrets(exc), attempt, whole)
                 return None
             except ChannelError as exc:  # a channel raising the base class: treat as permanent
-                self._permanent(runner, d, PermanentChannelError(
-                    str(exc), channel=d.channel, code=exc.code), attempt, whole)
+                self._permanent(runner, d, runner.channel.hide_secrets(PermanentChannelError(
+                    str(exc), channel=d.channel, code=exc.code)), attempt, whole)
                 return None
             except AuditError:
                 raise

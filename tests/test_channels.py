@@ -361,6 +361,21 @@ def test_an_http_endpoint_must_be_https_unless_local(url: str) -> None:
 
 
 # ------------------------------------------------------------------ secrets, check
+def test_a_provider_quoting_a_credential_in_its_refusal_is_not_repeated(
+        sandbox: Any) -> None:
+    """Relays name the login in a refusal ("not owned by user ..."), Twilio quotes the
+    account's path in a 404: the error the tool records and prints hides those values."""
+    login = "canary-login-7f3a"
+    sandbox.smtp.username = login
+    sandbox.smtp.faults.update(bad_senders=["status@acme.example"])
+    ch = email_channel(sandbox, SMTP_USERNAME=login)
+    with pytest.raises(PermanentChannelError) as info:
+        ch.send(delivery("mail", "a@example.org", "x", subject="s"), NoAttempt())
+    ch.close()
+    said = f"{info.value} {info.value.hint}"
+    assert "553" in said and "(hidden)" in said and login not in said
+
+
 def test_canary_secret_never_appears_in_output_or_logs(sandbox: Any, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)

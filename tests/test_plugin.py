@@ -54,17 +54,19 @@ class PagerChannel(Channel):
             with urllib.request.urlopen(request, timeout=5) as answer:
                 return Receipt(provider_id=json.load(answer)["id"])
         except urllib.error.HTTPError as exc:
+            # (A careless plugin: its errors quote its token. The tool hides it.)
+            said = f"{self.name}: pager {exc.code} for token {self.secret('PAGER_TOKEN')}"
             if exc.code >= 500:
-                raise TransientChannelError(f"{self.name}: pager {exc.code}",
-                                            channel=self.name, code=str(exc.code)) from None
-            raise PermanentChannelError(f"{self.name}: pager {exc.code}",
-                                        channel=self.name, code=str(exc.code),
+                raise TransientChannelError(said, channel=self.name,
+                                            code=str(exc.code)) from None
+            raise PermanentChannelError(said, channel=self.name, code=str(exc.code),
                                         recipient_problem=True) from None
 
     def check(self):
         try:
             with urllib.request.urlopen(self._request("/health"), timeout=5):
-                return Health(ok=True, detail="pager up")
+                return Health(ok=True, detail="pager up, token "
+                              + self.secret("PAGER_TOKEN"))
         except (urllib.error.URLError, OSError) as exc:
             return Health(ok=False, detail=f"pager unreachable ({type(exc).__name__})")
 '''
@@ -114,6 +116,7 @@ class Pager:
     def __init__(self) -> None:
         self.pages: list[dict[str, Any]] = []
         self.down = False
+        self.refuse = False
         pager = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -134,6 +137,9 @@ class Pager:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if pager.down:
                     self._answer(503, {"error": "down"})
+                    return
+                if pager.refuse:
+                    self._answer(400, {"error": "no such pager"})
                     return
                 assert self.headers["Authorization"] == "Bearer pager-token"
                 pager.pages.append(body)
@@ -209,3 +215,16 @@ def test_when_the_plugin_is_down_its_audience_fails_over_to_a_builtin(
     texts = {r["to"]: r["body"] for r in sandbox.twilio.received.all()}
     assert {"+12025550101", "+12025550102"} <= set(texts)
     assert all("power at LON-2" in t for t in texts.values())
+
+
+def test_a_plugin_quoting_its_token_shows_and_records_it_hidden(
+        installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
+    env, pager, pb = installed
+    pager.refuse = True
+    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+                           "--json", env=env)
+    doc = json_doc(declared)
+    assert doc["data"]["preflight"]["health"]["pager"]["detail"] == "pager up, token (hidden)"
+    log = Path(env["INCIDENT_NOTIFY_AUDIT_LOG"]).read_text()
+    assert "pager 400 for token (hidden)" in log
+    assert "pager-token" not in log + declared.stdout + declared.stderr

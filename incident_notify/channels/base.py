@@ -25,7 +25,9 @@ Rules a channel follows:
   a `Receipt` when it did, None when the provider's own records show it did not, or
   `Unknowable` when the provider cannot tell (SMTP).
 * Error messages never contain a secret value: build them from the provider's error code
-  and text, never from request headers or the client object's repr.
+  and text, never from request headers or the client object's repr. (The dispatcher and
+  the health check also pass every error and detail through `hide_secrets`, since a
+  provider's text may quote a credential back.)
 * Heavy client libraries (tweepy, twilio, smtplib's TLS set-up) are imported inside the
   methods that need them, never at module level, to keep the CLI's start-up fast.
 
@@ -49,6 +51,7 @@ from incident_notify.errors import IncidentNotifyError
 from incident_notify.exit_codes import ExitCode
 
 T = TypeVar("T")
+ChannelErrorT = TypeVar("ChannelErrorT", bound="ChannelError")
 
 
 # --------------------------------------------------------------------------- errors
@@ -415,6 +418,22 @@ class Channel(ABC):
         """Where this channel's requests go (shown in the preflight)."""
         return ""
 
+    def hide_secrets(self, err: ChannelErrorT) -> ChannelErrorT:
+        """`err` with any of the channel's credentials removed from its text: providers
+        quote them back (a relay names the login it refuses, Twilio's 404 the account's
+        path), and the text goes to the terminal and into the audit log."""
+        message, hint = self.hide_secrets_in(err.message), self.hide_secrets_in(err.hint)
+        if (message, hint) != (err.message, err.hint):
+            err.message, err.hint, err.args = message, hint, (message,)
+        return err
+
+    def hide_secrets_in(self, text: str) -> str:
+        for name in self.secret_names:
+            value = self.secrets.get(name) or os.environ.get(name) or ""
+            if len(value) >= 4:
+                text = text.replace(value, "(hidden)")
+        return text
+
     def secret(self, name: str) -> str:
         """A credential by env-var name; a clear error naming the variable when missing."""
         value = self.secrets.get(name) or os.environ.get(name)
@@ -487,4 +506,4 @@ class _Bounded:
         if self.deadline.expired:
             raise self.channel.deadline_passed(self.provider, self.deadline.seconds,
                                                self.maybe_delivered) from None
-        raise self.mapped(exc) from None
+        raise self.channel.hide_secrets(self.mapped(exc)) from None

@@ -398,6 +398,10 @@ class EmailChannel(Channel):
 
     def _map(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
             TransientChannelError:
+        return self.hide_secrets(self._classify(exc, sent_data=sent_data))
+
+    def _classify(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
+            TransientChannelError:
         name = self.name
         if isinstance(exc, PermanentChannelError | TransientChannelError):
             return exc

@@ -181,6 +181,9 @@ class SMSChannel(Channel):
 
     def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
         """Twilio / transport errors to our classes, with no credential in the text."""
+        return self.hide_secrets(self._classify(exc))
+
+    def _classify(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
         from twilio.base.exceptions import TwilioRestException
 
         name = self.name

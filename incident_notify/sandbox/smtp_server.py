@@ -65,6 +65,7 @@ class _Session(socketserver.BaseRequestHandler):
         self.tls_active = False
         self.helo: str | None = None
         self.authenticated = False
+        self.login: str | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -220,6 +221,7 @@ class _Session(socketserver.BaseRequestHandler):
             return
         if login == self.emu.username and password == self.emu.password:
             self.authenticated = True
+            self.login = login
             self._send("235 2.7.0 Authentication successful")
         else:
             self._send("535 5.7.8 Authentication credentials invalid")
@@ -244,7 +246,9 @@ class _Session(socketserver.BaseRequestHandler):
         elif not self.emu.rate.hit(faults.rate_limit, faults.rate_window_s)[0]:
             self._send("452 4.5.3 Too many messages, slow down")
         elif parsed[0].lower() in {b.lower() for b in faults.bad_senders}:
-            self._send("553 5.7.1 Sender address rejected: not owned by the login")
+            # (As Postfix words it: the reply names the login.)
+            self._send(f"553 5.7.1 <{parsed[0]}>: Sender address rejected: not owned by "
+                       f"user {self.login or 'anonymous'}")
         else:
             self.mail_from = parsed[0]
             self._send("250 OK")
