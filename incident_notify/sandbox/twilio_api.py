@@ -65,7 +65,8 @@ class TwilioHandler(EmulatorHandler):
                 "first_page_uri": path + "?PageSize=50&Page=0", "next_page_uri": None,
                 "previous_page_uri": None, "uri": path})
         else:
-            self.send_json(404, _error(20404, "The requested resource was not found", 404))
+            self.send_json(404, _error(20404, f"The requested resource {path} was not found",
+                                       404))
 
     def do_POST(self) -> None:
         if self.handle_control("POST"):
@@ -76,7 +77,8 @@ class TwilioHandler(EmulatorHandler):
             return
         path = urllib.parse.urlparse(self.path).path
         if path != f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
-            self.send_json(404, _error(20404, "The requested resource was not found", 404))
+            self.send_json(404, _error(20404, f"The requested resource {path} was not found",
+                                       404))
             return
         allowed, _, reset = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
         if not allowed:  # (Retry-After: the seconds left in the window)

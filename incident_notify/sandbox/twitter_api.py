@@ -20,6 +20,7 @@ import itertools
 import json
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -83,9 +84,12 @@ class TwitterHandler(EmulatorHandler):
             return False
         path = urllib.parse.urlparse(self.path).path
         limited = emu.faults.rate_limited_paths
-        rate_limit = emu.faults.rate_limit if not limited or any(
-            path.startswith(prefix) for prefix in limited) else None
-        allowed, remaining, reset = emu.rate.hit(rate_limit, emu.faults.rate_window_s)
+        if not limited or any(path.startswith(prefix) for prefix in limited):
+            rate_limit = emu.faults.rate_limit
+            allowed, remaining, reset = emu.rate.hit(rate_limit, emu.faults.rate_window_s)
+        else:  # (an endpoint with a limit of its own, not counted in that one)
+            rate_limit, allowed, remaining = None, True, 10**6
+            reset = time.time() + emu.faults.rate_window_s
         limit = rate_limit or 10**6
         self._rate_headers = {"x-rate-limit-limit": str(limit),
                               "x-rate-limit-remaining": str(remaining),
