@@ -192,8 +192,10 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "smtp", "--bad-sender", "ops@acme.example", "--no-extension",
             "SMTPUTF8", "--no-extension", "AUTH")
     run_cli("sandbox", "fault", "twilio", "--failed-recipient", "+12025550002")
-    run_cli("sandbox", "fault", "twitter", "--rate-limited-path", "/2/users/me")
-    assert sandbox.twitter.faults.rate_limited_paths == ["/2/users/me"]
+    said = run_cli("sandbox", "fault", "twitter", "--rate-limited-path", "/2/users/me",
+                   "--rate-limited-path", "/2/tweets/search")
+    assert "rate limited paths /2/users/me /2/tweets/search," in said.stdout
+    assert sandbox.twitter.faults.rate_limited_paths == ["/2/users/me", "/2/tweets/search"]
     assert (sandbox.smtp.faults.bad_senders, sandbox.smtp.faults.no_extensions,
             sandbox.twilio.faults.failed_recipients) == (
         ["ops@acme.example"], ["SMTPUTF8", "AUTH"], ["+12025550002"])

@@ -202,8 +202,12 @@ def fault(
         active = {k: v for k, v in result.items()
                   if v and (k != "rate_window_s" or result.get("rate_limit") is not None)
                   and (k != "error_status" or result.get("error_after_accept"))}
+        def shown(v: Any) -> str:
+            return "on" if v is True else " ".join(map(str, v)) if isinstance(v, list) \
+                else str(v)
+
         env.console().print(f"{service}: " + (", ".join(
-            f"{k.replace('_', ' ')} {'on' if v is True else v}" for k, v in active.items())
+            f"{k.replace('_', ' ')} {shown(v)}" for k, v in active.items())
             or "no faults"), markup=False)
 
 
