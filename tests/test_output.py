@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 import pytest
 from rich import box
@@ -82,3 +83,24 @@ def test_no_color_and_pipes_get_no_escape_sequences_and_no_bars() -> None:
     env.console().print("[bold red]DOWN[/]")
     assert "\x1b[" in colour.getvalue()  # a terminal without NO_COLOR does get colour
     assert env.live()
+
+
+def test_a_terminal_that_cannot_show_every_character_gets_the_output_not_a_crash(
+        isolated_home: Path) -> None:
+    """A pipe or terminal in ASCII or Latin-1 (PYTHONIOENCODING, an old locale): the drill's
+    arrows and dashes become '?', and --json escapes what it cannot carry, the same JSON."""
+    import json
+
+    from tests.conftest import PLAYBOOKS, run_process
+
+    ascii_env = {"PYTHONIOENCODING": "ascii"}
+    drill = run_process("drill", str(PLAYBOOKS / "dc-power-failure.yaml"), env=ascii_env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "Drill passed." in drill.stdout and "?" in drill.stdout
+    args = ("preview", str(PLAYBOOKS / "dc-power-failure.yaml"), "--set", "site=Zürich",
+            "--set", "services=compute", "--set", "status_url=https://status.acme.example/i/1",
+            "--json")
+    narrow, wide = run_process(*args, env=ascii_env), run_process(*args)
+    assert narrow.returncode == wide.returncode == 0, narrow.stderr
+    assert narrow.stdout.isascii() and "Z\\u00fcrich" in narrow.stdout
+    assert json.loads(narrow.stdout) == json.loads(wide.stdout)

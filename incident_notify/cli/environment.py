@@ -105,7 +105,10 @@ class Environment:
                   errors: list[dict[str, Any]] | None = None) -> None:
         """Write the one JSON document of this command to stdout."""
         doc = envelope(command, data, exit_code=exit_code, errors=errors)
-        self.stdout.write(jsonlib.dumps(doc, indent=2, default=str, ensure_ascii=False)
+        encoding = str(getattr(self.stdout, "encoding", "") or "utf-8").lower()
+        utf8 = encoding.replace("-", "") in ("utf8", "utf8sig")
+        # (A stream that cannot carry every character gets \u escapes: the same JSON.)
+        self.stdout.write(jsonlib.dumps(doc, indent=2, default=str, ensure_ascii=not utf8)
                           + "\n")
         self.stdout.flush()
 

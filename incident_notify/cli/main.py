@@ -153,10 +153,20 @@ def run(argv: list[str] | None = None) -> None:
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe that cannot show every character (PYTHONIOENCODING=ascii, a
+        # Latin-1 locale) gets '?' for those, never a crash half-way through a summary.
+        if not is_utf8(stream) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
         sys.stdout = _PipeSafe(sys.stdout)
     env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
     sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
+
+
+def is_utf8(stream: Any) -> bool:
+    return str(getattr(stream, "encoding", "") or "utf-8").lower().replace("-", "") \
+        in ("utf8", "utf8sig")
 
 
 def _terminated(signum: int, frame: Any) -> None:
