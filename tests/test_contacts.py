@@ -176,6 +176,20 @@ def test_contacts_check_cli(tmp_path: Path) -> None:
     assert (data["people"], data["invalid"], data["problems"]) == (1, 1, 2)
 
 
+def test_contacts_list_of_a_missing_or_broken_source_says_so_and_exits_4(
+        tmp_path: Path) -> None:
+    typo = run_cli("contacts", "list", str(tmp_path / "custmers.csv"))
+    assert typo.returncode == 4 and "contacts source not found" in typo.stderr
+    crm = tmp_path / "crm.csv"
+    crm.write_text("id,email\na,a@example.com\nb,b@example\n")
+    proc = run_cli("contacts", "list", str(crm))
+    assert proc.returncode == 4 and "a@example.com" in proc.stdout
+    assert f"{crm}:3: email" in proc.stderr and "b@example" not in proc.stdout
+    doc = json_doc(run_cli("contacts", "list", str(crm), "--json"))
+    assert (doc["ok"], doc["exit_code"], len(doc["data"]["contacts"])) == (False, 4, 1)
+    assert run_cli("contacts", "list", str(PLAYBOOKS / "contacts")).returncode == 0
+
+
 def test_csv_header_is_checked_once_and_read_in_any_case(tmp_path: Path) -> None:
     path = tmp_path / "crm.csv"
     path.write_text("ID,Name,EMAIL,Phone,Company,phone\n"

@@ -118,7 +118,9 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
           tag: Annotated[list[str] | None, typer.Option(
               "--tag", help="Only people with this tag (repeatable).")] = None,
           region: RegionOpt = None, json: JsonOpt = False) -> None:
-    """People with their groups, tags, preferred channels and addresses."""
+    """People with their groups, tags, preferred channels and addresses; exit 4 when a
+    source is missing or has invalid records (each reported on stderr; the others are
+    listed)."""
     env = environment(ctx)
     from incident_notify.contacts import load_contacts
 
@@ -126,10 +128,11 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     cs = load_contacts(paths, default_region=_settings(region, None).default_region)
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
+    code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
     if json:
         env.emit_json("contacts list", {"contacts": [c.to_dict() for c in people]},
-                         errors=[p.to_dict() for p in cs.problems])
-        return
+                      exit_code=code, errors=[p.to_dict() for p in cs.problems])
+        raise typer.Exit(code)
     from incident_notify.cli.render_results import table
 
     t = table(env, "id", "name", "groups", "tags", "prefers", "phone", "email", "twitter")
@@ -138,6 +141,9 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
                   escape(", ".join(sorted(c.tags))), " > ".join(c.channels), c.phone or "",
                   escape(c.email or ""), c.twitter or "")
     env.console().print(t)
+    for problem in cs.problems:  # (diagnostics: stderr)
+        env.err_console().print(f"[bold red]invalid:[/] {escape(str(problem))}")
+    raise typer.Exit(code)
 
 
 KindArg = Annotated[str, typer.Argument(help="sms, email or twitter_dm.")]
