@@ -142,7 +142,9 @@ def test_validate_and_preflight_read_contacts_like_a_send(tmp_path: Path,
     messages = [e["message"] for e in doc["errors"]]
     assert any("company" in m for m in messages) and any(m.startswith("email") for m in messages)
     listed = run_cli("contacts", "list", str(people), env={"INCIDENT_NOTIFY_REGION": "GB"})
-    assert listed.returncode == 0 and "[/x]" in listed.stdout and "[red]One[/]" in listed.stdout
+    # (It lists who loaded, escaped, and names the rest with exit 4.)
+    assert listed.returncode == 4 and "[/x]" in listed.stdout and "[red]One[/]" in listed.stdout
+    assert "not-an-email" in listed.stderr
 
 
 def test_optout_store_persists_and_is_thread_safe(tmp_path: Path) -> None:
