@@ -178,6 +178,14 @@ def installed(tmp_path: Path, sandbox: Any) -> Iterator[tuple[dict[str, str], Pa
         pager.server.shutdown()
 
 
+def _declare(pb: Path, env: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """`declare --json` of the paging playbook in its own process (the plugin installed
+    through PYTHONPATH): the process and its JSON document."""
+    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
+                           "--json", env=env)
+    return declared, json_doc(declared)
+
+
 def test_a_plugin_channel_is_validated_planned_sent_and_recorded(
         installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
     env, pager, pb = installed
@@ -188,9 +196,8 @@ def test_a_plugin_channel_is_validated_planned_sent_and_recorded(
             if m["channel"] == "pager"]
     assert rows and all("/160 chars" in m["measure"] for m in rows)
 
-    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
-                       "--json", env=env)
-    result = json_doc(declared)["data"]["result"]
+    declared, doc = _declare(pb, env)
+    result = doc["data"]["result"]
     assert declared.returncode == 0, declared.stdout + declared.stderr
     # The team on the pager (and email); the customer who prefers the pager gets it there.
     assert sorted(p["to"] for p in pager.pages) == ["+12025550101", "+12025550102",
@@ -206,9 +213,7 @@ def test_when_the_plugin_is_down_its_audience_fails_over_to_a_builtin(
         installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
     env, pager, pb = installed
     pager.down = True
-    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
-                       "--json", env=env)
-    doc = json_doc(declared)
+    declared, doc = _declare(pb, env)
     assert declared.returncode == 0, declared.stdout + declared.stderr
     assert doc["data"]["preflight"]["health"]["pager"]["ok"] is False
     assert pager.pages == []
@@ -221,9 +226,7 @@ def test_a_plugin_quoting_its_token_shows_and_records_it_hidden(
         installed: tuple[dict[str, str], Pager, Path], sandbox: Any) -> None:
     env, pager, pb = installed
     pager.refuse = True
-    declared = run_process("declare", str(pb), "--set", "site=LON-2", "--yes", "--sandbox",
-                           "--json", env=env)
-    doc = json_doc(declared)
+    declared, doc = _declare(pb, env)
     assert doc["data"]["preflight"]["health"]["pager"]["detail"] == "pager up, token (hidden)"
     log = Path(env["INCIDENT_NOTIFY_AUDIT_LOG"]).read_text()
     assert "pager 400 for token (hidden)" in log
