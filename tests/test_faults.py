@@ -395,7 +395,7 @@ def _email_falling_back_to_sms(directory: Path, people: int) -> Path:
 
 @pytest.mark.parametrize(("fault", "reason"), [
     ({"bad_senders": ["ops@acme.example"]}, "553"),
-    ({"no_extensions": ["AUTH"]}, "does not offer")])
+    ({"no_extensions": ["AUTH"]}, "does not offer")], ids=["sender-refused", "no-auth"])
 def test_a_relay_that_refuses_the_sender_takes_email_down_and_everyone_hears_by_sms(
         tmp_path: Path, sandbox: Any, fault: dict[str, Any], reason: str) -> None:
     """The relay answers MAIL FROM with 553 (the login may not send as that address), or
