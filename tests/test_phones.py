@@ -170,3 +170,28 @@ def test_region_must_be_spelled_as_the_library_spells_it() -> None:
     with pytest.raises(ConfigError) as info:
         phones.region_code("XX")
     assert "'XX'" in info.value.message and "GB" in info.value.hint
+
+
+def test_a_short_contact_list_never_builds_the_fast_path() -> None:
+    """A playbook's team list (dozens of numbers) is read by the library alone: setting the
+    fast path up costs more than that; a large list switches to it after the first 1,000."""
+    import subprocess
+    import sys
+
+    code = (
+        "from incident_notify import phones\n"
+        "from incident_notify.contacts import load_contacts\n"
+        "from pathlib import Path\n"
+        "cs = load_contacts([Path('playbooks/contacts')])\n"
+        "print(len(cs.contacts), phones._calling_codes.cache_info().currsize, "
+        "len(phones._BY_CODE))\n"
+        "for i in range(1500):\n"
+        "    assert phones.normalise_phone(f'+1 202 555 {i % 10000:04d}') == "
+        "f'+1202555{i % 10000:04d}'\n"
+        "print(phones._calling_codes.cache_info().currsize, len(phones._BY_CODE))\n")
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["37 0 0", "1 1"]
