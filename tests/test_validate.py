@@ -252,12 +252,14 @@ def test_unknown_set_variable_is_refused() -> None:
 
 
 def test_startup_does_not_import_heavy_modules() -> None:
-    """--help, validate and preview never import tweepy, twilio, requests, msgspec (only
-    long reads and `audit verify` use it) or the emulators."""
+    """--help, validate and preview never import a provider client (tweepy, twilio,
+    requests, smtplib), msgspec (only long reads and `audit verify` use it) or the
+    emulators."""
     code = textwrap.dedent(f"""
         import sys, io, contextlib
         from incident_notify.cli.main import run
-        heavy = ("tweepy", "twilio", "requests", "msgspec", "incident_notify.sandbox")
+        heavy = ("tweepy", "twilio", "requests", "smtplib", "msgspec",
+                 "incident_notify.sandbox")
         for argv in (["--help"], ["validate", "--no-contacts", {str(PLAYBOOKS)!r}],
                      ["preview", {str(PLAYBOOKS / 'security-incident.yaml')!r},
                       "--set", "codename=BLUE", "--set", "bridge=https://x.example"]):

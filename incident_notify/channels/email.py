@@ -21,9 +21,7 @@ import hashlib
 import os
 import queue
 import re
-import smtplib
 import socket
-import ssl
 import threading
 import time
 import urllib.parse
@@ -31,7 +29,7 @@ from collections.abc import Mapping
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from incident_notify.channels._deadline import Deadline, current, watch
 from incident_notify.channels.base import (
@@ -48,6 +46,10 @@ from incident_notify.channels.base import (
     is_loopback,
 )
 from incident_notify.errors import ConfigError
+
+if TYPE_CHECKING:
+    import smtplib
+    import ssl
 
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -125,10 +127,14 @@ class EmailChannel(Channel):
 
     # ------------------------------------------------------------------ connections
     def _context(self) -> ssl.SSLContext:
+        import ssl
+
         context = ssl.create_default_context(cafile=self.cafile)
         return context
 
     def _connect(self) -> smtplib.SMTP:
+        import smtplib
+
         timeout = self.options.timeout_s
         try:
             conn: smtplib.SMTP
@@ -314,6 +320,8 @@ class EmailChannel(Channel):
 
     def _transaction(self, delivery: Delivery, attempt: Attempt, flat: bytes,
                      mail_options: list[str]) -> Receipt:
+        import smtplib
+
         for fresh in (False, True):
             conn = self._connect() if fresh else self._take()
             try:
@@ -359,6 +367,8 @@ class EmailChannel(Channel):
 
     def _envelope(self, conn: smtplib.SMTP, recipient: str, size: int,
                   options: list[str]) -> None:
+        import smtplib
+
         conn.ehlo_or_helo_if_needed()
         mail_options = list(options)
         if conn.does_esmtp and conn.has_extn("size"):
@@ -379,6 +389,8 @@ class EmailChannel(Channel):
             _drop(conn)
 
     def check(self) -> Health:
+        import smtplib
+
         started = time.monotonic()
         try:
             with Deadline(self.request_deadline_s()):
@@ -402,6 +414,9 @@ class EmailChannel(Channel):
 
     def _classify(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
             TransientChannelError:
+        import smtplib
+        import ssl
+
         name = self.name
         if isinstance(exc, PermanentChannelError | TransientChannelError):
             return exc
@@ -475,6 +490,8 @@ class EmailChannel(Channel):
 def _hello(conn: smtplib.SMTP) -> None:
     """EHLO, refused as smtplib refuses a HELO it cannot use (a 421 while the server shuts
     down is then a transient refusal, not a server without AUTH)."""
+    import smtplib
+
     code, reply = conn.ehlo()
     if code != 250:
         conn.close()
