@@ -301,6 +301,10 @@ def test_cli_show_and_export(log: AuditLog, tmp_path: Path) -> None:
     assert len(records) == 10 and {r["incident"] for r in records} == {"INC-1"}
     assert json_doc(run_cli("audit", "show", "--audit-log", str(log.path), "--status",
                             "failed", "--json"))["data"]["records"] == []
+    # A mistyped incident id is not an incident with nothing to show.
+    for command in ("show", "export"):
+        typo = run_cli("audit", command, "--audit-log", str(log.path), "--incident", "INC-7")
+        assert typo.returncode == 9 and "no incident 'INC-7'" in typo.stderr, command
     out = tmp_path / "export.csv"
     proc = run_cli("audit", "export", "--audit-log", str(log.path), "--format", "csv",
                    "-o", str(out))

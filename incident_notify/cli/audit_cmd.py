@@ -61,8 +61,15 @@ def parse_since(value: str | None) -> datetime | None:
 def _filtered(path: Path | None, sandbox: bool, incident: str | None, channel: str | None,
               status: str | None, event: str | None, since: str | None) -> Any:
     prefix = f"delivery.{status}" if status else event
-    return _log(path, sandbox).records(incident=incident, channel=channel, event_prefix=prefix,
-                              since=parse_since(since))
+    log = _log(path, sandbox)
+    if incident and next(iter(log.records(incident=incident)), None) is None:
+        from incident_notify.errors import NotFoundError
+
+        # (A mistyped id would otherwise show or export nothing, as if it were so.)
+        raise NotFoundError(f"no incident {incident!r} in {log.path}",
+                            hint="incident-notify status lists the incidents")
+    return log.records(incident=incident, channel=channel, event_prefix=prefix,
+                       since=parse_since(since))
 
 
 def _summary(rec: Any) -> str:
