@@ -68,17 +68,13 @@ def normalise_phone(raw: str, region: str = "US") -> str:
     if text.startswith("00"):
         text = "+" + text[2:]
     _read += 1
-    if _read <= _LIBRARY_FIRST:  # (setting the fast path up costs more than a few hundred)
-        return _library_e164(raw, text, region)
-    fast = _fast_e164(text, region)
+    fast = _fast_e164(text, region) if _read > _LIBRARY_FIRST else None
     return fast if fast is not None else _library_e164(raw, text, region)
 
 
-_LIBRARY_FIRST = 1000
-"""The first numbers a process reads go straight to the library: compiling the fast path's
-patterns (~0.1 s for a country code such as +1, shared by 25 regions) only pays off after
-a few thousand numbers, and a playbook's team list has dozens."""
-_read = 0
+# The first numbers a process reads go to the library: building the fast path (~0.1 s for
+# +1, shared by 25 regions) pays off only after a few thousand; a team list has dozens.
+_LIBRARY_FIRST, _read = 1000, 0
 
 
 def _library_e164(raw: str, text: str, region: str) -> str:
