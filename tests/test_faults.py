@@ -272,6 +272,33 @@ def test_the_summary_of_an_sms_in_doubt_says_who_was_reached_and_how_to_settle_i
     assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
 
 
+def test_a_dm_dropped_after_accept_is_unknown_then_settled_from_the_conversation(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twitter takes a DM, then the line drops: unknown, never sent again; resume finds it
+    in the conversation with that person and records it sent."""
+    pb = tmp_path / "pb" / "dms.yaml"
+    pb.parent.mkdir()
+    (pb.parent / "people.csv").write_text("id,name,twitter,groups\n"
+                                          "a,Alice,@oncall_alice,team\nb,Bob,@oncall_bob,team\n")
+    pb.write_text("name: dms\ntitle: DM test\nseverity: sev2\ncontacts: [people.csv]\n"
+                  "variables:\n  site: {example: LON-2, max_length: 12}\n"
+                  "channels:\n  team_dm:\n    type: twitter_dm\n    sender: '@acme_status'\n"
+                  "audiences:\n  team:\n    kind: internal\n    select: {groups: [team]}\n"
+                  "    channels: [team_dm]\n"
+                  "stages:\n  investigating:\n    messages:\n"
+                  "      twitter_dm: 'Power problem at {{ site }}.'\n")
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.twitter.faults.update(drop_after_accept=1)))
+    dms = [r for r in sandbox.twitter.received.all() if r["kind"] == "dm"]
+    assert len(dms) == 2 and outcome.exit_code == 5
+    assert [u.channel for u in events(rt, "delivery.unknown")] == ["team_dm"]
+    settled = resume(rt, outcome.incident_id)
+    assert settled.exit_code == 0 and not settled.in_doubt
+    assert len([r for r in sandbox.twitter.received.all() if r["kind"] == "dm"]) == 2
+    assert [r.payload["outcome"] for r in events(rt, "delivery.settled")] == ["sent"]
+
+
 def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
         tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
