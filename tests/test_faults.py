@@ -272,10 +272,13 @@ def test_the_summary_of_an_sms_in_doubt_says_who_was_reached_and_how_to_settle_i
     assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
 
 
+@pytest.mark.parametrize("fault", [{"drop_after_accept": 1},
+                                   {"error_after_accept": 1, "error_status": 500}],
+                         ids=["dropped", "500"])
 def test_a_dm_dropped_after_accept_is_unknown_then_settled_from_the_conversation(
-        tmp_path: Path, sandbox: Any) -> None:
-    """Twitter takes a DM, then the line drops: unknown, never sent again; resume finds it
-    in the conversation with that person and records it sent."""
+        tmp_path: Path, sandbox: Any, fault: dict[str, int]) -> None:
+    """Twitter takes a DM, then the line drops or a 500 comes back: unknown, never sent
+    again; resume finds it in the conversation with that person and records it sent."""
     pb = tmp_path / "pb" / "dms.yaml"
     pb.parent.mkdir()
     (pb.parent / "people.csv").write_text("id,name,twitter,groups\n"
@@ -289,7 +292,7 @@ def test_a_dm_dropped_after_accept_is_unknown_then_settled_from_the_conversation
                   "      twitter_dm: 'Power problem at {{ site }}.'\n")
     rt = runtime(tmp_path, sandbox)
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
-        lambda: sandbox.twitter.faults.update(drop_after_accept=1)))
+        lambda: sandbox.twitter.faults.update(**fault)))
     dms = [r for r in sandbox.twitter.received.all() if r["kind"] == "dm"]
     assert len(dms) == 2 and outcome.exit_code == 5
     assert [u.channel for u in events(rt, "delivery.unknown")] == ["team_dm"]
