@@ -25,9 +25,10 @@ Rules a channel follows:
   a `Receipt` when it did, None when the provider's own records show it did not, or
   `Unknowable` when the provider cannot tell (SMTP).
 * Error messages never contain a secret value: build them from the provider's error code
-  and text, never from request headers or the client object's repr. (The dispatcher and
-  the health check also pass every error and detail through `hide_secrets`, since a
-  provider's text may quote a credential back.)
+  and text, never from request headers or the client object's repr. A provider's text
+  may quote a credential back: requests made under `bounded` have their mapped error
+  passed through `hide_secrets`, and the dispatcher and the health check do the same for
+  every channel's errors and details, a plugin's too.
 * Heavy client libraries (tweepy, twilio, smtplib's TLS set-up) are imported inside the
   methods that need them, never at module level, to keep the CLI's start-up fast.
 

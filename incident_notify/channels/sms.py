@@ -19,6 +19,7 @@ from incident_notify.channels._http import read_environment_once, transport_erro
 from incident_notify.channels.base import (
     Attempt,
     Channel,
+    ChannelError,
     ChannelLimits,
     ChannelOptions,
     ChannelSpec,
@@ -165,10 +166,10 @@ class SMSChannel(Channel):
         started = time.monotonic()
         try:
             sid = self.secret("TWILIO_ACCOUNT_SID")
-            account = self._client().api.v2010.accounts(sid).fetch()
-        except Exception as exc:
-            err = exc if isinstance(exc, PermanentChannelError) else self._map(exc)
-            return Health(ok=False, detail=err.message)
+            with self.bounded("Twilio", maybe_delivered=False, mapped=self._map):
+                account = self._client().api.v2010.accounts(sid).fetch()
+        except ChannelError as exc:
+            return Health(ok=False, detail=exc.message)
         latency = (time.monotonic() - started) * 1000
         return Health(ok=account.status == "active", detail=f"account {account.status}",
                       latency_ms=latency)
@@ -180,10 +181,8 @@ class SMSChannel(Channel):
         return _seconds(headers.get("Retry-After") or headers.get("retry-after"))
 
     def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
-        """Twilio / transport errors to our classes, with no credential in the text."""
-        return self.hide_secrets(self._classify(exc))
-
-    def _classify(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
+        """Twilio / transport errors to our classes (`bounded` then hides any credential
+        Twilio quotes back)."""
         from twilio.base.exceptions import TwilioRestException
 
         name = self.name

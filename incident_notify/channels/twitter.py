@@ -61,11 +61,11 @@ class TwitterChannel(Channel):
         return self.per_thread("client", lambda: make_client(self))
 
     def _mapped(self, exc: Exception) -> ChannelError:
-        return self.hide_secrets(map_error(self.name, exc))
+        return map_error(self.name, exc)
 
     def _mapped_post(self, exc: Exception) -> ChannelError:
         """A refused public post (a locked account) takes the channel down."""
-        return self.hide_secrets(map_error(self.name, exc, broadcast=True))
+        return map_error(self.name, exc, broadcast=True)
 
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         client = self.client()
@@ -151,11 +151,9 @@ class TwitterChannel(Channel):
     def check(self) -> Health:
         started = time.monotonic()
         try:
-            me = self.client().get_me(user_auth=True)
-        except PermanentChannelError as exc:
-            return Health(ok=False, detail=exc.message)
-        except Exception as exc:
-            err = self._mapped(exc)
+            with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
+                me = self.client().get_me(user_auth=True)
+        except ChannelError as err:
             if err.code == "429":
                 # Each X endpoint has its own limit: the account lookup (75 per 15 min)
                 # can run out while posting works. Twitter answered, with these
