@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from incident_notify.channels.base import Channel, Health
@@ -44,8 +45,6 @@ def channel_environment(rt: Runtime, channel_type: type[Channel],
 
 
 def build_channels(rt: Runtime, pb: Playbook, names: list[str]) -> dict[str, Channel]:
-    from dataclasses import replace
-
     from incident_notify.channels import channel_class
     from incident_notify.channels.base import is_loopback
     from incident_notify.errors import ConfigError
@@ -114,9 +113,7 @@ def start_health_checks(channels: Mapping[str, Channel],
             if health.ok:
                 break
         # (Whatever a channel, a plugin's too, says of itself is shown and recorded.)
-        shown = ch.hide_secrets_in(health.detail or "")
-        if shown != health.detail:
-            health = Health(ok=health.ok, detail=shown, latency_ms=health.latency_ms)
+        health = replace(health, detail=ch.hide_secrets_in(health.detail or ""))
         with lock:
             results[name] = health
 

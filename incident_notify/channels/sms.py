@@ -42,6 +42,7 @@ SENDER_CODES = {21601, 21603, 21606, 21212, 21659, 21701, 20005, 20404}
 service that does not exist, an account not active, a wrong account path): no SMS can go
 to anyone, so the channel is down. (A short code's 21606 / 21659 can be the destination's
 country instead: for a short code they stay the recipient's problem.)"""
+_COUNTRY_CODES = {21606, 21659}
 _quiet = logging.getLogger("incident_notify.twilio")
 _quiet.setLevel(logging.WARNING)
 
@@ -195,14 +196,14 @@ class SMSChannel(Channel):
                 return PermanentChannelError(
                     f"{name}: the recipient replied STOP ({text})", channel=name,
                     code="21610", opt_out=True)
-            if code in SENDER_CODES and not (code in (21606, 21659)
+            if code in SENDER_CODES and not (code in _COUNTRY_CODES
                                              and self.options.sender_kind == "short_code"):
                 return PermanentChannelError(
                     f"{name}: Twilio refuses to send from this account or sender ({text})",
                     channel=name, code=str(code), channel_down=True,
                     hint="check the channel's sender (a number of this Twilio account) or "
                     "messaging_service_sid, and TWILIO_ACCOUNT_SID")
-            if code in RECIPIENT_CODES or code in (21606, 21659):
+            if code in RECIPIENT_CODES or code in _COUNTRY_CODES:
                 return PermanentChannelError(f"{name}: invalid recipient ({text})",
                                              channel=name, code=str(code),
                                              recipient_problem=True)

@@ -40,6 +40,12 @@ def _isatty(stream: object) -> bool:
         return False
 
 
+def is_utf8(stream: Any) -> bool:
+    """Whether `stream` can carry every character (its encoding is UTF-8)."""
+    return str(getattr(stream, "encoding", "") or "utf-8").lower().replace("-", "") \
+        in ("utf8", "utf8sig")
+
+
 @dataclass
 class Environment:
     """Streams, environment variables and output mode of one command run."""
@@ -105,11 +111,9 @@ class Environment:
                   errors: list[dict[str, Any]] | None = None) -> None:
         """Write the one JSON document of this command to stdout."""
         doc = envelope(command, data, exit_code=exit_code, errors=errors)
-        encoding = str(getattr(self.stdout, "encoding", "") or "utf-8").lower()
-        utf8 = encoding.replace("-", "") in ("utf8", "utf8sig")
         # (A stream that cannot carry every character gets \u escapes: the same JSON.)
-        self.stdout.write(jsonlib.dumps(doc, indent=2, default=str, ensure_ascii=not utf8)
-                          + "\n")
+        self.stdout.write(jsonlib.dumps(doc, indent=2, default=str,
+                                        ensure_ascii=not is_utf8(self.stdout)) + "\n")
         self.stdout.flush()
 
     def ask(self, prompt: str) -> str:

@@ -13,7 +13,7 @@ import typer
 
 from incident_notify import __version__
 from incident_notify.cli import output
-from incident_notify.cli.environment import Environment, environment
+from incident_notify.cli.environment import Environment, environment, is_utf8
 from incident_notify.errors import ConfigError, IncidentNotifyError, ProblemsError
 from incident_notify.exit_codes import ExitCode
 
@@ -162,11 +162,6 @@ def run(argv: list[str] | None = None) -> None:
         sys.stdout = _PipeSafe(sys.stdout)
     env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
     sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
-
-
-def is_utf8(stream: Any) -> bool:
-    return str(getattr(stream, "encoding", "") or "utf-8").lower().replace("-", "") \
-        in ("utf8", "utf8sig")
 
 
 def _terminated(signum: int, frame: Any) -> None:

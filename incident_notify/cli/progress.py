@@ -226,16 +226,16 @@ def print_outcome(env: Environment, outcome: SendOutcome) -> None:
     if len(failures) > 20:
         con.print(f"... and {len(failures) - 20} more (--json lists them all; "
                   f"incident-notify status {outcome.incident_id})")
+    n = len(outcome.in_doubt)
+    doubtful = f"{n} deliver{'y' if n == 1 else 'ies'}"
     if outcome.in_doubt:
-        n = len(outcome.in_doubt)
-        many = "y" if n == 1 else "ies"
         resumed = outcome.preflight is not None and outcome.preflight.event == "resume"
         if resumed:  # the providers were asked, and could not say
-            con.print(f"[yellow]{n} deliver{many} may have arrived and no provider record "
+            con.print(f"[yellow]{doubtful} may have arrived and no provider record "
                       f"settles it; resend only with: incident-notify resume "
                       f"{outcome.incident_id} --include-unknown[/]")
         else:
-            con.print(f"[yellow]{n} deliver{many} may have arrived (the answer was lost): "
+            con.print(f"[yellow]{doubtful} may have arrived (the answer was lost): "
                       f"incident-notify resume {outcome.incident_id} asks the providers "
                       "that keep a record (SMS, Twitter) and records what they say; what "
                       "none can settle (email) is re-sent only with --include-unknown[/]")
@@ -255,9 +255,7 @@ def print_outcome(env: Environment, outcome: SendOutcome) -> None:
     elif people.get("reached", 0) == people.get("intended", 0):
         # (Exit 5: each person was reached on some channel, but a delivery is in doubt.)
         con.print(f"[bold yellow]Everyone was reached, with deliveries in doubt:[/] "
-                  f"{people.get('reached', 0)} recipient(s), "
-                  f"{len(outcome.in_doubt)} deliver{'y' if len(outcome.in_doubt) == 1 else 'ies'}"
-                  " in doubt (above).")
+                  f"{people.get('reached', 0)} recipient(s), {doubtful} in doubt (above).")
     else:
         con.print(f"[bold yellow]Not everyone was reached:[/] {people.get('reached', 0)} of "
                   f"{people.get('intended', 0)} recipient(s) reached, "
