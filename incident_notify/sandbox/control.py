@@ -90,9 +90,8 @@ class ControlServer:
                     except (KeyError, TypeError, ValueError) as exc:
                         self._reply(400, {"error": f"bad delete request: {exc}"})
                         return
-                    found = tweet_id in sandbox.twitter.tweets
-                    sandbox.twitter.delete_tweet(tweet_id)
-                    self._reply(200, {"id": tweet_id, "deleted": found})
+                    deleted = sandbox.twitter.delete_tweet(tweet_id)
+                    self._reply(200, {"id": tweet_id, "deleted": deleted})
                     return
                 route = self._route()
                 if not route or route[1] != "faults":

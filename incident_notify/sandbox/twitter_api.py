@@ -360,13 +360,14 @@ class TwitterEmulator(HttpEmulator):
             if tweet_id not in self.deleted:
                 self.tweets.setdefault(tweet_id, text)
 
-    def delete_tweet(self, tweet_id: str) -> None:
+    def delete_tweet(self, tweet_id: str) -> bool:
         """The tweet is gone (its author, a moderator, or Twitter deleted it): replies to it
-        are refused, and it is no longer on the timeline."""
+        are refused, and it is no longer on the timeline. False when there was no such
+        tweet."""
         with self.lock:
             self.deleted.add(tweet_id)
-            self.tweets.pop(tweet_id, None)
             self.meta.pop(tweet_id, None)
+            return self.tweets.pop(tweet_id, None) is not None
 
     def reset(self) -> None:
         super().reset()
