@@ -414,12 +414,15 @@ def test_email_dropped_or_garbled_after_data_is_unknown_listed_and_resent_only_w
         "a resend keeps the Message-ID, so mail systems drop the duplicate"
 
 
-def _email_falling_back_to_sms(directory: Path, people: int) -> Path:
+def _falling_back(directory: Path, people: int, channel: str, fallback: str) -> Path:
+    """The fan-out playbook whose team hears on `channel` alone, which falls back to
+    `fallback` when it is down (one request at a time)."""
     pb = make_fanout_playbook(directory, people, concurrency=1)
+    sender = {"team_sms": 'sender: "+15005550006"\n',
+              "team_email": 'sender: "Ops <ops@acme.example>"\n'}[channel]
     pb.write_text(pb.read_text().replace(
-        "    channels: [team_sms, team_email]\n", "    channels: [team_email]\n").replace(
-        'sender: "Ops <ops@acme.example>"\n',
-        'sender: "Ops <ops@acme.example>"\n    fallback: [team_sms]\n'))
+        "    channels: [team_sms, team_email]\n", f"    channels: [{channel}]\n").replace(
+        sender, f"{sender}    fallback: [{fallback}]\n"))
     return pb
 
 
@@ -432,7 +435,7 @@ def test_a_relay_that_refuses_the_sender_takes_email_down_and_everyone_hears_by_
     offers no AUTH for the login: no email can go to anyone. That is the channel down, not
     each person's problem: the deliveries fail over to SMS after one refusal, none is
     failed, nothing is retried."""
-    pb = _email_falling_back_to_sms(tmp_path / "pb", 4)
+    pb = _falling_back(tmp_path / "pb", 4, "team_email", "team_sms")
     rt = runtime(tmp_path, sandbox)
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
         lambda: sandbox.smtp.faults.update(**fault)))
@@ -472,10 +475,7 @@ def test_twilio_refusing_the_from_number_takes_sms_down_and_everyone_hears_by_em
         tmp_path: Path, sandbox: Any) -> None:
     """21606: the From number is not one of the account's. No SMS can go to anyone: the
     channel is down and its deliveries fail over to email after one refusal."""
-    pb = make_fanout_playbook(tmp_path / "pb", 4, concurrency=1)
-    pb.write_text(pb.read_text().replace(
-        "    channels: [team_sms, team_email]\n", "    channels: [team_sms]\n").replace(
-        'sender: "+15005550006"\n', 'sender: "+15005550006"\n    fallback: [team_email]\n'))
+    pb = _falling_back(tmp_path / "pb", 4, "team_sms", "team_email")
     rt = runtime(tmp_path, sandbox)
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
         lambda: sandbox.twilio.faults.update(bad_senders=["+15005550006"])))
@@ -488,7 +488,7 @@ def test_twilio_refusing_the_from_number_takes_sms_down_and_everyone_hears_by_em
 
 def test_a_relay_without_smtputf8_refuses_only_the_unicode_address(
         tmp_path: Path, sandbox: Any) -> None:
-    pb = _email_falling_back_to_sms(tmp_path / "pb", 3)
+    pb = _falling_back(tmp_path / "pb", 3, "team_email", "team_sms")
     people = pb.parent / "people.csv"
     people.write_text(people.read_text().replace("person1@example.com", "pérson1@example.com"))
     rt = runtime(tmp_path, sandbox)
