@@ -233,6 +233,81 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     assert ("person1@example.com" in log_text) is not redact
 
 
+def _at_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """`incident-notify argv` in a session of its own whose controlling terminal is a new
+    pseudo-terminal, as at a commander's SSH session; the terminal's other end is
+    returned: closing it hangs the terminal up (the kernel sends SIGHUP)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, "-m", "incident_notify", *argv], cwd=ROOT,
+                            env={**os.environ, **env}, stdin=slave, stdout=slave,
+                            stderr=slave, preexec_fn=own_terminal)
+    os.close(slave)
+    return proc, master
+
+
+def _read_until(master: int, proc: Any, done: Any, seen: bytearray) -> None:
+    import select
+
+    deadline = time.monotonic() + 60
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline, bytes(seen[-2000:])
+        if select.select([master], [], [], 0.01)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+
+
+@pytest.mark.parametrize("when", ["sending", "asking"])
+def test_a_terminal_that_hangs_up_does_not_stop_a_confirmed_send(tmp_path: Path, sandbox: Any,
+                                                                 when: str) -> None:
+    """The commander's SSH session drops (SIGHUP) half-way through a fan-out they
+    confirmed: the send goes on to the end, everyone exactly once, recorded complete,
+    exit 0. Dropped while the question is still on the screen: nothing is sent."""
+    pb = make_fanout_playbook(tmp_path / "pb", 200, rate=2000, concurrency=2)
+    sandbox.twilio.faults.update(latency_ms=10)
+    sandbox.smtp.faults.update(latency_ms=10)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    confirm = ["--yes"] if when == "sending" else []
+    proc, master = _at_a_terminal(["declare", str(pb), "--set", "site=LON-2", "--sandbox",
+                                   *confirm], env)
+    seen = bytearray()
+    try:
+        if when == "sending":
+            _read_until(master, proc, lambda: len(sandbox.twilio.received)
+                        + len(sandbox.smtp.received) >= 80, seen)
+        else:
+            _read_until(master, proc, lambda: b"[y/N]" in seen, seen)
+    finally:
+        os.close(master)  # the terminal hangs up
+    code = proc.wait(timeout=60)
+    if when == "asking":
+        assert code == 130
+        assert not sandbox.twilio.received and not sandbox.smtp.received
+        assert not (tmp_path / "audit.jsonl").exists()
+        return
+    assert code == 0
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert len(sms) == 200 and set(sms.values()) == {1}
+    assert len(mail) == 200 and set(mail.values()) == {1}
+    status = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"][0]
+    assert "update.completed" in (tmp_path / "audit.jsonl").read_text()
+    assert status["pending"] == 0 and status["in_doubt"] == 0, status
+    assert run_cli("audit", "verify", env=env).returncode == 0
+
+
 def test_endless_rate_limiting_gives_up_at_the_deadline(tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 2)
     rt = runtime(tmp_path, sandbox, RetryPolicy(max_attempts=3, base_delay_s=0.05,

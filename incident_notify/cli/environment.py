@@ -58,6 +58,8 @@ class Environment:
     """Results are one JSON document on stdout; human text goes to stderr."""
     quiet: bool = False
     debug: bool = False
+    sending: bool = False
+    """A send the commander confirmed is under way (a hung-up terminal does not stop it)."""
 
     # -- what the environment says
     @property

@@ -148,7 +148,9 @@ class _PipeSafe:
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: the process's own streams, and its exit code. SIGTERM
     (a runbook's timeout, a service manager, a CI job cancelled) stops a command as Ctrl-C
-    does: what is in flight is recorded, the summary printed, exit 130, `resume` later."""
+    does: what is in flight is recorded, the summary printed, exit 130, `resume` later.
+    SIGHUP (the terminal went away) does not stop a send the commander confirmed
+    (`_hung_up`)."""
     import signal
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -161,11 +163,36 @@ def run(argv: list[str] | None = None) -> None:
     if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
         sys.stdout = _PipeSafe(sys.stdout)
     env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup ignores it: left so)
+        import os
+
+        terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # (a hung-up one says no)
+        signal.signal(signal.SIGHUP, lambda signum, frame: _hung_up(env, terminal))
     sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
 
 
 def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _hung_up(env: Environment, terminal: list[int]) -> None:
+    """SIGHUP: the commander's terminal went away (an SSH session dropped, a window
+    closed). Writing to it would fail, so its streams now lead to /dev/null (reading gets
+    end of input: a question is answered no). A send the commander confirmed goes on to
+    the end, recorded as always, where `status` and `timeline` show it: a dropped
+    connection must not leave the customers half-told. Anything else stops as Ctrl-C
+    stops it."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in terminal:
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
+    if not env.sending:
+        raise KeyboardInterrupt("signal 1 (the terminal hung up)")
 
 
 try:  # Typer vendors Click from 0.2x on; before, it used the click package

@@ -96,6 +96,7 @@ def make_confirm(env: Environment, yes: bool,
         if not env.json and not (yes and env.quiet):
             print_preflight(env, pre)
         if yes:
+            env.sending = True
             return True
         if not env.interactive():
             raise AbortedError(
@@ -104,7 +105,8 @@ def make_confirm(env: Environment, yes: bool,
         # Ctrl-D (end of input) is no answer, and no answer is a no.
         answer = env.ask(f"Send {total} deliveries on {len(pre.audience_sizes)} "
                          "channel(s)? [y/N] ").strip().lower()
-        return answer in ("y", "yes")
+        env.sending = answer in ("y", "yes")
+        return env.sending
 
     return confirm
 
