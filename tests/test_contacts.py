@@ -192,6 +192,30 @@ def test_contacts_list_of_a_missing_or_broken_source_says_so_and_exits_4(
     assert run_cli("contacts", "list", str(PLAYBOOKS / "contacts")).returncode == 0
 
 
+def test_a_playbook_given_to_contacts_check_or_list_stands_for_its_contact_sources(
+        tmp_path: Path) -> None:
+    """`contacts check playbook.yaml` (or the playbooks' folder) checks the people the
+    playbook tells, plus the config's contacts, as a send reads them; it used to report
+    the playbook's own lines as broken contacts."""
+    pb = PLAYBOOKS / "dc-power-failure.yaml"
+    for paths in ([str(pb)], [str(PLAYBOOKS)], [str(pb), str(PLAYBOOKS / "contacts")]):
+        proc = run_cli("contacts", "check", *paths, "--json")
+        data = json_doc(proc)["data"]
+        assert proc.returncode == 0, proc.stdout
+        assert (data["people"], data["invalid"]) == (37, 0)
+        assert sorted(Path(s["path"]).name for s in data["sources"]) == [
+            "customers.csv", "team.yaml"]
+    extra = tmp_path / "extra.csv"
+    extra.write_text(HEADER + "zed,Zed,zed@example.com,,,,,\n")
+    listed = run_cli("contacts", "list", str(pb), "--json",
+                     env={"INCIDENT_NOTIFY_CONTACTS": str(extra)})
+    ids = {c["id"] for c in json_doc(listed)["data"]["contacts"]}
+    assert listed.returncode == 0 and "zed" in ids and "alice" in ids and len(ids) == 38
+    alone = run_cli("contacts", "list", str(extra), "--json",
+                    env={"INCIDENT_NOTIFY_CONTACTS": str(PLAYBOOKS / "contacts")})
+    assert [c["id"] for c in json_doc(alone)["data"]["contacts"]] == ["zed"]
+
+
 def test_csv_header_is_checked_once_and_read_in_any_case(tmp_path: Path) -> None:
     path = tmp_path / "crm.csv"
     path.write_text("ID,Name,EMAIL,Phone,Company,phone\n"

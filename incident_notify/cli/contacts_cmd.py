@@ -20,8 +20,9 @@ app.add_typer(contacts_app, name="contacts")
 optout_app = typer.Typer(help="The opt-out list.", no_args_is_help=True)
 contacts_app.add_typer(optout_app, name="optout")
 
-PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv) or "
-                                                 "directories of them.")]
+PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv), "
+                                                 "directories of them, or playbooks (their "
+                                                 "contact sources).")]
 RegionOpt = Annotated[str | None, typer.Option(
     "--region", help="Region for national phone numbers (a code such as US or GB) "
     "[default: default_region from the config or INCIDENT_NOTIFY_REGION, else US]",
@@ -29,6 +30,53 @@ RegionOpt = Annotated[str | None, typer.Option(
 OptoutsOpt = Annotated[Path | None, typer.Option(
     "--optouts", help="Opt-out list file [default: from the config or "
     "INCIDENT_NOTIFY_OPTOUTS, else optouts.jsonl next to the audit log]", show_default=False)]
+
+
+def _sources(paths: list[Path], settings: Any) -> list[Path]:
+    """The contact files to read. A playbook among them, or in a folder given (the shipped
+    layout keeps them side by side), stands for the contact sources a send of it reads
+    (those it names, and the config's `contacts`): `contacts check
+    playbooks/dc-power-failure.yaml` checks the people that playbook tells, where its
+    lines would otherwise be reported as broken contacts."""
+    found: list[Path] = []
+    playbooks = False
+    for path in paths:
+        files = (sorted(f for f in path.iterdir()
+                        if f.suffix in (".yaml", ".yml", ".csv") and f.is_file())
+                 if path.is_dir() else [path])
+        for f in files:
+            named = _named_by_playbook(f)
+            found.extend([f] if named is None else named)
+            playbooks = playbooks or named is not None
+    return [*found, *settings.contacts] if playbooks else found
+
+
+def _named_by_playbook(path: Path) -> list[Path] | None:
+    """The contact sources of `path` when it is a playbook (top-level `stages:` and a
+    `contacts:` list of file names), else None."""
+    import re
+
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > 1_000_000:
+            return None  # (a playbook is small; a big YAML file is a contact list)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None  # reported where it is read as contacts
+    if not re.search(r"^stages:", text, re.M):
+        return None
+    from incident_notify.errors import ProblemsError
+    from incident_notify.yamlmap import load_yaml_text
+
+    try:
+        data, _ = load_yaml_text(text, str(path))
+    except ProblemsError:
+        return None
+    named = data.get("contacts") if isinstance(data, dict) else None
+    if not isinstance(named, list) or not all(isinstance(n, str) for n in named):
+        return None
+    return [path.parent / n for n in named]
 
 
 def _settings(region: str | None, optouts: Path | None) -> Any:
@@ -73,7 +121,7 @@ def check(ctx: typer.Context, paths: PathsArg, region: RegionOpt = None, optouts
 
     env.json = json
     settings = _settings(region, optouts)
-    cs = load_contacts(paths, default_region=settings.default_region)
+    cs = load_contacts(_sources(paths, settings), default_region=settings.default_region)
     store = _store(settings)
     per_source: dict[str, dict[str, Any]] = {
         s.path: {"path": s.path, "people": s.people, "invalid": s.invalid,
@@ -125,7 +173,8 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     from incident_notify.contacts import load_contacts
 
     env.json = json
-    cs = load_contacts(paths, default_region=_settings(region, None).default_region)
+    settings = _settings(region, None)
+    cs = load_contacts(_sources(paths, settings), default_region=settings.default_region)
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
