@@ -8,6 +8,7 @@ skipped on that channel; internal audiences ignore the list.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -45,7 +46,7 @@ class OptOutStore:
                 with open(self.path, encoding="utf-8") as handle:
                     for line in handle:
                         if not line.endswith("\n"):
-                            break
+                            break  # a line being written, or cut short by a crash
                         try:
                             item = json.loads(line)
                             state[(item["kind"], item["address"])] = item
@@ -57,13 +58,21 @@ class OptOutStore:
         return self._state
 
     def _append(self, item: dict[str, Any]) -> None:
+        """One line, under an exclusive lock (a send records a STOP while a commander adds
+        one). A line cut short by a crash is ended first: written straight after it, this
+        entry would join it in one unreadable line, and the opt-out would be lost."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (json.dumps(item, ensure_ascii=False) + "\n").encode())
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            line = (json.dumps(item, ensure_ascii=False) + "\n").encode()
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            os.write(fd, line)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # (and the lock with it)
 
     def add(self, kind: str, address: str, reason: str = "manual") -> bool:
         """Record an opt-out; False when the address was already opted out."""

@@ -160,6 +160,27 @@ def test_optout_store_persists_and_is_thread_safe(tmp_path: Path) -> None:
     assert not OptOutStore(tmp_path / "o.jsonl").is_opted_out("sms", "+12025550007")
 
 
+def test_an_opt_out_recorded_after_a_line_cut_short_by_a_crash_is_kept(tmp_path: Path) -> None:
+    """A crash (or a full disk) mid-append leaves a line without its end; the next opt-out
+    used to be written straight after it, in one unreadable line: the customer who texted
+    STOP kept getting texts."""
+    path = tmp_path / "o.jsonl"
+    OptOutStore(path).add("sms", "+14155550010")
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole[:25])  # the next entry, cut short
+    store = OptOutStore(path)
+    assert store.add("sms", "+14155550011", "STOP")
+    assert store.add("email", "carol@example.com")
+    again = OptOutStore(path)
+    assert again.is_opted_out("sms", "+14155550010")
+    assert again.is_opted_out("sms", "+14155550011")
+    assert again.is_opted_out("email", "carol@example.com")
+    assert len(again.all()) == 3
+    assert path.read_bytes().count(b"\n") == 4  # the fragment ended, on a line of its own
+    listed = run_cli("contacts", "optout", "list", "--optouts", str(path))
+    assert "+14155550011" in listed.stdout, listed.stdout + listed.stderr
+
+
 def test_contacts_check_cli(tmp_path: Path) -> None:
     ok = run_cli("contacts", "check", str(PLAYBOOKS / "contacts"), "--json")
     doc = json_doc(ok)
