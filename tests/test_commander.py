@@ -238,6 +238,35 @@ def test_a_closed_pipe_keeps_the_commands_own_exit_code(tmp_path: Path) -> None:
     assert proc.wait() == 3 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("outage", [False, True])
+def test_a_send_whose_reader_went_away_still_sends_and_keeps_its_exit_code(
+        sandbox: Any, attached: dict[str, str], outage: bool) -> None:
+    """A runbook's `declare ... --yes 2>&1 | logger` whose logger died: the closed pipe
+    used to end the command at its first line on stderr, with exit 0, nobody told."""
+    import subprocess
+
+    if outage:
+        for service in (sandbox.twitter, sandbox.twilio, sandbox.smtp):
+            service.faults.update(outage=True)
+    proc = subprocess.Popen([sys.executable, "-m", "incident_notify", "declare", str(POWER),
+                             *VARS, "--yes", "--sandbox"], cwd=ROOT,
+                            env={**os.environ, **attached}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    code = proc.wait(timeout=120)
+    incident = json_doc(run_cli("status", "--sandbox", "--json", env=attached))
+    [state] = incident["data"]["incidents"]
+    sent = sum(counts.get("sent", 0) for counts in state["channels"].values())
+    if outage:
+        assert code not in (ExitCode.OK, ExitCode.ERROR) and sent == 0, (code, state)
+        return
+    assert code == ExitCode.OK
+    received = len(sandbox.twilio.received) + len(sandbox.smtp.received) \
+        + len(sandbox.twitter.received)
+    assert sent == received > 30 and state["pending"] == state["in_doubt"] == 0
+
+
 def test_failover_notes_and_warnings_go_to_stderr(sandbox: Any,
                                                   attached: dict[str, str]) -> None:
     sandbox.twitter.faults.update(outage=True)

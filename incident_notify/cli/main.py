@@ -115,8 +115,9 @@ def _silence_stdout(stream: Any) -> None:
 
 
 class _PipeSafe:
-    """stdout that a closed reader (`| head`) cannot turn into an error: once the pipe is
-    gone, writes are dropped quietly and the command's own exit code stands."""
+    """stdout or stderr that a closed reader (`| head`, a log shipper that died) cannot turn
+    into an error: once the pipe is gone, writes are dropped quietly, the command carries
+    on (a send is not cancelled by its display) and its own exit code stands."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -162,7 +163,10 @@ def run(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="replace")
     if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
         sys.stdout = _PipeSafe(sys.stdout)
-    env = Environment(stdout=cast("IO[str]", sys.stdout))  # the _PipeSafe wrapper
+    if not isinstance(sys.stderr, _PipeSafe):  # diagnostics, progress, the preflight
+        sys.stderr = _PipeSafe(sys.stderr)
+    env = Environment(stdout=cast("IO[str]", sys.stdout),  # the _PipeSafe wrappers
+                      stderr=cast("IO[str]", sys.stderr))
     if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup ignores it: left so)
         import os
 
@@ -226,11 +230,15 @@ def invoke(argv: list[str], env: Environment) -> int:
 
             traceback.print_exc(file=env.stderr)
         return report_error(env, exc, command)
-    except BrokenPipeError:
-        # The reader went away (`| head`): end quietly, and keep Python from complaining
-        # again when it flushes stdout at exit.
+    except BrokenPipeError as exc:
+        # The console script's streams are guarded (`_PipeSafe`): a reader that went away
+        # (`| head`) never gets here, and the command ends with its own code. A broken
+        # pipe that does get here is a connection's, or an unguarded stream's: the command
+        # did not finish, so never exit 0 ("everyone was reached") for it.
+        if isinstance(env.stdout, _PipeSafe):
+            return _unexpected(env, exc)
         _silence_stdout(env.stdout)
-        return int(ExitCode.OK)
+        return int(ExitCode.INTERRUPTED)
     except OSError as exc:
         if env.debug:
             import traceback
@@ -245,10 +253,18 @@ def invoke(argv: list[str], env: Environment) -> int:
     except Exception as exc:
         if env.debug:
             raise
-        env.err_console().print(
-            f"error: unexpected {type(exc).__name__}: {exc}\n"
-            "  hint: this is a bug; rerun with --debug for the traceback and report it",
-            markup=False,
-            highlight=False,
-        )
-        return int(ExitCode.ERROR)
+        return _unexpected(env, exc)
+
+
+def _unexpected(env: Environment, exc: BaseException) -> int:
+    if env.debug:
+        import traceback
+
+        traceback.print_exc(file=env.stderr)
+    env.err_console().print(
+        f"error: unexpected {type(exc).__name__}: {exc}\n"
+        "  hint: this is a bug; rerun with --debug for the traceback and report it",
+        markup=False,
+        highlight=False,
+    )
+    return int(ExitCode.ERROR)
