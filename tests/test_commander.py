@@ -267,6 +267,39 @@ def test_a_send_whose_reader_went_away_still_sends_and_keeps_its_exit_code(
     assert sent == received > 30 and state["pending"] == state["in_doubt"] == 0
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_results_to_a_full_disk_are_an_error_but_never_stop_a_confirmed_send(
+        sandbox: Any, attached: dict[str, str]) -> None:
+    """stdout on a full disk (/dev/full: every write fails with ENOSPC). An export or a
+    listing whose results are lost used to exit 0; a runbook's `declare --yes > log` was
+    refused with nothing sent. Now the results are an error (12), and a confirmed send goes
+    on, its exit code saying who was reached."""
+    import subprocess
+
+    def to_full_disk(*args: str) -> tuple[int, str]:
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "incident_notify", *args], cwd=ROOT,
+                                  env={**os.environ, **attached}, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc.returncode, proc.stderr
+
+    for site, json in (("LON-2", []), ("LON-3", ["--json"])):  # (two tweets: two texts)
+        code, err = to_full_disk("declare", str(POWER), *VARS, "--set", f"site={site}",
+                                 "--yes", "--sandbox", *json)
+        assert code == ExitCode.OK, err
+        assert "the output could not be written" in err and "the send went on" in err
+    received = len(sandbox.twilio.received) + len(sandbox.smtp.received) \
+        + len(sandbox.twitter.received)
+    assert received > 60  # both declarations, everyone
+    for args in (["audit", "export", "--sandbox"], ["status", "--sandbox"],
+                 ["validate", str(PLAYBOOKS)], ["validate", str(PLAYBOOKS), "--json"]):
+        code, err = to_full_disk(*args)
+        assert code == ExitCode.CONFIG, (args, err)
+        if "--json" not in args:
+            assert "cannot write the output (stdout): No space left on device" in err
+
+
 def test_failover_notes_and_warnings_go_to_stderr(sandbox: Any,
                                                   attached: dict[str, str]) -> None:
     sandbox.twitter.faults.update(outage=True)

@@ -60,6 +60,9 @@ class Environment:
     debug: bool = False
     sending: bool = False
     """A send the commander confirmed is under way (a hung-up terminal does not stop it)."""
+    send_confirmed: bool = False
+    """The commander confirmed a send in this command (its output failing does not change
+    its exit code, which says who was reached)."""
 
     # -- what the environment says
     @property

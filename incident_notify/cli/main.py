@@ -7,13 +7,13 @@ imported inside command functions only, so `incident-notify --help` stays fast.
 from __future__ import annotations
 
 import sys
-from typing import IO, Annotated, Any, cast
+from typing import Annotated
 
 import typer
 
 from incident_notify import __version__
 from incident_notify.cli import output
-from incident_notify.cli.environment import Environment, environment, is_utf8
+from incident_notify.cli.environment import Environment, environment
 from incident_notify.errors import ConfigError, IncidentNotifyError, ProblemsError
 from incident_notify.exit_codes import ExitCode
 
@@ -103,100 +103,14 @@ def _hoist_globals(args: list[str]) -> list[str]:
     return front + rest
 
 
-def _silence_stdout(stream: Any) -> None:
-    import os
-
-    try:
-        fd = stream.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-    except (OSError, ValueError):
-        pass
-
-
-class _PipeSafe:
-    """stdout or stderr that a closed reader (`| head`, a log shipper that died) cannot turn
-    into an error: once the pipe is gone, writes are dropped quietly, the command carries
-    on (a send is not cancelled by its display) and its own exit code stands."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.broken = False
-
-    def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                return int(self._stream.write(text))
-            except BrokenPipeError:
-                self._gone()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self._stream.flush()
-            except BrokenPipeError:
-                self._gone()
-
-    def _gone(self) -> None:
-        self.broken = True
-        _silence_stdout(self._stream)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point: the process's own streams, and its exit code. SIGTERM
-    (a runbook's timeout, a service manager, a CI job cancelled) stops a command as Ctrl-C
-    does: what is in flight is recorded, the summary printed, exit 130, `resume` later.
-    SIGHUP (the terminal went away) does not stop a send the commander confirmed
-    (`_hung_up`)."""
-    import signal
+    """Console-script entry point: the process's own streams (guarded: `cli.streams`), its
+    signals, and its exit code."""
+    from incident_notify.cli.streams import finish, guarded_environment
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
-    for stream in (sys.stdout, sys.stderr):
-        # A terminal or pipe that cannot show every character (PYTHONIOENCODING=ascii, a
-        # Latin-1 locale) gets '?' for those, never a crash half-way through a summary.
-        if not is_utf8(stream) and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
-    if not isinstance(sys.stdout, _PipeSafe):  # click's own help and usage text too
-        sys.stdout = _PipeSafe(sys.stdout)
-    if not isinstance(sys.stderr, _PipeSafe):  # diagnostics, progress, the preflight
-        sys.stderr = _PipeSafe(sys.stderr)
-    env = Environment(stdout=cast("IO[str]", sys.stdout),  # the _PipeSafe wrappers
-                      stderr=cast("IO[str]", sys.stderr))
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup ignores it: left so)
-        import os
-
-        terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # (a hung-up one says no)
-        signal.signal(signal.SIGHUP, lambda signum, frame: _hung_up(env, terminal))
-    sys.exit(invoke(list(sys.argv[1:] if argv is None else argv), env))
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _hung_up(env: Environment, terminal: list[int]) -> None:
-    """SIGHUP: the commander's terminal went away (an SSH session dropped, a window
-    closed). Writing to it would fail, so its streams now lead to /dev/null (reading gets
-    end of input: a question is answered no). A send the commander confirmed goes on to
-    the end, recorded as always, where `status` and `timeline` show it: a dropped
-    connection must not leave the customers half-told. Anything else stops as Ctrl-C
-    stops it."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in terminal:
-        try:
-            os.dup2(devnull, fd)
-        except OSError:
-            pass
-    os.close(devnull)
-    if not env.sending:
-        raise KeyboardInterrupt("signal 1 (the terminal hung up)")
+    env = guarded_environment()
+    code = invoke(list(sys.argv[1:] if argv is None else argv), env)
+    sys.exit(finish(env, code))
 
 
 try:  # Typer vendors Click from 0.2x on; before, it used the click package
@@ -229,15 +143,17 @@ def invoke(argv: list[str], env: Environment) -> int:
             import traceback
 
             traceback.print_exc(file=env.stderr)
-        return report_error(env, exc, command)
+        return _report(env, exc, command)
     except BrokenPipeError as exc:
-        # The console script's streams are guarded (`_PipeSafe`): a reader that went away
-        # (`| head`) never gets here, and the command ends with its own code. A broken
+        # The console script's streams are guarded (`cli.streams`): a reader that went
+        # away (`| head`) never gets here, and the command ends with its own code. A broken
         # pipe that does get here is a connection's, or an unguarded stream's: the command
         # did not finish, so never exit 0 ("everyone was reached") for it.
-        if isinstance(env.stdout, _PipeSafe):
+        from incident_notify.cli.streams import Guarded, silence
+
+        if isinstance(env.stdout, Guarded):
             return _unexpected(env, exc)
-        _silence_stdout(env.stdout)
+        silence(env.stdout)
         return int(ExitCode.INTERRUPTED)
     except OSError as exc:
         if env.debug:
@@ -254,6 +170,15 @@ def invoke(argv: list[str], env: Environment) -> int:
         if env.debug:
             raise
         return _unexpected(env, exc)
+
+
+def _report(env: Environment, exc: IncidentNotifyError, command: str) -> int:
+    """`report_error`, whose own output (a --json document on a full disk) cannot fail the
+    exit code it reports."""
+    try:
+        return report_error(env, exc, command)
+    except IncidentNotifyError:
+        return int(exc.exit_code)
 
 
 def _unexpected(env: Environment, exc: BaseException) -> int:

@@ -93,10 +93,11 @@ def make_confirm(env: Environment, yes: bool,
         total = sum(pre.audience_sizes.values())
         if progress is not None:
             progress.expected = dict(pre.audience_sizes)
+        if yes:  # decided already: from here the display cannot stop the send
+            env.sending = env.send_confirmed = True
         if not env.json and not (yes and env.quiet):
             print_preflight(env, pre)
         if yes:
-            env.sending = True
             return True
         if not env.interactive():
             raise AbortedError(
@@ -105,7 +106,7 @@ def make_confirm(env: Environment, yes: bool,
         # Ctrl-D (end of input) is no answer, and no answer is a no.
         answer = env.ask(f"Send {total} deliveries on {len(pre.audience_sizes)} "
                          "channel(s)? [y/N] ").strip().lower()
-        env.sending = answer in ("y", "yes")
+        env.sending = env.send_confirmed = answer in ("y", "yes")
         return env.sending
 
     return confirm
