@@ -46,11 +46,20 @@ class AuditedRouter:
         return self.planner.next_channel(delivery)
 
     def opted_out(self, delivery: Delivery) -> None:
-        self.planner.opted_out(delivery)
+        listed: dict[str, Any] = {}
+        try:
+            self.planner.opted_out(delivery)
+        except OSError as exc:
+            # The opt-out list cannot be written (read-only, its disk full): the opt-out
+            # stays on record here, the provider refuses further texts itself, and one
+            # recipient's list entry does not stop everyone else's notification.
+            listed = {"list_error": f"the opt-out list could not be written: "
+                                    f"{exc.strerror or type(exc).__name__}"}
         self.audit.append("optout.added", incident=self.incident_id, channel=delivery.channel,
                           recipient=delivery.recipient,
                           payload={"contact_id": delivery.contact_id,
-                                   "reason": "recipient unsubscribed (provider opt-out)"})
+                                   "reason": "recipient unsubscribed (provider opt-out)",
+                                   **listed})
 
 
 def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,

@@ -124,5 +124,6 @@ def timeline_entries(rt: Runtime, incident: str, deliveries: bool = False) -> li
                             "text": p.get("text")})
         elif rec.event == "optout.added":
             entries.append({**base, "what": f"opt-out recorded on {rec.channel}",
-                            "lines": [str(p.get("reason", ""))]})
+                            "lines": [str(p.get("reason", "")),
+                                      *([str(p["list_error"])] if p.get("list_error") else [])]})
     return entries

@@ -505,6 +505,50 @@ def test_stop_reply_becomes_an_optout_customers_skip_internal_ignore(
     assert second.result is not None
 
 
+def _unwritable(path: Path) -> bool:
+    """Make `path` a file nobody may append to (read-only; as root, which ignores that,
+    immutable where the file system allows it); False when neither holds here."""
+    import subprocess
+
+    path.touch()
+    path.chmod(0o444)
+    for attempt in ([], ["chattr", "+i", str(path)]):
+        if attempt and subprocess.run(attempt, capture_output=True).returncode != 0:
+            return False
+        try:
+            with open(path, "a"):
+                pass
+        except OSError:
+            return True
+    return False
+
+
+def test_a_stop_reply_whose_opt_out_list_cannot_be_written_does_not_stop_the_fan_out(
+        tmp_path: Path, sandbox: Any, audience_pb: Path) -> None:
+    """A customer replied STOP while the opt-out list was read-only (a shared file, a full
+    disk): the failed append ended the whole fan-out as a bug. The opt-out stays on
+    record in the audit log, the customer hears on their next channel, everyone else is
+    reached."""
+    import subprocess
+
+    listed = tmp_path / "optouts.jsonl"
+    if not _unwritable(listed):
+        pytest.skip("no way to make a file unwritable here")
+    try:
+        rt = _rt(tmp_path, sandbox)
+        sandbox.twilio.add_stop("+12025550303")
+        outcome = declare(rt, audience_pb, {})
+        assert outcome.result is not None and outcome.result.fatal is None, outcome.result
+        assert outcome.exit_code == 0
+        [recorded] = list(rt.audit.records(event_prefix="optout.added"))
+        assert "could not be written" in recorded.payload["list_error"]
+        assert "c3@example.com" in [r for m in sandbox.smtp.received.all()
+                                    for r in m["rcpt_tos"]]
+        assert listed.read_text() == ""
+    finally:
+        subprocess.run(["chattr", "-i", str(listed)], capture_output=True)
+
+
 @pytest.mark.parametrize("raw", ["a..b@example.com", ".a@example.com", "a@localhost",
                                  "a@exa mple.com", "a@-example.com", "no-at-sign",
                                  "a@example..com"])
