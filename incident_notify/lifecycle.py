@@ -416,6 +416,9 @@ def declare(rt: Runtime, playbook: Path | Playbook, values: dict[str, str], *,
             progress: ProgressFn | None = None) -> SendOutcome:
     """Open an incident. `playbook` is a path, or the playbook the caller already loaded
     (the CLI loads it once to read the variables, and passes it down)."""
+    from incident_notify.messages import check_message
+
+    check_message(message)
     pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
     playbook = pb.path
     first = pb.stage_named(stage)
@@ -443,7 +446,9 @@ def _step(rt: Runtime, state: IncidentState, pb: Playbook, *, stage: str | None,
           sets: dict[str, str], message: str, dry_run: bool, confirm: ConfirmFn | None,
           progress: ProgressFn | None, event: str) -> SendOutcome:
     """One lifecycle step of an incident whose state and playbook the caller loaded."""
-    from incident_notify.messages import resolve_variables
+    from incident_notify.messages import check_message, resolve_variables
+
+    check_message(message)
 
     incident_id = state.id
     if state.status == "resolved" and event != "incident.reopened":

@@ -92,6 +92,42 @@ def make_renderer(pb: Playbook) -> Renderer:
 # ------------------------------------------------------------------ variables
 VariableMode = Literal["given", "example", "worst"]
 _SET_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""Characters nobody means to send: control characters (a tab or a line break excepted)
+and the bidirectional overrides and isolates that reorder how text around them shows.
+They come from pasting (a terminal's colour codes, a Windows line end, a web page), are
+invisible in a preview, and would go out as they are."""
+
+
+def hidden_character(text: str) -> str | None:
+    """Where `text` holds a character nobody means to send, described; else None."""
+    import unicodedata
+
+    found = _HIDDEN.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    code = ord(char)
+    name = unicodedata.name(char, "") or (_C0[code] if code < 32 else "DELETE" if code == 127
+                                          else "a control character")
+    return f"U+{code:04X} ({name}) at character {found.start() + 1}"
+
+
+_C0 = ("NULL", "START OF HEADING", "START OF TEXT", "END OF TEXT", "END OF TRANSMISSION",
+       "ENQUIRY", "ACKNOWLEDGE", "BELL", "BACKSPACE", "TAB", "LINE FEED", "LINE TABULATION",
+       "FORM FEED", "CARRIAGE RETURN", "SHIFT OUT", "SHIFT IN", "DATA LINK ESCAPE",
+       "DEVICE CONTROL ONE", "DEVICE CONTROL TWO", "DEVICE CONTROL THREE",
+       "DEVICE CONTROL FOUR", "NEGATIVE ACKNOWLEDGE", "SYNCHRONOUS IDLE",
+       "END OF TRANSMISSION BLOCK", "CANCEL", "END OF MEDIUM", "SUBSTITUTE", "ESCAPE",
+       "FILE SEPARATOR", "GROUP SEPARATOR", "RECORD SEPARATOR", "UNIT SEPARATOR")
+
+
+def check_message(message: str) -> None:
+    """A free-text update (--message) holds only what the commander means to send."""
+    where = hidden_character(message)
+    if where is not None:
+        raise UsageError(f"--message holds an invisible character, {where}: it would be "
+                         "sent as it is", hint="retype the text (it was probably pasted)")
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
@@ -148,6 +184,12 @@ def resolve_variables(
         else:
             values[name] = ""
         value = values[name]
+        hidden = hidden_character(value) if mode == "given" else None
+        if hidden is not None:
+            problems.append(smap.problem(
+                ("variables", name), f"variable {name!r} holds an invisible character, "
+                f"{hidden}: it would be sent as it is",
+                "retype the value (it was probably pasted)"))
         if mode == "given" and var.max_length is not None and len(value) > var.max_length:
             problems.append(smap.problem(
                 ("variables", name), f"variable {name!r} is {len(value)} characters, more "

@@ -102,6 +102,31 @@ def test_blank_variable_is_refused_like_a_missing_one(tmp_path: Path, value: str
     assert "required variable 'site' is empty" in proc.stderr
 
 
+@pytest.mark.parametrize(("value", "named"), [
+    ("LON\x1b[31m-2", "U+001B (ESCAPE) at character 4"),   # a terminal's colour code
+    ("LON-2\r", "U+000D (CARRIAGE RETURN) at character 6"),  # a Windows line end
+    ("LON\u202e2-", "U+202E (RIGHT-TO-LEFT OVERRIDE) at character 4"),  # shows reversed
+])
+def test_an_invisible_pasted_character_is_refused_before_anything_is_sent(
+        tmp_path: Path, sandbox: Any, value: str, named: str) -> None:
+    """A value or a --message pasted with a control character or a bidirectional override
+    would go out as it is (an escape sequence in a tweet, text that reads backwards in
+    the customers' SMS), though a preview shows nothing wrong."""
+    pb = make_fanout_playbook(tmp_path / "pb", 2)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = run_cli("declare", str(pb), "--set", f"site={value}", "--yes", "--sandbox", env=env)
+    assert proc.returncode == 3 and named in proc.stderr, proc.stderr
+    assert "variable 'site' holds an invisible character" in proc.stderr
+    proc = run_cli("declare", str(pb), "--set", "site=LON-2", "--message", f"Power {value}",
+                   "--yes", "--sandbox", env=env)
+    assert proc.returncode == 2 and "--message holds an invisible character" in proc.stderr
+    assert received_total(sandbox) == 0
+    fine = run_cli("preview", str(pb), "--set", "site=LON-2", "--message",
+                   "Generators on.\n\tStorage next; مركز البيانات")
+    assert fine.returncode == 0, fine.stderr  # line breaks, tabs, right-to-left text: fine
+
+
 def test_stray_variable_in_the_environment_is_an_error(tmp_path: Path) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1)
     proc = run_cli("preview", str(pb), "--set", "site=LON-2",
