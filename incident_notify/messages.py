@@ -320,6 +320,11 @@ def compose(
     if not text:
         problem(f"stage {stage!r}, channel {channel!r}: the message renders empty",
                 "check the template and its variables")
+    for label, rendered in (("message", text), ("subject", subject), ("HTML part", html)):
+        hidden = hidden_character(rendered or "")
+        if hidden is not None:  # (a template's: the values are refused where given)
+            problem(f"stage {stage!r}, channel {channel!r}: the {label} holds an invisible "
+                    f"character, {hidden}", "remove it from the template")
     if rule == "email":
         if subject is None:
             problem(f"stage {stage!r}, channel {channel!r}: an email needs a subject",

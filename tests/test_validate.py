@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,22 @@ def test_secret_in_playbook_is_refused(tmp_path: Path) -> None:
     assert_clean_failure(proc)
     assert "looks like a secret" in proc.stdout + proc.stderr
     assert "abc123" not in proc.stdout + proc.stderr
+
+
+def test_a_template_hiding_a_bidirectional_override_fails_with_its_line(tmp_path: Path) -> None:
+    """A template whose text holds a right-to-left override (invisible in a review: the
+    tweet would read otherwise than the playbook seems to say) or a stray control
+    character is a problem of that message, not something to post."""
+    text = MINIMAL.replace('twitter: "Investigating a problem at {{ site }}."',
+                           'twitter: "Investigating a problem at \u202e{{ site }}."')
+    proc = validate(write(tmp_path, text))
+    assert_clean_failure(proc)
+    out = proc.stdout + proc.stderr
+    assert "the message holds an invisible character, U+202E (RIGHT-TO-LEFT OVERRIDE)" in out
+    assert re.search(r"pb\.yaml:\d+", out)
+    bell = MINIMAL.replace('twitter: "Investigating a problem at {{ site }}."',
+                           'twitter: "Investigating a problem at {{ site }}.\\a"')
+    assert validate(write(tmp_path, bell, "bell.yaml")).returncode == 3
 
 
 def test_overlong_tweet_without_threads_fails(tmp_path: Path) -> None:
