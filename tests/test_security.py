@@ -410,3 +410,38 @@ def test_preview_and_dry_run_show_the_same_sensitivity_refusal(tmp_path: Path) -
     for proc in (previewed, dry):
         assert proc.returncode == 3, proc.stdout + proc.stderr
         assert "internal content would reach public" in proc.stderr
+
+
+def test_the_sandbox_state_is_owner_only_and_never_read_half_written(tmp_path: Path,
+                                                                     sandbox: Any) -> None:
+    """The state file a running sandbox leaves for `--sandbox` holds its control token.
+    It was written in place and made owner-only afterwards: a command starting meanwhile
+    read half of it, found no sandbox, and sent its drill to a private one instead of the
+    one the commander was watching."""
+    import threading
+
+    target = tmp_path / "sandbox.json"
+    sandbox.write_state(target)
+    done, torn, reads = threading.Event(), [0], [0]
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                json.loads(target.read_text())
+            except ValueError:
+                torn[0] += 1
+            reads[0] += 1
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    old = os.umask(0o022)
+    try:
+        for _ in range(1500):
+            sandbox.write_state(target)
+    finally:
+        os.umask(old)
+        done.set()
+        reader.join()
+    assert reads[0] > 100 and torn[0] == 0, (torn[0], reads[0])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob("sandbox.json.*"))  # no leftover being written

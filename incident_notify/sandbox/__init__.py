@@ -114,8 +114,13 @@ class Sandbox:
         env = self.env()
         if control_url is not None:
             env["INCIDENT_NOTIFY_SANDBOX_CONTROL"] = control_url
-        target.write_text(json.dumps({"pid": os.getpid(), "env": env}))
-        target.chmod(0o600)
+        # Owner-only from the start (it holds the control token), and whole: written
+        # beside it, then renamed over it, so a reader never sees half of it.
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"pid": os.getpid(), "env": env}))
+        os.replace(tmp, target)
         return target
 
     @staticmethod
