@@ -588,6 +588,40 @@ def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
         assert sms_to(sandbox) == {} and len(mail_to(sandbox)) == 4  # (heard by email)
 
 
+@pytest.mark.parametrize("skew", [3600, -3600])
+def test_a_rate_limit_reset_is_read_on_the_providers_clock(tmp_path: Path, sandbox: Any,
+                                                           skew: float) -> None:
+    """x-rate-limit-reset is a time on X's clock. Read on a commander's laptop whose clock
+    is an hour behind, a reset 3 s away looked an hour away: Twitter was taken down and the
+    public heard by SMS only. An hour ahead, a 15-minute reset looked past: the channel
+    was asked again and again. The provider's Date header sets the clock now."""
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=2,
+                              concurrency=1)
+    rt = runtime(tmp_path, sandbox)
+    emulator = sandbox.twitter
+    window = 3 if skew > 0 else 900
+
+    def limited() -> None:
+        emulator.faults.update(rate_limit=1, rate_window_s=window, clock_skew_s=skew,
+                               rate_limited_paths=["/2/tweets"])
+        emulator.rate.reset()
+        emulator.rate.hit(1, window)  # this window's one request: spent
+        emulator.hits.clear()
+
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(limited))
+    elapsed = time.monotonic() - started
+    if skew > 0:  # (3 s away: waited for, then posted)
+        assert len(tweets(sandbox)) == 1 and not events(rt, "channel.circuit_open")
+        assert 2 <= elapsed < 15 and outcome.exit_code == 0
+        return
+    assert sum(emulator.hits.values()) == 1, "asked once, then paused"
+    [opened] = events(rt, "channel.circuit_open", "status_twitter")
+    assert re.search(r"rate limited until (89\d|900)s", opened.payload["reason"])
+    assert elapsed < 10 and outcome.exit_code == 0 and not tweets(sandbox)
+    assert set(sms_to(sandbox)) >= {"+14155550000", "+14155550001"}
+
+
 # ------------------------------------------------------------------ a thread cut mid-way
 def test_thread_cut_after_part_one_fails_over_and_counts_as_reached(
         tmp_path: Path, sandbox: Any) -> None:

@@ -62,6 +62,20 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
+def _provider_now(date: str | None) -> float | None:
+    """The provider's clock, from its Date header: the reset is a time on that clock, and
+    this machine's may have drifted (a laptop woken from sleep) by more than the wait."""
+    if not date:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
 def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
               ) -> PermanentChannelError | TransientChannelError:
     """tweepy / transport errors to our classes. `broadcast`: a refused tweet (403 that is
@@ -73,13 +87,15 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
         return exc
     if isinstance(exc, tweepy.TooManyRequests):
         reset: float | None = None
+        now = time.time()
         if exc.response is not None:
             raw = exc.response.headers.get("x-rate-limit-reset")
             try:
                 reset = float(raw) if raw else None
             except ValueError:
                 reset = None
-        wait = max(1.0, reset - time.time()) if reset else 60.0
+            now = _provider_now(exc.response.headers.get("date")) or now
+        wait = max(1.0, reset - now) if reset else 60.0
         return TransientChannelError(f"{channel}: Twitter rate limit reached; resets in "
                                      f"{wait:.0f}s", channel=channel, code="429",
                                      retry_after=wait)

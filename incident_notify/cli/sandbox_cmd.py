@@ -170,6 +170,9 @@ def fault(
     dribble_ms: Annotated[float | None, typer.Option(
         min=0, help="Accept each message, then answer a byte at a time, this far apart; "
         "0 stops it.")] = None,
+    clock_skew_s: Annotated[float | None, typer.Option(
+        help="twitter: the provider's clock runs this far ahead (negative: behind) of "
+        "this machine's, in its Date header and rate-limit resets; 0 stops it.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Change the faults of a running sandbox's emulator."""
@@ -186,6 +189,7 @@ def fault(
         "outage_after": outage_after, "drop_after_accept": drop_after_accept,
         "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
         "error_after_accept": error_after_accept, "error_status": error_status,
+        "clock_skew_s": clock_skew_s,
     }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None

@@ -88,6 +88,10 @@ class Faults:
     a send may hide a message it did send)."""
     error_status: int = 500
     """The status `error_after_accept` answers with (500, 502, 504...)."""
+    clock_skew_s: float = 0.0
+    """Twitter: the provider's clock runs this far ahead of this machine's (negative:
+    behind), as the commander's laptop clock drifts: its Date header and rate-limit reset
+    times say so."""
     dribble_ms: float = 0.0
     """Accept (and record) each message, then send its answer a byte at a time, this long
     between bytes: every read gets a byte before a socket timeout, so only a deadline on
@@ -233,6 +237,11 @@ class EmulatorHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr logging
         return
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, on the provider's clock (`clock_skew_s`)."""
+        now = time.time() if timestamp is None else timestamp
+        return super().date_time_string(now + self.emulator.faults.clock_skew_s)
 
     # -- helpers
     def read_body(self) -> bytes:

@@ -91,6 +91,7 @@ class TwitterHandler(EmulatorHandler):
             rate_limit, allowed, remaining = None, True, 10**6
             reset = time.time() + emu.faults.rate_window_s
         limit = rate_limit or 10**6
+        reset += emu.faults.clock_skew_s  # (the provider's clock)
         self._rate_headers = {"x-rate-limit-limit": str(limit),
                               "x-rate-limit-remaining": str(remaining),
                               "x-rate-limit-reset": str(int(reset))}
