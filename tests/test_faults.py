@@ -127,12 +127,15 @@ def test_answer_dribbled_after_accept_is_unknown_in_bounded_time_never_resent(
 
 
 # ------------------------------------------------------------------ accepted, then dropped
+# skew: Twilio's clock an hour behind this machine's (a laptop whose clock drifted ahead):
+# a message it created "before" the attempt, on this clock, is still the attempt's.
+@pytest.mark.parametrize("skew", [0, -3600], ids=["same-clock", "laptop-an-hour-ahead"])
 def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
-        tmp_path: Path, sandbox: Any) -> None:
+        tmp_path: Path, sandbox: Any, skew: float) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 3)
     rt = runtime(tmp_path, sandbox)
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
-        lambda: sandbox.twilio.faults.update(drop_after_accept=1)))
+        lambda: sandbox.twilio.faults.update(drop_after_accept=1, clock_skew_s=skew)))
     sms = sms_to(sandbox)
     assert len(sms) == 3 and set(sms.values()) == {1}, "a lost answer must not be retried"
     unknown = events(rt, "delivery.unknown", "team_sms")
@@ -273,8 +276,9 @@ def test_the_summary_of_an_sms_in_doubt_says_who_was_reached_and_how_to_settle_i
 
 
 @pytest.mark.parametrize("fault", [{"drop_after_accept": 1},
-                                   {"error_after_accept": 1, "error_status": 500}],
-                         ids=["dropped", "500"])
+                                   {"error_after_accept": 1, "error_status": 500},
+                                   {"drop_after_accept": 1, "clock_skew_s": -3600}],
+                         ids=["dropped", "500", "dropped-laptop-an-hour-ahead"])
 def test_a_dm_dropped_after_accept_is_unknown_then_settled_from_the_conversation(
         tmp_path: Path, sandbox: Any, fault: dict[str, int]) -> None:
     """Twitter takes a DM, then the line drops or a 500 comes back: unknown, never sent
@@ -302,12 +306,13 @@ def test_a_dm_dropped_after_accept_is_unknown_then_settled_from_the_conversation
     assert [r.payload["outcome"] for r in events(rt, "delivery.settled")] == ["sent"]
 
 
+@pytest.mark.parametrize("skew", [0, -3600], ids=["same-clock", "laptop-an-hour-ahead"])
 def test_tweet_dropped_after_accept_is_settled_and_the_thread_continues(
-        tmp_path: Path, sandbox: Any) -> None:
+        tmp_path: Path, sandbox: Any, skew: float) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=1)
     rt = runtime(tmp_path, sandbox)
     first = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
-        lambda: sandbox.twitter.faults.update(drop_after_accept=1)))
+        lambda: sandbox.twitter.faults.update(drop_after_accept=1, clock_skew_s=skew)))
     assert len(tweets(sandbox)) == 1
     assert events(rt, "delivery.unknown", "status_twitter")
     assert first.exit_code == 5

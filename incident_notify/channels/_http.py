@@ -10,6 +10,7 @@ may have delivered it: the delivery is *unknown*, never retried blindly.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from incident_notify.channels.base import TransientChannelError
@@ -26,6 +27,35 @@ def read_environment_once(session: Any, url: str) -> None:
     session.trust_env = False
     session.proxies.update(settings["proxies"])
     session.verify = settings["verify"]
+
+
+def provider_offset(date: str | None) -> float:
+    """How far the provider's clock (the `Date` header of an answer just read) is ahead of
+    this machine's, in seconds (negative: behind); 0 when the answer did not say."""
+    if not date:
+        return 0.0
+    import time
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return 0.0
+    return when.timestamp() - time.time() if when.tzinfo is not None else 0.0
+
+
+SETTLE_MARGIN_S = 300.0
+"""How much earlier than its attempt (both clocks made one) a message found at the
+provider may have been created and still be the attempt's."""
+
+
+def settle_floor(since: datetime, offset: float) -> datetime:
+    """The earliest creation time, on the provider's clock, of a message that may be the
+    one attempted at `since` (this machine's clock, `offset` seconds behind the
+    provider's: negative when this machine runs ahead, as a laptop whose clock drifted).
+    Only ever widened by the offset: a message created before the attempt on this clock
+    but after it on the provider's is still found, never sent twice."""
+    return since + timedelta(seconds=min(0.0, offset) - SETTLE_MARGIN_S)
 
 
 def transport_error(channel: str, provider: str, exc: BaseException) -> TransientChannelError:

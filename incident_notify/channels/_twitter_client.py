@@ -13,7 +13,11 @@ import time
 from typing import Any
 
 from incident_notify.channels._deadline import mount
-from incident_notify.channels._http import read_environment_once, transport_error
+from incident_notify.channels._http import (
+    provider_offset,
+    read_environment_once,
+    transport_error,
+)
 from incident_notify.channels.base import Channel, PermanentChannelError, TransientChannelError
 
 TWITTER_API = "https://api.twitter.com"
@@ -31,6 +35,9 @@ def make_client(channel: Channel) -> Any:
     timeout = (5.0, float(getattr(channel.options, "timeout_s", 20.0)))
 
     class RewritingSession(requests.Session):
+        offset = 0.0
+        """How far X's clock was ahead of this machine's at the last answer (its Date)."""
+
         def request(self, method: str | bytes, url: str | bytes, *args: Any,
                     **kwargs: Any) -> requests.Response:
             text = url.decode() if isinstance(url, bytes) else url
@@ -38,7 +45,10 @@ def make_client(channel: Channel) -> Any:
                 if text.startswith(origin):
                     text = base + text[len(origin):]
             kwargs.setdefault("timeout", timeout)
-            return super().request(method, text, *args, **kwargs)
+            response = super().request(method, text, *args, **kwargs)
+            if response.headers.get("date"):
+                self.offset = provider_offset(response.headers.get("date"))
+            return response
 
     key, secret, token, token_secret = (channel.secret(n) for n in CREDENTIALS)
     client = tweepy.Client(consumer_key=key, consumer_secret=secret, access_token=token,
@@ -62,20 +72,6 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
-def _provider_now(date: str | None) -> float | None:
-    """The provider's clock, from its Date header: the reset is a time on that clock, and
-    this machine's may have drifted (a laptop woken from sleep) by more than the wait."""
-    if not date:
-        return None
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(date)
-    except (TypeError, ValueError):
-        return None
-    return when.timestamp() if when.tzinfo is not None else None
-
-
 def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
               ) -> PermanentChannelError | TransientChannelError:
     """tweepy / transport errors to our classes. `broadcast`: a refused tweet (403 that is
@@ -94,7 +90,9 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
                 reset = float(raw) if raw else None
             except ValueError:
                 reset = None
-            now = _provider_now(exc.response.headers.get("date")) or now
+            # The reset is a time on X's clock; this machine's may have drifted (a laptop
+            # woken from sleep) by more than the wait.
+            now += provider_offset(exc.response.headers.get("date"))
         wait = max(1.0, reset - now) if reset else 60.0
         return TransientChannelError(f"{channel}: Twitter rate limit reached; resets in "
                                      f"{wait:.0f}s", channel=channel, code="429",

@@ -11,11 +11,16 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from incident_notify.channels._deadline import mount
-from incident_notify.channels._http import read_environment_once, transport_error
+from incident_notify.channels._http import (
+    provider_offset,
+    read_environment_once,
+    settle_floor,
+    transport_error,
+)
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -141,9 +146,12 @@ class SMSChannel(Channel):
         kwargs: dict[str, Any] = {"to": delivery.recipient, "limit": 200}
         if self.spec.sender:
             kwargs["from_"] = self.spec.sender
+        client = self._client()
         with self.bounded("Twilio", maybe_delivered=False, mapped=self._map):
-            found = self._client().messages.list(**kwargs)
-        floor = since - timedelta(minutes=5)  # clocks differ a little
+            found = client.messages.list(**kwargs)
+        headers = getattr(client.http_client, "last_headers", None) or {}
+        floor = settle_floor(since, provider_offset(headers.get("Date")
+                                                    or headers.get("date")))
         for message in found:
             created = message.date_created
             if message.body is None or message.to is None:

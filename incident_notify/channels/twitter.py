@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
+from incident_notify.channels._http import settle_floor
 from incident_notify.channels._twitter_client import make_client, map_error
 from incident_notify.channels.base import (
     Attempt,
@@ -112,8 +113,9 @@ class TwitterChannel(Channel):
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """The account's own recent tweets: one with the same text replying to the same
         tweet is the one we sent."""
-        start = (since - timedelta(minutes=5)).astimezone(UTC)
         me = self.my_id()  # (a request of its own, under its own deadline)
+        # (On X's clock: this thread's client has had an answer by now, with its Date.)
+        start = settle_floor(since, self.client().session.offset).astimezone(UTC)
         with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
             response = self.client().get_users_tweets(
                 me, user_auth=True, max_results=100,

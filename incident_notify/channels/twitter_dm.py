@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import ClassVar
 
+from incident_notify.channels._http import settle_floor
 from incident_notify.channels.base import (
     Attempt,
     ChannelLimits,
@@ -64,7 +65,7 @@ class TwitterDMChannel(TwitterChannel):
         sent at or after the attempt, is the one."""
         participant = self.user_id(delivery.recipient)
         mine = self.my_id()
-        floor = since - timedelta(minutes=5)
+        floor = settle_floor(since, self.client().session.offset)  # (on X's clock)
         with self.bounded("Twitter", maybe_delivered=False, mapped=self._mapped):
             response = self.client().get_direct_message_events(
                 participant_id=participant, user_auth=True, max_results=100,

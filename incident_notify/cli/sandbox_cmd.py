@@ -171,8 +171,9 @@ def fault(
         min=0, help="Accept each message, then answer a byte at a time, this far apart; "
         "0 stops it.")] = None,
     clock_skew_s: Annotated[float | None, typer.Option(
-        help="twitter: the provider's clock runs this far ahead (negative: behind) of "
-        "this machine's, in its Date header and rate-limit resets; 0 stops it.")] = None,
+        help="twitter and twilio: the provider's clock runs this far ahead (negative: "
+        "behind) of this machine's, in its Date header, creation times and rate-limit "
+        "resets; 0 stops it.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Change the faults of a running sandbox's emulator."""

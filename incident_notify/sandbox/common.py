@@ -35,6 +35,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -89,9 +90,13 @@ class Faults:
     error_status: int = 500
     """The status `error_after_accept` answers with (500, 502, 504...)."""
     clock_skew_s: float = 0.0
-    """Twitter: the provider's clock runs this far ahead of this machine's (negative:
-    behind), as the commander's laptop clock drifts: its Date header and rate-limit reset
-    times say so."""
+    """The provider's clock runs this far ahead of this machine's (negative: behind), as
+    when the commander's laptop clock drifted: its Date header, the creation times of
+    what it accepted and (Twitter) its rate-limit resets say so."""
+
+    def now(self) -> datetime:
+        """The provider's clock."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_skew_s)
     dribble_ms: float = 0.0
     """Accept (and record) each message, then send its answer a byte at a time, this long
     between bytes: every read gets a byte before a socket timeout, so only a deadline on

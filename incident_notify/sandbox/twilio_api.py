@@ -116,7 +116,7 @@ class TwilioHandler(EmulatorHandler):
                                        "1600 character limit.", 400))
             return
         sid = "SM" + secrets.token_hex(16)
-        now = format_datetime(datetime.now(UTC))
+        now = format_datetime(emu.faults.now())
         segments = sms_segments(text).segments
         resource: dict[str, Any] = {
             "sid": sid, "account_sid": emu.account_sid, "to": to, "from": sender,

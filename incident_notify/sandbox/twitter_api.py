@@ -250,7 +250,7 @@ class TwitterHandler(EmulatorHandler):
             emu.meta[tweet_id] = {"author_id": emu.users[OWNER], "conversation_id":
                                   emu.meta.get(reply_to, {}).get("conversation_id", reply_to)
                                   if reply_to else tweet_id, "in_reply_to": reply_to,
-                                  "created_at": datetime.now(UTC).strftime(
+                                  "created_at": emu.faults.now().strftime(
                                       "%Y-%m-%dT%H:%M:%S.000Z")}
         emu.received.add({"kind": "tweet", "id": tweet_id, "text": text,
                           "in_reply_to_tweet_id": reply_to, "author_id": emu.users[OWNER],
@@ -278,7 +278,7 @@ class TwitterHandler(EmulatorHandler):
                 "id": event_id, "event_type": "MessageCreate", "text": text,
                 "sender_id": emu.users[OWNER], "dm_conversation_id": conversation,
                 "participant_id": participant,
-                "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")})
+                "created_at": emu.faults.now().strftime("%Y-%m-%dT%H:%M:%S.000Z")})
         emu.received.add({"kind": "dm", "participant_id": participant, "username": username,
                           "text": text, "dm_event_id": event_id,
                           "ts": datetime.now(UTC).isoformat()})
