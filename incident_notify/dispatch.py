@@ -94,6 +94,8 @@ class DispatchResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     failovers: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    abandoned: bool = False
+    """Interrupted twice: requests still in flight were not waited for (in doubt)."""
     fatal: str | None = None
     fatal_kind: str | None = None
     """'audit' (the record cannot be written: exit 8) or 'bug' (exit 1)."""
@@ -189,11 +191,21 @@ class Dispatcher:
                 self._submit(list(job), from_feeder=True)
             self._wait_all()
         except KeyboardInterrupt:
+            # Ctrl-C: nothing new starts; the requests in flight are answered (each within
+            # its deadline) and recorded. Ctrl-C again: they are left as they are, in doubt
+            # on the record (attempted, no answer), for `resume` to settle.
             self.result.interrupted = True
             self.stop.set()
-            self._wait_all()
+            if self._outstanding and self.on_event is not None:
+                self._emit("stopping", Delivery(key="", incident_id=self.incident_id,
+                                                update_no=0, channel="", recipient="",
+                                                message=_EMPTY), {})
+            try:
+                self._wait_all()
+            except KeyboardInterrupt:
+                self.result.abandoned = True
         finally:
-            self._shutdown()
+            self._shutdown(wait=not self.result.abandoned)
             self.result.elapsed_s = time.monotonic() - started
         if self.stop.is_set() and self.result.fatal is None:
             self.result.interrupted = True
@@ -241,14 +253,14 @@ class Dispatcher:
             while self._outstanding > 0:
                 self._done.wait(timeout=0.2)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, wait: bool = True) -> None:
         for runner in self._runners.values():
             with runner.cond:
                 runner.queue.extend(None for _ in runner.threads)
                 runner.cond.notify_all()
         for runner in self._runners.values():
             for t in runner.threads:
-                t.join(timeout=60)
+                t.join(timeout=60 if wait else 0)
 
     def _worker(self, runner: ChannelRunner) -> None:
         while True:

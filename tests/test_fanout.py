@@ -233,6 +233,123 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
     assert ("person1@example.com" in log_text) is not redact
 
 
+def test_ctrl_c_twice_leaves_the_requests_in_flight_in_doubt_and_says_so(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Ctrl-C waits for the requests in flight (each within its deadline) so that their
+    outcome is recorded, and says so. A commander who presses it again does not want to
+    wait: the second Ctrl-C used to change nothing but the end (the command still waited,
+    then left without its summary, exit 130 and not a word). Now it stops waiting: the
+    requests in flight stay in doubt on the record, the summary says so, resume settles."""
+    pb = make_fanout_playbook(tmp_path / "pb", 40, rate=2000, concurrency=2)
+    sandbox.twilio.faults.update(send_latency_ms=6000)
+    sandbox.smtp.faults.update(send_latency_ms=6000)
+    sandbox.write_state()
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    log = tmp_path / "audit.jsonl"
+    while not log.exists() or log.read_text().count('"delivery.attempt"') < 4:
+        assert proc.poll() is None and time.monotonic() < deadline  # (4 in flight, 6 s each)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - stopped < 4, "the answers (6 s away) were not waited for"
+    assert proc.returncode == 130, out + err
+    assert "stopping:" in err and "Ctrl-C again" in err and "Traceback" not in err
+    assert "interrupted:" in out and "may have arrived" in out, out[-1500:]
+    incident = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"][0]
+    assert incident["in_doubt"] >= 1, incident  # (those 6 s from an answer at the stop)
+    sandbox.twilio.faults.update(send_latency_ms=0)
+    sandbox.smtp.faults.update(send_latency_ms=0)
+    resumed = run_cli("resume", incident["id"], "--yes", "--sandbox", "--json", env=env)
+    assert resumed.returncode in (0, 5), resumed.stdout + resumed.stderr
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert len(sms) == 40 and set(sms.values()) == {1}
+    assert len(mail) == 40 and set(mail.values()) == {1}
+    assert run_cli("audit", "verify", env=env).returncode == 0
+
+
+def _to_another_thread(pid: int, signum: int) -> None:
+    """Deliver `signum` to a thread of process `pid` other than its main one, as the kernel
+    may for a signal sent to the process (tgkill: the thread chosen by hand)."""
+    import ctypes
+    import platform
+
+    number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+    if number is None:
+        pytest.skip("tgkill's number is not known for this machine")
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the command runs threads (emulators, watchdogs) by then"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(number, pid, others[0], signum) == 0, ctypes.get_errno()
+
+
+@pytest.mark.parametrize(("stop", "thread"), [("SIGINT", False), ("SIGTERM", False),
+                                              ("SIGINT", True), ("SIGTERM", True)])
+def test_a_command_stopped_before_its_summary_says_so(tmp_path: Path, stop: str,
+                                                      thread: bool) -> None:
+    """Typer turns an interrupt that leaves a command into a silent exit 130: Ctrl-C at the
+    confirmation question, or SIGTERM while a big update is planned, ended without a word.
+    Now it says nothing was sent. And the kernel may hand the signal to any thread: Python
+    runs handlers in the main thread only, and one blocked reading the answer sat at the
+    question, the interrupt unheard, until Enter."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    env = {**os.environ, "INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc, master = _at_a_terminal(["declare", str(pb), "--set", "site=LON-2", "--sandbox"],
+                                  env)
+    seen = bytearray()
+    try:
+        _read_until(master, proc, lambda: b"[y/N]" in seen, seen)
+        if thread:
+            time.sleep(0.3)  # (in its read by now)
+            _to_another_thread(proc.pid, getattr(signal, stop))
+        else:
+            proc.send_signal(getattr(signal, stop))
+        code = proc.wait(timeout=30)
+        while True:  # what it wrote before leaving
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert code == 130
+    assert b"interrupted: nothing was sent." in seen, bytes(seen[-600:])
+    assert not (tmp_path / "audit.jsonl").exists()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_the_sandbox_stops_whichever_thread_the_signal_reaches(stop: str) -> None:
+    """`incident-notify sandbox` waited in signal.pause(), which a signal handed to one of
+    its emulator threads does not end: Ctrl-C or a service manager's SIGTERM could leave
+    it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "incident_notify", "sandbox"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "INCIDENT_NOTIFY_SANDBOX_CONTROL=" in line:
+                break
+        time.sleep(0.3)
+        _to_another_thread(proc.pid, getattr(signal, stop))
+        assert proc.wait(timeout=15) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _at_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     """`incident-notify argv` in a session of its own whose controlling terminal is a new
     pseudo-terminal, as at a commander's SSH session; the terminal's other end is

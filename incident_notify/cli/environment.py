@@ -63,6 +63,10 @@ class Environment:
     send_confirmed: bool = False
     """The commander confirmed a send in this command (its output failing does not change
     its exit code, which says who was reached)."""
+    interrupted: bool = False
+    """Ctrl-C, SIGTERM or a hang-up reached the command."""
+    reported: bool = False
+    """The command printed its own outcome (a send's summary says it was interrupted)."""
 
     # -- what the environment says
     @property
@@ -125,8 +129,28 @@ class Environment:
         """One line from the person at the terminal; end of input (Ctrl-D) is ''."""
         self.stdout.write(prompt)
         self.stdout.flush()
+        _wait_for_input(self.stdin)
         line = self.stdin.readline()
         return line.rstrip("\n") if line else ""
+
+
+def _wait_for_input(stream: Any) -> None:
+    """Until `stream` has something to read, in short waits. The kernel may hand Ctrl-C or
+    SIGTERM to any of the process's threads, and Python runs signal handlers only in the
+    main thread, once it runs again: blocked in a read, it would sit at the question until
+    Enter, the interrupt unheard."""
+    import select
+
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # (not a file: nothing to wait on)
+    while True:
+        try:
+            if select.select([fd], [], [], 0.2)[0]:
+                return
+        except (OSError, ValueError):
+            return
 
 
 def environment(ctx: typer.Context) -> Environment:

@@ -145,6 +145,7 @@ def _send(ctx: typer.Context, command: str, send: SendOptions,
         if outcome.dry_run and outcome.preflight is not None:
             print_preflight(env, outcome.preflight)
         print_outcome(env, outcome)
+    env.reported = True  # (an interrupted send's summary says so)
     raise typer.Exit(int(outcome.exit_code))
 
 

@@ -128,15 +128,23 @@ def invoke(argv: list[str], env: Environment) -> int:
     env.json = "--json" in args  # before parsing: a usage error is JSON too
     env.debug = "--debug" in args
     try:
-        code = app(args=args, prog_name="incident-notify", standalone_mode=False, obj=env)
-        return int(code or 0)
+        code = int(app(args=args, prog_name="incident-notify", standalone_mode=False,
+                       obj=env) or 0)
+        if code == ExitCode.INTERRUPTED:
+            from incident_notify.cli.streams import interrupted
+
+            interrupted(env)
+        return code
     except typer.Exit as exc:
         return int(exc.exit_code)
     except _ClickException as exc:  # usage errors: click's own message, exit 2
         exc.show(file=env.stderr)
         return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        env.err_console().print("interrupted.", markup=False)
+        from incident_notify.cli.streams import interrupted
+
+        env.interrupted = True
+        interrupted(env)
         return int(ExitCode.INTERRUPTED)
     except IncidentNotifyError as exc:
         if env.debug:  # the traceback too, but the documented exit code still

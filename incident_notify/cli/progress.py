@@ -158,7 +158,7 @@ class LiveProgress:
         channel = delivery.channel
         with self._lock:
             self._start()
-        if kind in ("circuit_open", "circuit_closed", "failover", "retry"):
+        if kind in ("circuit_open", "circuit_closed", "failover", "retry", "stopping"):
             self._notice(kind, channel, info)
         if kind not in ("sent", "failed", "failed_over", "unknown", "skipped"):
             return
@@ -187,6 +187,10 @@ class LiveProgress:
                     f"({escape(str(info.get('reason', '')))}); failing over")
         elif kind == "circuit_closed":
             text = f"[green]channel {escape(channel)} recovered[/]"
+        elif kind == "stopping":
+            text = ("[bold yellow]stopping:[/] nothing new is sent; waiting for the "
+                    "requests in flight to be answered and recorded (Ctrl-C again to leave "
+                    "them in doubt, for resume to settle)")
         else:
             targets = tuple(info.get("to", []))
             with self._lock:

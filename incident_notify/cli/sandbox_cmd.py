@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,7 +79,10 @@ def sandbox_main(
     signal.signal(signal.SIGTERM, _stop)
     try:
         while not stop["now"]:
-            signal.pause() if hasattr(signal, "pause") else None
+            # Short sleeps, not signal.pause(): a signal the kernel hands another thread
+            # (the emulators') would not wake a paused main thread, which alone runs the
+            # handlers.
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:

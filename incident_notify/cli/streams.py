@@ -84,8 +84,6 @@ def _never() -> bool:
 
 def guarded_environment() -> Environment:
     """The process's streams, guarded, in an Environment; SIGTERM and SIGHUP handled."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
     for stream in (sys.stdout, sys.stderr):
         # A terminal or pipe that cannot show every character (PYTHONIOENCODING=ascii, a
         # Latin-1 locale) gets '?' for those, never a crash half-way through a summary.
@@ -97,6 +95,10 @@ def guarded_environment() -> Environment:
         sys.stderr = Guarded(sys.stderr, "stderr", results=False)
     env = Environment(stdout=cast("IO[str]", sys.stdout), stderr=cast("IO[str]", sys.stderr))
     sys.stdout.tolerate = lambda: env.send_confirmed
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not ignored)
+        signal.signal(signal.SIGINT, lambda signum, frame: _interrupt(env, signum))
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(env, signum))
     if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # (nohup ignores it: left so)
         terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # (a hung-up one says no)
         signal.signal(signal.SIGHUP, lambda signum, frame: _hung_up(env, terminal))
@@ -122,10 +124,24 @@ def finish(env: Environment, code: int) -> int:
     return code
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM (a runbook's timeout, a service manager, a CI job cancelled) stops a command
-    as Ctrl-C does: what is in flight is recorded, the summary printed, exit 130."""
+def _interrupt(env: Environment, signum: int) -> None:
+    """Ctrl-C, and SIGTERM (a runbook's timeout, a service manager, a CI job cancelled),
+    which stops a command as Ctrl-C does: what is in flight is recorded, the summary
+    printed, exit 130. Noted, so that a command stopped before it could say so is said to
+    be (`interrupted`)."""
+    env.interrupted = True
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupted(env: Environment) -> None:
+    """Say that the command was stopped, when it did not say so itself (Typer turns an
+    interrupt that leaves a command into a silent exit 130)."""
+    if not env.interrupted or env.reported:
+        return
+    text = ("interrupted: nothing more is sent. What went out is on record: incident-notify "
+            "status shows it, and incident-notify resume ID sends the rest."
+            if env.send_confirmed else "interrupted: nothing was sent.")
+    env.err_console().print(text, markup=False, highlight=False)
 
 
 def _hung_up(env: Environment, terminal: list[int]) -> None:
@@ -143,4 +159,5 @@ def _hung_up(env: Environment, terminal: list[int]) -> None:
             pass
     os.close(devnull)
     if not env.sending:
+        env.interrupted = True
         raise KeyboardInterrupt("signal 1 (the terminal hung up)")
