@@ -186,6 +186,18 @@ def test_sigkill_mid_fanout_then_resume_sends_each_exactly_once(tmp_path: Path,
     assert run_cli("audit", "verify", env=env).returncode == 0
 
 
+def _declaring(pb: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`declare --yes --sandbox` of `pb` in a process of its own, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and a
+        # process that inherits an ignored SIGINT rightly keeps ignoring it: the commander
+        # at a terminal has the default disposition, so the child gets it here too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.parametrize(("redact", "stop"), [(False, "SIGINT"), (True, "SIGINT"),
                                               (False, "SIGTERM")])
 def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
@@ -202,14 +214,7 @@ def test_ctrl_c_stops_cleanly_then_resume_finishes(tmp_path: Path, sandbox: Any,
         # Recipients are keyed hashes in the log; resume finds the addresses again.
         env.update(INCIDENT_NOTIFY_REDACT_RECIPIENTS="1",
                    INCIDENT_NOTIFY_AUDIT_REDACT_KEY="test-redaction-key")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # A shell without job control starts background jobs with SIGINT ignored, and a
-        # process that inherits an ignored SIGINT rightly keeps ignoring it: the commander
-        # at a terminal has the default disposition, so the child gets it here too.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _declaring(pb, env)
     deadline = time.monotonic() + 60
     while len(sandbox.twilio.received) + len(sandbox.smtp.received) < 80:
         assert proc.poll() is None and time.monotonic() < deadline
@@ -245,11 +250,7 @@ def test_ctrl_c_twice_leaves_the_requests_in_flight_in_doubt_and_says_so(
     sandbox.smtp.faults.update(send_latency_ms=6000)
     sandbox.write_state()
     env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _declaring(pb, env)
     deadline = time.monotonic() + 60
     log = tmp_path / "audit.jsonl"
     while not log.exists() or log.read_text().count('"delivery.attempt"') < 4:
