@@ -196,10 +196,8 @@ class Dispatcher:
             # on the record (attempted, no answer), for `resume` to settle.
             self.result.interrupted = True
             self.stop.set()
-            if self._outstanding and self.on_event is not None:
-                self._emit("stopping", Delivery(key="", incident_id=self.incident_id,
-                                                update_no=0, channel="", recipient="",
-                                                message=_EMPTY), {})
+            if self._outstanding:
+                self._notice("stopping", "", {})
             try:
                 self._wait_all()
             except KeyboardInterrupt:
@@ -538,10 +536,14 @@ class Dispatcher:
         event = "channel.circuit_open" if opened else "channel.circuit_closed"
         self.audit.append(event, incident=self.incident_id, channel=channel,
                           payload={"reason": reason})
+        self._notice("circuit_open" if opened else "circuit_closed", channel,
+                     {"reason": reason})
+
+    def _notice(self, kind: str, channel: str, info: Mapping[str, Any]) -> None:
+        """An event about a channel (or, with no channel, the whole run), for progress."""
         if self.on_event is not None:
-            dummy = Delivery(key="", incident_id=self.incident_id, update_no=0,
-                             channel=channel, recipient="", message=_EMPTY)
-            self._emit("circuit_open" if opened else "circuit_closed", dummy, {"reason": reason})
+            self._emit(kind, Delivery(key="", incident_id=self.incident_id, update_no=0,
+                                      channel=channel, recipient="", message=_EMPTY), info)
 
 
 class _Attempt:

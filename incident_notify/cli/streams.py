@@ -83,7 +83,8 @@ def _never() -> bool:
 
 
 def guarded_environment() -> Environment:
-    """The process's streams, guarded, in an Environment; SIGTERM and SIGHUP handled."""
+    """The process's streams, guarded, in an Environment; Ctrl-C, SIGTERM and SIGHUP
+    handled."""
     for stream in (sys.stdout, sys.stderr):
         # A terminal or pipe that cannot show every character (PYTHONIOENCODING=ascii, a
         # Latin-1 locale) gets '?' for those, never a crash half-way through a summary.
