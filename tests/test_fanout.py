@@ -314,19 +314,36 @@ def test_a_command_stopped_before_its_summary_says_so(tmp_path: Path, stop: str,
         else:
             proc.send_signal(getattr(signal, stop))
         code = proc.wait(timeout=30)
-        while True:  # what it wrote before leaving
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
+        _drain(master, seen)
     finally:
         os.close(master)
     assert code == 130
     assert b"interrupted: nothing was sent." in seen, bytes(seen[-600:])
     assert not (tmp_path / "audit.jsonl").exists()
+
+
+def test_a_command_stopped_before_its_summary_still_gives_its_json_document(
+        tmp_path: Path) -> None:
+    """Under --json a script reads one document from stdout: an interrupt at the question
+    left it none."""
+    import json
+
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    proc, master = _at_a_terminal(["declare", str(pb), "--set", "site=LON-2", "--sandbox",
+                                   "--json"], env)
+    seen = bytearray()
+    try:
+        _read_until(master, proc, lambda: b"[y/N]" in seen, seen)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        _drain(master, seen)
+    finally:
+        os.close(master)
+    after = bytes(seen).decode().split("[y/N]", 1)[1].lstrip()
+    doc, _ = json.JSONDecoder().raw_decode(after)
+    assert (doc["ok"], doc["exit_code"], doc["command"]) == (False, 130, "declare"), doc
+    assert doc["errors"][0]["message"] == "interrupted: nothing was sent."
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
@@ -372,6 +389,18 @@ def _at_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Pop
                             stderr=slave, preexec_fn=own_terminal)
     os.close(slave)
     return proc, master
+
+
+def _drain(master: int, seen: bytearray) -> None:
+    """What a command that has ended wrote to its terminal and was not read yet."""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # (the other end is closed: all read)
+            return
+        if not chunk:
+            return
+        seen += chunk
 
 
 def _read_until(master: int, proc: Any, done: Any, seen: bytearray) -> None:

@@ -133,7 +133,7 @@ def invoke(argv: list[str], env: Environment) -> int:
         if code == ExitCode.INTERRUPTED:
             from incident_notify.cli.streams import interrupted
 
-            interrupted(env)
+            interrupted(env, command)
         return code
     except typer.Exit as exc:
         return int(exc.exit_code)
@@ -144,7 +144,7 @@ def invoke(argv: list[str], env: Environment) -> int:
         from incident_notify.cli.streams import interrupted
 
         env.interrupted = True
-        interrupted(env)
+        interrupted(env, command)
         return int(ExitCode.INTERRUPTED)
     except IncidentNotifyError as exc:
         if env.debug:  # the traceback too, but the documented exit code still

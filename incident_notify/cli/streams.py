@@ -134,14 +134,21 @@ def _interrupt(env: Environment, signum: int) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupted(env: Environment) -> None:
+def interrupted(env: Environment, command: str) -> None:
     """Say that the command was stopped, when it did not say so itself (Typer turns an
-    interrupt that leaves a command into a silent exit 130)."""
+    interrupt that leaves a command into a silent exit 130); under --json, in the one
+    document a script reads too."""
     if not env.interrupted or env.reported:
         return
     text = ("interrupted: nothing more is sent. What went out is on record: incident-notify "
             "status shows it, and incident-notify resume ID sends the rest."
             if env.send_confirmed else "interrupted: nothing was sent.")
+    if env.json:
+        try:
+            env.emit_json(command, None, exit_code=130,
+                          errors=[{"message": text, "hint": None}])
+        except ConfigError:
+            pass  # (stdout cannot take it: the exit code still says)
     env.err_console().print(text, markup=False, highlight=False)
 
 
