@@ -73,8 +73,9 @@ class Router(Protocol):
         """After a permanent recipient error: the person's next channel, as `reroute`."""
         ...
 
-    def opted_out(self, delivery: Delivery) -> None:
-        """The provider says the recipient unsubscribed (Twilio 21610)."""
+    def opted_out(self, delivery: Delivery) -> str | None:
+        """The provider says the recipient unsubscribed (Twilio 21610). A warning for the
+        commander when it could not all be kept (the opt-out list not written)."""
         ...
 
     def new_records(self) -> list[AuditEntry]:
@@ -445,7 +446,9 @@ class Dispatcher:
         runner.breaker.release()  # the provider answered about this recipient only
         payload = {**_err(exc, attempt.number), "permanent": True}
         if exc.opt_out:
-            self.router.opted_out(d)
+            warning = self.router.opted_out(d)
+            if warning:
+                self._notice("warning", d.channel, {"reason": warning})
         if exc.opt_out or exc.recipient_problem:
             with self._reroute_lock:
                 try:

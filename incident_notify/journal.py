@@ -45,7 +45,7 @@ class AuditedRouter:
     def next_channel(self, delivery: Delivery) -> list[Planned] | None:
         return self.planner.next_channel(delivery)
 
-    def opted_out(self, delivery: Delivery) -> None:
+    def opted_out(self, delivery: Delivery) -> str | None:
         listed: dict[str, Any] = {}
         try:
             self.planner.opted_out(delivery)
@@ -60,6 +60,11 @@ class AuditedRouter:
                           payload={"contact_id": delivery.contact_id,
                                    "reason": "recipient unsubscribed (provider opt-out)",
                                    **listed})
+        if not listed:
+            return None
+        return (f"{listed['list_error']}; {delivery.contact_id or 'a recipient'} replied STOP "
+                f"on {delivery.channel}: add them by hand (incident-notify contacts optout "
+                "add), the audit log has the number")
 
 
 def write_plan(rt: Runtime, planner: Planner, plan: Plan, incident_id: str,

@@ -537,8 +537,12 @@ def test_a_stop_reply_whose_opt_out_list_cannot_be_written_does_not_stop_the_fan
     try:
         rt = _rt(tmp_path, sandbox)
         sandbox.twilio.add_stop("+12025550303")
-        outcome = declare(rt, audience_pb, {})
+        seen: list[tuple[str, Any]] = []
+        outcome = declare(rt, audience_pb, {},
+                          progress=lambda kind, d, info: seen.append((kind, dict(info))))
         assert outcome.result is not None and outcome.result.fatal is None, outcome.result
+        [warning] = [info["reason"] for kind, info in seen if kind == "warning"]
+        assert "could not be written" in warning and "contacts optout add" in warning
         assert outcome.exit_code == 0
         [recorded] = list(rt.audit.records(event_prefix="optout.added"))
         assert "could not be written" in recorded.payload["list_error"]

@@ -158,7 +158,8 @@ class LiveProgress:
         channel = delivery.channel
         with self._lock:
             self._start()
-        if kind in ("circuit_open", "circuit_closed", "failover", "retry", "stopping"):
+        if kind in ("circuit_open", "circuit_closed", "failover", "retry", "stopping",
+                    "warning"):
             self._notice(kind, channel, info)
         if kind not in ("sent", "failed", "failed_over", "unknown", "skipped"):
             return
@@ -187,6 +188,9 @@ class LiveProgress:
                     f"({escape(str(info.get('reason', '')))}); failing over")
         elif kind == "circuit_closed":
             text = f"[green]channel {escape(channel)} recovered[/]"
+        elif kind == "warning":
+            text = (f"[bold yellow]warning:[/] {escape(channel)}: "
+                    f"{escape(str(info.get('reason', '')))}")
         elif kind == "stopping":
             text = ("[bold yellow]stopping:[/] nothing new is sent; waiting for the "
                     "requests in flight to be answered and recorded (Ctrl-C again to leave "
