@@ -58,11 +58,9 @@ class Environment:
     """Results are one JSON document on stdout; human text goes to stderr."""
     quiet: bool = False
     debug: bool = False
-    sending: bool = False
-    """A send the commander confirmed is under way (a hung-up terminal does not stop it)."""
     send_confirmed: bool = False
-    """The commander confirmed a send in this command (its output failing does not change
-    its exit code, which says who was reached)."""
+    """The commander confirmed a send in this command: neither its output failing nor its
+    terminal hanging up stops it or changes its exit code, which says who was reached."""
     interrupted: bool = False
     """Ctrl-C, SIGTERM or a hang-up reached the command."""
     reported: bool = False

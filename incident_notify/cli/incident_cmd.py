@@ -133,11 +133,8 @@ def _send(ctx: typer.Context, command: str, send: SendOptions,
                 f"recorded in {rt.settings.audit_path()}", markup=False, highlight=False)
         progress = LiveProgress(env)
         confirm = None if send.dry_run else make_confirm(env, send.yes, progress)
-        try:
-            with progress:
-                outcome = action(rt, confirm, progress)
-        finally:
-            env.sending = False
+        with progress:
+            outcome = action(rt, confirm, progress)
     outcome.sandbox = sandboxed
     if env.json:
         env.emit_json(command, outcome.to_dict(), exit_code=int(outcome.exit_code))

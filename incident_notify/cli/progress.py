@@ -94,7 +94,7 @@ def make_confirm(env: Environment, yes: bool,
         if progress is not None:
             progress.expected = dict(pre.audience_sizes)
         if yes:  # decided already: from here the display cannot stop the send
-            env.sending = env.send_confirmed = True
+            env.send_confirmed = True
         if not env.json and not (yes and env.quiet):
             print_preflight(env, pre)
         if yes:
@@ -106,8 +106,8 @@ def make_confirm(env: Environment, yes: bool,
         # Ctrl-D (end of input) is no answer, and no answer is a no.
         answer = env.ask(f"Send {total} deliveries on {len(pre.audience_sizes)} "
                          "channel(s)? [y/N] ").strip().lower()
-        env.sending = env.send_confirmed = answer in ("y", "yes")
-        return env.sending
+        env.send_confirmed = answer in ("y", "yes")
+        return env.send_confirmed
 
     return confirm
 

@@ -166,6 +166,6 @@ def _hung_up(env: Environment, terminal: list[int]) -> None:
         except OSError:
             pass
     os.close(devnull)
-    if not env.sending:
+    if not env.send_confirmed:
         env.interrupted = True
         raise KeyboardInterrupt("signal 1 (the terminal hung up)")
