@@ -22,12 +22,22 @@ def silence(stream: Any) -> None:
     """Point the stream's file descriptor at /dev/null (writes after a reader went away,
     Python's own flush at exit included, then go nowhere)."""
     try:
-        fd = stream.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        _to_devnull([stream.fileno()])
     except (OSError, ValueError):
         pass
+
+
+def _to_devnull(fds: list[int]) -> None:
+    """Each of `fds` now leads to /dev/null (writes vanish, reads get end of input)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            try:
+                os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
 
 
 class Guarded:
@@ -159,13 +169,7 @@ def _hung_up(env: Environment, terminal: list[int]) -> None:
     the end, recorded as always, where `status` and `timeline` show it: a dropped
     connection must not leave the customers half-told. Anything else stops as Ctrl-C
     stops it."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in terminal:
-        try:
-            os.dup2(devnull, fd)
-        except OSError:
-            pass
-    os.close(devnull)
+    _to_devnull(terminal)
     if not env.send_confirmed:
         env.interrupted = True
         raise KeyboardInterrupt("signal 1 (the terminal hung up)")
