@@ -35,8 +35,16 @@ def make_client(channel: Channel) -> Any:
     timeout = (5.0, float(getattr(channel.options, "timeout_s", 20.0)))
 
     class RewritingSession(requests.Session):
-        offset = 0.0
-        """How far X's clock was ahead of this machine's at the last answer (its Date)."""
+        last_date: tuple[str, float] | None = None
+        """The last answer's Date header and when it came (read only when asked: `offset`)."""
+
+        @property
+        def offset(self) -> float:
+            """How far X's clock was ahead of this machine's at the last answer."""
+            if self.last_date is None:
+                return 0.0
+            date, received = self.last_date
+            return provider_offset(date) + (time.time() - received)
 
         def request(self, method: str | bytes, url: str | bytes, *args: Any,
                     **kwargs: Any) -> requests.Response:
@@ -46,8 +54,9 @@ def make_client(channel: Channel) -> Any:
                     text = base + text[len(origin):]
             kwargs.setdefault("timeout", timeout)
             response = super().request(method, text, *args, **kwargs)
-            if response.headers.get("date"):
-                self.offset = provider_offset(response.headers.get("date"))
+            date = response.headers.get("date")
+            if date:
+                self.last_date = (date, time.time())
             return response
 
     key, secret, token, token_secret = (channel.secret(n) for n in CREDENTIALS)
