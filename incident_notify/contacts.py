@@ -393,7 +393,7 @@ def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
         yield line, item
 
 
-def _files(paths: Sequence[Path]) -> Iterator[Path]:
+def source_files(paths: Sequence[Path]) -> Iterator[Path]:
     """Each source once, even when named twice (say by a playbook and the config)."""
     seen: set[Path] = set()
     for p in paths:
@@ -415,7 +415,7 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
     sink = problems if problems is not None else []
     default_region = region_code(default_region)
     seen: dict[str, tuple[str, int]] = {}
-    for path in _files(paths):
+    for path in source_files(paths):
         source = str(path)
         summary = SourceSummary(source)
         if summaries is not None:

@@ -38,16 +38,14 @@ def _sources(paths: list[Path], settings: Any) -> list[Path]:
     (those it names, and the config's `contacts`): `contacts check
     playbooks/dc-power-failure.yaml` checks the people that playbook tells, where its
     lines would otherwise be reported as broken contacts."""
+    from incident_notify.contacts import source_files
+
     found: list[Path] = []
     playbooks = False
-    for path in paths:
-        files = (sorted(f for f in path.iterdir()
-                        if f.suffix in (".yaml", ".yml", ".csv") and f.is_file())
-                 if path.is_dir() else [path])
-        for f in files:
-            named = _named_by_playbook(f)
-            found.extend([f] if named is None else named)
-            playbooks = playbooks or named is not None
+    for f in source_files(paths):
+        named = _named_by_playbook(f)
+        found.extend([f] if named is None else named)
+        playbooks = playbooks or named is not None
     return [*found, *settings.contacts] if playbooks else found
 
 
