@@ -34,7 +34,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -93,10 +93,6 @@ class Faults:
     """The provider's clock runs this far ahead of this machine's (negative: behind), as
     when the commander's laptop clock drifted: its Date header, the creation times of
     what it accepted and (Twitter) its rate-limit resets say so."""
-
-    def now(self) -> datetime:
-        """The provider's clock."""
-        return datetime.now(UTC) + timedelta(seconds=self.clock_skew_s)
     dribble_ms: float = 0.0
     """Accept (and record) each message, then send its answer a byte at a time, this long
     between bytes: every read gets a byte before a socket timeout, so only a deadline on
@@ -107,10 +103,15 @@ class Faults:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
 
+    def now(self) -> datetime:
+        """The provider's clock."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_skew_s)
+
     def update(self, **changes: Any) -> None:
+        settings = {f.name for f in fields(self)}
         with self._lock:
             for key, value in changes.items():
-                if key.startswith("_") or not hasattr(self, key):
+                if key not in settings:
                     raise ValueError(f"unknown fault setting {key!r}")
                 setattr(self, key, value)
 
