@@ -574,3 +574,82 @@ def test_sms_and_tweets_go_through_the_proxy_the_environment_names(
     assert len(sandbox.twilio.received.all()) == 2 and len(twitter.received.all()) == 1
     through = [url for url in proxy.seen if "/Messages.json" in url or "/2/tweets" in url]
     assert len(through) == (0 if bypassed else 3), proxy.seen
+
+
+class Recorder:
+    """An HTTP server that records each request as it came (line, headers, body) and
+    answers `{}`: what a client put on the wire, compared byte for byte."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        seen = self.seen
+
+        class Record(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append((self.requestline, {k.lower(): v for k, v in self.headers.items()},
+                             body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_DELETE = _record
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_twilio_client_puts_on_the_wire_what_the_librarys_own_http_client_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SMS channel's HTTP client (`_twilio_http`) skips `requests.Session`'s
+    per-request work; what it sends must be byte for byte what twilio's own
+    `TwilioHttpClient` sends through the session: form fields (repeated, left out when
+    None, UTF-8, numbers), query parameters, Basic credentials, every header."""
+    import os
+
+    from twilio.http.http_client import TwilioHttpClient
+    from twilio.rest import Client
+
+    from incident_notify.channels._twilio_http import make_http
+
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+    server = Recorder()
+    sid, token = "AC" + "0" * 32, "token-ü"
+    path = f"{server.url}/2010-04-01/Accounts/{sid}/Messages.json"
+    fields = {"To": "+12025550100", "From": "+15005550006", "Body": "Stromausfall: Zürich 🔌 & co",
+              "MediaUrl": ["https://a.example/1", "https://a.example/2?x=1&y=2"],
+              "Attempt": 3, "ValidityPeriod": None, "SmartEncoded": True}
+    try:
+        for http in (TwilioHttpClient(timeout=5), make_http(server.url, 5, logging.getLogger())):
+            client = Client(sid, "ignored", http_client=http)
+            client.request("POST", path, data=fields, auth=(sid, token))
+            client.request("GET", path, params={"To": "+12025550100", "PageSize": 50,
+                                                "From": None})
+            client.request("POST", path, data={})
+            client.request("DELETE", path + "?x=1", params={"y": "é"})
+            client.request("POST", path, data={"a": [1, 2]},
+                           headers={"Content-Type": "application/json"})
+    finally:
+        server.stop()
+    theirs, ours = server.seen[:5], server.seen[5:]
+    assert len(ours) == 5
+    for mine, library in zip(ours, theirs, strict=True):
+        assert mine == library
+    assert theirs[0][2].startswith(b"To=%2B12025550100&From=") and b"MediaUrl=" in theirs[0][2]

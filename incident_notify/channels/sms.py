@@ -2,7 +2,7 @@
 
 Credentials: ``TWILIO_ACCOUNT_SID``, ``TWILIO_AUTH_TOKEN``. The sandbox (or any test
 double of Twilio) is reached by setting ``api_base`` / ``INCIDENT_NOTIFY_TWILIO_API_BASE``:
-a `TwilioHttpClient` subclass rewrites ``https://api.twilio.com`` to it.
+the client's HTTP (`_twilio_http`) rewrites ``https://api.twilio.com`` to it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from incident_notify.channels._deadline import mount
-from incident_notify.channels._http import (
-    provider_offset,
-    read_environment_once,
-    settle_floor,
-    transport_error,
-)
+from incident_notify.channels._http import provider_offset, settle_floor, transport_error
+from incident_notify.channels._twilio_http import TWILIO_API
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -37,7 +32,6 @@ from incident_notify.channels.base import (
 )
 from incident_notify.errors import ConfigError
 
-TWILIO_API = "https://api.twilio.com"
 # Twilio's documented sending rates (messages segments per second): US/Canada long code
 # 1 MPS, toll-free 3 MPS (default verified), short code 100 MPS.
 RATES = {"long_code": 1.0, "toll_free": 3.0, "short_code": 100.0}
@@ -91,29 +85,13 @@ class SMSChannel(Channel):
         return self.per_thread("client", self._make_client)
 
     def _make_client(self) -> Any:
-        from twilio.http.http_client import TwilioHttpClient
         from twilio.rest import Client
 
-        base = self.api_base(TWILIO_API)
+        from incident_notify.channels._twilio_http import make_http
 
-        class Rewriting(TwilioHttpClient):
-            last_headers: Any = None
-            """Headers of the last answer (a 429's Retry-After; the client drops them)."""
-
-            def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-                if url.startswith(TWILIO_API):
-                    url = base + url[len(TWILIO_API):]
-                self.last_headers = None
-                response = super().request(method, url, *args, **kwargs)
-                self.last_headers = getattr(response, "headers", None)
-                return response
-
-        http = Rewriting(timeout=self.options.timeout_s, logger=_quiet)
-        read_environment_once(http.session, base)
-        mount(http.session)
-        client = Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
-                        http_client=http)
-        return client
+        http = make_http(self.api_base(TWILIO_API), self.options.timeout_s, _quiet)
+        return Client(self.secret("TWILIO_ACCOUNT_SID"), self.secret("TWILIO_AUTH_TOKEN"),
+                      http_client=http)
 
     def send(self, delivery: Delivery, attempt: Attempt) -> Receipt:
         kwargs: dict[str, Any] = {"to": delivery.recipient, "body": delivery.message.text}
