@@ -25,6 +25,8 @@ class OptOutStore:
         self.region = region.strip().upper()
         self._lock = threading.Lock()
         self._state: dict[tuple[str, str], dict[str, Any]] | None = None
+        self._unreadable: list[int] = []
+        """Numbers of the lines that could not be read (see `problems`)."""
 
     def _key(self, kind: str, address: str) -> tuple[str, str]:
         try:
@@ -42,20 +44,40 @@ class OptOutStore:
     def _load(self) -> dict[tuple[str, str], dict[str, Any]]:
         if self._state is None:
             state: dict[tuple[str, str], dict[str, Any]] = {}
+            unreadable: list[int] = []
             try:
-                with open(self.path, encoding="utf-8") as handle:
-                    for line in handle:
+                with open(self.path, encoding="utf-8", errors="replace") as handle:
+                    for number, line in enumerate(handle, 1):
                         if not line.endswith("\n"):
                             break  # a line being written, or cut short by a crash
-                        try:
-                            item = json.loads(line)
-                            state[(item["kind"], item["address"])] = item
-                        except (ValueError, KeyError):
+                        if not line.strip():
                             continue
+                        item = _entry(line)
+                        if item is None:
+                            unreadable.append(number)
+                            continue
+                        # (Keyed as it is looked up: a number typed by hand in another
+                        # format is still the number.)
+                        key = self._key(item["kind"], item["address"])
+                        state[key] = {**item, "kind": key[0], "address": key[1]}
             except FileNotFoundError:
                 pass
-            self._state = state
+            self._state, self._unreadable = state, unreadable
         return self._state
+
+    def problems(self) -> list[str]:
+        """Lines of the list that cannot be read: each may be an opt-out not honoured. (The
+        line numbers only: a line holds a person's address.)"""
+        with self._lock:
+            self._load()
+            bad = self._unreadable
+        if not bad:
+            return []
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5
+                                                else "")
+        return [f"opt-out list {self.path}: line{'s' if len(bad) > 1 else ''} {shown} cannot "
+                "be read, so whoever it names is not treated as opted out; fix the line, or "
+                "record the opt-out again with 'incident-notify contacts optout add'"]
 
     def _append(self, item: dict[str, Any]) -> None:
         """One line, under an exclusive lock (a send records a STOP while a commander adds
@@ -102,3 +124,16 @@ class OptOutStore:
     def all(self) -> list[dict[str, Any]]:
         with self._lock:
             return [v for v in self._load().values() if v.get("action") == "optout"]
+
+
+def _entry(line: str) -> dict[str, Any] | None:
+    """One line of the list, or None when it is not an opt-out or opt-in entry."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(item, dict) or item.get("action") not in ("optout", "optin") \
+            or not isinstance(item.get("kind"), str) \
+            or not isinstance(item.get("address"), str) or not item["address"].strip():
+        return None
+    return item

@@ -195,6 +195,7 @@ class Planner:
         if self.walks:
             raise RuntimeError("this planner has already planned its update")
         self.walks += 1
+        self.stats.warnings.extend(self.optouts.problems())
         return Plan(jobs=list(self._jobs()), skips=self.skips, stats=self.stats)
 
     def _jobs(self) -> Iterator[list[Planned]]:

@@ -505,6 +505,35 @@ def test_stop_reply_becomes_an_optout_customers_skip_internal_ignore(
     assert second.result is not None
 
 
+def test_an_opt_out_typed_by_hand_is_honoured_and_an_unreadable_line_is_said(
+        tmp_path: Path, sandbox: Any, audience_pb: Path) -> None:
+    """The list is a text file an operator may edit. A number typed as people write it
+    was listed but never matched (the list was keyed as written, looked up normalised):
+    the customer kept getting texts. A line that cannot be read was skipped in silence:
+    whoever it named was contacted and nobody knew. Now the number is the number, and an
+    unreadable line is a warning before the send, in the record, and in `optout list`
+    (by its number only: a line holds a person's address)."""
+    optouts = tmp_path / "optouts.jsonl"
+    optouts.write_text(
+        '{"kind": "sms", "address": "(202) 555-0303", "action": "optout"}\n'
+        '{"kind": "email", "address": "c2@example.com", "action": "optout"\n'
+        '{"kind": "email", "address": "c1@example.com"}\n'
+        "\n")
+    outcome = declare(_rt(tmp_path, sandbox), audience_pb, {})
+    sms = [r["to"] for r in sandbox.twilio.received.all()]
+    mail = [r for m in sandbox.smtp.received.all() for r in m["rcpt_tos"]]
+    assert "+12025550303" not in sms and "c3@example.com" in mail
+    assert outcome.preflight is not None
+    warned = [w for w in outcome.preflight.stats.warnings if "opt-out list" in w]
+    assert len(warned) == 1 and "lines 2, 3 cannot be read" in warned[0], warned
+    assert "c2@example.com" not in warned[0]
+    recorded = [r for r in _rt(tmp_path, sandbox).audit.records(event_prefix="update.planned")]
+    assert any(warned[0] in w for r in recorded for w in r.payload.get("warnings", []))
+    listed = run_cli("contacts", "optout", "list", "--optouts", str(optouts))
+    assert listed.returncode == 0 and "+12025550303" in listed.stdout
+    assert "lines 2, 3 cannot be read" in listed.stderr, listed.stderr
+
+
 def _unwritable(path: Path) -> bool:
     """Make `path` a file nobody may append to (read-only; as root, which ignores that,
     immutable where the file system allows it); False when neither holds here."""

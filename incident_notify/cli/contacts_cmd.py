@@ -237,10 +237,15 @@ def optout_list(ctx: typer.Context, optouts: OptoutsOpt = None, json: JsonOpt = 
     """Everyone currently opted out."""
     env = environment(ctx)
     env.json = json
-    items = _store(_settings(None, optouts)).all()
+    store = _store(_settings(None, optouts))
+    items, problems = store.all(), store.problems()
     if json:
-        env.emit_json("contacts optout list", {"optouts": items})
+        env.emit_json("contacts optout list", {"optouts": items, "warnings": problems})
         return
     for item in items:
-        env.console().print(f"{item['kind']:<11} {item['address']:<32} {item['reason']} "
-                               f"{item['ts'][:19].replace('T', ' ')} UTC", markup=False)
+        when = str(item.get("ts") or "")[:19].replace("T", " ")
+        env.console().print(f"{item['kind']:<11} {item['address']:<32} "
+                            f"{item.get('reason') or '-'} {when + ' UTC' if when else ''}"
+                            .rstrip(), markup=False)
+    for problem in problems:
+        env.err_console().print(f"warning: {problem}", markup=False, highlight=False)
