@@ -380,8 +380,7 @@ class Dispatcher:
             if breaker.failure():
                 self._open(runner, d.channel, str(exc))
             self._record(d, "unknown", _err(exc, attempt.number))
-            if not d.contact_id:
-                self._cover_unknown_broadcast(d, str(exc), whole)
+            self._cover_unknown(d, str(exc), whole)
             return True
         elapsed = time.monotonic() - first_attempt_at
         if exc.retry_after is not None:
@@ -413,11 +412,13 @@ class Dispatcher:
             return True
         return None
 
-    def _cover_unknown_broadcast(self, d: Delivery, reason: str,
-                                 whole: list[Delivery]) -> None:
-        """A public post whose outcome is unknown (the provider hung or dropped the line):
-        the people who hear on its fallback channels when it is down hear now too. The post
-        itself stays unknown for `resume` to settle; the rest of its thread moves with it."""
+    def _cover_unknown(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
+        """A delivery whose outcome is unknown (the provider hung or dropped the line after
+        the request left): whoever would hear on its fallback channels were it down hears
+        now too (the public post's fallback audience; the person, on their next channel
+        unless already told there). It may mean a person hears twice, on two channels;
+        never twice on one. The delivery itself stays unknown for `resume` to settle; the
+        rest of a thread moves with it."""
         with self._reroute_lock:
             try:
                 planned = self.router.reroute(d, f"outcome unknown: {reason}")

@@ -16,6 +16,7 @@ from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
 from incident_notify.lifecycle import declare, update
 from incident_notify.resume import resume
 from tests.conftest import (
+    PLAYBOOKS,
     json_doc,
     mail_to,
     make_fanout_playbook,
@@ -149,6 +150,42 @@ def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
     records = events(rt, "delivery.settled")
     assert [r.payload["outcome"] for r in records] == ["sent"]
     assert records[0].payload["provider_id"].startswith("SM")
+    assert settled.exit_code == 0 and not settled.in_doubt
+
+
+def test_a_customer_whose_sms_is_in_doubt_hears_by_email_now_and_never_twice_by_sms(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio takes every message and the line drops before each answer (a proxy in the
+    way failing). Each SMS is in doubt: never re-sent blindly. The customers those SMS
+    were for used to wait, told nothing more, until someone ran `resume`; the ones queued
+    behind them heard by email once the channel was taken down. Now a person whose
+    delivery is in doubt hears on their next channel at once, as the public's fallback
+    audience does for a tweet in doubt: maybe twice on two channels, never twice on one.
+    `resume` then settles each SMS from Twilio's records and sends nothing more."""
+    from incident_notify.contacts import load_contacts
+
+    pb = PLAYBOOKS / "dc-power-failure.yaml"
+    rt = runtime(tmp_path, sandbox)
+    values = {"site": "LON-2", "services": "compute", "eta": "14:00 UTC",
+              "status_url": "https://status.acme.example/i/1"}
+    outcome = declare(rt, pb, values, confirm=after_confirmation(
+        lambda: sandbox.twilio.faults.update(drop_after_accept=1000)))
+    people = load_contacts([PLAYBOOKS / "contacts" / "customers.csv"]).contacts
+    unknown = [r for r in events(rt, "delivery.unknown", "customer_sms")]
+    assert unknown, "the fault must leave customer SMS in doubt"
+    mail = mail_to(sandbox)
+    for record in unknown:
+        person = people[record.key.split("/")[3]]
+        assert mail[person.email] == 1, f"{person.id}: in doubt by SMS, not told by email"
+    assert set(sms_to(sandbox).values()) == {1}, "an SMS in doubt must never be re-sent"
+    assert outcome.verdict is not None and outcome.verdict.count("in_doubt") == 0
+    assert outcome.in_doubt and outcome.exit_code == 5  # (the SMS still to settle)
+
+    sandbox.twilio.faults.update(drop_after_accept=0)
+    sms, emails = sms_to(sandbox), mail_to(sandbox)
+    settled = resume(rt, outcome.incident_id)
+    assert sms_to(sandbox) == sms and mail_to(sandbox) == emails, "settled, not re-sent"
+    assert {r.payload["outcome"] for r in events(rt, "delivery.settled")} == {"sent"}
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
