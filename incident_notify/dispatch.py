@@ -428,7 +428,8 @@ class Dispatcher:
                 return  # no fallback: the rest of the thread waits for resume
             moved = [(part, {"reason": f"an earlier part's outcome is unknown: {reason}",
                              "to": [], "as_part_of": d.key}) for part in whole[1:]]
-            self._start(planned, d, f"outcome unknown: {reason}", moved)
+            if planned or moved:  # (none: already told on the fallback, as team members)
+                self._start(planned, d, f"outcome unknown: {reason}", moved)
 
     def _open(self, runner: ChannelRunner, channel: str, reason: str) -> None:
         if not runner.down_reason:

@@ -180,6 +180,9 @@ def test_a_customer_whose_sms_is_in_doubt_hears_by_email_now_and_never_twice_by_
     assert set(sms_to(sandbox).values()) == {1}, "an SMS in doubt must never be re-sent"
     assert outcome.verdict is not None and outcome.verdict.count("in_doubt") == 0
     assert outcome.in_doubt and outcome.exit_code == 5  # (the SMS still to settle)
+    # The team, told on every channel anyway, is not "failed over" to where it already is.
+    assert outcome.result is not None and outcome.result.failovers
+    assert all(f["deliveries"] for f in outcome.result.failovers), outcome.result.failovers
 
     sandbox.twilio.faults.update(drop_after_accept=0)
     sms, emails = sms_to(sandbox), mail_to(sandbox)
