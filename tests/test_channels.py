@@ -161,6 +161,24 @@ def test_the_deadline_adapter_keeps_tls_verification_and_bounds_a_tls_answer(
         mount(stranger)
         with pytest.raises(requests.exceptions.SSLError):
             stranger.get(f"{base}/fast", timeout=5)
+        # The SMS channel's client sends through its session's adapter, not the session:
+        # the same verification and deadline hold.
+        from incident_notify.channels._twilio_http import make_http
+
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("REQUESTS_CA_BUNDLE", str(cert))
+            twilio_http = make_http(base, 5, logging.getLogger())
+        assert twilio_http.request("GET", f"{base}/fast").text == body.decode()
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.RequestException), Deadline(1.0):
+            twilio_http.request("GET", f"{base}/slow")
+        assert time.monotonic() - started < 3
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+                env.delenv(name, raising=False)
+            untrusting = make_http(base, 5, logging.getLogger())
+        with pytest.raises(requests.exceptions.SSLError):
+            untrusting.request("GET", f"{base}/fast")
     finally:
         server.shutdown()
 
