@@ -134,6 +134,28 @@ def json_doc(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return doc
 
 
+class UnreachablePort:
+    """A local address whose connection requests are dropped, as a firewall or a route
+    lost in an outage drops them: a listening socket whose queue is already full, so the
+    kernel ignores every further SYN and the client's connect waits until it gives up."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.queued = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def __enter__(self) -> UnreachablePort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.queued.close()
+        self.listener.close()
+
+
 def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
                          subscribers: int = 0, rate: float = 1000.0, concurrency: int = 8,
                          fallback_notice: bool = True) -> Path:

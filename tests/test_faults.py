@@ -17,6 +17,7 @@ from incident_notify.lifecycle import declare, update
 from incident_notify.resume import resume
 from tests.conftest import (
     PLAYBOOKS,
+    UnreachablePort,
     json_doc,
     mail_to,
     make_fanout_playbook,
@@ -125,6 +126,50 @@ def test_answer_dribbled_after_accept_is_unknown_in_bounded_time_never_resent(
     settled = resume(rt, outcome.incident_id)
     assert set(sms_to(sandbox).values()) == {1} and set(mail_to(sandbox).values()) == {1}
     assert settled.exit_code == (0 if service == "twilio" else 5)
+
+
+# ------------------------------------------------------------------ a door that drops
+@pytest.mark.parametrize("kind", ["sms", "email", "twitter"])
+def test_a_provider_whose_address_drops_connection_requests_fails_fast_never_sent(
+        kind: str) -> None:
+    """A firewall, or a route lost in the outage, drops the connection requests to the
+    provider: the connect waits, unanswered. The SMS and email channels waited their
+    whole `timeout_s` (20 s) for each connection, and the request deadline cannot cut a
+    connection that has no socket yet. Connecting now has 5 s (CONNECT_TIMEOUT_S); nothing
+    was sent, so the delivery is retried or fails over, never left in doubt."""
+    from incident_notify.channels._http import CONNECT_TIMEOUT_S
+    from incident_notify.channels.base import (
+        ChannelSpec,
+        Delivery,
+        NoAttempt,
+        OutgoingMessage,
+        TransientChannelError,
+    )
+    from incident_notify.channels.email import EmailChannel
+    from incident_notify.channels.sms import SMSChannel
+    from incident_notify.channels.twitter import TwitterChannel
+    from incident_notify.sandbox import SANDBOX_CREDENTIALS
+
+    with UnreachablePort() as door:
+        url = f"http://127.0.0.1:{door.port}"
+        secrets = {**SANDBOX_CREDENTIALS, "INCIDENT_NOTIFY_TWILIO_API_BASE": url,
+                   "INCIDENT_NOTIFY_TWITTER_API_BASE": url,
+                   "INCIDENT_NOTIFY_SMTP_URL": f"smtp://127.0.0.1:{door.port}"}
+        channel = {"sms": lambda: SMSChannel(ChannelSpec("c", "sms", "+15005550006"), secrets),
+                   "email": lambda: EmailChannel(ChannelSpec("c", "email", "ops@acme.example"),
+                                                 secrets),
+                   "twitter": lambda: TwitterChannel(ChannelSpec("c", "twitter"), secrets),
+                   }[kind]()
+        recipient = {"sms": "+12025550100", "email": "a@example.org", "twitter": ""}[kind]
+        started = time.monotonic()
+        with pytest.raises(TransientChannelError) as info:
+            channel.send(Delivery(key="INC-1/1/c/p/1", incident_id="INC-1", update_no=1,
+                                  channel="c", recipient=recipient,
+                                  message=OutgoingMessage(text="Power lost.", subject="s")),
+                         NoAttempt())
+        took = time.monotonic() - started
+    assert info.value.code == "connection" and not info.value.maybe_delivered, info.value
+    assert CONNECT_TIMEOUT_S - 0.5 < took < CONNECT_TIMEOUT_S + 3, took
 
 
 # ------------------------------------------------------------------ accepted, then dropped

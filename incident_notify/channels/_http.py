@@ -15,6 +15,14 @@ from typing import Any
 
 from incident_notify.channels.base import TransientChannelError
 
+CONNECT_TIMEOUT_S = 5.0
+"""How long a connection may take to open (TCP, and TLS where it starts at once) before the
+provider counts as unreachable: nothing was sent, so the delivery is retried or fails over.
+A provider whose address drops the connection request (a firewall, a route gone in the
+outage) otherwise held each request for the whole `timeout_s`, and a request deadline
+cannot cut a connection that has no socket yet. Reads keep `timeout_s`: a server may take
+its time to answer (Postfix's postscreen waits 6 s before its greeting)."""
+
 
 def read_environment_once(session: Any, url: str) -> None:
     """What `requests` reads from the environment for each request (the proxy for `url`,

@@ -53,7 +53,7 @@ def _http_class() -> type:
     from twilio.http.response import Response
 
     from incident_notify.channels._deadline import mount
-    from incident_notify.channels._http import read_environment_once
+    from incident_notify.channels._http import CONNECT_TIMEOUT_S, read_environment_once
 
     class LeanHttp(HttpClient):
         last_headers: Any = None
@@ -100,8 +100,9 @@ def _http_class() -> type:
             prepared.headers = sent
             prepared.body = body
             prepared.hooks = {"response": []}
+            read = self.timeout if timeout is None else timeout
             answer = session.get_adapter(prepared.url).send(
-                prepared, stream=False, timeout=self.timeout if timeout is None else timeout,
+                prepared, stream=False, timeout=(min(CONNECT_TIMEOUT_S, read), read),
                 verify=self.verify, cert=session.cert, proxies=session.proxies)
             content = answer.content  # (read whole: the connection goes back to the pool)
             self.last_headers = answer.headers

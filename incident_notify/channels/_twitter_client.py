@@ -14,6 +14,7 @@ from typing import Any
 
 from incident_notify.channels._deadline import mount
 from incident_notify.channels._http import (
+    CONNECT_TIMEOUT_S,
     provider_offset,
     read_environment_once,
     transport_error,
@@ -32,7 +33,7 @@ def make_client(channel: Channel) -> Any:
     import tweepy
 
     base = channel.api_base(TWITTER_API)
-    timeout = (5.0, float(getattr(channel.options, "timeout_s", 20.0)))
+    timeout = (CONNECT_TIMEOUT_S, float(getattr(channel.options, "timeout_s", 20.0)))
 
     class RewritingSession(requests.Session):
         last_date: tuple[str, float] | None = None

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from incident_notify.channels._deadline import Deadline, current, watch
@@ -139,9 +140,9 @@ class EmailChannel(Channel):
         try:
             conn: smtplib.SMTP
             if self.tls == "implicit":
-                conn = smtplib.SMTP_SSL(timeout=timeout, context=self._context())
+                conn = _smtp_class(True)(timeout=timeout, context=self._context())
             else:
-                conn = smtplib.SMTP(timeout=timeout)
+                conn = _smtp_class(False)(timeout=timeout)
             # Connected after it is watched: a server may dribble its greeting too.
             # (smtplib.SMTP(host) sets _host itself; TLS checks the certificate on it.)
             conn._host = self.host  # type: ignore[attr-defined]
@@ -485,6 +486,30 @@ class EmailChannel(Channel):
                                          channel=name, code="connection")
         return TransientChannelError(f"{name}: {type(exc).__name__} talking SMTP",
                                      channel=name, code="error")
+
+
+@lru_cache(maxsize=2)
+def _smtp_class(implicit_tls: bool) -> Any:
+    """smtplib's SMTP (or SMTP_SSL) whose connection must open within CONNECT_TIMEOUT_S
+    (with the TLS handshake, for implicit TLS); the greeting and everything after wait
+    the channel's `timeout_s`."""
+    import smtplib
+
+    from incident_notify.channels._http import CONNECT_TIMEOUT_S
+
+    base = smtplib.SMTP_SSL if implicit_tls else smtplib.SMTP
+
+    class Connecting(base):  # type: ignore[valid-type,misc]
+        def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+            opening = min(timeout, CONNECT_TIMEOUT_S)
+            try:
+                sock: socket.socket = super()._get_socket(host, port, opening)
+            except TimeoutError:  # (not "did not answer": nothing was asked yet)
+                raise ConnectionError(f"no connection within {opening:.0f}s") from None
+            sock.settimeout(timeout)
+            return sock
+
+    return Connecting
 
 
 def _hello(conn: smtplib.SMTP) -> None:
