@@ -45,6 +45,9 @@ class OptOutStore:
         if self._state is None:
             state: dict[tuple[str, str], dict[str, Any]] = {}
             unreadable: list[int] = []
+            # Entries whose address is not one of its kind, by the line of the last one:
+            # unless it is an opt-in, a problem to report.
+            invalid: dict[tuple[str, str], int] = {}
             try:
                 with open(self.path, encoding="utf-8", errors="replace") as handle:
                     for number, line in enumerate(handle, 1):
@@ -56,18 +59,28 @@ class OptOutStore:
                         if item is None:
                             unreadable.append(number)
                             continue
-                        # (Keyed as it is looked up: a number typed by hand in another
-                        # format is still the number.)
-                        key = self._key(item["kind"], item["address"])
+                        try:
+                            # (Keyed as it is looked up: a number typed by hand in
+                            # another format is still the number.)
+                            key = self.checked_key(item["kind"], item["address"])
+                            invalid.pop(key, None)
+                        except InvalidField:
+                            # It matches nobody; kept as written, so that it can be
+                            # removed as written.
+                            key = self._key(item["kind"], item["address"])
+                            invalid[key] = number
                         state[key] = {**item, "kind": key[0], "address": key[1]}
             except FileNotFoundError:
                 pass
-            self._state, self._unreadable = state, unreadable
+            unreadable += [n for key, n in invalid.items()
+                           if state[key].get("action") == "optout"]
+            self._state, self._unreadable = state, sorted(unreadable)
         return self._state
 
     def problems(self) -> list[str]:
-        """Lines of the list that cannot be read: each may be an opt-out not honoured. (The
-        line numbers only: a line holds a person's address.)"""
+        """Lines of the list that cannot be read, or whose opt-out names no valid address
+        of its kind: each may be an opt-out not honoured. (The line numbers only: a line
+        holds a person's address.)"""
         with self._lock:
             self._load()
             bad = self._unreadable
@@ -76,8 +89,9 @@ class OptOutStore:
         shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5
                                                 else "")
         return [f"opt-out list {self.path}: line{'s' if len(bad) > 1 else ''} {shown} cannot "
-                "be read, so whoever it names is not treated as opted out; fix the line, or "
-                "record the opt-out again with 'incident-notify contacts optout add'"]
+                "be read (or name no valid address), so whoever it names is not treated as "
+                "opted out; fix the line, or record the opt-out again with "
+                "'incident-notify contacts optout add'"]
 
     def _append(self, item: dict[str, Any]) -> None:
         """One line, under an exclusive lock (a send records a STOP while a commander adds
@@ -127,7 +141,10 @@ class OptOutStore:
 
 
 def _entry(line: str) -> dict[str, Any] | None:
-    """One line of the list, or None when it is not an opt-out or opt-in entry."""
+    """One line of the list, or None when it is not an opt-out or opt-in entry (or holds
+    bytes that are not UTF-8: its address cannot be the one written)."""
+    if "\ufffd" in line:
+        return None
     try:
         item = json.loads(line)
     except ValueError:

@@ -518,20 +518,24 @@ def test_an_opt_out_typed_by_hand_is_honoured_and_an_unreadable_line_is_said(
         '{"kind": "sms", "address": "(202) 555-0303", "action": "optout"}\n'
         '{"kind": "email", "address": "c2@example.com", "action": "optout"\n'
         '{"kind": "email", "address": "c1@example.com"}\n'
-        "\n")
+        "\n"
+        '{"kind": "sms", "address": "not a number", "action": "optout"}\n')
+    with optouts.open("ab") as raw:  # (a line saved in another encoding)
+        raw.write('{"kind": "email", "address": "zoë@example.com", "action": "optout"}\n'
+                  .encode("latin-1"))
     outcome = declare(_rt(tmp_path, sandbox), audience_pb, {})
     sms = [r["to"] for r in sandbox.twilio.received.all()]
     mail = [r for m in sandbox.smtp.received.all() for r in m["rcpt_tos"]]
     assert "+12025550303" not in sms and "c3@example.com" in mail
     assert outcome.preflight is not None
     warned = [w for w in outcome.preflight.stats.warnings if "opt-out list" in w]
-    assert len(warned) == 1 and "lines 2, 3 cannot be read" in warned[0], warned
+    assert len(warned) == 1 and "lines 2, 3, 5, 6 cannot be read" in warned[0], warned
     assert "c2@example.com" not in warned[0]
     recorded = [r for r in _rt(tmp_path, sandbox).audit.records(event_prefix="update.planned")]
     assert any(warned[0] in w for r in recorded for w in r.payload.get("warnings", []))
     listed = run_cli("contacts", "optout", "list", "--optouts", str(optouts))
     assert listed.returncode == 0 and "+12025550303" in listed.stdout
-    assert "lines 2, 3 cannot be read" in listed.stderr, listed.stderr
+    assert "lines 2, 3, 5, 6 cannot be read" in listed.stderr, listed.stderr
 
 
 def _unwritable(path: Path) -> bool:
