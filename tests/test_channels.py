@@ -517,15 +517,30 @@ def test_an_email_built_from_the_shared_body_is_the_whole_message() -> None:
 
 
 # ------------------------------------------------------------------ proxies
-class ForwardProxy:
+class LocalHTTP:
+    """A threaded HTTP server on this machine for one handler class, stopped by `stop`."""
+
+    def _serve(self, handler: type) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ForwardProxy(LocalHTTP):
     """A plain HTTP forward proxy that relays each request to the URL in its request line
     and remembers which URLs went through it."""
 
     def __init__(self) -> None:
         import http.client
-        import threading
         import urllib.parse
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         seen = self.seen = []  # type: list[str]
 
@@ -557,13 +572,7 @@ class ForwardProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Relay)
 
 
 @pytest.mark.parametrize("bypassed", [False, True])
@@ -594,13 +603,12 @@ def test_sms_and_tweets_go_through_the_proxy_the_environment_names(
     assert len(through) == (0 if bypassed else 3), proxy.seen
 
 
-class Recorder:
+class Recorder(LocalHTTP):
     """An HTTP server that records each request as it came (line, headers, body) and
     answers `{}`: what a client put on the wire, compared byte for byte."""
 
     def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.seen: list[tuple[str, dict[str, str], bytes]] = []
         seen = self.seen
@@ -623,13 +631,7 @@ class Recorder:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Record)
 
 
 def test_the_twilio_client_puts_on_the_wire_what_the_librarys_own_http_client_does(
