@@ -2,13 +2,16 @@
 bare smtplib on the same sink (the floor no client goes under).
 
 `../shared/bench/compare_email.sh` sends N emails through apprise and through a `declare`
-process to `../shared/bench/smtp_sink.py` (aiosmtpd, LAT ms per message). apprise is not
-installable here, and the script writes the server into its playbook, which the endpoint
-rule refuses (servers come from the operator's environment: docs/security.md). This runs
-the same sink, contacts and playbook, with the server in INCIDENT_NOTIFY_SMTP_URL, and
-then sends the same messages through bare smtplib with the same 8 connections.
+process to `../shared/bench/smtp_sink.py` (aiosmtpd, LAT ms per message). The script
+writes the server into its playbook, which the endpoint rule refuses (servers come from
+the operator's environment: docs/security.md), so its incident-notify half exits 3. This
+runs the same sink, contacts and playbook, with the server in INCIDENT_NOTIFY_SMTP_URL;
+with `--apprise`, first the script's own apprise command on the same sink; then the same
+messages through bare smtplib with the same 8 connections.
 
-    python bench/email_sink.py [--emails 1000] [--latency-ms 20] [--concurrency 8]
+    A=/tmp/apprise-venv; python3 -m venv $A && $A/bin/pip install -q apprise aiosmtpd
+    python bench/email_sink.py [--emails 1000] [--latency-ms 20] [--concurrency 8] \
+        [--apprise $A/bin/apprise]
 
 Needs aiosmtpd (the sink's server) and the shared folder next to the checkout.
 """
@@ -74,6 +77,16 @@ def start_sink(port: int, latency_ms: float, count: Path) -> subprocess.Popen[by
     raise SystemExit("the sink did not start")
 
 
+def apprise(command: str, port: int, emails: int) -> float:
+    """compare_email.sh's apprise half, as the script runs it."""
+    to = ",".join(f"user{i}@example.org" for i in range(emails))
+    started = time.perf_counter()
+    subprocess.run([command, "-t", "Power problem", "-b", "We are investigating.",
+                    f"mailto://127.0.0.1:{port}?from=status@acme.test&to={to}&mode=insecure"
+                    "&user=&pass="], capture_output=True, check=False)
+    return time.perf_counter() - started
+
+
 def bare(port: int, emails: int, concurrency: int) -> float:
     def work(share: range) -> None:
         with smtplib.SMTP("127.0.0.1", port) as server:
@@ -98,6 +111,7 @@ def main() -> int:
     parser.add_argument("--emails", type=int, default=1000)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--apprise", help="apprise's command, to run it on the same sink first")
     args = parser.parse_args()
     if not SINK.exists():
         print(f"no sink at {SINK}", file=sys.stderr)
@@ -118,6 +132,10 @@ def main() -> int:
         port = free_port()
         sink = start_sink(port, args.latency_ms, root / "count")
         try:
+            theirs, their_count = None, 0
+            if args.apprise:
+                theirs = apprise(args.apprise, port, args.emails)
+                their_count = int((root / "count").read_text() or 0)
             env = {**os.environ, "XDG_DATA_HOME": f"{tmp}/data",
                    "XDG_STATE_HOME": f"{tmp}/state", "XDG_CONFIG_HOME": f"{tmp}/config",
                    "INCIDENT_NOTIFY_SMTP_URL": f"smtp://127.0.0.1:{port}",
@@ -130,7 +148,7 @@ def main() -> int:
                  "--yes", "--json", "--audit-log", str(root / "audit.jsonl")],
                 env=env, capture_output=True, text=True, check=False)
             tool = time.perf_counter() - started
-            tool_count = int((root / "count").read_text() or 0)
+            tool_count = int((root / "count").read_text() or 0) - their_count
             floor = bare(port, args.emails, args.concurrency)
         finally:
             sink.terminate()
@@ -150,6 +168,9 @@ def main() -> int:
     print(f"bare smtplib      {floor:.2f} s (the same messages and connections, no planning, "
           f"no record){ratio(floor)}")
     print(f"ratio             the process is {tool / floor:.2f}x bare smtplib")
+    if theirs is not None:
+        print(f"apprise           {theirs:.2f} s for {their_count} emails{ratio(theirs)}: "
+              f"incident-notify is {theirs / tool:.2f}x faster")
     return 0 if proc.returncode == 0 and tool_count == args.emails else 1
 
 
