@@ -270,13 +270,15 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
     # What the emulator cannot do, or a value no provider gives, is refused plainly.
     for args in (["twilio", "--dribble-ms", "-1"], ["smtp", "--error-after-accept", "1"],
-                 ["twitter", "--error-status", "404"]):
+                 ["twitter", "--error-status", "404"], ["smtp", "--idless-after-accept", "1"]):
         refused = run_cli("sandbox", "fault", *args)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
     assert sandbox.smtp.faults.error_after_accept == 0
     said = run_cli("sandbox", "fault", "twitter", "--error-after-accept", "2",
                    "--error-status", "504")
     assert said.stdout.strip() == "twitter: error after accept 2, error status 504"
+    said = run_cli("sandbox", "fault", "twilio", "--idless-after-accept", "3")
+    assert sandbox.twilio.faults.idless_after_accept == 3 and said.returncode == 0
     run_cli("sandbox", "fault", "smtp", "--bad-sender", "ops@acme.example", "--no-extension",
             "SMTPUTF8", "--no-extension", "AUTH")
     run_cli("sandbox", "fault", "twilio", "--failed-recipient", "+12025550002")
@@ -290,13 +292,16 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
 
 
 @pytest.mark.parametrize(("service", "answer"), [
-    ("twilio", "garbled"), ("twitter", "garbled"), ("twilio", 500), ("twilio", 504),
-    ("twitter", 500), ("twitter", 502)])
+    ("twilio", "garbled"), ("twitter", "garbled"), ("twilio", "idless"),
+    ("twitter", "idless"), ("twilio", 500), ("twilio", 504), ("twitter", 500),
+    ("twitter", 502)])
 def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_then_settled(
         tmp_path: Path, sandbox: Any, service: str, answer: str | int) -> None:
     """The provider takes the message, then something in the way answers 200 with an HTML
-    page, or the provider answers with a server error (Twilio documents that a 500 to a
-    send may hide a message it sent; a gateway's 502 or 504 may too). The delivery is
+    page, or the answer comes without the message's id (it was recorded sent with the id
+    "None", and a thread's next part replied to tweet "None"), or the provider answers
+    with a server error (Twilio documents that a 500 to a send may hide a message it
+    sent; a gateway's 502 or 504 may too). The delivery is
     unknown, never retried blindly; resume finds it in the provider's records and records
     it sent. (A 503 says the request was not taken: it is retried, as in the retry
     tests.)"""
@@ -304,6 +309,7 @@ def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_t
     rt = runtime(tmp_path, sandbox)
     emulator = getattr(sandbox, service)
     fault = {"garble_after_accept": 1} if answer == "garbled" else \
+        {"idless_after_accept": 1} if answer == "idless" else \
         {"error_after_accept": 1, "error_status": answer}
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
         lambda: emulator.faults.update(**fault)))

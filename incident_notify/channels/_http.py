@@ -37,6 +37,17 @@ def read_environment_once(session: Any, url: str) -> None:
     session.verify = settings["verify"]
 
 
+def provider_id(value: Any, channel: str, provider: str) -> str:
+    """The id the provider gave what it made (a message sid, a tweet id): an answer without
+    one was taken but names nothing, so the delivery is unknown (never sent again blindly;
+    `resume` finds it in the provider's records), and a thread never replies to "None"."""
+    if value is None or not str(value).strip():
+        raise TransientChannelError(f"{channel}: {provider} took the message but its answer "
+                                    "gives no id", channel=channel, code="unreadable",
+                                    maybe_delivered=True)
+    return str(value)
+
+
 def provider_offset(date: str | None) -> float:
     """How far the provider's clock (the `Date` header of an answer just read) is ahead of
     this machine's, in seconds (negative: behind); 0 when the answer did not say."""

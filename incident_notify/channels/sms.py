@@ -14,7 +14,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from incident_notify.channels._http import provider_offset, settle_floor, transport_error
+from incident_notify.channels._http import (
+    provider_id,
+    provider_offset,
+    settle_floor,
+    transport_error,
+)
 from incident_notify.channels._twilio_http import TWILIO_API
 from incident_notify.channels.base import (
     Attempt,
@@ -114,8 +119,8 @@ class SMSChannel(Channel):
                 f"{self.name}: Twilio took the message as {status} (error {code}: "
                 f"{message.error_message or 'no detail'})", channel=self.name,
                 code=str(code or status), recipient_problem=True)
-        return Receipt(provider_id=str(message.sid), segments=int(message.num_segments or 1),
-                       detail={"status": message.status})
+        return Receipt(provider_id=provider_id(message.sid, self.name, "Twilio"),
+                       segments=_count(message.num_segments), detail={"status": message.status})
 
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:
         """Twilio's message list (newest first), filtered by To and From, matched on the body
@@ -145,7 +150,7 @@ class SMSChannel(Channel):
             if str(message.status) in _NOT_DELIVERED:
                 continue
             return Receipt(provider_id=str(message.sid),
-                           segments=int(message.num_segments or 1),
+                           segments=_count(message.num_segments),
                            detail={"status": message.status, "settled": True})
         return None
 
@@ -221,6 +226,14 @@ class SMSChannel(Channel):
 
 _NOT_DELIVERED = ("failed", "undelivered", "canceled")
 """Message statuses that mean Twilio will not deliver it."""
+
+
+def _count(raw: Any) -> int:
+    """Twilio's `num_segments` (a string in its JSON), 1 when it does not say."""
+    try:
+        return max(1, int(raw))
+    except (TypeError, ValueError):
+        return 1
 
 
 def _seconds(raw: Any) -> float:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from incident_notify.channels._http import settle_floor
+from incident_notify.channels._http import provider_id, settle_floor
 from incident_notify.channels._twitter_client import make_client, map_error
 from incident_notify.channels.base import (
     Attempt,
@@ -99,7 +99,8 @@ class TwitterChannel(Channel):
         with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped_post):
             response = client.create_tweet(text=text, in_reply_to_tweet_id=reply_to,
                                            user_auth=True)
-            return Receipt(provider_id=str(response.data["id"]),
+            return Receipt(provider_id=provider_id(response.data.get("id"), self.name,
+                                                   "Twitter"),
                            detail={"in_reply_to": reply_to})
 
     def my_id(self) -> str:

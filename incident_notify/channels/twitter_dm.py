@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import ClassVar
 
-from incident_notify.channels._http import settle_floor
+from incident_notify.channels._http import provider_id, settle_floor
 from incident_notify.channels.base import (
     Attempt,
     ChannelLimits,
@@ -57,7 +57,8 @@ class TwitterDMChannel(TwitterChannel):
         with self.bounded("Twitter", maybe_delivered=True, mapped=self._mapped):
             response = client.create_direct_message(
                 participant_id=participant, text=delivery.message.text, user_auth=True)
-            return Receipt(provider_id=str(response.data["dm_event_id"]),
+            return Receipt(provider_id=provider_id(response.data.get("dm_event_id"),
+                                                   self.name, "Twitter"),
                            detail={"participant_id": participant})
 
     def find_sent(self, delivery: Delivery, since: datetime) -> Receipt | None:

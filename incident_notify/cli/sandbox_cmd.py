@@ -165,6 +165,9 @@ def fault(
     garble_after_accept: Annotated[int | None, typer.Option(
         min=0, help="Accept the next N messages, then answer with an HTML page (SMTP: "
         "a reply with no code).")] = None,
+    idless_after_accept: Annotated[int | None, typer.Option(
+        min=0, help="twitter and twilio: accept the next N messages, then answer without "
+        "the message's id.")] = None,
     error_after_accept: Annotated[int | None, typer.Option(
         min=0, help="twitter and twilio: accept the next N messages, then answer with "
         "--error-status.")] = None,
@@ -188,13 +191,17 @@ def fault(
         raise UsageError("--error-after-accept is an HTTP fault: an SMTP server's refusal "
                          "after the data is --fail-next (451)",
                          hint="use it with twitter or twilio")
+    if idless_after_accept and service == "smtp":
+        raise UsageError("--idless-after-accept is an HTTP fault: an SMTP server's answer "
+                         "to the data names no message (the id is ours)",
+                         hint="use it with twitter or twilio")
     body: dict[str, Any] = {k: v for k, v in {
         "outage": outage, "latency_ms": latency_ms, "rate_window_s": rate_window_s,
         "fail_next": fail_next, "send_latency_ms": send_latency_ms,
         "outage_after": outage_after, "drop_after_accept": drop_after_accept,
         "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
         "error_after_accept": error_after_accept, "error_status": error_status,
-        "clock_skew_s": clock_skew_s,
+        "clock_skew_s": clock_skew_s, "idless_after_accept": idless_after_accept,
     }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None

@@ -83,6 +83,10 @@ class Faults:
     """Accept (and record) this many next messages, then answer 200 with a body that is
     not the API's (an HTML page, as a proxy in the way gives; SMTP: a reply to the data
     with no reply code): the client cannot read whether they arrived."""
+    idless_after_accept: int = 0
+    """Twitter, Twilio: accept (and record) this many next messages, then answer as usual
+    but with the message's id (`sid`, `id`, `dm_event_id`) null, as a proxy or a changed
+    API might: the message was taken, but which one is not said."""
     error_after_accept: int = 0
     """Accept (and record) this many next messages, then answer with a server error of
     status `error_status` in the API's own error format (Twilio documents that a 500 to
@@ -139,6 +143,10 @@ class Faults:
     def take_garble(self) -> bool:
         """True (and count one down) when this accepted message's answer is garbled."""
         return self._take("garble_after_accept")
+
+    def take_idless(self) -> bool:
+        """True (and count one down) when this accepted message's answer loses its id."""
+        return self._take("idless_after_accept")
 
     def _take(self, name: str) -> bool:
         with self._lock:
@@ -302,7 +310,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
                       headers: dict[str, str] | None = None) -> None:
         """Answer an accepted message, or (fault `drop_after_accept`) drop the connection
         with no answer after recording it, or (`garble_after_accept`) answer with a page
-        that is not the API's."""
+        that is not the API's, or (`idless_after_accept`) answer without its id."""
         self.emulator.faults.note_accept()
         if self.emulator.faults.take_drop():
             import socket
@@ -320,6 +328,8 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             status = self.emulator.faults.error_status
             self.send_json(status, self.server_error(status))
             return
+        if self.emulator.faults.take_idless():
+            payload = _without_ids(payload)
         if self.emulator.faults.take_garble():
             body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             self.send_response(200)
@@ -416,3 +426,15 @@ class HttpEmulator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _without_ids(payload: Any) -> Any:
+    """An accepted message's answer with the id of what was made null
+    (`idless_after_accept`): Twilio's resource, or Twitter's `data`."""
+    ids = ("sid", "id", "dm_event_id")
+    if not isinstance(payload, dict):
+        return payload
+    emptied = {k: None if k in ids else v for k, v in payload.items()}
+    if isinstance(emptied.get("data"), dict):
+        emptied["data"] = {k: None if k in ids else v for k, v in emptied["data"].items()}
+    return emptied
