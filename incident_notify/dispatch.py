@@ -451,7 +451,9 @@ class Dispatcher:
             warning = self.router.opted_out(d)
             if warning:
                 self._notice("warning", d.channel, {"reason": warning})
-        if exc.opt_out or exc.recipient_problem:
+        # Refused for this delivery only (the recipient, or this message on this channel:
+        # too long, a code we do not know): the person's next channel may still reach them.
+        if d.contact_id:
             with self._reroute_lock:
                 try:
                     nxt = self.router.next_channel(d)

@@ -325,6 +325,27 @@ def test_answer_garbled_or_a_server_error_after_accept_is_unknown_never_resent_t
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
+@pytest.mark.parametrize("code", [21219, 21211])
+def test_a_customer_whose_sms_twilio_refuses_with_any_code_hears_by_email(
+        tmp_path: Path, sandbox: Any, code: int) -> None:
+    """Twilio refuses one customer's SMS with a code of its own (21219: a trial account may
+    only text numbers it verified; the tool knows a few codes, Twilio has hundreds). Only
+    the codes the tool knew as the recipient's moved the customer to their next channel;
+    any other refusal of that one message left them failed, told nothing, though they
+    have email. A refusal of one delivery now always tries the person's next channel."""
+    pb = PLAYBOOKS / "dc-power-failure.yaml"
+    rt = runtime(tmp_path, sandbox)
+    sandbox.twilio.faults.update(bad_recipients=["+14155550010"], bad_recipient_code=code)
+    outcome = declare(rt, pb, {"site": "LON-2", "services": "compute", "eta": "14:00 UTC",
+                               "status_url": "https://status.acme.example/i/1"})
+    [moved] = [r for r in events(rt, "delivery.failover", "customer_sms")
+               if r.key.split("/")[3] == "cust-001"]
+    assert moved.payload["code"] == str(code) and moved.payload["permanent"]
+    assert mail_to(sandbox)["carol.mendes@customer1.example.org"] == 1
+    assert outcome.exit_code == 0 and outcome.verdict is not None
+    assert outcome.verdict.count("not_reached") == 0
+
+
 def test_an_sms_twilio_takes_as_already_failed_is_not_counted_as_reached(
         tmp_path: Path, sandbox: Any) -> None:
     """Twilio answers 201, but with the message's status already "failed" (a carrier

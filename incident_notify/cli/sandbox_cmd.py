@@ -144,6 +144,9 @@ def fault(
         min=0, help="Fail the next N requests.")] = None,
     bad_recipient: Annotated[list[str] | None, typer.Option(
         help="A recipient to reject as invalid (repeatable).", show_default=False)] = None,
+    bad_recipient_code: Annotated[int | None, typer.Option(
+        min=20000, max=99999, help="twilio: the error code --bad-recipient is refused with "
+        "(21211 when not set; 21219: a trial account's unverified number).")] = None,
     bad_sender: Annotated[list[str] | None, typer.Option(
         help="twilio and smtp: a From number or address to refuse (repeatable).",
         show_default=False)] = None,
@@ -202,6 +205,7 @@ def fault(
         "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
         "error_after_accept": error_after_accept, "error_status": error_status,
         "clock_skew_s": clock_skew_s, "idless_after_accept": idless_after_accept,
+        "bad_recipient_code": bad_recipient_code,
     }.items() if v is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
@@ -217,7 +221,8 @@ def fault(
     else:
         active = {k: v for k, v in result.items()
                   if v and (k != "rate_window_s" or result.get("rate_limit") is not None)
-                  and (k != "error_status" or result.get("error_after_accept"))}
+                  and (k != "error_status" or result.get("error_after_accept"))
+                  and (k != "bad_recipient_code" or result.get("bad_recipients"))}
         def shown(v: Any) -> str:
             return "on" if v is True else " ".join(map(str, v)) if isinstance(v, list) \
                 else str(v)

@@ -62,6 +62,9 @@ class Faults:
     to every request."""
     bad_recipients: list[str] = field(default_factory=list)
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
+    bad_recipient_code: int = 21211
+    """Twilio: the error code a bad recipient is refused with (21211 an invalid number;
+    21219 a number a trial account has not verified, 21614 not a mobile number...)."""
     bad_senders: list[str] = field(default_factory=list)
     """Senders refused: SMTP From addresses at MAIL (553, an address the login may not send
     as), Twilio From numbers (21606, not a number of the account)."""
@@ -434,7 +437,8 @@ def _without_ids(payload: Any) -> Any:
     ids = ("sid", "id", "dm_event_id")
     if not isinstance(payload, dict):
         return payload
-    emptied = {k: None if k in ids else v for k, v in payload.items()}
-    if isinstance(emptied.get("data"), dict):
-        emptied["data"] = {k: None if k in ids else v for k, v in emptied["data"].items()}
+    emptied: dict[str, Any] = {k: None if k in ids else v for k, v in payload.items()}
+    data = emptied.get("data")
+    if isinstance(data, dict):
+        emptied["data"] = {k: None if k in ids else v for k, v in data.items()}
     return emptied

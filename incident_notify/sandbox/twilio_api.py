@@ -39,6 +39,15 @@ def _error(code: int, message: str, status: int) -> dict[str, Any]:
             "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status}
 
 
+_REFUSALS = {
+    21211: "The 'To' number is not a valid phone number.",
+    21219: "The 'To' phone number is not verified. Trial accounts cannot send messages to "
+           "unverified numbers.",
+    21614: "'To' number is not a valid mobile number",
+}
+"""Twilio's words for the codes `bad_recipient_code` is usually given."""
+
+
 class TwilioHandler(EmulatorHandler):
     emulator: ClassVar[TwilioEmulator]
 
@@ -100,9 +109,14 @@ class TwilioHandler(EmulatorHandler):
         if service and service not in emu.messaging_service_sids:
             self.send_json(400, _error(21701, "The Messaging Service Sid is invalid", 400))
             return
-        if not E164.match(to) or to in emu.faults.bad_recipients:
+        if not E164.match(to):
             self.send_json(400, _error(21211, f"The 'To' number {to} is not a valid phone "
                                        "number.", 400))
+            return
+        if to in emu.faults.bad_recipients:
+            code = emu.faults.bad_recipient_code
+            self.send_json(400, _error(code, _REFUSALS.get(code, f"Twilio refuses to send "
+                                                                 f"to {to}."), 400))
             return
         if to in emu.stopped:
             self.send_json(400, _error(21610, "Attempt to send to unsubscribed recipient",
