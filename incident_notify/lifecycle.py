@@ -222,22 +222,25 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
 def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, stage: str,
                        messages: list[RenderedMessage], state: IncidentState | None) -> None:
     """Stop before anything is sent when sending would mislead: contacts that did not load
-    (people would silently not be told), an internal audience that selects nobody, or a
-    tweet identical to one this incident already posted (the provider refuses it)."""
+    (people would silently not be told), an internal or customer audience that selects
+    nobody (a tag lost from a contacts export: "everyone was reached" would count only the
+    others), or a tweet identical to one this incident already posted (the provider
+    refuses it)."""
     from incident_notify.channels import channel_class
     from incident_notify.errors import ContactsError
 
     problems = list(contacts.problems)
     for aname in pb.audiences_for(stage):
         aud = pb.model.audiences[aname]
-        if aud.kind != "internal":
+        if aud.kind == "public":
             continue
         sel = aud.select
         if next(iter(contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids)), None) \
                 is None:
+            who = "the incident team would not" if aud.kind == "internal" else "no customer would"
             problems.append(pb.source.problem(
-                ("audiences", aname), f"internal audience {aname!r} selects nobody in the "
-                "contacts: the incident team would not be told",
+                ("audiences", aname), f"{aud.kind} audience {aname!r} selects nobody in the "
+                f"contacts: {who} be told",
                 "check its groups/tags against the contact files (incident-notify contacts "
                 "list)"))
     from incident_notify.sensitivity import leak_problems

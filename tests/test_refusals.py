@@ -4,6 +4,7 @@ reached, and the summary equal to what the emulators received."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,26 @@ def test_internal_audience_of_nobody_stops_the_send(tmp_path: Path, sandbox: Any
         declare(runtime(tmp_path, sandbox), pb, {"site": "LON-2"})
     assert "selects nobody" in str(info.value)
     assert received_total(sandbox) == 0
+
+
+def test_a_customer_audience_of_nobody_stops_the_send_too(tmp_path: Path, sandbox: Any) -> None:
+    """A customer audience whose tag no contact carries (a typo in a playbook change, or a
+    contacts export that lost the column's values): the send went ahead and said
+    "Everyone was reached: 6 recipient(s)", exit 0, with no customer told. Refused like an
+    internal audience of nobody, naming the playbook line."""
+    pb = PLAYBOOKS / "dc-power-failure.yaml"
+    copy = tmp_path / "pb" / "power.yaml"
+    shutil.copytree(PLAYBOOKS / "contacts", tmp_path / "pb" / "contacts")
+    shutil.copytree(PLAYBOOKS.parent / "templates", tmp_path / "templates")
+    copy.write_text(pb.read_text().replace("select: {tags: [customer]}",
+                                           "select: {tags: [customerz]}"))
+    sandbox.write_state()
+    proc = run_cli("declare", str(copy), "--set", "site=LON-2", "--set", "services=compute",
+                   "--set", "status_url=https://status.acme.example/i/1", "--yes", "--sandbox",
+                   env={"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl")})
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert f"{copy}:" in proc.stderr and "'customers' selects nobody" in proc.stderr
+    assert "Traceback" not in proc.stderr and received_total(sandbox) == 0
 
 
 @pytest.mark.parametrize("value", ["", "   "])
