@@ -451,45 +451,53 @@ class Dispatcher:
             warning = self.router.opted_out(d)
             if warning:
                 self._notice("warning", d.channel, {"reason": warning})
+        if not d.contact_id:
+            # A public post refused (not the whole channel: a duplicate of an older post,
+            # a request X will not take): its fallback audience hears directly, as when
+            # the channel is down; the rest of its thread travels with it.
+            self._failover(d, str(exc), whole, payload)
+            return
         # Refused for this delivery only (the recipient, or this message on this channel:
         # too long, a code we do not know): the person's next channel may still reach them.
-        if d.contact_id:
-            with self._reroute_lock:
-                try:
-                    nxt = self.router.next_channel(d)
-                except IncidentNotifyError:
-                    nxt = None
-                if nxt is not None:
-                    self._start(nxt, d, str(exc), [(d, {**payload, "to": [p.delivery.key
-                                                                          for p in nxt],
-                                                         "reason": str(exc)})])
-                    return
+        with self._reroute_lock:
+            try:
+                nxt = self.router.next_channel(d)
+            except IncidentNotifyError:
+                nxt = None
+            if nxt is not None:
+                self._start(nxt, d, str(exc), [(d, {**payload, "to": [p.delivery.key
+                                                                      for p in nxt],
+                                                     "reason": str(exc)})])
+                return
         self._record(d, "failed", payload)
         for rest in whole[1:]:
             self._record(rest, "failed", {"error": "an earlier thread part was refused",
                                           "permanent": True})
 
-    def _failover(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
+    def _failover(self, d: Delivery, reason: str, whole: list[Delivery],
+                  detail: Mapping[str, Any] | None = None) -> None:
+        """Carry `d` (and the rest of its thread) on its channel's fallbacks; `detail`
+        (a refusal's code and attempt) goes into its record."""
         # One failover at a time: the messages a reroute renders must land in the same
         # batch as the deliveries that use them.
         with self._reroute_lock:
-            self._failover_locked(d, reason, whole)
+            self._failover_locked(d, reason, whole, detail or {"permanent": False})
 
-    def _failover_locked(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
+    def _failover_locked(self, d: Delivery, reason: str, whole: list[Delivery],
+                         detail: Mapping[str, Any]) -> None:
         try:
             planned = self.router.reroute(d, reason)
         except IncidentNotifyError as exc:  # the fallback may not carry this (sensitivity)
             planned, reason = None, f"{reason}; no fallback allowed: {exc}"
         rest = whole[1:]
         if planned is None:
-            self._record(d, "failed", {"error": reason, "permanent": False,
-                                       "no_fallback": True})
+            self._record(d, "failed", {**detail, "error": reason, "no_fallback": True})
             for part in rest:
                 self._record(part, "failed", {"error": reason, "permanent": False,
                                               "no_fallback": True, "as_part_of": d.key})
             return
         # The unsent parts of a thread travel as one message on the fallback channels.
-        moved = [(d, {"reason": reason, "to": [p.delivery.key for p in planned],
+        moved = [(d, {**detail, "reason": reason, "to": [p.delivery.key for p in planned],
                       "to_channels": sorted({p.delivery.channel for p in planned})})]
         moved += [(part, {"reason": reason, "to": [], "as_part_of": d.key}) for part in rest]
         self._start(planned, d, reason, moved)

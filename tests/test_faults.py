@@ -346,6 +346,27 @@ def test_a_customer_whose_sms_twilio_refuses_with_any_code_hears_by_email(
     assert outcome.verdict.count("not_reached") == 0
 
 
+def test_a_tweet_x_refuses_as_a_duplicate_of_an_older_incident_reaches_the_subscribers(
+        tmp_path: Path, sandbox: Any) -> None:
+    """A new incident's first tweet reads word for word like last week's (same stage, same
+    site), and X refuses it as a duplicate. The tweet was recorded failed and the public
+    told nothing: only a channel refused as a whole (credentials, a locked account) moved
+    the public audience to its fallback. A refused public post now does the same."""
+    pb = make_fanout_playbook(tmp_path / "pb", 2, twitter=True, subscribers=3)
+    rt = runtime(tmp_path, sandbox)
+    first = declare(rt, pb, {"site": "LON-2"})
+    assert first.exit_code == 0 and len(tweets(sandbox)) == 1
+    before = sms_to(sandbox)
+    second = declare(rt, pb, {"site": "LON-2"})
+    assert len(tweets(sandbox)) == 1, "X refused the second, identical tweet"
+    [moved] = [r for r in events(rt, "delivery.failover", "status_twitter")
+               if r.incident == second.incident_id]
+    assert moved.payload["code"] == "duplicate" and moved.payload["permanent"]
+    told = sms_to(sandbox) - before
+    assert all(told[number] == 1 for number in SUBSCRIBERS), told
+    assert second.exit_code == 0
+
+
 def test_an_sms_twilio_takes_as_already_failed_is_not_counted_as_reached(
         tmp_path: Path, sandbox: Any) -> None:
     """Twilio answers 201, but with the message's status already "failed" (a carrier
