@@ -700,6 +700,26 @@ def test_a_rate_limited_health_check_does_not_take_twitter_down(tmp_path: Path,
     assert outcome.exit_code == 0 and not events(rt, "channel.circuit_open")
 
 
+def test_a_rate_limited_health_check_does_not_take_sms_down(tmp_path: Path,
+                                                            sandbox: Any) -> None:
+    """Twilio answers 429 when an account has too many requests at once (another system
+    sending on it). The health check's account lookup met one and took SMS down for the
+    update: every SMS went to email, and a person with a phone only was not told. A 429
+    proves the credentials and the service answer: the SMS go out (a send that meets the
+    limit pauses then)."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    rt = runtime(tmp_path, sandbox)
+    sid = sandbox.twilio.account_sid
+    sandbox.twilio.faults.update(rate_limit=0, rate_window_s=900,
+                                 rate_limited_paths=[f"/2010-04-01/Accounts/{sid}.json"])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
+    assert outcome.preflight is not None
+    health = outcome.preflight.health["team_sms"]
+    assert health.ok and "rate limited" in health.detail
+    assert outcome.exit_code == 0 and not events(rt, "channel.circuit_open")
+
+
 @pytest.mark.parametrize("service", ["twitter", "twilio"])
 def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
         tmp_path: Path, sandbox: Any, service: str) -> None:

@@ -161,6 +161,11 @@ class SMSChannel(Channel):
             with self.bounded("Twilio", maybe_delivered=False, mapped=self._map):
                 account = self._client().api.v2010.accounts(sid).fetch()
         except ChannelError as exc:
+            if exc.code == "429":
+                # Twilio answered, to these credentials, that the account is busy (too many
+                # requests at once): up. A send that meets the limit pauses then.
+                return Health(ok=True, detail=f"answering, but rate limited ({exc.message})",
+                              latency_ms=(time.monotonic() - started) * 1000)
             return Health(ok=False, detail=exc.message)
         latency = (time.monotonic() - started) * 1000
         return Health(ok=account.status == "active", detail=f"account {account.status}",

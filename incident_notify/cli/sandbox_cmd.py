@@ -138,8 +138,9 @@ def fault(
         min=0.001, help="Length of the rate-limit window, so how far away the 429's reset "
         "is (900 when not set).")] = None,
     rate_limited_path: Annotated[list[str] | None, typer.Option(
-        help="twitter: the rate limit applies only to paths starting so, e.g. /2/users/me "
-        "(repeatable).", show_default=False)] = None,
+        help="twitter and twilio: the rate limit applies only to paths starting so, e.g. "
+        "/2/users/me (repeatable; else to every request, Twilio's sends).",
+        show_default=False)] = None,
     fail_next: Annotated[int | None, typer.Option(
         min=0, help="Fail the next N requests.")] = None,
     bad_recipient: Annotated[list[str] | None, typer.Option(

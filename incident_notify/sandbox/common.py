@@ -57,9 +57,10 @@ class Faults:
     rate_window_s: float = 900.0
     """Length of the rate-limit window (Twitter's is 15 minutes)."""
     rate_limited_paths: list[str] = field(default_factory=list)
-    """Twitter: the rate limit applies only to paths starting with one of these (each X
-    endpoint has its own limit: `/2/users/me` runs out long before `/2/tweets`); empty:
-    to every request."""
+    """The rate limit applies only to paths starting with one of these (each X endpoint
+    has its own limit: `/2/users/me` runs out long before `/2/tweets`; Twilio's account
+    lookup may be refused while sending works); empty: to every request (Twitter), to
+    the sends (Twilio)."""
     bad_recipients: list[str] = field(default_factory=list)
     """Recipients (numbers, emails, user ids/handles) rejected as invalid."""
     bad_recipient_code: int = 21211

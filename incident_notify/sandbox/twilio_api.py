@@ -58,6 +58,8 @@ class TwilioHandler(EmulatorHandler):
         if not self._gate():
             return
         path = urllib.parse.urlparse(self.path).path
+        if not self._within_rate(path, sends=False):
+            return
         if path == f"/2010-04-01/Accounts/{emu.account_sid}.json":
             self.send_json(200, {"sid": emu.account_sid, "status": "active",
                                  "friendly_name": "incident-notify sandbox", "type": "Full"})
@@ -89,10 +91,7 @@ class TwilioHandler(EmulatorHandler):
             self.send_json(404, _error(20404, f"The requested resource {path} was not found",
                                        404))
             return
-        allowed, _, reset = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
-        if not allowed:  # (Retry-After: the seconds left in the window)
-            self.send_json(429, _error(20429, "Too Many Requests", 429),
-                           headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))})
+        if not self._within_rate(path, sends=True):
             return
         form = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode()).items()}
         to, text = form.get("To", ""), form.get("Body", "")
@@ -168,6 +167,19 @@ class TwilioHandler(EmulatorHandler):
                            headers={"WWW-Authenticate": 'Basic realm="Twilio API"'})
             return False
         return True
+
+    def _within_rate(self, path: str, *, sends: bool) -> bool:
+        """The rate limit (fault `rate_limit` per `rate_window_s`): on the sends, or on the
+        `rate_limited_paths` when some are named; False when answered 429."""
+        emu = self.emulator
+        limited = emu.faults.rate_limited_paths
+        if not (any(path.startswith(p) for p in limited) if limited else sends):
+            return True
+        allowed, _, reset = emu.rate.hit(emu.faults.rate_limit, emu.faults.rate_window_s)
+        if not allowed:  # (Retry-After: the seconds left in the window)
+            self.send_json(429, _error(20429, "Too Many Requests", 429),
+                           headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))})
+        return allowed
 
     def _authorised(self) -> bool:
         emu = self.emulator
