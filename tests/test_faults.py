@@ -6,7 +6,9 @@ settles with the providers' own records."""
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +131,37 @@ def test_answer_dribbled_after_accept_is_unknown_in_bounded_time_never_resent(
 
 
 # ------------------------------------------------------------------ a door that drops
+@pytest.fixture
+def hung_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A name whose lookup hangs, as when the outage took the name servers: the system
+    resolver (`getaddrinfo`) is outside every socket timeout. Released at the end."""
+    import socket
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hung.example":
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    yield "hung.example"
+    release.set()
+
+
+@pytest.mark.parametrize("door", ["drops", "resolver-hangs"])
 @pytest.mark.parametrize("kind", ["sms", "email", "twitter"])
 def test_a_provider_whose_address_drops_connection_requests_fails_fast_never_sent(
-        kind: str) -> None:
+        kind: str, door: str, request: Any) -> None:
     """A firewall, or a route lost in the outage, drops the connection requests to the
     provider: the connect waits, unanswered. The SMS and email channels waited their
     whole `timeout_s` (20 s) for each connection, and the request deadline cannot cut a
-    connection that has no socket yet. Connecting now has 5 s (CONNECT_TIMEOUT_S); nothing
-    was sent, so the delivery is retried or fails over, never left in doubt."""
+    connection that has no socket yet. Or the name servers went with the outage, and the
+    name lookup hangs, outside every timeout (30 s and more per connection here). A
+    connection now has 5 s (CONNECT_TIMEOUT_S) to open, lookup included; nothing was
+    sent, so the delivery is retried or fails over, never left in doubt."""
     from incident_notify.channels._http import CONNECT_TIMEOUT_S
     from incident_notify.channels.base import (
         ChannelSpec,
@@ -150,11 +175,14 @@ def test_a_provider_whose_address_drops_connection_requests_fails_fast_never_sen
     from incident_notify.channels.twitter import TwitterChannel
     from incident_notify.sandbox import SANDBOX_CREDENTIALS
 
-    with UnreachablePort() as door:
-        url = f"http://127.0.0.1:{door.port}"
+    with UnreachablePort() as closed:
+        if door == "drops":
+            url, smtp = f"http://127.0.0.1:{closed.port}", f"smtp://127.0.0.1:{closed.port}"
+        else:
+            host = request.getfixturevalue("hung_resolver")
+            url, smtp = f"https://{host}", f"smtps://{host}:465"
         secrets = {**SANDBOX_CREDENTIALS, "INCIDENT_NOTIFY_TWILIO_API_BASE": url,
-                   "INCIDENT_NOTIFY_TWITTER_API_BASE": url,
-                   "INCIDENT_NOTIFY_SMTP_URL": f"smtp://127.0.0.1:{door.port}"}
+                   "INCIDENT_NOTIFY_TWITTER_API_BASE": url, "INCIDENT_NOTIFY_SMTP_URL": smtp}
         channel = {"sms": lambda: SMSChannel(ChannelSpec("c", "sms", "+15005550006"), secrets),
                    "email": lambda: EmailChannel(ChannelSpec("c", "email", "ops@acme.example"),
                                                  secrets),

@@ -19,10 +19,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 _CHECK_EVERY_S = 0.25
+T = TypeVar("T")
 
 _local = threading.local()
 _running: dict[int, Deadline] = {}
@@ -105,6 +107,44 @@ def _shut(owner: Any) -> None:
         pass
 
 
+def within(seconds: float, open_: Callable[[], T], close: Callable[[T], None]) -> T:
+    """`open_()` (a connection: its name lookup, its connect), given up after `seconds`
+    with TimeoutError. The system's resolver (`getaddrinfo`) is outside every socket
+    timeout and has no socket to shut: a resolver that hangs (the outage took the name
+    servers) held each new connection for as long as it did. It runs in a thread of its
+    own; what it opens after it was given up is closed."""
+    lock = threading.Lock()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            value = open_()
+        except BaseException as exc:  # (handed to the caller)
+            with lock:
+                box["error"] = exc
+        else:
+            with lock:
+                late = box.get("abandoned", False)
+                if not late:
+                    box["value"] = value
+            if late:
+                close(value)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="connect", daemon=True).start()
+    if not done.wait(seconds):
+        with lock:
+            if "value" not in box and "error" not in box:
+                box["abandoned"] = True
+                raise TimeoutError(f"no connection within {seconds:.0f}s")
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
+
+
 # ---------------------------------------------------------------- requests / urllib3
 def mount(session: Any) -> None:
     """Make every connection `session` uses register with the current deadline."""
@@ -121,11 +161,24 @@ def _adapter_class() -> type:
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError
 
     class Watched:
         def request(self, *args: Any, **kwargs: Any) -> None:
             watch(self)
             super().request(*args, **kwargs)  # type: ignore[misc]
+
+        def _new_conn(self) -> Any:
+            opening = super()._new_conn  # type: ignore[misc]
+            limit = getattr(self, "timeout", None)
+            if not isinstance(limit, int | float) or limit <= 0:
+                return opening()
+            try:  # (a second more than the connect itself has: its own timeout wins)
+                return within(limit + 1, opening, lambda sock: sock.close())
+            except TimeoutError:
+                host = getattr(self, "host", "")
+                raise ConnectTimeoutError(self, f"no connection to {host} within "
+                                          f"{limit:.0f}s (name lookup)") from None
 
     class WatchedHTTP(Watched, HTTPConnection):
         pass

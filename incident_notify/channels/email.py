@@ -32,7 +32,7 @@ from email.utils import format_datetime, getaddresses
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from incident_notify.channels._deadline import Deadline, current, watch
+from incident_notify.channels._deadline import Deadline, current, watch, within
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -502,8 +502,10 @@ def _smtp_class(implicit_tls: bool) -> Any:
     class Connecting(base):  # type: ignore[valid-type,misc]
         def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
             opening = min(timeout, CONNECT_TIMEOUT_S)
-            try:
-                sock: socket.socket = super()._get_socket(host, port, opening)
+            parent = super()._get_socket
+            try:  # (the name lookup bounded too: `within`)
+                sock: socket.socket = within(opening + 1, lambda: parent(host, port, opening),
+                                             lambda late: late.close())
             except TimeoutError:  # (not "did not answer": nothing was asked yet)
                 raise ConnectionError(f"no connection within {opening:.0f}s") from None
             sock.settimeout(timeout)
