@@ -132,9 +132,7 @@ class SMSChannel(Channel):
         client = self._client()
         with self.bounded("Twilio", maybe_delivered=False, mapped=self._map):
             found = client.messages.list(**kwargs)
-        headers = getattr(client.http_client, "last_headers", None) or {}
-        floor = settle_floor(since, provider_offset(headers.get("Date")
-                                                    or headers.get("date")))
+        floor = settle_floor(since, provider_offset(_answered(client).get("Date")))
         for message in found:
             created = message.date_created
             if message.body is None or message.to is None:
@@ -174,8 +172,7 @@ class SMSChannel(Channel):
     def _retry_after(self) -> float:
         """Seconds until Twilio accepts requests again: its Retry-After header, else 1 s."""
         client = getattr(self._thread_local, "client", None)
-        headers = getattr(getattr(client, "http_client", None), "last_headers", None) or {}
-        return _seconds(headers.get("Retry-After") or headers.get("retry-after"))
+        return _seconds(_answered(client).get("Retry-After") if client is not None else None)
 
     def _map(self, exc: Exception) -> PermanentChannelError | TransientChannelError:
         """Twilio / transport errors to our classes (`bounded` then hides any credential
@@ -231,6 +228,13 @@ class SMSChannel(Channel):
 
 _NOT_DELIVERED = ("failed", "undelivered", "canceled")
 """Message statuses that mean Twilio will not deliver it."""
+
+
+def _answered(client: Any) -> Mapping[str, str]:
+    """The headers of the last answer `client` read (`_twilio_http` keeps them, case
+    insensitive; twilio's objects drop them)."""
+    headers: Mapping[str, str] = client.http_client.last_headers or {}
+    return headers
 
 
 def _count(raw: Any) -> int:
