@@ -393,18 +393,37 @@ def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
         yield line, item
 
 
+CONTACT_SUFFIXES = (".csv", ".yaml", ".yml")
+
+
 def source_files(paths: Sequence[Path]) -> Iterator[Path]:
-    """Each source once, even when named twice (say by a playbook and the config)."""
+    """Each source once, even when named twice (say by a playbook and the config). A
+    directory stands for its contact files (any case of the suffix; a broken link among
+    them is yielded, to be reported); one holding none, or that cannot be listed, is
+    yielded itself, so that its reader says so rather than tell nobody in silence."""
     seen: set[Path] = set()
     for p in paths:
-        found = (sorted(f for f in p.iterdir()
-                        if f.suffix in (".yaml", ".yml", ".csv") and f.is_file())
-                 if p.is_dir() else [p])
+        found = [p]
+        if p.is_dir():
+            try:
+                found = sorted(f for f in p.iterdir()
+                               if f.suffix.lower() in CONTACT_SUFFIXES and not f.is_dir()) or [p]
+            except OSError:
+                pass
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 yield f
+
+
+def _directory_problem(path: Path) -> str:
+    try:
+        next(path.iterdir(), None)
+    except OSError as exc:
+        return f"cannot read the directory: {exc.strerror or exc}"
+    return ("is a directory holding no contact files (" + ", ".join(CONTACT_SUFFIXES) +
+            "): nobody would be read from it")
 
 
 def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
@@ -422,6 +441,10 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
             summaries.append(summary)
         from incident_notify.files import MAX_CONTACTS_BYTES, InputFileError, check_input
 
+        if path.is_dir():
+            sink.append(Problem(source, None, None, _directory_problem(path),
+                                "name the contact files, or put them in the directory"))
+            continue
         try:
             check_input(path, MAX_CONTACTS_BYTES)
         except FileNotFoundError:
@@ -430,7 +453,7 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
         except InputFileError as exc:
             sink.append(Problem(source, None, None, exc.message, exc.hint))
             continue
-        rows = (_rows_csv(path, source, sink) if path.suffix == ".csv"
+        rows = (_rows_csv(path, source, sink) if path.suffix.lower() == ".csv"
                 else _rows_yaml(path, source, sink))
         try:
             for line, record in rows:

@@ -115,6 +115,47 @@ def test_a_customer_audience_of_nobody_stops_the_send_too(tmp_path: Path, sandbo
     assert "Traceback" not in proc.stderr and received_total(sandbox) == 0
 
 
+def test_a_contacts_folder_is_read_whatever_the_suffixes_case_and_one_of_nobody_stops_the_send(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Contact sources may be folders. A spreadsheet's export saved in one as
+    `Accounts.CSV` was skipped (only lower-case suffixes were read): its customers were
+    never told and, with other customers told, the send said "Everyone was reached", exit
+    0. A folder named that holds no contact file at all (the export not copied yet) was
+    passed over just as silently, by `contacts check` (exit 0) as by a send."""
+    pb = PLAYBOOKS / "dc-power-failure.yaml"
+    root = tmp_path / "pb"
+    shutil.copytree(PLAYBOOKS / "contacts", root / "contacts")
+    shutil.copytree(PLAYBOOKS.parent / "templates", tmp_path / "templates")
+    (root / "contacts" / "enterprise").mkdir()
+    (root / "contacts" / "enterprise" / "Accounts.CSV").write_text(
+        "id,name,email,channels,tags\n"
+        "ent-1,Ent One,one@enterprise.example.org,email,customer\n"
+        "ent-2,Ent Two,two@enterprise.example.org,email,customer\n")
+    copy = root / "power.yaml"
+    copy.write_text(pb.read_text().replace(
+        "  - contacts/customers.csv\n",
+        "  - contacts/customers.csv\n  - contacts/enterprise\n"))
+    sandbox.write_state()
+    args = ["--set", "site=LON-2", "--set", "services=compute",
+            "--set", "status_url=https://status.acme.example/i/1", "--yes", "--sandbox"]
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "a.jsonl")}
+    sent = run_cli("declare", str(copy), *args, env=env)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    mailed = {to for r in sandbox.emulators["smtp"].received for to in r["rcpt_tos"]}
+    assert {"one@enterprise.example.org", "two@enterprise.example.org"} <= mailed
+
+    sandbox.reset()
+    (root / "contacts" / "partners").mkdir()
+    (root / "contacts" / "partners" / "README.md").write_text("exports go here\n")
+    copy.write_text(copy.read_text().replace(
+        "  - contacts/enterprise\n", "  - contacts/enterprise\n  - contacts/partners\n"))
+    refused = run_cli("declare", str(copy), *args, env=env)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "contacts/partners: is a directory holding no contact files" in refused.stderr
+    assert "Traceback" not in refused.stderr and received_total(sandbox) == 0
+    checked = run_cli("contacts", "check", str(copy))
+    assert checked.returncode == 4 and "contacts/partners: is a directory" in checked.stdout
+
 @pytest.mark.parametrize("value", ["", "   "])
 def test_blank_variable_is_refused_like_a_missing_one(tmp_path: Path, value: str) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 1)
