@@ -301,13 +301,18 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     assert len(sms_to(sandbox)) == 3 and set(sms_to(sandbox).values()) == {1}
     # What the emulator cannot do, or a value no provider gives, is refused plainly.
     for args in (["twilio", "--dribble-ms", "-1"], ["smtp", "--error-after-accept", "1"],
-                 ["twitter", "--error-status", "404"], ["smtp", "--idless-after-accept", "1"]):
+                 ["twitter", "--error-status", "404"], ["smtp", "--idless-after-accept", "1"],
+                 ["twilio", "--locked"]):
         refused = run_cli("sandbox", "fault", *args)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
     assert sandbox.smtp.faults.error_after_accept == 0
     said = run_cli("sandbox", "fault", "twitter", "--error-after-accept", "2",
                    "--error-status", "504")
     assert said.stdout.strip() == "twitter: error after accept 2, error status 504"
+    said = run_cli("sandbox", "fault", "twitter", "--locked")
+    assert said.stdout.strip().startswith("twitter: locked on") and sandbox.twitter.faults.locked
+    run_cli("sandbox", "fault", "twitter", "--no-locked")
+    assert not sandbox.twitter.faults.locked
     said = run_cli("sandbox", "fault", "twilio", "--idless-after-accept", "3")
     assert sandbox.twilio.faults.idless_after_accept == 3 and said.returncode == 0
     run_cli("sandbox", "fault", "smtp", "--bad-sender", "ops@acme.example", "--no-extension",
@@ -1101,3 +1106,54 @@ def test_a_running_resume_holds_off_other_senders_of_its_incident(
         held.close()
     assert update(rt, first.incident_id, stage="identified", sets={}).exit_code == 0
     assert resume(rt, first.incident_id).exit_code == 0
+
+
+def test_a_locked_x_account_fails_its_dms_over_at_once_not_one_refusal_per_customer(
+        tmp_path: Path, sandbox: Any) -> None:
+    """X locks the account (code 326, "this account is temporarily locked"): every post
+    and DM is refused with 403 while reads still answer, so the health check says up. The
+    tweet's refusal took its channel down, but each DM's refusal was read as about its
+    recipient: every customer on DMs was tried in turn at the DM rate (1 a second here, as
+    by default) before hearing by email, a minute for 60 customers, an hour for 3,600. The
+    first refusal now takes the DM channel down and its deliveries fail over at once."""
+    customers = 12
+    pb = tmp_path / "pb" / "dms.yaml"
+    pb.parent.mkdir()
+    rows = ["id,name,email,twitter,channels,tags"]
+    rows += [f"c{i},Customer {i},c{i}@example.org,@customer_{i},twitter_dm;email,customer"
+             for i in range(customers)]
+    (pb.parent / "people.csv").write_text("\n".join(rows) + "\n")
+    pb.write_text(
+        "name: dms\ntitle: DM test\nseverity: sev2\ncontacts: [people.csv]\n"
+        "variables:\n  site: {example: LON-2, max_length: 12}\n"
+        "channels:\n"
+        "  status_twitter:\n    type: twitter\n    sender: '@acme_status'\n"
+        "    fallback: [customer_email]\n"
+        "  customer_dm:\n    type: twitter_dm\n    sender: '@acme_status'\n"
+        "    rate_per_second: 1\n    burst: 1\n    fallback: [customer_email]\n"
+        "  customer_email:\n    type: email\n    sender: 'Acme <status@acme.example>'\n"
+        "audiences:\n"
+        "  customers:\n    kind: customers\n    select: {tags: [customer]}\n"
+        "    channels: [customer_dm, customer_email]\n"
+        "  public:\n    kind: public\n    channels: [status_twitter]\n"
+        "    fallback_select: {tags: [customer]}\n"
+        "stages:\n  investigating:\n    messages:\n"
+        "      twitter: 'Power problem at {{ site }}.'\n"
+        "      twitter_dm: 'Power problem at {{ site }}.'\n"
+        "      email:\n        subject: 'Power problem at {{ site }}'\n"
+        "        text: 'Power problem at {{ site }}.'\n")
+    sandbox.twitter.faults.update(locked=True)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert outcome.exit_code == 0, outcome.verdict
+    dm_requests = sum(n for path, n in sandbox.twitter.hits.items()
+                      if "/dm_conversations/" in path)
+    assert 1 <= dm_requests <= 2, sandbox.twitter.hits
+    mailed = {to for r in sandbox.smtp.received.all() for to in r["rcpt_tos"]}
+    assert mailed == {f"c{i}@example.org" for i in range(customers)}
+    assert not [r for r in sandbox.twitter.received.all()], "nothing is posted or sent on X"
+    assert elapsed < 8, f"{elapsed:.1f}s: the DMs were refused one by one"
+    down = [r for r in events(rt, "delivery.failover", "customer_dm")]
+    assert down and "X refuses the account" in down[0].payload["reason"]

@@ -82,6 +82,20 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
+_ACCOUNT_CODES = {64, 226, 326}
+"""X's error codes about the sending account: suspended, a request that looks automated,
+temporarily locked."""
+_ACCOUNT_WORDS = ("account is temporarily locked", "account is suspended",
+                  "account is locked", "might be automated", "your account")
+
+
+def _account_refused(exc: Any, text: str) -> bool:
+    """Whether a 403 is about the sending account rather than the request or recipient."""
+    codes = set(getattr(exc, "api_codes", []) or [])
+    lowered = text.lower()
+    return bool(codes & _ACCOUNT_CODES) or any(w in lowered for w in _ACCOUNT_WORDS)
+
+
 def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
               ) -> PermanentChannelError | TransientChannelError:
     """tweepy / transport errors to our classes. `broadcast`: a refused tweet (403 that is
@@ -124,6 +138,14 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
             channel_down=True)
     if isinstance(exc, tweepy.Forbidden):
         text = _api_text(exc)
+        if _account_refused(exc, text):
+            # X refuses the account itself (locked, suspended, held as automated): no post
+            # and no DM can go out on it, so its deliveries fail over now, not one refusal
+            # per recipient at the DM rate.
+            return PermanentChannelError(
+                f"{channel}: X refuses the account ({text})", channel=channel, code="account",
+                channel_down=True, hint="log in to X with the account to see why (a locked "
+                "account is unlocked there)")
         if "deleted or not visible" in text.lower():
             return PermanentChannelError(f"{channel}: the tweet to reply to is gone ({text})",
                                          channel=channel, code="reply_target_gone")

@@ -130,6 +130,9 @@ def fault(
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
                                                 help="Switch a full outage on or off.")] = None,
+    locked: Annotated[bool | None, typer.Option(
+        "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
+        "refused, 403 code 326; reads still answer).")] = None,
     latency_ms: Annotated[float | None, typer.Option(
         min=0, help="Added latency per request.")] = None,
     rate_limit: Annotated[int | None, typer.Option(
@@ -191,23 +194,23 @@ def fault(
     env = environment(ctx)
     if service not in SERVICES:
         raise UsageError(f"unknown service {service!r}", hint=f"one of {', '.join(SERVICES)}")
-    if error_after_accept and service == "smtp":
-        raise UsageError("--error-after-accept is an HTTP fault: an SMTP server's refusal "
-                         "after the data is --fail-next (451)",
-                         hint="use it with twitter or twilio")
-    if idless_after_accept and service == "smtp":
-        raise UsageError("--idless-after-accept is an HTTP fault: an SMTP server's answer "
-                         "to the data names no message (the id is ours)",
-                         hint="use it with twitter or twilio")
-    body: dict[str, Any] = {k: v for k, v in {
-        "outage": outage, "latency_ms": latency_ms, "rate_window_s": rate_window_s,
-        "fail_next": fail_next, "send_latency_ms": send_latency_ms,
-        "outage_after": outage_after, "drop_after_accept": drop_after_accept,
-        "garble_after_accept": garble_after_accept, "dribble_ms": dribble_ms,
-        "error_after_accept": error_after_accept, "error_status": error_status,
-        "clock_skew_s": clock_skew_s, "idless_after_accept": idless_after_accept,
-        "bad_recipient_code": bad_recipient_code,
-    }.items() if v is not None}
+    for wanted, fault, where, why, hint in (
+            (locked, "--locked", ("twitter",), "a Twitter fault: a locked X account",
+             "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
+            (error_after_accept, "--error-after-accept", ("twitter", "twilio"),
+             "an HTTP fault: an SMTP server's refusal after the data is --fail-next (451)",
+             "use it with twitter or twilio"),
+            (idless_after_accept, "--idless-after-accept", ("twitter", "twilio"),
+             "an HTTP fault: an SMTP server's answer to the data names no message (the id "
+             "is ours)", "use it with twitter or twilio")):
+        if wanted and service not in where:
+            raise UsageError(f"{fault} is {why}", hint=hint)
+    options = dict(locals())
+    body: dict[str, Any] = {k: options[k] for k in (
+        "outage", "locked", "latency_ms", "rate_window_s", "fail_next", "send_latency_ms",
+        "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
+        "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
+        "bad_recipient_code") if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),

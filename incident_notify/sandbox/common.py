@@ -66,6 +66,10 @@ class Faults:
     bad_recipient_code: int = 21211
     """Twilio: the error code a bad recipient is refused with (21211 an invalid number;
     21219 a number a trial account has not verified, 21614 not a mobile number...)."""
+    locked: bool = False
+    """Twitter: the account is locked (X's code 326, "this account is temporarily
+    locked"): every post and DM is refused with 403, while reads (the health check's
+    account lookup) still answer."""
     bad_senders: list[str] = field(default_factory=list)
     """Senders refused: SMTP From addresses at MAIL (553, an address the login may not send
     as), Twilio From numbers (21606, not a number of the account)."""

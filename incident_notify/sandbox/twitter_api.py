@@ -7,7 +7,8 @@ and ``GET /2/tweets/search/recent`` (``conversation_id:`` only). Every request m
 valid OAuth 1.0a HMAC-SHA1 signature (RFC 5849), recomputed here from the configured
 consumer and token secrets (401 otherwise). Tweets are checked for weighted length (400
 over 280), replies to unknown or deleted tweets (403, `delete_tweet`) and duplicate text
-(403); every response carries ``x-rate-limit-*`` headers and a configurable limit answers
+(403), and a locked account's posts and DMs (403, code 326: fault ``locked``); every
+response carries ``x-rate-limit-*`` headers and a configurable limit answers
 429.
 """
 
@@ -31,6 +32,9 @@ from incident_notify.sandbox.common import EmulatorHandler, HttpEmulator
 
 _AUTH_PARAM = re.compile(r'(\w+)="([^"]*)"')
 OWNER = "acme_status"
+LOCKED = ("To protect our users from spam and other malicious activity, this account is "
+          "temporarily locked. Please log in to https://twitter.com to unlock your account.")
+"""What X answers a locked account's posts and DMs (code 326)."""
 DEFAULT_USERS = {OWNER: "1000", "oncall_alice": "1001", "oncall_bob": "1002",
                  "customer_carol": "1003"}
 
@@ -209,6 +213,11 @@ class TwitterHandler(EmulatorHandler):
             payload = json.loads(self._body or b"{}")
         except ValueError:
             self.send_json(400, _problem(400, "Invalid Request", "body is not JSON"))
+            return
+        if self.emulator.faults.locked and (path == "/2/tweets" or "/dm_conversations/" in path):
+            self.send_json(403, {"errors": [{"message": LOCKED, "code": 326}],
+                                 "title": "Forbidden", "detail": LOCKED, "type": "about:blank",
+                                 "status": 403})
             return
         if path == "/2/tweets":
             self._tweet(payload)
