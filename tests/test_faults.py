@@ -302,7 +302,7 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     # What the emulator cannot do, or a value no provider gives, is refused plainly.
     for args in (["twilio", "--dribble-ms", "-1"], ["smtp", "--error-after-accept", "1"],
                  ["twitter", "--error-status", "404"], ["smtp", "--idless-after-accept", "1"],
-                 ["twilio", "--locked"]):
+                 ["twilio", "--locked"], ["twitter", "--messages-per-connection", "1"]):
         refused = run_cli("sandbox", "fault", *args)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
     assert sandbox.smtp.faults.error_after_accept == 0
@@ -312,6 +312,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     said = run_cli("sandbox", "fault", "twitter", "--locked")
     assert said.stdout.strip().startswith("twitter: locked on") and sandbox.twitter.faults.locked
     run_cli("sandbox", "fault", "twitter", "--no-locked")
+    said = run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "30")
+    assert sandbox.smtp.faults.messages_per_connection == 30 and said.returncode == 0
+    run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "0")
     assert not sandbox.twitter.faults.locked
     said = run_cli("sandbox", "fault", "twilio", "--idless-after-accept", "3")
     assert sandbox.twilio.faults.idless_after_accept == 3 and said.returncode == 0
@@ -1157,3 +1160,25 @@ def test_a_locked_x_account_fails_its_dms_over_at_once_not_one_refusal_per_custo
     assert elapsed < 8, f"{elapsed:.1f}s: the DMs were refused one by one"
     down = [r for r in events(rt, "delivery.failover", "customer_dm")]
     assert down and "X refuses the account" in down[0].payload["reason"]
+
+
+def test_a_mail_server_that_hangs_up_after_each_message_still_gets_every_email(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Mail servers limit the messages of one connection (Exchange Online: 30; some relays:
+    1) and answer the next MAIL "421 ... closing". The pooled connection's 421 was taken
+    for the server being unavailable: the delivery was retried on another pooled
+    connection, spent as well, until it gave up. With one message per connection, 4 of
+    40 emails went out (one per connection), the rest "failed over" to the SMS the team
+    already had, exit 0.
+    A 421 on a pooled connection is now a closed connection: nothing was sent on it, and
+    the message goes on a new one, with no retry counted and no failover."""
+    people = 40
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=4)
+    sandbox.smtp.faults.update(messages_per_connection=1)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 0, outcome.verdict
+    mailed = sorted(to for r in sandbox.smtp.received.all() for to in r["rcpt_tos"])
+    assert mailed == sorted(f"person{i}@example.com" for i in range(people))
+    assert not events(rt, "delivery.failover") and not events(rt, "delivery.failed")
+    assert len(events(rt, "delivery.attempt", "team_email")) == people

@@ -332,6 +332,15 @@ class EmailChannel(Channel):
                 if not fresh:
                     continue  # a stale pooled connection: nothing was sent on it
                 raise self._map(exc, sent_data=False) from None
+            except smtplib.SMTPResponseException as exc:
+                if exc.smtp_code == 421 and not fresh:
+                    # A pooled connection the server is closing ("too many messages on
+                    # this connection", an idle timeout said aloud): nothing was sent on
+                    # it; a new one is no retry.
+                    _drop(conn)
+                    continue
+                self._recycle(conn)
+                raise self._map(exc, sent_data=False) from None
             except Exception as exc:
                 self._recycle(conn)
                 raise self._map(exc, sent_data=False) from None

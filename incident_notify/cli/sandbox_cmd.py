@@ -1,4 +1,9 @@
-"""`sandbox` (run the local emulators, steer their faults) and `channels check`."""
+"""`sandbox` (run the local emulators, steer their faults) and `channels check`.
+
+Long on purpose: `sandbox fault` has one option per emulator fault, so that a commander
+rehearses any of them from the command line; split, the options would part from the one
+place that turns them into the control API's JSON.
+"""
 
 from __future__ import annotations
 
@@ -130,6 +135,9 @@ def fault(
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
                                                 help="Switch a full outage on or off.")] = None,
+    messages_per_connection: Annotated[int | None, typer.Option(
+        min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
+        "and hang up (a server's per-connection limit); 0 removes it.")] = None,
     locked: Annotated[bool | None, typer.Option(
         "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
         "refused, 403 code 326; reads still answer).")] = None,
@@ -197,6 +205,8 @@ def fault(
     for wanted, fault, where, why, hint in (
             (locked, "--locked", ("twitter",), "a Twitter fault: a locked X account",
              "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
+            (messages_per_connection, "--messages-per-connection", ("smtp",),
+             "an SMTP fault: a mail server's limit per connection", "use it with smtp"),
             (error_after_accept, "--error-after-accept", ("twitter", "twilio"),
              "an HTTP fault: an SMTP server's refusal after the data is --fail-next (451)",
              "use it with twitter or twilio"),
@@ -210,7 +220,7 @@ def fault(
         "outage", "locked", "latency_ms", "rate_window_s", "fail_next", "send_latency_ms",
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
-        "bad_recipient_code") if options[k] is not None}
+        "bad_recipient_code", "messages_per_connection") if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),

@@ -66,6 +66,10 @@ class Faults:
     bad_recipient_code: int = 21211
     """Twilio: the error code a bad recipient is refused with (21211 an invalid number;
     21219 a number a trial account has not verified, 21614 not a mobile number...)."""
+    messages_per_connection: int = 0
+    """SMTP: after this many messages on one connection the server answers the next MAIL
+    "421 Too many messages on this connection" and hangs up, as mail servers limit
+    connections (Exchange Online: 20 or 30); 0: no limit."""
     locked: bool = False
     """Twitter: the account is locked (X's code 326, "this account is temporarily
     locked"): every post and DM is refused with 403, while reads (the health check's

@@ -66,6 +66,7 @@ class _Session(socketserver.BaseRequestHandler):
         self.helo: str | None = None
         self.authenticated = False
         self.login: str | None = None
+        self.accepted = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -235,6 +236,10 @@ class _Session(socketserver.BaseRequestHandler):
         if self._down():
             return False
         faults = self.emu.faults
+        if faults.messages_per_connection and self.accepted >= faults.messages_per_connection:
+            # (As Exchange or Postfix's per-connection limits answer, then hang up.)
+            self._send("421 4.7.0 Too many messages on this connection, closing")
+            return False
         if self.helo is None:
             self._send("503 5.5.1 Send EHLO first")
         elif self.emu.require_auth and not self.authenticated:
@@ -305,6 +310,7 @@ class _Session(socketserver.BaseRequestHandler):
             return True
         raw = b"".join(lines)
         self.emu._record(mail_from, rcpt_tos, raw)
+        self.accepted += 1
         self.emu.faults.note_accept()
         if self.emu.faults.send_latency_ms:  # accepted, then slow to say so (a hung server)
             time.sleep(self.emu.faults.send_latency_ms / 1000)
