@@ -319,6 +319,14 @@ class Dispatcher:
                 return None
             wait = runner.paused_until - time.monotonic()
             if wait > 0:
+                spent = time.monotonic() - first_attempt_at if first_attempt_at else 0.0
+                if wait > min(self.policy.max_rate_limit_wait_s,
+                              self.policy.deadline_s - spent):
+                    # A reset far away (another delivery met it just before the circuit
+                    # opened): the channel is down until then, as that delivery found.
+                    breaker.release()
+                    self._failover(d, self._down_reason(runner), whole)
+                    return None
                 if self.stop.wait(wait):
                     breaker.release()
                     return None

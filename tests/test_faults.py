@@ -1182,3 +1182,34 @@ def test_a_mail_server_that_hangs_up_after_each_message_still_gets_every_email(
     assert mailed == sorted(f"person{i}@example.com" for i in range(people))
     assert not events(rt, "delivery.failover") and not events(rt, "delivery.failed")
     assert len(events(rt, "delivery.attempt", "team_email")) == people
+
+
+@pytest.mark.parametrize(("window_s", "all_by_email"), [(1.0, True), (900.0, False)],
+                         ids=["slow-down", "far-reset"])
+def test_a_mail_server_that_asks_to_slow_down_is_rate_limiting_not_down(
+        tmp_path: Path, sandbox: Any, window_s: float, all_by_email: bool) -> None:
+    """The server takes 10 messages per window, then answers MAIL "452 4.5.3 Too many
+    messages, slow down" (with "try again in N seconds" when the wait is long). That was
+    read as a failure: five quick retries, then the delivery gave up. 10 of 40 emails went
+    out in about a second and the team, who also had SMS, counted as reached. It is now a
+    rate limit, as a 429 is: the channel pauses and every email goes out at the server's
+    pace; a wait longer than a rate limit may be fails over at once, as a far 429 does."""
+    people = 40
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=4)
+    sandbox.smtp.faults.update(rate_limit=10, rate_window_s=window_s)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert outcome.exit_code == 0, outcome.verdict
+    mailed = {to for r in sandbox.smtp.received.all() for to in r["rcpt_tos"]}
+    if all_by_email:
+        assert mailed == {f"person{i}@example.com" for i in range(people)}
+        assert not events(rt, "delivery.failover") and not events(rt, "delivery.failed")
+    else:
+        assert len(mailed) == 10 and elapsed < 30, f"{elapsed:.0f}s waiting on a far reset"
+        # (team_email has no fallback: the team heard by SMS.)
+        given_up = events(rt, "delivery.failed", "team_email")
+        assert len(given_up) == people - 10
+        assert all("rate limited until" in r.payload["error"] for r in given_up)
+    assert len(sms_to(sandbox)) == people

@@ -470,6 +470,16 @@ class EmailChannel(Channel):
         if isinstance(exc, smtplib.SMTPResponseException):
             reason = exc.smtp_error.decode("utf-8", "replace") \
                 if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            pause = _slow_down_s(exc.smtp_code, reason) \
+                if isinstance(exc, smtplib.SMTPSenderRefused) else None
+            if pause is not None:
+                # The server takes no more from this sender for now (MAIL refused 4xx: "too
+                # many messages, slow down"): a rate limit, as a 429 is. The channel pauses
+                # and the message waits; it is no failure, and nothing fails over unless
+                # the wait is longer than a rate limit may be.
+                return TransientChannelError(
+                    f"{name}: the SMTP server asks to slow down ({exc.smtp_code} {reason})",
+                    channel=name, code=str(exc.smtp_code), retry_after=pause)
             if 400 <= exc.smtp_code < 500:
                 return TransientChannelError(f"{name}: SMTP {exc.smtp_code} {reason}",
                                              channel=name, code=str(exc.smtp_code))
@@ -495,6 +505,22 @@ class EmailChannel(Channel):
                                          channel=name, code="connection")
         return TransientChannelError(f"{name}: {type(exc).__name__} talking SMTP",
                                      channel=name, code="error")
+
+
+_SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b|\brate\b|rate.limit|too many|slow down|"
+                        r"try (?:again )?later|throttl", re.IGNORECASE)
+_WAIT_FOR = re.compile(r"(\d{1,6})\s*(?:s\b|secs?\b|seconds?\b)", re.IGNORECASE)
+SLOW_DOWN_PAUSE_S = 2.0
+"""How long the channel pauses when a server asks to slow down and says not how long."""
+
+
+def _slow_down_s(code: int, text: str) -> float | None:
+    """Seconds to pause for a 4xx refusal of the sender that asks to slow down (a rate
+    limit: enhanced status 4.7.x, or words to that effect), None for any other reply."""
+    if not 400 <= code < 500 or not _SLOW_DOWN.search(text):
+        return None
+    said = _WAIT_FOR.search(text)
+    return max(1.0, float(said.group(1))) if said else SLOW_DOWN_PAUSE_S
 
 
 @lru_cache(maxsize=2)

@@ -248,8 +248,11 @@ class _Session(socketserver.BaseRequestHandler):
             self._send("503 5.5.1 Nested MAIL command")
         elif (parsed := self._address(arg, "FROM")) is None:
             self._send("501 5.5.4 Syntax: MAIL FROM:<address>")
-        elif not self.emu.rate.hit(faults.rate_limit, faults.rate_window_s)[0]:
-            self._send("452 4.5.3 Too many messages, slow down")
+        elif not (limited := self.emu.rate.hit(faults.rate_limit, faults.rate_window_s))[0]:
+            # (Postfix's anvil and Exchange word it so; some say when, some do not.)
+            wait = max(1, round(limited[2] - time.time()))
+            self._send(f"452 4.5.3 Too many messages, slow down; try again in {wait} seconds"
+                       if wait > 5 else "452 4.5.3 Too many messages, slow down")
         elif parsed[0].lower() in {b.lower() for b in faults.bad_senders}:
             # (As Postfix words it: the reply names the login.)
             self._send(f"553 5.7.1 <{parsed[0]}>: Sender address rejected: not owned by "
