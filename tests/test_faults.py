@@ -302,7 +302,8 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     # What the emulator cannot do, or a value no provider gives, is refused plainly.
     for args in (["twilio", "--dribble-ms", "-1"], ["smtp", "--error-after-accept", "1"],
                  ["twitter", "--error-status", "404"], ["smtp", "--idless-after-accept", "1"],
-                 ["twilio", "--locked"], ["twitter", "--messages-per-connection", "1"]):
+                 ["twilio", "--locked"], ["twitter", "--messages-per-connection", "1"],
+                 ["smtp", "--daily-limit", "5"]):
         refused = run_cli("sandbox", "fault", *args)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, args
     assert sandbox.smtp.faults.error_after_accept == 0
@@ -315,6 +316,8 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     said = run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "30")
     assert sandbox.smtp.faults.messages_per_connection == 30 and said.returncode == 0
     run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "0")
+    run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
+    assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
     said = run_cli("sandbox", "fault", "twilio", "--idless-after-accept", "3")
     assert sandbox.twilio.faults.idless_after_accept == 3 and said.returncode == 0
@@ -817,6 +820,30 @@ def test_a_rate_limit_reset_is_read_on_the_providers_clock(tmp_path: Path, sandb
     assert re.search(r"rate limited until (89\d|900)s", opened.payload["reason"])
     assert elapsed < 10 and outcome.exit_code == 0 and not tweets(sandbox)
     assert set(sms_to(sandbox)) >= {"+14155550000", "+14155550001"}
+
+
+def test_a_spent_daily_cap_fails_twitter_over_at_once_though_the_window_resets_soon(
+        tmp_path: Path, sandbox: Any) -> None:
+    """X caps the posts of an account per 24 hours. Past the cap it answers 429 with the
+    15-minute window not spent (`x-rate-limit-remaining` above 0, its reset seconds away)
+    and the daily cap spent (`x-user-limit-24hour-remaining: 0`, reset hours away). Only
+    the window's reset was read: the tweet waited for it and was refused again, and
+    again, until its deadline (5 minutes by default) before the public heard by SMS. The
+    latest reset among the limits said spent is the one that counts."""
+    from incident_notify.flow import RetryPolicy
+
+    pb = make_fanout_playbook(tmp_path / "pb", 1, twitter=True, subscribers=3, concurrency=1)
+    rt = runtime(tmp_path, sandbox)
+    rt.policy = RetryPolicy(deadline_s=20.0)  # (the old wait, cut short for the test)
+    sandbox.twitter.faults.update(daily_limit=0, rate_window_s=2)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert sandbox.twitter.hits["/2/tweets"] == 1, "asked once, then failed over"
+    [opened] = events(rt, "channel.circuit_open", "status_twitter")
+    assert re.search(r"rate limited until \d{5}s", opened.payload["reason"])
+    assert elapsed < 10 and outcome.exit_code == 0 and not tweets(sandbox)
+    assert set(sms_to(sandbox)) >= SUBSCRIBERS
 
 
 # ------------------------------------------------------------------ a thread cut mid-way

@@ -96,6 +96,30 @@ def _account_refused(exc: Any, text: str) -> bool:
     return bool(codes & _ACCOUNT_CODES) or any(w in lowered for w in _ACCOUNT_WORDS)
 
 
+_LIMITS = ("x-rate-limit", "x-user-limit-24hour", "x-app-limit-24hour")
+"""X's limits, each with -remaining and -reset headers: the endpoint's 15-minute window, and
+the daily caps of the account and of the app."""
+
+
+def _reset_of(headers: Any) -> float | None:
+    """When a 429 ends: the latest reset among the limits it says are spent (a daily cap
+    spent answers 429 with the 15-minute window not spent, its reset near); with none
+    said spent, the 15-minute window's."""
+    spent: list[float] = []
+    for limit in _LIMITS:
+        try:
+            if int(headers.get(f"{limit}-remaining", "")) <= 0:
+                spent.append(float(headers.get(f"{limit}-reset", "")))
+        except ValueError:
+            continue
+    if spent:
+        return max(spent)
+    try:
+        return float(headers.get("x-rate-limit-reset", ""))
+    except ValueError:
+        return None
+
+
 def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
               ) -> PermanentChannelError | TransientChannelError:
     """tweepy / transport errors to our classes. `broadcast`: a refused tweet (403 that is
@@ -109,11 +133,7 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
         reset: float | None = None
         now = time.time()
         if exc.response is not None:
-            raw = exc.response.headers.get("x-rate-limit-reset")
-            try:
-                reset = float(raw) if raw else None
-            except ValueError:
-                reset = None
+            reset = _reset_of(exc.response.headers)
             # The reset is a time on X's clock; this machine's may have drifted (a laptop
             # woken from sleep) by more than the wait.
             now += provider_offset(exc.response.headers.get("date"))

@@ -138,6 +138,9 @@ def fault(
     messages_per_connection: Annotated[int | None, typer.Option(
         min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
         "and hang up (a server's per-connection limit); 0 removes it.")] = None,
+    daily_limit: Annotated[int | None, typer.Option(
+        min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
+        "the daily cap's reset hours away.")] = None,
     locked: Annotated[bool | None, typer.Option(
         "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
         "refused, 403 code 326; reads still answer).")] = None,
@@ -205,6 +208,8 @@ def fault(
     for wanted, fault, where, why, hint in (
             (locked, "--locked", ("twitter",), "a Twitter fault: a locked X account",
              "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
+            (daily_limit is not None, "--daily-limit", ("twitter",),
+             "a Twitter fault: X's daily cap on an account's posts", "use it with twitter"),
             (messages_per_connection, "--messages-per-connection", ("smtp",),
              "an SMTP fault: a mail server's limit per connection", "use it with smtp"),
             (error_after_accept, "--error-after-accept", ("twitter", "twilio"),
@@ -220,7 +225,8 @@ def fault(
         "outage", "locked", "latency_ms", "rate_window_s", "fail_next", "send_latency_ms",
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
-        "bad_recipient_code", "messages_per_connection") if options[k] is not None}
+        "bad_recipient_code", "messages_per_connection", "daily_limit")
+        if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),

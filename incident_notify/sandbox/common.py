@@ -70,6 +70,10 @@ class Faults:
     """SMTP: after this many messages on one connection the server answers the next MAIL
     "421 Too many messages on this connection" and hangs up, as mail servers limit
     connections (Exchange Online: 20 or 30); 0: no limit."""
+    daily_limit: int | None = None
+    """Twitter: posts (tweets and DMs) the account may make in 24 hours; past it, 429 with
+    the 15-minute window not spent (its reset near) and `x-user-limit-24hour-remaining: 0`
+    with a reset hours away, as X answers a spent daily cap."""
     locked: bool = False
     """Twitter: the account is locked (X's code 326, "this account is temporarily
     locked"): every post and DM is refused with 403, while reads (the health check's

@@ -103,6 +103,22 @@ class TwitterHandler(EmulatorHandler):
             self.send_json(429, _problem(429, "Too Many Requests", "Too Many Requests",
                                          "about:blank"), headers=self._rate_headers)
             return False
+        daily = emu.faults.daily_limit
+        if daily is not None and self.command == "POST" and (
+                path == "/2/tweets" or "/dm_conversations/" in path):
+            with emu.lock:
+                spent = emu.posted_today >= daily
+                emu.posted_today += 0 if spent else 1
+            # (Counted as taken before the post is checked: X counts attempts too.)
+            day_reset = int(emu.day_started + 86_400 + emu.faults.clock_skew_s)
+            self._rate_headers.update({
+                "x-user-limit-24hour-limit": str(daily),
+                "x-user-limit-24hour-remaining": str(0 if spent else daily - emu.posted_today),
+                "x-user-limit-24hour-reset": str(day_reset)})
+            if spent:
+                self.send_json(429, _problem(429, "Too Many Requests", "Too Many Requests",
+                                             "about:blank"), headers=self._rate_headers)
+                return False
         return True
 
     def _check_oauth(self) -> str | None:
@@ -317,6 +333,8 @@ class TwitterEmulator(HttpEmulator):
         self.texts: set[str] = set()
         self.deleted: set[str] = set()
         self.dm_events: list[dict[str, Any]] = []
+        self.posted_today, self.day_started = 0, time.time()
+        """Posts counted against `daily_limit`, since the day's start."""
         self.ids = itertools.count(1_860_000_000_000_000_000)
         self.lock = threading.Lock()
         self.lookups = 0
@@ -387,3 +405,4 @@ class TwitterEmulator(HttpEmulator):
             self.meta.clear()
             self.deleted.clear()
             self.dm_events.clear()
+            self.posted_today, self.day_started = 0, time.time()
