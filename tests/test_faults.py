@@ -316,6 +316,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     said = run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "30")
     assert sandbox.smtp.faults.messages_per_connection == 30 and said.returncode == 0
     run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "0")
+    run_cli("sandbox", "fault", "twilio", "--sender-queue-full")
+    assert sandbox.twilio.faults.sender_queue_full
+    run_cli("sandbox", "fault", "twilio", "--no-sender-queue-full")
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
@@ -1240,3 +1243,22 @@ def test_a_mail_server_that_asks_to_slow_down_is_rate_limiting_not_down(
         assert len(given_up) == people - 10
         assert all("rate limited until" in r.payload["error"] for r in given_up)
     assert len(sms_to(sandbox)) == people
+
+
+def test_a_twilio_sender_whose_queue_is_full_takes_sms_down_at_once(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio refuses sends from a number whose queue holds hours of messages (21611,
+    another system sending from it). The refusal was read as about each recipient: every
+    person was tried in turn at the SMS rate before their next channel. The queue is the
+    sender's, so the first refusal takes the channel down and the rest fail over."""
+    people = 30
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=1)
+    sandbox.twilio.faults.update(sender_queue_full=True)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 0, outcome.verdict  # (the team heard by email)
+    sends = sum(n for path, n in sandbox.twilio.hits.items() if path.endswith("/Messages.json"))
+    assert sends == 1, sandbox.twilio.hits
+    [opened] = events(rt, "channel.circuit_open", "team_sms")
+    assert "queue for this sender is full" in opened.payload["reason"]
+    assert len(mail_to(sandbox)) == people

@@ -196,6 +196,15 @@ class SMSChannel(Channel):
                     channel=name, code=str(code), channel_down=True,
                     hint="check the channel's sender (a number of this Twilio account) or "
                     "messaging_service_sid, and TWILIO_ACCOUNT_SID")
+            if code == 21611:
+                # The sender's queue at Twilio is full (hours of messages wait in it): what
+                # it took now would arrive hours late, so the channel is down for this
+                # update and its deliveries fail over.
+                return PermanentChannelError(
+                    f"{name}: Twilio's queue for this sender is full ({text})", channel=name,
+                    code="21611", channel_down=True,
+                    hint="another system may be sending from the same number; give this "
+                    "channel a sender of its own, or a messaging service with several")
             if code in RECIPIENT_CODES or code in _COUNTRY_CODES:
                 return PermanentChannelError(f"{name}: invalid recipient ({text})",
                                              channel=name, code=str(code),

@@ -70,6 +70,9 @@ class Faults:
     """SMTP: after this many messages on one connection the server answers the next MAIL
     "421 Too many messages on this connection" and hangs up, as mail servers limit
     connections (Exchange Online: 20 or 30); 0: no limit."""
+    sender_queue_full: bool = False
+    """Twilio: the From number's queue is full (error 21611: more than about 4 hours of
+    messages wait to go out from it): every send is refused until it drains."""
     daily_limit: int | None = None
     """Twitter: posts (tweets and DMs) the account may make in 24 hours; past it, 429 with
     the 15-minute window not spent (its reset near) and `x-user-limit-24hour-remaining: 0`

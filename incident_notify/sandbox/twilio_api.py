@@ -105,6 +105,10 @@ class TwilioHandler(EmulatorHandler):
                                        "valid, SMS-capable inbound phone number or short "
                                        "code for your account.", 400))
             return
+        if emu.faults.sender_queue_full:
+            self.send_json(400, _error(21611, "This 'From' number has exceeded the maximum "
+                                       "number of queued messages", 400))
+            return
         if service and service not in emu.messaging_service_sids:
             self.send_json(400, _error(21701, "The Messaging Service Sid is invalid", 400))
             return
