@@ -319,6 +319,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "twilio", "--sender-queue-full")
     assert sandbox.twilio.faults.sender_queue_full
     run_cli("sandbox", "fault", "twilio", "--no-sender-queue-full")
+    run_cli("sandbox", "fault", "smtp", "--busy-logins", "2")
+    assert sandbox.smtp.faults.busy_logins == 2
+    run_cli("sandbox", "fault", "smtp", "--busy-logins", "0")
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
@@ -1262,3 +1265,25 @@ def test_a_twilio_sender_whose_queue_is_full_takes_sms_down_at_once(
     [opened] = events(rt, "channel.circuit_open", "team_sms")
     assert "queue for this sender is full" in opened.payload["reason"]
     assert len(mail_to(sandbox)) == people
+
+
+def test_a_mail_server_too_busy_for_logins_is_busy_not_refusing_the_credentials(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Logging in on several connections at once, a server answers some "454 4.7.0 Too
+    many login attempts, please try again later" (Gmail, Exchange). That was read as the
+    credentials rejected: the health check took email down for the update, or mid-send
+    the circuit opened and the emails queued behind it failed over ("rejected the
+    login", 7 of 100 not sent). A 4xx to the login is the server asking to wait: the
+    check counts it up, and a send waits and logs in again."""
+    people = 60
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=8)
+    rt = runtime(tmp_path, sandbox)
+    # (smtplib tries each AUTH mechanism offered, PLAIN then LOGIN: 4 refusals are the
+    # health check's two logins, its first try and its one retry.)
+    sandbox.smtp.faults.update(busy_logins=4)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(busy_logins=4)))
+    assert outcome.exit_code == 0, outcome.verdict
+    assert len(mail_to(sandbox)) == people and sandbox.smtp.faults.busy_logins == 0
+    assert not events(rt, "channel.circuit_open") and not events(rt, "delivery.failed")
+    assert not events(rt, "delivery.failover")

@@ -137,15 +137,15 @@ class EmailChannel(Channel):
         import smtplib
 
         timeout = self.options.timeout_s
+        conn: smtplib.SMTP | None = None
         try:
-            conn: smtplib.SMTP
             if self.tls == "implicit":
                 conn = _smtp_class(True)(timeout=timeout, context=self._context())
             else:
                 conn = _smtp_class(False)(timeout=timeout)
             # Connected after it is watched: a server may dribble its greeting too.
             # (smtplib.SMTP(host) sets _host itself; TLS checks the certificate on it.)
-            conn._host = self.host  # type: ignore[attr-defined]
+            conn._host = self.host  # type: ignore[union-attr]
             watch(conn)
             code, greeting = conn.connect(self.host, self.port)
             if code != 220:  # (as smtplib.SMTP(host) itself refuses it)
@@ -161,6 +161,8 @@ class EmailChannel(Channel):
                 conn.login(user, password)
             return conn
         except Exception as exc:
+            if conn is not None:  # (a login refused: its socket is not kept open)
+                _drop(conn)
             raise self._map(exc, sent_data=False) from None
 
     def _take(self) -> smtplib.SMTP:
@@ -407,6 +409,11 @@ class EmailChannel(Channel):
                 conn = self._connect()
                 code, _ = conn.noop()
         except (PermanentChannelError, TransientChannelError) as exc:
+            if isinstance(exc, TransientChannelError) and exc.retry_after is not None:
+                # The server answered and asks to come back shortly (logins at once): up,
+                # as a 429 to Twilio's or X's health check is.
+                return Health(ok=True, detail=f"answering, but busy ({exc.message})",
+                              latency_ms=(time.monotonic() - started) * 1000)
             return Health(ok=False, detail=exc.message)
         except (OSError, smtplib.SMTPException) as exc:
             return Health(ok=False, detail=self._map(exc, sent_data=False).message)
@@ -433,6 +440,15 @@ class EmailChannel(Channel):
         due = current()
         if due is not None and due.expired:  # the transaction's deadline shut it down
             return self.deadline_passed("the SMTP server", due.seconds, sent_data)
+        if isinstance(exc, smtplib.SMTPAuthenticationError) and 400 <= exc.smtp_code < 500:
+            # "454 4.7.0 Too many login attempts, please try again later": the login is
+            # not refused, only not now (many connections logging in at once).
+            reason = exc.smtp_error.decode("utf-8", "replace") \
+                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            return TransientChannelError(
+                f"{name}: the SMTP server cannot take the login now ({exc.smtp_code} "
+                f"{reason})", channel=name, code=str(exc.smtp_code),
+                retry_after=_slow_down_s(exc.smtp_code, reason))
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return PermanentChannelError(f"{name}: the SMTP server rejected the login "
                                          f"({exc.smtp_code})", channel=name, code="auth",

@@ -138,6 +138,9 @@ def fault(
     messages_per_connection: Annotated[int | None, typer.Option(
         min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
         "and hang up (a server's per-connection limit); 0 removes it.")] = None,
+    busy_logins: Annotated[int | None, typer.Option(
+        min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
+        "try again later).")] = None,
     sender_queue_full: Annotated[bool | None, typer.Option(
         "--sender-queue-full/--no-sender-queue-full", help="twilio: the From number's "
         "queue is full (21611): every send refused.")] = None,
@@ -211,6 +214,8 @@ def fault(
     for wanted, fault, where, why, hint in (
             (locked, "--locked", ("twitter",), "a Twitter fault: a locked X account",
              "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
+            (busy_logins, "--busy-logins", ("smtp",), "an SMTP fault: logins refused for now",
+             "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
             (daily_limit is not None, "--daily-limit", ("twitter",),
@@ -230,7 +235,8 @@ def fault(
         "outage", "locked", "latency_ms", "rate_window_s", "fail_next", "send_latency_ms",
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
-        "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full")
+        "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full",
+        "busy_logins")
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None

@@ -70,6 +70,10 @@ class Faults:
     """SMTP: after this many messages on one connection the server answers the next MAIL
     "421 Too many messages on this connection" and hangs up, as mail servers limit
     connections (Exchange Online: 20 or 30); 0: no limit."""
+    busy_logins: int = 0
+    """SMTP: answer the next N AUTH commands "454 4.7.0 Too many login attempts, please try
+    again later", as Gmail and Exchange do when a client logs in on many connections at
+    once (smtplib tries each mechanism offered: a login may take two)."""
     sender_queue_full: bool = False
     """Twilio: the From number's queue is full (error 21611: more than about 4 hours of
     messages wait to go out from it): every send is refused until it drains."""

@@ -199,6 +199,9 @@ class _Session(socketserver.BaseRequestHandler):
         if self.authenticated:
             self._send("503 5.5.1 Already authenticated")
             return
+        if self.emu.faults._take("busy_logins"):
+            self._send("454 4.7.0 Too many login attempts, please try again later")
+            return
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
         if mechanism == "PLAIN":
