@@ -312,7 +312,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     assert said.stdout.strip() == "twitter: error after accept 2, error status 504"
     said = run_cli("sandbox", "fault", "twitter", "--locked")
     assert said.stdout.strip().startswith("twitter: locked on") and sandbox.twitter.faults.locked
-    run_cli("sandbox", "fault", "twitter", "--no-locked")
+    run_cli("sandbox", "fault", "twitter", "--no-locked", "--no-dm-permission")
+    assert sandbox.twitter.faults.no_dm_permission and not sandbox.twitter.faults.locked
+    run_cli("sandbox", "fault", "twitter", "--dm-permission")
     said = run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "30")
     assert sandbox.smtp.faults.messages_per_connection == 30 and said.returncode == 0
     run_cli("sandbox", "fault", "smtp", "--messages-per-connection", "0")
@@ -1144,14 +1146,16 @@ def test_a_running_resume_holds_off_other_senders_of_its_incident(
     assert resume(rt, first.incident_id).exit_code == 0
 
 
+@pytest.mark.parametrize("fault", ["locked", "no_dm_permission"])
 def test_a_locked_x_account_fails_its_dms_over_at_once_not_one_refusal_per_customer(
-        tmp_path: Path, sandbox: Any) -> None:
+        tmp_path: Path, sandbox: Any, fault: str) -> None:
     """X locks the account (code 326, "this account is temporarily locked"): every post
     and DM is refused with 403 while reads still answer, so the health check says up. The
     tweet's refusal took its channel down, but each DM's refusal was read as about its
     recipient: every customer on DMs was tried in turn at the DM rate (1 a second here, as
     by default) before hearing by email, a minute for 60 customers, an hour for 3,600. The
-    first refusal now takes the DM channel down and its deliveries fail over at once."""
+    first refusal now takes the DM channel down and its deliveries fail over at once. So
+    does an app X allows to post but not to send DMs (v2 problem `oauth1-permissions`)."""
     customers = 12
     pb = tmp_path / "pb" / "dms.yaml"
     pb.parent.mkdir()
@@ -1178,7 +1182,7 @@ def test_a_locked_x_account_fails_its_dms_over_at_once_not_one_refusal_per_custo
         "      twitter_dm: 'Power problem at {{ site }}.'\n"
         "      email:\n        subject: 'Power problem at {{ site }}'\n"
         "        text: 'Power problem at {{ site }}.'\n")
-    sandbox.twitter.faults.update(locked=True)
+    sandbox.twitter.faults.update(**{fault: True})
     rt = runtime(tmp_path, sandbox)
     started = time.monotonic()
     outcome = declare(rt, pb, {"site": "LON-2"})
@@ -1189,10 +1193,11 @@ def test_a_locked_x_account_fails_its_dms_over_at_once_not_one_refusal_per_custo
     assert 1 <= dm_requests <= 2, sandbox.twitter.hits
     mailed = {to for r in sandbox.smtp.received.all() for to in r["rcpt_tos"]}
     assert mailed == {f"c{i}@example.org" for i in range(customers)}
-    assert not [r for r in sandbox.twitter.received.all()], "nothing is posted or sent on X"
+    posted = [r["kind"] for r in sandbox.twitter.received.all()]
+    assert posted == ([] if fault == "locked" else ["tweet"]), "no DM is sent on X"
     assert elapsed < 8, f"{elapsed:.1f}s: the DMs were refused one by one"
     down = [r for r in events(rt, "delivery.failover", "customer_dm")]
-    assert down and "X refuses the account" in down[0].payload["reason"]
+    assert down and "X refuses the account or app" in down[0].payload["reason"]
 
 
 def test_a_mail_server_that_hangs_up_after_each_message_still_gets_every_email(

@@ -82,17 +82,20 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
-_ACCOUNT_CODES = {64, 226, 326}
-"""X's error codes about the sending account: suspended, a request that looks automated,
-temporarily locked."""
+_ACCOUNT_CODES = {64, 93, 226, 326}
+"""X's error codes about the sending account or app: suspended, an app not allowed direct
+messages, a request that looks automated, temporarily locked."""
 _ACCOUNT_WORDS = ("account is temporarily locked", "account is suspended",
-                  "account is locked", "might be automated", "your account")
+                  "account is locked", "might be automated", "your account",
+                  "app permissions", "application is not allowed", "attached to a project",
+                  "client-not-enrolled", "oauth1-permissions")
 
 
 def _account_refused(exc: Any, text: str) -> bool:
-    """Whether a 403 is about the sending account rather than the request or recipient."""
+    """Whether a 403 is about the sending account or app rather than the request or the
+    recipient (its words, its v1.1 code, or its v2 problem type)."""
     codes = set(getattr(exc, "api_codes", []) or [])
-    lowered = text.lower()
+    lowered = f"{text} {_problem_type(exc)}".lower()
     return bool(codes & _ACCOUNT_CODES) or any(w in lowered for w in _ACCOUNT_WORDS)
 
 
@@ -118,6 +121,15 @@ def _reset_of(headers: Any) -> float | None:
         return float(headers.get("x-rate-limit-reset", ""))
     except ValueError:
         return None
+
+
+def _problem_type(exc: Any) -> str:
+    response = getattr(exc, "response", None)
+    try:
+        body = response.json() if response is not None else {}
+    except ValueError:
+        return ""
+    return str(body.get("type", "")) if isinstance(body, dict) else ""
 
 
 def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
@@ -159,13 +171,15 @@ def map_error(channel: str, exc: BaseException, *, broadcast: bool = False
     if isinstance(exc, tweepy.Forbidden):
         text = _api_text(exc)
         if _account_refused(exc, text):
-            # X refuses the account itself (locked, suspended, held as automated): no post
-            # and no DM can go out on it, so its deliveries fail over now, not one refusal
-            # per recipient at the DM rate.
+            # X refuses the account itself (locked, suspended, held as automated) or the
+            # app (not allowed DMs): nothing of this kind can go out on it, so its
+            # deliveries fail over now, not one refusal per recipient at the DM rate.
             return PermanentChannelError(
-                f"{channel}: X refuses the account ({text})", channel=channel, code="account",
+                f"{channel}: X refuses the account or app ({text})", channel=channel,
+                code="account",
                 channel_down=True, hint="log in to X with the account to see why (a locked "
-                "account is unlocked there)")
+                "account is unlocked there); an app needs the \"Read, write and Direct "
+                "Messages\" permission for DMs")
         if "deleted or not visible" in text.lower():
             return PermanentChannelError(f"{channel}: the tweet to reply to is gone ({text})",
                                          channel=channel, code="reply_target_gone")

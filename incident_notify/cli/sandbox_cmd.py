@@ -147,6 +147,9 @@ def fault(
     daily_limit: Annotated[int | None, typer.Option(
         min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
         "the daily cap's reset hours away.")] = None,
+    no_dm_permission: Annotated[bool | None, typer.Option(
+        "--no-dm-permission/--dm-permission", help="twitter: the app may post but not send "
+        "DMs (403, problem oauth1-permissions).")] = None,
     locked: Annotated[bool | None, typer.Option(
         "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
         "refused, 403 code 326; reads still answer).")] = None,
@@ -218,6 +221,8 @@ def fault(
              "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
+            (no_dm_permission, "--no-dm-permission", ("twitter",),
+             "a Twitter fault: an app not allowed DMs", "use it with twitter"),
             (daily_limit is not None, "--daily-limit", ("twitter",),
              "a Twitter fault: X's daily cap on an account's posts", "use it with twitter"),
             (messages_per_connection, "--messages-per-connection", ("smtp",),
@@ -236,7 +241,7 @@ def fault(
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
         "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full",
-        "busy_logins")
+        "busy_logins", "no_dm_permission")
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None

@@ -81,6 +81,9 @@ class Faults:
     """Twitter: posts (tweets and DMs) the account may make in 24 hours; past it, 429 with
     the 15-minute window not spent (its reset near) and `x-user-limit-24hour-remaining: 0`
     with a reset hours away, as X answers a spent daily cap."""
+    no_dm_permission: bool = False
+    """Twitter: the app may post but not send DMs (its access level lacks "Direct
+    Messages"): DMs answer 403, problem `oauth1-permissions`, as X does."""
     locked: bool = False
     """Twitter: the account is locked (X's code 326, "this account is temporarily
     locked"): every post and DM is refused with 403, while reads (the health check's

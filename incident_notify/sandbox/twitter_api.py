@@ -235,6 +235,12 @@ class TwitterHandler(EmulatorHandler):
                                  "title": "Forbidden", "detail": LOCKED, "type": "about:blank",
                                  "status": 403})
             return
+        if self.emulator.faults.no_dm_permission and "/dm_conversations/" in path:
+            self.send_json(403, _problem(
+                403, "Unsupported Authentication", "Your client app is not configured with "
+                "the appropriate oauth1 app permissions for this endpoint.",
+                "https://api.twitter.com/2/problems/oauth1-permissions"))
+            return
         if path == "/2/tweets":
             self._tweet(payload)
             return
