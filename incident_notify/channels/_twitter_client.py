@@ -82,13 +82,15 @@ def _api_text(exc: Any) -> str:
     return f"HTTP {status}: " + ("; ".join(p for p in parts if p) or "no detail")
 
 
-_ACCOUNT_CODES = {64, 93, 226, 326}
+_ACCOUNT_CODES = {64, 93, 226, 326, 453}
 """X's error codes about the sending account or app: suspended, an app not allowed direct
-messages, a request that looks automated, temporarily locked."""
+messages, a request that looks automated, temporarily locked, an access level without the
+endpoint."""
 _ACCOUNT_WORDS = ("account is temporarily locked", "account is suspended",
                   "account is locked", "might be automated", "your account",
                   "app permissions", "application is not allowed", "attached to a project",
-                  "client-not-enrolled", "oauth1-permissions")
+                  "client-not-enrolled", "oauth1-permissions", "different access level",
+                  "access to a subset of")
 
 
 def _account_refused(exc: Any, text: str) -> bool:
