@@ -139,14 +139,14 @@ class UnreachablePort:
     lost in an outage drops them: a listening socket whose queue is already full, so the
     kernel ignores every further SYN and the client's connect waits until it gives up."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         import socket
 
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((host, port))
         self.listener.listen(0)
         self.port = self.listener.getsockname()[1]
-        self.queued = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.queued = socket.create_connection((host, self.port), timeout=5)
 
     def __enter__(self) -> UnreachablePort:
         return self

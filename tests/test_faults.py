@@ -200,6 +200,57 @@ def test_a_provider_whose_address_drops_connection_requests_fails_fast_never_sen
     assert CONNECT_TIMEOUT_S - 0.5 < took < CONNECT_TIMEOUT_S + 3, took
 
 
+@pytest.mark.parametrize("kind", ["sms", "email", "twitter"])
+def test_a_provider_name_whose_first_address_drops_connections_is_reached_at_the_next(
+        kind: str, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider's name resolves to several addresses; the first two drop connection
+    requests (an edge of the provider down, IPv6 routes that are gone). The connect bound
+    added for hung name lookups covered the lookup and every address together, 6 s: the
+    first two addresses took all of it, the live one was never tried, and the provider
+    was unreachable on every retry, where before it was reached 10 s late. Each address
+    now has the connect timeout of its own, after a lookup bounded on its own."""
+    import socket
+
+    from incident_notify.channels._http import CONNECT_TIMEOUT_S
+    from incident_notify.channels.base import ChannelSpec, Delivery, NoAttempt, OutgoingMessage
+    from incident_notify.channels.email import EmailChannel
+    from incident_notify.channels.sms import SMSChannel
+    from incident_notify.channels.twitter import TwitterChannel
+    from incident_notify.sandbox import SANDBOX_CREDENTIALS
+
+    emulator = {"sms": sandbox.twilio, "email": sandbox.smtp, "twitter": sandbox.twitter}[kind]
+    port = emulator.port
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":  # (the dead addresses first, then the live one)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                    for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.1")]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    # ("localhost": plain HTTP and SMTP may go there only; its addresses are the test's.)
+    secrets = {**SANDBOX_CREDENTIALS,
+               "INCIDENT_NOTIFY_TWILIO_API_BASE": f"http://localhost:{port}",
+               "INCIDENT_NOTIFY_TWITTER_API_BASE": f"http://localhost:{port}",
+               "INCIDENT_NOTIFY_SMTP_URL": f"smtp://localhost:{port}"}
+    channel = {"sms": lambda: SMSChannel(ChannelSpec("c", "sms", "+15005550006"), secrets),
+               "email": lambda: EmailChannel(ChannelSpec("c", "email", "ops@acme.example"),
+                                             secrets),
+               "twitter": lambda: TwitterChannel(ChannelSpec("c", "twitter"), secrets)}[kind]()
+    recipient = {"sms": "+12025550100", "email": "a@example.org", "twitter": ""}[kind]
+    with UnreachablePort("127.0.0.2", port), UnreachablePort("127.0.0.3", port):
+        started = time.monotonic()
+        receipt = channel.send(Delivery(key="INC-1/1/c/p/1", incident_id="INC-1",
+                                        update_no=1, channel="c", recipient=recipient,
+                                        message=OutgoingMessage(text="Power lost.",
+                                                                subject="s")), NoAttempt())
+        took = time.monotonic() - started
+    channel.close()
+    assert receipt.provider_id and len(emulator.received.all()) == 1
+    assert 2 * CONNECT_TIMEOUT_S - 0.5 < took < 2 * CONNECT_TIMEOUT_S + 3, took
+
+
 # ------------------------------------------------------------------ accepted, then dropped
 # skew: Twilio's clock an hour behind this machine's (a laptop whose clock drifted ahead):
 # a message it created "before" the attempt, on this clock, is still the attempt's.

@@ -145,6 +145,22 @@ def within(seconds: float, open_: Callable[[], T], close: Callable[[T], None]) -
     return value
 
 
+def addresses(host: str, port: int, seconds: float) -> list[str]:
+    """The addresses of `host` (numeric, in the resolver's order, each once), looked up
+    within `seconds` (TimeoutError after), as connecting tries them."""
+    import socket
+
+    infos = within(seconds, lambda: socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM),
+                   lambda _: None)
+    found: list[str] = []
+    for *_, sockaddr in infos:
+        if str(sockaddr[0]) not in found:
+            found.append(str(sockaddr[0]))
+    if not found:
+        raise OSError(f"{host} has no address")
+    return found
+
+
 # ---------------------------------------------------------------- requests / urllib3
 def mount(session: Any) -> None:
     """Make every connection `session` uses register with the current deadline."""
@@ -161,7 +177,7 @@ def _adapter_class() -> type:
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-    from urllib3.exceptions import ConnectTimeoutError
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
     class Watched:
         def request(self, *args: Any, **kwargs: Any) -> None:
@@ -171,14 +187,30 @@ def _adapter_class() -> type:
         def _new_conn(self) -> Any:
             opening = super()._new_conn  # type: ignore[misc]
             limit = getattr(self, "timeout", None)
-            if not isinstance(limit, int | float) or limit <= 0:
+            name = getattr(self, "_dns_host", None)
+            if not isinstance(limit, int | float) or limit <= 0 or not name:
                 return opening()
-            try:  # (a second more than the connect itself has: its own timeout wins)
-                return within(limit + 1, opening, lambda sock: sock.close())
+            try:
+                found = addresses(name, self.port, limit)  # type: ignore[attr-defined]
             except TimeoutError:
-                host = getattr(self, "host", "")
-                raise ConnectTimeoutError(self, f"no connection to {host} within "
+                raise ConnectTimeoutError(self, f"no connection to {name} within "
                                           f"{limit:.0f}s (name lookup)") from None
+            except OSError:
+                return opening()  # (urllib3 says it: a name that does not resolve)
+            # Each address in turn, each with the connect timeout, as urllib3 itself does
+            # (one that drops connection requests, an IPv6 route that is gone, must not
+            # keep the others from being tried); the name is put back for TLS.
+            failed: Exception | None = None
+            for address in found:
+                self._dns_host = address
+                try:
+                    return opening()
+                except (ConnectTimeoutError, NewConnectionError) as exc:
+                    failed = exc
+                finally:
+                    self._dns_host = name
+            assert failed is not None
+            raise failed
 
     class WatchedHTTP(Watched, HTTPConnection):
         pass

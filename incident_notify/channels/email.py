@@ -32,7 +32,7 @@ from email.utils import format_datetime, getaddresses
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from incident_notify.channels._deadline import Deadline, current, watch, within
+from incident_notify.channels._deadline import Deadline, addresses, current, watch
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -554,13 +554,26 @@ def _smtp_class(implicit_tls: bool) -> Any:
         def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
             opening = min(timeout, CONNECT_TIMEOUT_S)
             parent = super()._get_socket
-            try:  # (the name lookup bounded too: `within`)
-                sock: socket.socket = within(opening + 1, lambda: parent(host, port, opening),
-                                             lambda late: late.close())
+            try:  # (the name lookup bounded too)
+                found = addresses(host, port, opening)
             except TimeoutError:  # (not "did not answer": nothing was asked yet)
-                raise ConnectionError(f"no connection within {opening:.0f}s") from None
-            sock.settimeout(timeout)
-            return sock
+                raise ConnectionError(f"no connection to {host} within {opening:.0f}s "
+                                      "(name lookup)") from None
+            # Each address in turn, each with the connect timeout (TLS checks the name,
+            # `_host`, not the address).
+            failed: OSError | None = None
+            for address in found:
+                try:
+                    sock: socket.socket = parent(address, port, opening)
+                except OSError as exc:
+                    failed = exc
+                    continue
+                sock.settimeout(timeout)
+                return sock
+            if isinstance(failed, TimeoutError):  # (nothing was asked: not "no answer")
+                raise ConnectionError(f"no connection to {host} within {opening:.0f}s")
+            assert failed is not None
+            raise failed
 
     return Connecting
 
