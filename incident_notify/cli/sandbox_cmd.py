@@ -135,24 +135,6 @@ def fault(
     service: Annotated[str, typer.Argument(help="twitter, twilio or smtp.")],
     outage: Annotated[bool | None, typer.Option("--outage/--no-outage",
                                                 help="Switch a full outage on or off.")] = None,
-    messages_per_connection: Annotated[int | None, typer.Option(
-        min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
-        "and hang up (a server's per-connection limit); 0 removes it.")] = None,
-    busy_logins: Annotated[int | None, typer.Option(
-        min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
-        "try again later).")] = None,
-    sender_queue_full: Annotated[bool | None, typer.Option(
-        "--sender-queue-full/--no-sender-queue-full", help="twilio: the From number's "
-        "queue is full (21611): every send refused.")] = None,
-    daily_limit: Annotated[int | None, typer.Option(
-        min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
-        "the daily cap's reset hours away.")] = None,
-    no_dm_permission: Annotated[bool | None, typer.Option(
-        "--no-dm-permission/--dm-permission", help="twitter: the app may post but not send "
-        "DMs (403, problem oauth1-permissions).")] = None,
-    locked: Annotated[bool | None, typer.Option(
-        "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
-        "refused, 403 code 326; reads still answer).")] = None,
     latency_ms: Annotated[float | None, typer.Option(
         min=0, help="Added latency per request.")] = None,
     rate_limit: Annotated[int | None, typer.Option(
@@ -208,6 +190,24 @@ def fault(
         help="twitter and twilio: the provider's clock runs this far ahead (negative: "
         "behind) of this machine's, in its Date header, creation times and rate-limit "
         "resets; 0 stops it.")] = None,
+    messages_per_connection: Annotated[int | None, typer.Option(
+        min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
+        "and hang up (a server's per-connection limit); 0 removes it.")] = None,
+    busy_logins: Annotated[int | None, typer.Option(
+        min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
+        "try again later).")] = None,
+    sender_queue_full: Annotated[bool | None, typer.Option(
+        "--sender-queue-full/--no-sender-queue-full", help="twilio: the From number's "
+        "queue is full (21611): every send refused.")] = None,
+    daily_limit: Annotated[int | None, typer.Option(
+        min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
+        "the daily cap's reset hours away.")] = None,
+    no_dm_permission: Annotated[bool | None, typer.Option(
+        "--no-dm-permission/--dm-permission", help="twitter: the app may post but not send "
+        "DMs (403, problem oauth1-permissions).")] = None,
+    locked: Annotated[bool | None, typer.Option(
+        "--locked/--no-locked", help="twitter: lock the account (its posts and DMs are "
+        "refused, 403 code 326; reads still answer).")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Change the faults of a running sandbox's emulator."""
