@@ -390,6 +390,14 @@ class Dispatcher:
             self._record(d, "unknown", _err(exc, attempt.number))
             self._cover_unknown(d, str(exc), whole)
             return True
+        if exc.recipient_problem:
+            # Deferred for this recipient only (a greylisting server asks for minutes): the
+            # channel works, so its circuit is untouched, and the person is tried on their
+            # next channel now rather than a worker waiting the deferral out.
+            self._permanent(runner, d, PermanentChannelError(
+                exc.message, channel=d.channel, code=exc.code, recipient_problem=True),
+                attempt, whole)
+            return True
         elapsed = time.monotonic() - first_attempt_at
         if exc.retry_after is not None:
             remaining = policy.deadline_s - elapsed

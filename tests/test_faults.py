@@ -374,7 +374,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "twilio", "--no-sender-queue-full")
     run_cli("sandbox", "fault", "smtp", "--busy-logins", "2")
     assert sandbox.smtp.faults.busy_logins == 2
-    run_cli("sandbox", "fault", "smtp", "--busy-logins", "0")
+    run_cli("sandbox", "fault", "smtp", "--busy-logins", "0", "--deferred-recipient",
+            "a@example.org")
+    assert sandbox.smtp.faults.deferred_recipients == ["a@example.org"]
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
@@ -1343,3 +1345,29 @@ def test_a_mail_server_too_busy_for_logins_is_busy_not_refusing_the_credentials(
     assert len(mail_to(sandbox)) == people and sandbox.smtp.faults.busy_logins == 0
     assert not events(rt, "channel.circuit_open") and not events(rt, "delivery.failed")
     assert not events(rt, "delivery.failover")
+
+
+def test_a_greylisted_recipient_is_theirs_alone_and_never_takes_email_down(
+        tmp_path: Path, sandbox: Any) -> None:
+    """A customer's mail server greylists ("450 4.7.1 Greylisted, try again in 300
+    seconds" at RCPT), and the contacts list puts that company's people first. Each
+    deferral counted against the email channel: five in a row opened its circuit and
+    every email of the update failed over, none sent (exit 0 here only because the team
+    also had SMS). A deferral is now the recipient's alone: the circuit is untouched, and
+    the person is tried on their next channel at once rather than a worker waiting out
+    minutes of greylisting."""
+    people, greylisted = 40, 8
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=2)
+    sandbox.smtp.faults.update(
+        deferred_recipients=[f"person{i}@example.com" for i in range(greylisted)])
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    elapsed = time.monotonic() - started
+    assert outcome.exit_code == 0, outcome.verdict
+    assert set(mail_to(sandbox)) == {f"person{i}@example.com"
+                                     for i in range(greylisted, people)}
+    assert not events(rt, "channel.circuit_open")
+    deferred = events(rt, "delivery.failed", "team_email")
+    assert len(deferred) == greylisted and "Greylisted" in deferred[0].payload["error"]
+    assert len(sms_to(sandbox)) == people and elapsed < 10, f"{elapsed:.1f}s"

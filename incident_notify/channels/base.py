@@ -84,6 +84,9 @@ class TransientChannelError(ChannelError):
     ``x-rate-limit-reset``); the dispatcher then pauses the whole channel until then.
     `maybe_delivered` is True when the request may have reached the provider before the
     failure (a timeout after sending, a 500): such a delivery is "unknown", not "failed".
+    `recipient_problem` is True when the deferral is about this recipient only (a mail
+    server greylisting, a mailbox receiving too fast): it does not count against the
+    channel's circuit, and the person's next channel is tried at once.
     """
 
     def __init__(
@@ -95,10 +98,12 @@ class TransientChannelError(ChannelError):
         hint: str = "",
         retry_after: float | None = None,
         maybe_delivered: bool = False,
+        recipient_problem: bool = False,
     ) -> None:
         super().__init__(message, channel=channel, code=code, hint=hint)
         self.retry_after = retry_after
         self.maybe_delivered = maybe_delivered
+        self.recipient_problem = recipient_problem
 
 
 class PermanentChannelError(ChannelError):

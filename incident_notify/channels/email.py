@@ -478,9 +478,10 @@ class EmailChannel(Channel):
         if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, text = next(iter(exc.recipients.values()), (550, b""))
             reason = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-            if 400 <= code < 500:
+            if 400 <= code < 500:  # (greylisting, a mailbox receiving too fast)
                 return TransientChannelError(f"{name}: recipient deferred ({code} {reason})",
-                                             channel=name, code=str(code))
+                                             channel=name, code=str(code),
+                                             recipient_problem=True)
             return PermanentChannelError(f"{name}: recipient refused ({code} {reason})",
                                          channel=name, code=str(code), recipient_problem=True)
         if isinstance(exc, smtplib.SMTPResponseException):

@@ -193,6 +193,9 @@ def fault(
     messages_per_connection: Annotated[int | None, typer.Option(
         min=0, help="smtp: after N messages on one connection, answer the next MAIL 421 "
         "and hang up (a server's per-connection limit); 0 removes it.")] = None,
+    deferred_recipient: Annotated[list[str] | None, typer.Option(
+        help="smtp: a recipient whose server defers mail (RCPT 450, greylisted; "
+        "repeatable).", show_default=False)] = None,
     busy_logins: Annotated[int | None, typer.Option(
         min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
         "try again later).")] = None,
@@ -219,6 +222,8 @@ def fault(
              "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
             (busy_logins, "--busy-logins", ("smtp",), "an SMTP fault: logins refused for now",
              "use it with smtp"),
+            (deferred_recipient, "--deferred-recipient", ("smtp",),
+             "an SMTP fault: a greylisting server", "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
             (no_dm_permission, "--no-dm-permission", ("twitter",),
@@ -248,7 +253,8 @@ def fault(
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),
                         ("rate_limited_paths", rate_limited_path),
                         ("failed_recipients", failed_recipient),
-                        ("no_extensions", no_extension)):
+                        ("no_extensions", no_extension),
+                        ("deferred_recipients", deferred_recipient)):
         if given:
             body[name] = list(given)
     result = _call("POST", f"/{service}/faults", body)

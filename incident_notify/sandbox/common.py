@@ -70,6 +70,9 @@ class Faults:
     """SMTP: after this many messages on one connection the server answers the next MAIL
     "421 Too many messages on this connection" and hangs up, as mail servers limit
     connections (Exchange Online: 20 or 30); 0: no limit."""
+    deferred_recipients: list[str] = field(default_factory=list)
+    """SMTP: recipients whose server defers mail for now (greylisting, a mailbox receiving
+    too fast): RCPT answered "450 4.7.1 ... try again in 300 seconds"."""
     busy_logins: int = 0
     """SMTP: answer the next N AUTH commands "454 4.7.0 Too many login attempts, please try
     again later", as Gmail and Exchange do when a client logs in on many connections at

@@ -277,6 +277,11 @@ class _Session(socketserver.BaseRequestHandler):
         if address.lower() in {b.lower() for b in self.emu.faults.bad_recipients}:
             self._send("550 5.1.1 Mailbox unavailable")
             return
+        if address.lower() in {b.lower() for b in self.emu.faults.deferred_recipients}:
+            # (As a greylisting server answers a sender it has not seen yet.)
+            self._send(f"450 4.7.1 <{address}>: Recipient address rejected: Greylisted, "
+                       "try again in 300 seconds")
+            return
         self.rcpt_tos.append(address)
         self._send("250 OK")
 
