@@ -377,6 +377,8 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "smtp", "--busy-logins", "0", "--deferred-recipient",
             "a@example.org")
     assert sandbox.smtp.faults.deferred_recipients == ["a@example.org"]
+    run_cli("sandbox", "fault", "smtp", "--full-mailbox", "b@example.org")
+    assert sandbox.smtp.faults.full_mailboxes == ["b@example.org"]
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
@@ -1347,19 +1349,22 @@ def test_a_mail_server_too_busy_for_logins_is_busy_not_refusing_the_credentials(
     assert not events(rt, "delivery.failover")
 
 
+@pytest.mark.parametrize(("fault", "said"), [("deferred_recipients", "Greylisted"),
+                                             ("full_mailboxes", "Mailbox full")],
+                         ids=["greylisted-at-rcpt", "mailbox-full-after-data"])
 def test_a_greylisted_recipient_is_theirs_alone_and_never_takes_email_down(
-        tmp_path: Path, sandbox: Any) -> None:
+        tmp_path: Path, sandbox: Any, fault: str, said: str) -> None:
     """A customer's mail server greylists ("450 4.7.1 Greylisted, try again in 300
     seconds" at RCPT), and the contacts list puts that company's people first. Each
     deferral counted against the email channel: five in a row opened its circuit and
     every email of the update failed over, none sent (exit 0 here only because the team
     also had SMS). A deferral is now the recipient's alone: the circuit is untouched, and
     the person is tried on their next channel at once rather than a worker waiting out
-    minutes of greylisting."""
+    minutes of greylisting. So is a full mailbox ("452 4.2.2" to the message: RFC 3463's
+    mailbox status), which opened the circuit the same way."""
     people, greylisted = 40, 8
     pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=2)
-    sandbox.smtp.faults.update(
-        deferred_recipients=[f"person{i}@example.com" for i in range(greylisted)])
+    sandbox.smtp.faults.update(**{fault: [f"person{i}@example.com" for i in range(greylisted)]})
     rt = runtime(tmp_path, sandbox)
     started = time.monotonic()
     outcome = declare(rt, pb, {"site": "LON-2"})
@@ -1369,5 +1374,5 @@ def test_a_greylisted_recipient_is_theirs_alone_and_never_takes_email_down(
                                      for i in range(greylisted, people)}
     assert not events(rt, "channel.circuit_open")
     deferred = events(rt, "delivery.failed", "team_email")
-    assert len(deferred) == greylisted and "Greylisted" in deferred[0].payload["error"]
+    assert len(deferred) == greylisted and said in deferred[0].payload["error"]
     assert len(sms_to(sandbox)) == people and elapsed < 10, f"{elapsed:.1f}s"

@@ -498,8 +498,11 @@ class EmailChannel(Channel):
                     f"{name}: the SMTP server asks to slow down ({exc.smtp_code} {reason})",
                     channel=name, code=str(exc.smtp_code), retry_after=pause)
             if 400 <= exc.smtp_code < 500:
+                # A mailbox's own state (4.2.x: full, receiving too fast) is one recipient's
+                # problem, as a deferral at RCPT is.
                 return TransientChannelError(f"{name}: SMTP {exc.smtp_code} {reason}",
-                                             channel=name, code=str(exc.smtp_code))
+                                             channel=name, code=str(exc.smtp_code),
+                                             recipient_problem=bool(_MAILBOX.search(reason)))
             return PermanentChannelError(f"{name}: SMTP {exc.smtp_code} {reason}",
                                          channel=name, code=str(exc.smtp_code))
         if isinstance(exc, ssl.SSLError):
@@ -527,6 +530,9 @@ class EmailChannel(Channel):
 _SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b|\brate\b|rate.limit|too many|slow down|"
                         r"try (?:again )?later|throttl", re.IGNORECASE)
 _WAIT_FOR = re.compile(r"(\d{1,6})\s*(?:s\b|secs?\b|seconds?\b)", re.IGNORECASE)
+_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox (?:is )?full|over quota|quota exceeded",
+                     re.IGNORECASE)
+"""A temporary refusal about one mailbox (RFC 3463's X.2.X, "mailbox status")."""
 SLOW_DOWN_PAUSE_S = 2.0
 """How long the channel pauses when a server asks to slow down and says not how long."""
 

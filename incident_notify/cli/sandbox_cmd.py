@@ -196,6 +196,9 @@ def fault(
     deferred_recipient: Annotated[list[str] | None, typer.Option(
         help="smtp: a recipient whose server defers mail (RCPT 450, greylisted; "
         "repeatable).", show_default=False)] = None,
+    full_mailbox: Annotated[list[str] | None, typer.Option(
+        help="smtp: a recipient whose mailbox is full (452 4.2.2 to the message; "
+        "repeatable).", show_default=False)] = None,
     busy_logins: Annotated[int | None, typer.Option(
         min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
         "try again later).")] = None,
@@ -224,6 +227,8 @@ def fault(
              "use it with smtp"),
             (deferred_recipient, "--deferred-recipient", ("smtp",),
              "an SMTP fault: a greylisting server", "use it with smtp"),
+            (full_mailbox, "--full-mailbox", ("smtp",), "an SMTP fault: a full mailbox",
+             "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
             (no_dm_permission, "--no-dm-permission", ("twitter",),
@@ -254,7 +259,8 @@ def fault(
                         ("rate_limited_paths", rate_limited_path),
                         ("failed_recipients", failed_recipient),
                         ("no_extensions", no_extension),
-                        ("deferred_recipients", deferred_recipient)):
+                        ("deferred_recipients", deferred_recipient),
+                        ("full_mailboxes", full_mailbox)):
         if given:
             body[name] = list(given)
     result = _call("POST", f"/{service}/faults", body)

@@ -73,6 +73,9 @@ class Faults:
     deferred_recipients: list[str] = field(default_factory=list)
     """SMTP: recipients whose server defers mail for now (greylisting, a mailbox receiving
     too fast): RCPT answered "450 4.7.1 ... try again in 300 seconds"."""
+    full_mailboxes: list[str] = field(default_factory=list)
+    """SMTP: recipients whose mailbox is full: the end of the data is answered "452 4.2.2
+    Mailbox full, try again later" (a temporary refusal of this one message)."""
     busy_logins: int = 0
     """SMTP: answer the next N AUTH commands "454 4.7.0 Too many login attempts, please try
     again later", as Gmail and Exchange do when a client logs in on many connections at

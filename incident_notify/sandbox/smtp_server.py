@@ -315,6 +315,10 @@ class _Session(socketserver.BaseRequestHandler):
         if self.emu.faults.take_fail_next():
             self._send("451 4.3.0 Temporary failure, try again later")
             return True
+        full = {b.lower() for b in self.emu.faults.full_mailboxes}
+        if any(r.lower() in full for r in rcpt_tos):
+            self._send("452 4.2.2 Mailbox full, try again later")
+            return True
         failed = {b.lower() for b in self.emu.faults.failed_recipients}
         if any(r.lower() in failed for r in rcpt_tos):
             self._send("554 5.7.1 Message rejected by the recipient's mail filter")
