@@ -379,6 +379,9 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     assert sandbox.smtp.faults.deferred_recipients == ["a@example.org"]
     run_cli("sandbox", "fault", "smtp", "--full-mailbox", "b@example.org")
     assert sandbox.smtp.faults.full_mailboxes == ["b@example.org"]
+    run_cli("sandbox", "fault", "smtp", "--throttled-connections", "3")
+    assert sandbox.smtp.faults.throttled_connections == 3
+    run_cli("sandbox", "fault", "smtp", "--throttled-connections", "0")
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
     assert not sandbox.twitter.faults.locked
@@ -1376,3 +1379,42 @@ def test_a_greylisted_recipient_is_theirs_alone_and_never_takes_email_down(
     deferred = events(rt, "delivery.failed", "team_email")
     assert len(deferred) == greylisted and said in deferred[0].payload["error"]
     assert len(sms_to(sandbox)) == people and elapsed < 10, f"{elapsed:.1f}s"
+
+
+def test_a_mail_server_that_throttles_new_connections_still_gets_every_email(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Gmail greets a sender going faster than it allows "421 4.7.0 Try again later,
+    closing connection". Each refused greeting counted against the circuit: the first
+    eight connections refused opened it, and no email of the update went out. It is a
+    rate limit: the channel pauses (2 s, doubling while the server takes nothing, so a
+    refusal that never lifts still fails over within about two minutes)."""
+    people = 40
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=4)
+    rt = runtime(tmp_path, sandbox)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(throttled_connections=8)))
+    assert outcome.exit_code == 0, outcome.verdict
+    assert len(mail_to(sandbox)) == people and sandbox.smtp.faults.throttled_connections == 0
+    assert not events(rt, "channel.circuit_open") and not events(rt, "delivery.failed")
+
+
+def test_a_mail_server_whose_throttle_never_lifts_fails_email_over_in_bounded_time(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The other side of the pause: a server that refuses every greeting "421 4.7.0" is,
+    for this update, down. Each pause doubles while nothing is taken, so the wait reaches
+    the rate-limit ceiling and the channel fails over (in about two minutes with the
+    default 120 s ceiling; 3 s here), never waiting out each delivery's deadline."""
+    from incident_notify.flow import RetryPolicy
+
+    people = 12
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=4)
+    rt = runtime(tmp_path, sandbox)
+    rt.policy = RetryPolicy(max_rate_limit_wait_s=3.0)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
+        lambda: sandbox.smtp.faults.update(throttled_connections=10**6)))
+    elapsed = time.monotonic() - started
+    assert outcome.exit_code == 0, outcome.verdict  # (the team heard by SMS)
+    assert not mail_to(sandbox) and len(sms_to(sandbox)) == people
+    [opened] = events(rt, "channel.circuit_open", "team_email")
+    assert "rate limited until" in opened.payload["reason"] and elapsed < 20, elapsed

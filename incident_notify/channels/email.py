@@ -93,6 +93,10 @@ class EmailChannel(Channel):
         self.domain = self.from_addr.rsplit("@", 1)[1]
         self._pool: queue.LifoQueue[smtplib.SMTP] = queue.LifoQueue()
         self._lock = threading.Lock()
+        self._slowed, self._slow_until = 0, 0.0
+        """Pauses asked for since the last message the server took, and when the last ends
+        (each pause that does not say how long doubles, so a refusal that never lifts
+        fails over)."""
         self._bodies: dict[tuple[str, str | None], bytes] = {}
         """The MIME body (its content headers and parts) of each message text, flattened
         once: every recipient of an update gets the same body under their own headers."""
@@ -373,6 +377,7 @@ class EmailChannel(Channel):
                 self._recycle(conn)
                 raise self._map(smtplib.SMTPDataError(code, reply), sent_data=False) from None
             self._give(conn)
+            self._slowed = 0  # (the server takes messages again)
             return Receipt(provider_id=self.message_id(delivery.key))
         raise TransientChannelError(f"{self.name}: SMTP connection lost", channel=self.name,
                                     code="connection")
@@ -425,6 +430,27 @@ class EmailChannel(Channel):
         detail = f"EHLO ok at {self.host}:{self.port}" + (", authenticated" if user else "")
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)
 
+    def _slow_down_s(self, code: int, text: str) -> float | None:
+        """Seconds to pause for a 4xx that asks to slow down (a rate limit: enhanced status
+        4.7.x, or words to that effect), None for any other reply: the wait it names, else
+        SLOW_DOWN_PAUSE_S doubled for each pause since the server last took a message (the
+        connections that meet it during one pause count once), so a refusal that does not
+        lift reaches the rate-limit ceiling and the channel fails over, within about two
+        minutes."""
+        if not 400 <= code < 500 or not _SLOW_DOWN.search(text):
+            return None
+        said = _WAIT_FOR.search(text)
+        if said:
+            return max(1.0, float(said.group(1)))
+        now = time.monotonic()
+        with self._lock:
+            if now < self._slow_until:  # (met by another connection in the same pause)
+                return max(0.5, self._slow_until - now)
+            self._slowed = min(self._slowed + 1, 16)
+            pause = SLOW_DOWN_PAUSE_S * 2 ** (self._slowed - 1)
+            self._slow_until = now + pause
+            return pause
+
     def _map(self, exc: BaseException, *, sent_data: bool) -> PermanentChannelError | \
             TransientChannelError:
         return self.hide_secrets(self._classify(exc, sent_data=sent_data))
@@ -448,7 +474,7 @@ class EmailChannel(Channel):
             return TransientChannelError(
                 f"{name}: the SMTP server cannot take the login now ({exc.smtp_code} "
                 f"{reason})", channel=name, code=str(exc.smtp_code),
-                retry_after=_slow_down_s(exc.smtp_code, reason))
+                retry_after=self._slow_down_s(exc.smtp_code, reason))
         if isinstance(exc, smtplib.SMTPAuthenticationError):
             return PermanentChannelError(f"{name}: the SMTP server rejected the login "
                                          f"({exc.smtp_code})", channel=name, code="auth",
@@ -487,13 +513,14 @@ class EmailChannel(Channel):
         if isinstance(exc, smtplib.SMTPResponseException):
             reason = exc.smtp_error.decode("utf-8", "replace") \
                 if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
-            pause = _slow_down_s(exc.smtp_code, reason) \
-                if isinstance(exc, smtplib.SMTPSenderRefused) else None
+            pause = self._slow_down_s(exc.smtp_code, reason) if isinstance(
+                exc, smtplib.SMTPSenderRefused | smtplib.SMTPConnectError) else None
             if pause is not None:
                 # The server takes no more from this sender for now (MAIL refused 4xx: "too
-                # many messages, slow down"): a rate limit, as a 429 is. The channel pauses
-                # and the message waits; it is no failure, and nothing fails over unless
-                # the wait is longer than a rate limit may be.
+                # many messages, slow down"; a greeting "421 4.7.0 Try again later"): a
+                # rate limit, as a 429 is. The channel pauses and the message waits; it is
+                # no failure, and nothing fails over unless the wait is longer than a rate
+                # limit may be.
                 return TransientChannelError(
                     f"{name}: the SMTP server asks to slow down ({exc.smtp_code} {reason})",
                     channel=name, code=str(exc.smtp_code), retry_after=pause)
@@ -527,23 +554,16 @@ class EmailChannel(Channel):
                                      channel=name, code="error")
 
 
-_SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b|\brate\b|rate.limit|too many|slow down|"
-                        r"try (?:again )?later|throttl", re.IGNORECASE)
+_SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b|\brate\b|rate.limit|too many|slow down|throttl",
+                        re.IGNORECASE)
+"""A 4xx asking the sender to slow down. ("Try again later" alone is not enough: a server
+in trouble says it too, and must fail over as one.)"""
 _WAIT_FOR = re.compile(r"(\d{1,6})\s*(?:s\b|secs?\b|seconds?\b)", re.IGNORECASE)
 _MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox (?:is )?full|over quota|quota exceeded",
                      re.IGNORECASE)
 """A temporary refusal about one mailbox (RFC 3463's X.2.X, "mailbox status")."""
 SLOW_DOWN_PAUSE_S = 2.0
 """How long the channel pauses when a server asks to slow down and says not how long."""
-
-
-def _slow_down_s(code: int, text: str) -> float | None:
-    """Seconds to pause for a 4xx refusal of the sender that asks to slow down (a rate
-    limit: enhanced status 4.7.x, or words to that effect), None for any other reply."""
-    if not 400 <= code < 500 or not _SLOW_DOWN.search(text):
-        return None
-    said = _WAIT_FOR.search(text)
-    return max(1.0, float(said.group(1))) if said else SLOW_DOWN_PAUSE_S
 
 
 @lru_cache(maxsize=2)

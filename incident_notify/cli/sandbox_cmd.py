@@ -199,6 +199,9 @@ def fault(
     full_mailbox: Annotated[list[str] | None, typer.Option(
         help="smtp: a recipient whose mailbox is full (452 4.2.2 to the message; "
         "repeatable).", show_default=False)] = None,
+    throttled_connections: Annotated[int | None, typer.Option(
+        min=0, help="smtp: greet the next N connections 421 4.7.0 (try again later).")
+    ] = None,
     busy_logins: Annotated[int | None, typer.Option(
         min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
         "try again later).")] = None,
@@ -229,6 +232,8 @@ def fault(
              "an SMTP fault: a greylisting server", "use it with smtp"),
             (full_mailbox, "--full-mailbox", ("smtp",), "an SMTP fault: a full mailbox",
              "use it with smtp"),
+            (throttled_connections, "--throttled-connections", ("smtp",),
+             "an SMTP fault: a server throttling new connections", "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
             (no_dm_permission, "--no-dm-permission", ("twitter",),
@@ -251,7 +256,7 @@ def fault(
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
         "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full",
-        "busy_logins", "no_dm_permission")
+        "busy_logins", "no_dm_permission", "throttled_connections")
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None

@@ -76,6 +76,9 @@ class Faults:
     full_mailboxes: list[str] = field(default_factory=list)
     """SMTP: recipients whose mailbox is full: the end of the data is answered "452 4.2.2
     Mailbox full, try again later" (a temporary refusal of this one message)."""
+    throttled_connections: int = 0
+    """SMTP: greet the next N connections "421 4.7.0 Try again later, closing connection",
+    as Gmail greets a sender going faster than it allows."""
     busy_logins: int = 0
     """SMTP: answer the next N AUTH commands "454 4.7.0 Too many login attempts, please try
     again later", as Gmail and Exchange do when a client logs in on many connections at

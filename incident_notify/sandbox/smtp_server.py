@@ -100,6 +100,9 @@ class _Session(socketserver.BaseRequestHandler):
                 self.sock = emu.ssl_context.wrap_socket(self.sock, server_side=True)
                 self.tls_active = True
             self.reader = self.sock.makefile("rb")
+            if emu.faults._take("throttled_connections"):
+                self._send("421 4.7.0 Try again later, closing connection")
+                return
             self._send("220 localhost ESMTP incident-notify sandbox")
             while self._command(self._readline()):
                 pass
