@@ -441,17 +441,17 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
             summaries.append(summary)
         from incident_notify.files import MAX_CONTACTS_BYTES, InputFileError, check_input
 
-        if path.is_dir():
-            sink.append(Problem(source, None, None, _directory_problem(path),
-                                "name the contact files, or put them in the directory"))
-            continue
         try:
             check_input(path, MAX_CONTACTS_BYTES)
         except FileNotFoundError:
             sink.append(Problem(source, None, None, "contacts source not found"))
             continue
         except InputFileError as exc:
-            sink.append(Problem(source, None, None, exc.message, exc.hint))
+            if path.is_dir():  # (a folder holding no contact file: `source_files`)
+                sink.append(Problem(source, None, None, _directory_problem(path),
+                                    "name the contact files, or put them in the directory"))
+            else:
+                sink.append(Problem(source, None, None, exc.message, exc.hint))
             continue
         rows = (_rows_csv(path, source, sink) if path.suffix.lower() == ".csv"
                 else _rows_yaml(path, source, sink))

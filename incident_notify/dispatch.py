@@ -319,9 +319,7 @@ class Dispatcher:
                 return None
             wait = runner.paused_until - time.monotonic()
             if wait > 0:
-                spent = time.monotonic() - first_attempt_at if first_attempt_at else 0.0
-                if wait > min(self.policy.max_rate_limit_wait_s,
-                              self.policy.deadline_s - spent):
+                if self._too_long(wait, first_attempt_at):
                     # A reset far away (another delivery met it just before the circuit
                     # opened): the channel is down until then, as that delivery found.
                     breaker.release()
@@ -400,8 +398,7 @@ class Dispatcher:
             return True
         elapsed = time.monotonic() - first_attempt_at
         if exc.retry_after is not None:
-            remaining = policy.deadline_s - elapsed
-            if exc.retry_after > min(policy.max_rate_limit_wait_s, remaining):
+            if self._too_long(exc.retry_after, first_attempt_at):
                 # The whole channel is unusable until the reset: open it until then, and
                 # let every queued delivery fail over without asking the provider again.
                 reason = f"rate limited until {exc.retry_after:.0f}s from now"
@@ -427,6 +424,13 @@ class Dispatcher:
         if self.stop.wait(delay):
             return True
         return None
+
+    def _too_long(self, wait: float, first_attempt_at: float | None) -> bool:
+        """Whether a rate limit's wait is longer than a delivery may be held for it (the
+        ceiling, or what is left of its deadline): the channel is then down until the
+        reset, and the delivery fails over."""
+        spent = time.monotonic() - first_attempt_at if first_attempt_at else 0.0
+        return wait > min(self.policy.max_rate_limit_wait_s, self.policy.deadline_s - spent)
 
     def _cover_unknown(self, d: Delivery, reason: str, whole: list[Delivery]) -> None:
         """A delivery whose outcome is unknown (the provider hung or dropped the line after

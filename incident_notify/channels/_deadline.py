@@ -107,58 +107,51 @@ def _shut(owner: Any) -> None:
         pass
 
 
-def within(seconds: float, open_: Callable[[], T], close: Callable[[T], None]) -> T:
-    """`open_()` (a connection: its name lookup, its connect), given up after `seconds`
-    with TimeoutError. The system's resolver (`getaddrinfo`) is outside every socket
-    timeout and has no socket to shut: a resolver that hangs (the outage took the name
-    servers) held each new connection for as long as it did. It runs in a thread of its
-    own; what it opens after it was given up is closed."""
-    lock = threading.Lock()
+def addresses(host: str, port: int, seconds: float) -> list[str]:
+    """The addresses of `host` (numeric, in the resolver's order, each once), looked up
+    within `seconds` (TimeoutError after). The system's resolver (`getaddrinfo`) is
+    outside every socket timeout and has no socket to shut: a resolver that hangs (the
+    outage took the name servers) held each new connection for as long as it did, so the
+    lookup runs in a thread of its own, left behind when it takes too long."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
-    def run() -> None:
+    def look_up() -> None:
         try:
-            value = open_()
+            box["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         except BaseException as exc:  # (handed to the caller)
-            with lock:
-                box["error"] = exc
-        else:
-            with lock:
-                late = box.get("abandoned", False)
-                if not late:
-                    box["value"] = value
-            if late:
-                close(value)
+            box["error"] = exc
         finally:
             done.set()
 
-    threading.Thread(target=run, name="connect", daemon=True).start()
+    threading.Thread(target=look_up, name="lookup", daemon=True).start()
     if not done.wait(seconds):
-        with lock:
-            if "value" not in box and "error" not in box:
-                box["abandoned"] = True
-                raise TimeoutError(f"no connection within {seconds:.0f}s")
+        raise TimeoutError(f"no address for {host} within {seconds:.0f}s")
     if "error" in box:
         raise box["error"]
-    value: T = box["value"]
-    return value
-
-
-def addresses(host: str, port: int, seconds: float) -> list[str]:
-    """The addresses of `host` (numeric, in the resolver's order, each once), looked up
-    within `seconds` (TimeoutError after), as connecting tries them."""
-    import socket
-
-    infos = within(seconds, lambda: socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM),
-                   lambda _: None)
     found: list[str] = []
-    for *_, sockaddr in infos:
+    for *_, sockaddr in box["infos"]:
         if str(sockaddr[0]) not in found:
             found.append(str(sockaddr[0]))
     if not found:
         raise OSError(f"{host} has no address")
     return found
+
+
+def first_to_open(found: list[str], open_at: Callable[[str], T],
+                  errors: tuple[type[BaseException], ...]) -> T:
+    """`open_at(address)` for each address in turn, as the clients themselves connect, each
+    with its own connect timeout (one that drops connection requests, an IPv6 route that
+    is gone, must not keep the others from being tried); the last failure when none
+    opens."""
+    failed: BaseException | None = None
+    for address in found:
+        try:
+            return open_at(address)
+        except errors as exc:
+            failed = exc
+    assert failed is not None
+    raise failed
 
 
 # ---------------------------------------------------------------- requests / urllib3
@@ -197,20 +190,15 @@ def _adapter_class() -> type:
                                           f"{limit:.0f}s (name lookup)") from None
             except OSError:
                 return opening()  # (urllib3 says it: a name that does not resolve)
-            # Each address in turn, each with the connect timeout, as urllib3 itself does
-            # (one that drops connection requests, an IPv6 route that is gone, must not
-            # keep the others from being tried); the name is put back for TLS.
-            failed: Exception | None = None
-            for address in found:
+
+            def at(address: str) -> Any:  # (the name is put back for TLS)
                 self._dns_host = address
                 try:
                     return opening()
-                except (ConnectTimeoutError, NewConnectionError) as exc:
-                    failed = exc
                 finally:
                     self._dns_host = name
-            assert failed is not None
-            raise failed
+
+            return first_to_open(found, at, (ConnectTimeoutError, NewConnectionError))
 
     class WatchedHTTP(Watched, HTTPConnection):
         pass

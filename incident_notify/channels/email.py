@@ -32,7 +32,13 @@ from email.utils import format_datetime, getaddresses
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from incident_notify.channels._deadline import Deadline, addresses, current, watch
+from incident_notify.channels._deadline import (
+    Deadline,
+    addresses,
+    current,
+    first_to_open,
+    watch,
+)
 from incident_notify.channels.base import (
     Attempt,
     Channel,
@@ -469,8 +475,7 @@ class EmailChannel(Channel):
         if isinstance(exc, smtplib.SMTPAuthenticationError) and 400 <= exc.smtp_code < 500:
             # "454 4.7.0 Too many login attempts, please try again later": the login is
             # not refused, only not now (many connections logging in at once).
-            reason = exc.smtp_error.decode("utf-8", "replace") \
-                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            reason = _reply_text(exc.smtp_error)
             return TransientChannelError(
                 f"{name}: the SMTP server cannot take the login now ({exc.smtp_code} "
                 f"{reason})", channel=name, code=str(exc.smtp_code),
@@ -485,8 +490,7 @@ class EmailChannel(Channel):
             # Refused before any recipient was named (the greeting, EHLO, or MAIL FROM: a
             # relay that will not take this sender from this login): nobody can be sent
             # to, so the channel is down and its deliveries fail over.
-            reason = exc.smtp_error.decode("utf-8", "replace") \
-                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            reason = _reply_text(exc.smtp_error)
             return PermanentChannelError(
                 f"{name}: the SMTP server refused to send ({exc.smtp_code} {reason})",
                 channel=name, code=str(exc.smtp_code), channel_down=True,
@@ -503,7 +507,7 @@ class EmailChannel(Channel):
                 hint="check the server, port and TLS mode of INCIDENT_NOTIFY_SMTP_URL")
         if isinstance(exc, smtplib.SMTPRecipientsRefused):
             code, text = next(iter(exc.recipients.values()), (550, b""))
-            reason = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+            reason = _reply_text(text)
             if 400 <= code < 500:  # (greylisting, a mailbox receiving too fast)
                 return TransientChannelError(f"{name}: recipient deferred ({code} {reason})",
                                              channel=name, code=str(code),
@@ -511,8 +515,7 @@ class EmailChannel(Channel):
             return PermanentChannelError(f"{name}: recipient refused ({code} {reason})",
                                          channel=name, code=str(code), recipient_problem=True)
         if isinstance(exc, smtplib.SMTPResponseException):
-            reason = exc.smtp_error.decode("utf-8", "replace") \
-                if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+            reason = _reply_text(exc.smtp_error)
             pause = self._slow_down_s(exc.smtp_code, reason) if isinstance(
                 exc, smtplib.SMTPSenderRefused | smtplib.SMTPConnectError) else None
             if pause is not None:
@@ -554,6 +557,11 @@ class EmailChannel(Channel):
                                      channel=name, code="error")
 
 
+def _reply_text(reply: bytes | str) -> str:
+    """A server's reply as text (smtplib keeps it as the bytes read)."""
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
 _SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b|\brate\b|rate.limit|too many|slow down|throttl",
                         re.IGNORECASE)
 """A 4xx asking the sender to slow down. ("Try again later" alone is not enough: a server
@@ -586,21 +594,15 @@ def _smtp_class(implicit_tls: bool) -> Any:
             except TimeoutError:  # (not "did not answer": nothing was asked yet)
                 raise ConnectionError(f"no connection to {host} within {opening:.0f}s "
                                       "(name lookup)") from None
-            # Each address in turn, each with the connect timeout (TLS checks the name,
-            # `_host`, not the address).
-            failed: OSError | None = None
-            for address in found:
-                try:
-                    sock: socket.socket = parent(address, port, opening)
-                except OSError as exc:
-                    failed = exc
-                    continue
-                sock.settimeout(timeout)
-                return sock
-            if isinstance(failed, TimeoutError):  # (nothing was asked: not "no answer")
-                raise ConnectionError(f"no connection to {host} within {opening:.0f}s")
-            assert failed is not None
-            raise failed
+            # (TLS checks the name, `_host`, not the address.)
+            try:
+                sock: socket.socket = first_to_open(
+                    found, lambda address: parent(address, port, opening), (OSError,))
+            except TimeoutError:  # (nothing was asked: not "no answer")
+                raise ConnectionError(f"no connection to {host} within {opening:.0f}s") \
+                    from None
+            sock.settimeout(timeout)
+            return sock
 
     return Connecting
 

@@ -183,6 +183,14 @@ class Faults:
         """True (and count one down) when this accepted message's answer loses its id."""
         return self._take("idless_after_accept")
 
+    def take_busy_login(self) -> bool:
+        """True (and count one down) when this login must be answered 454."""
+        return self._take("busy_logins")
+
+    def take_throttled(self) -> bool:
+        """True (and count one down) when this connection must be greeted 421."""
+        return self._take("throttled_connections")
+
     def _take(self, name: str) -> bool:
         with self._lock:
             left = getattr(self, name)

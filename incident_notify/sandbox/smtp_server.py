@@ -100,7 +100,7 @@ class _Session(socketserver.BaseRequestHandler):
                 self.sock = emu.ssl_context.wrap_socket(self.sock, server_side=True)
                 self.tls_active = True
             self.reader = self.sock.makefile("rb")
-            if emu.faults._take("throttled_connections"):
+            if emu.faults.take_throttled():
                 self._send("421 4.7.0 Try again later, closing connection")
                 return
             self._send("220 localhost ESMTP incident-notify sandbox")
@@ -202,7 +202,7 @@ class _Session(socketserver.BaseRequestHandler):
         if self.authenticated:
             self._send("503 5.5.1 Already authenticated")
             return
-        if self.emu.faults._take("busy_logins"):
+        if self.emu.faults.take_busy_login():
             self._send("454 4.7.0 Too many login attempts, please try again later")
             return
         mechanism, _, initial = arg.partition(" ")
@@ -259,7 +259,7 @@ class _Session(socketserver.BaseRequestHandler):
             wait = max(1, round(limited[2] - time.time()))
             self._send(f"452 4.5.3 Too many messages, slow down; try again in {wait} seconds"
                        if wait > 5 else "452 4.5.3 Too many messages, slow down")
-        elif parsed[0].lower() in {b.lower() for b in faults.bad_senders}:
+        elif _listed([parsed[0]], faults.bad_senders):
             # (As Postfix words it: the reply names the login.)
             self._send(f"553 5.7.1 <{parsed[0]}>: Sender address rejected: not owned by "
                        f"user {self.login or 'anonymous'}")
@@ -277,10 +277,10 @@ class _Session(socketserver.BaseRequestHandler):
             self._send("501 5.5.4 Syntax: RCPT TO:<address>")
             return
         address = parsed[0]
-        if address.lower() in {b.lower() for b in self.emu.faults.bad_recipients}:
+        if _listed([address], self.emu.faults.bad_recipients):
             self._send("550 5.1.1 Mailbox unavailable")
             return
-        if address.lower() in {b.lower() for b in self.emu.faults.deferred_recipients}:
+        if _listed([address], self.emu.faults.deferred_recipients):
             # (As a greylisting server answers a sender it has not seen yet.)
             self._send(f"450 4.7.1 <{address}>: Recipient address rejected: Greylisted, "
                        "try again in 300 seconds")
@@ -318,12 +318,10 @@ class _Session(socketserver.BaseRequestHandler):
         if self.emu.faults.take_fail_next():
             self._send("451 4.3.0 Temporary failure, try again later")
             return True
-        full = {b.lower() for b in self.emu.faults.full_mailboxes}
-        if any(r.lower() in full for r in rcpt_tos):
+        if _listed(rcpt_tos, self.emu.faults.full_mailboxes):
             self._send("452 4.2.2 Mailbox full, try again later")
             return True
-        failed = {b.lower() for b in self.emu.faults.failed_recipients}
-        if any(r.lower() in failed for r in rcpt_tos):
+        if _listed(rcpt_tos, self.emu.faults.failed_recipients):
             self._send("554 5.7.1 Message rejected by the recipient's mail filter")
             return True
         raw = b"".join(lines)
@@ -352,6 +350,12 @@ class _Session(socketserver.BaseRequestHandler):
             return True
         self._send("250 2.0.0 Message accepted for delivery")
         return True
+
+
+def _listed(addresses: list[str], listing: list[str]) -> bool:
+    """Whether any of `addresses` is in a fault's `listing` (addresses match in any case)."""
+    listed = {b.lower() for b in listing}
+    return any(a.lower() in listed for a in addresses)
 
 
 class _Server(socketserver.ThreadingTCPServer):
