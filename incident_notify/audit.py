@@ -15,6 +15,7 @@ invariants would be in two places.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -277,7 +278,12 @@ class AuditLog:
                         written += os.write(fd, data[written:])
                     os.fsync(fd)
                 except OSError as exc:
+                    # A full disk (or quota) takes part of the write: take back what this
+                    # write left, under the lock, so the log still ends at a whole record
+                    # and a full disk never reads as a torn or tampered log.
                     self._tail = None
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
                     raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}",
                                      hint="free disk space or fix permissions; nothing was "
                                      "sent that is not recorded") from None

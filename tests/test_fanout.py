@@ -543,8 +543,9 @@ def test_audit_log_that_cannot_grow_stops_the_fan_out_with_nothing_sent_unrecord
         tmp_path: Path, sandbox: Any) -> None:
     """The disk fills mid fan-out (a real write limit: RLIMIT_FSIZE, so writes past it fail
     with EFBIG). The record is the point of the tool: sending stops with exit 8 and a
-    clear message, every message a provider received has its durable attempt record, and
-    `resume`, with room again, reaches everyone else once."""
+    clear message, every message a provider received has its durable attempt record, the
+    log still ends at a whole record (a write that did not fit is taken back, never left
+    torn), and `resume`, with room again, reaches everyone else once."""
     import resource
 
     people = 150
@@ -570,6 +571,11 @@ def test_audit_log_that_cannot_grow_stops_the_fan_out_with_nothing_sent_unrecord
     assert "make room for the audit log" in out and "incident-notify resume INC-" in out
     received = set(sms_to(sandbox)) | set(mail_to(sandbox))
     assert 0 < len(received) < 2 * people, "the disk must fill mid fan-out"
+    # The write that did not fit took its partial bytes back: the log ends at a whole
+    # record and verifies, rather than reading as torn until the next append.
+    assert audit.read_bytes().endswith(b"\n")
+    verified = run_cli("audit", "verify", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
     from incident_notify.audit import AuditLog
 
@@ -586,3 +592,4 @@ def test_audit_log_that_cannot_grow_stops_the_fan_out_with_nothing_sent_unrecord
     assert set(sms) == {f"+1202555{i:04d}" for i in range(people)}
     assert {f"person{i}@example.com" for i in range(people)} - set(mail) <= in_doubt
     assert run_cli("audit", "verify", env=env).returncode == 0
+    assert not list(tmp_path.glob("audit.jsonl.torn-*")), "no torn tail to recover"
