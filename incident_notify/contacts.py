@@ -277,9 +277,11 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
     Blank rows are skipped; a row with more values than the header is reported."""
     from operator import itemgetter
 
-    undecodable = _undecodable_lines(path)
-    with open(path, newline="", encoding="utf-8-sig",
-              errors="replace" if undecodable else "strict") as handle:
+    with open(path, "rb") as raw:
+        utf16 = raw.read(2) in (b"\xff\xfe", b"\xfe\xff")  # a spreadsheet's "Unicode text"
+    undecodable = [] if utf16 else _undecodable_lines(path)
+    with open(path, newline="", encoding="utf-16" if utf16 else "utf-8-sig",
+              errors="replace" if undecodable or utf16 else "strict") as handle:
         reader = csv.reader(handle, delimiter=_delimiter(handle))
         start = 1
         try:
@@ -324,9 +326,11 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                 elif size < width:
                     row.extend(padding[size:])
                 row.append("")
-                if undecodable and any(line <= n < start for n in undecodable):
-                    yield line, InvalidField("row", "not UTF-8 text", "save the file as "
-                                             "UTF-8 (a spreadsheet's 'CSV UTF-8' format)")
+                if ((undecodable and any(line <= n < start for n in undecodable))
+                        or (utf16 and any("\ufffd" in v for v in row))):
+                    yield line, InvalidField("row", f"not {'UTF-16' if utf16 else 'UTF-8'} "
+                                             "text", "save the file as UTF-8 (a "
+                                             "spreadsheet's 'CSV UTF-8' format)")
                     continue
                 values = fields(row)
                 # A row with an id is a record; one without is skipped if it is blank

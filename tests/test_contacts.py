@@ -279,6 +279,33 @@ def test_a_spreadsheet_saved_with_semicolons_or_tabs_reads_as_with_commas(
     assert other.contacts["a"].channels == ("sms", "email")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_spreadsheets_unicode_text_export_reads_as_its_csv_utf8_does(
+        tmp_path: Path, encoding: str) -> None:
+    """Excel's "Unicode Text" is UTF-16 with a byte-order mark, tab-separated, CRLF. It was
+    read as UTF-8: nine garbled column names and no person loaded. A broken UTF-16 pair
+    is its row's problem, at its line, as a line that is not UTF-8 is."""
+    text = ("id\tname\temail\tphone\r\na\tAnn Ø\tann@example.com\t+1 202 555 0101\r\n"
+            "b\tBen 李\tben@example.com\t\r\nc\tCy\tc@example.com\t\r\n")
+    utf8 = tmp_path / "utf8.csv"
+    utf8.write_bytes(text.encode("utf-8-sig"))
+    utf16 = tmp_path / "unicode.csv"
+    bom = b"\xff\xfe" if encoding.endswith("le") else b"\xfe\xff"
+    utf16.write_bytes(bom + text.encode(encoding))
+    want, got = load_contacts([utf8]), load_contacts([utf16])
+    assert not got.problems and len(got.contacts) == 3
+    assert ({k: c._replace(source="") for k, c in got.contacts.items()}
+            == {k: c._replace(source="") for k, c in want.contacts.items()})
+    lone = "\udc00".encode(encoding, "surrogatepass")  # a low surrogate with no high one
+    broken = tmp_path / "broken.csv"
+    before, after = text.split("Ben")
+    broken.write_bytes(bom + (before + "B").encode(encoding) + lone
+                       + ("n" + after).encode(encoding))
+    cs = load_contacts([broken])
+    assert sorted(cs.contacts) == ["a", "c"]
+    assert [(p.line, p.message) for p in cs.problems] == [(3, "row: not UTF-16 text")]
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("", "no header row"),
     ("name,email\nAnn,ann@example.com\n", "no 'id' column: no row can be loaded"),
