@@ -825,6 +825,30 @@ def test_a_rate_limited_health_check_does_not_take_sms_down(tmp_path: Path,
     assert outcome.exit_code == 0 and not events(rt, "channel.circuit_open")
 
 
+@pytest.mark.parametrize(("status", "sms_up"), [
+    ("", True), ("suspended", False), ("closed", False)])
+def test_twilio_account_lookup_without_a_status_does_not_take_sms_down(
+        tmp_path: Path, sandbox: Any, status: str, sms_up: bool) -> None:
+    """The health check read SMS as up only when the account lookup said "active". A
+    lookup that answers these credentials with no status (a minimal fake of the API, a
+    restricted view) took SMS down for the update: every SMS went to email. Only an
+    account Twilio calls suspended or closed is down."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3)
+    rt = runtime(tmp_path, sandbox)
+    sandbox.twilio.faults.update(account_status=status)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.preflight is not None
+    health = outcome.preflight.health["team_sms"]
+    assert health.ok is sms_up, health
+    assert outcome.exit_code == 0, outcome.verdict  # (email reaches the team either way)
+    if sms_up:
+        assert set(sms_to(sandbox)) and set(sms_to(sandbox).values()) == {1}
+        assert not events(rt, "channel.circuit_open")
+    else:
+        assert not sms_to(sandbox) and status in health.detail
+        assert len(mail_to(sandbox)) == 3
+
+
 @pytest.mark.parametrize("service", ["twitter", "twilio"])
 def test_429_with_a_15_minute_reset_pauses_the_channel_once_and_fails_over(
         tmp_path: Path, sandbox: Any, service: str) -> None:

@@ -208,6 +208,9 @@ def fault(
     sender_queue_full: Annotated[bool | None, typer.Option(
         "--sender-queue-full/--no-sender-queue-full", help="twilio: the From number's "
         "queue is full (21611): every send refused.")] = None,
+    account_status: Annotated[str | None, typer.Option(
+        help="twilio: the account's status in its lookup (the health check): suspended, "
+        "closed, active; '' leaves it out.", show_default=False)] = None,
     daily_limit: Annotated[int | None, typer.Option(
         min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
         "the daily cap's reset hours away.")] = None,
@@ -236,6 +239,8 @@ def fault(
              "an SMTP fault: a server throttling new connections", "use it with smtp"),
             (sender_queue_full, "--sender-queue-full", ("twilio",),
              "a Twilio fault: a sender's full queue", "use it with twilio"),
+            (account_status is not None, "--account-status", ("twilio",),
+             "a Twilio fault: the account's status", "use it with twilio"),
             (no_dm_permission, "--no-dm-permission", ("twitter",),
              "a Twitter fault: an app not allowed DMs", "use it with twitter"),
             (daily_limit is not None, "--daily-limit", ("twitter",),
@@ -256,7 +261,7 @@ def fault(
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
         "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full",
-        "busy_logins", "no_dm_permission", "throttled_connections")
+        "busy_logins", "no_dm_permission", "throttled_connections", "account_status")
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
@@ -273,12 +278,13 @@ def fault(
         env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
         active = {k: v for k, v in result.items()
-                  if v and (k != "rate_window_s" or result.get("rate_limit") is not None)
+                  if (v != "active" if k == "account_status" else v)
+                  and (k != "rate_window_s" or result.get("rate_limit") is not None)
                   and (k != "error_status" or result.get("error_after_accept"))
                   and (k != "bad_recipient_code" or result.get("bad_recipients"))}
         def shown(v: Any) -> str:
             return "on" if v is True else " ".join(map(str, v)) if isinstance(v, list) \
-                else str(v)
+                else str(v) or "left out"
 
         env.console().print(f"{service}: " + (", ".join(
             f"{k.replace('_', ' ')} {shown(v)}" for k, v in active.items())

@@ -86,6 +86,10 @@ class Faults:
     sender_queue_full: bool = False
     """Twilio: the From number's queue is full (error 21611: more than about 4 hours of
     messages wait to go out from it): every send is refused until it drains."""
+    account_status: str = "active"
+    """Twilio: the account's status in the account lookup (the health check): "suspended"
+    or "closed" as Twilio says of such accounts; "" leaves the field out, as a stricter
+    proxy or a minimal fake of the API does."""
     daily_limit: int | None = None
     """Twitter: posts (tweets and DMs) the account may make in 24 hours; past it, 429 with
     the 15-minute window not spent (its reset near) and `x-user-limit-24hour-remaining: 0`

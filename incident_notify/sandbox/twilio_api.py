@@ -61,8 +61,11 @@ class TwilioHandler(EmulatorHandler):
         if not self._within_rate(path, sends=False):
             return
         if path == f"/2010-04-01/Accounts/{emu.account_sid}.json":
-            self.send_json(200, {"sid": emu.account_sid, "status": "active",
-                                 "friendly_name": "incident-notify sandbox", "type": "Full"})
+            account = {"sid": emu.account_sid, "status": emu.faults.account_status,
+                       "friendly_name": "incident-notify sandbox", "type": "Full"}
+            if not emu.faults.account_status:
+                del account["status"]
+            self.send_json(200, account)
         elif path == f"/2010-04-01/Accounts/{emu.account_sid}/Messages.json":
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(self.path).query))
             with emu.lock:
