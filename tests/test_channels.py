@@ -353,6 +353,26 @@ def test_email_over_tls_with_a_private_ca(tls: str) -> None:
         assert emu.received.all()[0]["subject"] == "tls"
 
 
+def test_a_mail_server_that_speaks_only_helo_is_sent_to() -> None:
+    """An old or minimal relay answers EHLO "502 Command not implemented". The channel
+    took that for a refusal: email was down, where RFC 5321 (and smtplib's own sending)
+    falls back to HELO. A relay that needs no login is sent to; with a login configured,
+    the missing AUTH is said, as for any server that offers none."""
+    with SmtpEmulator(require_auth=False) as emu:
+        emu.faults.update(no_ehlo=True)
+        url = {"INCIDENT_NOTIFY_SMTP_URL": f"smtp://localhost:{emu.port}"}
+        ch = EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"), url)
+        health = ch.check()
+        assert health.ok, health
+        ch.send(delivery("mail", "a@example.org", "over HELO", subject="helo"), NoAttempt())
+        ch.close()
+        assert [m["subject"] for m in emu.received.all()] == ["helo"]
+        with pytest.raises(PermanentChannelError, match="does not offer"):
+            EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"), {
+                **url, "SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password,
+            }).send(delivery("mail", "b@example.org", "x", subject="s"), NoAttempt())
+
+
 def test_plaintext_smtp_to_a_remote_host_is_refused() -> None:
     with pytest.raises(ConfigError):
         EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"),

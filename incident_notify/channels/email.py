@@ -608,11 +608,15 @@ def _smtp_class(implicit_tls: bool) -> Any:
 
 
 def _hello(conn: smtplib.SMTP) -> None:
-    """EHLO, refused as smtplib refuses a HELO it cannot use (a 421 while the server shuts
-    down is then a transient refusal, not a server without AUTH)."""
+    """EHLO; HELO where the server does not know EHLO (RFC 5321 4.1.4: an old or minimal
+    server answers it 500 or 502), as smtplib itself falls back. A refusal is raised as
+    smtplib refuses a HELO it cannot use (a 421 while the server shuts down is then a
+    transient refusal, not a server without AUTH)."""
     import smtplib
 
     code, reply = conn.ehlo()
+    if code in (500, 502):
+        code, reply = conn.helo()
     if code != 250:
         conn.close()
         raise smtplib.SMTPHeloError(code, reply)

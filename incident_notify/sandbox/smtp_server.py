@@ -134,7 +134,9 @@ class _Session(socketserver.BaseRequestHandler):
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        if verb in ("EHLO", "HELO"):
+        if verb == "EHLO" and self.emu.faults.no_ehlo:
+            self._send("502 5.5.1 Command not implemented: EHLO")
+        elif verb in ("EHLO", "HELO"):
             if self._down():
                 return False
             if not arg:
