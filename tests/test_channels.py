@@ -353,20 +353,27 @@ def test_email_over_tls_with_a_private_ca(tls: str) -> None:
         assert emu.received.all()[0]["subject"] == "tls"
 
 
-def test_a_mail_server_that_speaks_only_helo_is_sent_to() -> None:
+@pytest.mark.parametrize("unknown", [["EHLO"], ["EHLO", "NOOP", "RSET"]])
+def test_a_mail_server_that_speaks_only_helo_is_sent_to(unknown: list[str]) -> None:
     """An old or minimal relay answers EHLO "502 Command not implemented". The channel
     took that for a refusal: email was down, where RFC 5321 (and smtplib's own sending)
-    falls back to HELO. A relay that needs no login is sent to; with a login configured,
-    the missing AUTH is said, as for any server that offers none."""
+    falls back to HELO. The health check's NOOP answered so took email down too. A relay
+    that needs no login is sent to; with a login configured, the missing AUTH is said, as
+    for any server that offers none."""
     with SmtpEmulator(require_auth=False) as emu:
-        emu.faults.update(no_ehlo=True)
+        emu.faults.update(unknown_commands=unknown, bad_recipients=["gone@example.org"])
         url = {"INCIDENT_NOTIFY_SMTP_URL": f"smtp://localhost:{emu.port}"}
         ch = EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"), url)
         health = ch.check()
         assert health.ok, health
+        assert health.detail.startswith("HELO ok")
         ch.send(delivery("mail", "a@example.org", "over HELO", subject="helo"), NoAttempt())
+        with pytest.raises(PermanentChannelError):  # (then RSET, 502 if unknown)
+            ch.send(delivery("mail", "gone@example.org", "x", subject="gone"), NoAttempt())
+        ch.send(delivery("mail", "c@example.org", "after a refusal", subject="again"),
+                NoAttempt())
         ch.close()
-        assert [m["subject"] for m in emu.received.all()] == ["helo"]
+        assert [m["subject"] for m in emu.received.all()] == ["helo", "again"]
         with pytest.raises(PermanentChannelError, match="does not offer"):
             EmailChannel(ChannelSpec("mail", "email", "ops@acme.example"), {
                 **url, "SMTP_USERNAME": emu.username, "SMTP_PASSWORD": emu.password,

@@ -384,6 +384,12 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "smtp", "--throttled-connections", "0")
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
+    said = run_cli("sandbox", "fault", "twilio", "--account-status", "")
+    assert sandbox.twilio.faults.account_status == "" and "account status left out" in said.stdout
+    run_cli("sandbox", "fault", "twilio", "--account-status", "active")
+    said = run_cli("sandbox", "fault", "smtp", "--unknown-command", "EHLO")
+    assert sandbox.smtp.faults.unknown_commands == ["EHLO"] and said.returncode == 0
+    assert run_cli("sandbox", "fault", "twilio", "--unknown-command", "NOOP").returncode == 2
     assert not sandbox.twitter.faults.locked
     said = run_cli("sandbox", "fault", "twilio", "--idless-after-accept", "3")
     assert sandbox.twilio.faults.idless_after_accept == 3 and said.returncode == 0

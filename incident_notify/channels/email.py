@@ -404,11 +404,15 @@ class EmailChannel(Channel):
             raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
 
     def _recycle(self, conn: smtplib.SMTP) -> None:
-        """After a refused transaction the connection is still good once reset."""
+        """After a refused transaction the connection is still good once reset; one the
+        server would not reset (RSET unknown to it) is not reused mid-transaction."""
         try:
-            conn.rset()
-            self._give(conn)
+            code, _ = conn.rset()
         except Exception:
+            code = 0
+        if code == 250:
+            self._give(conn)
+        else:
             _drop(conn)
 
     def check(self) -> Health:
@@ -428,12 +432,13 @@ class EmailChannel(Channel):
             return Health(ok=False, detail=exc.message)
         except (OSError, smtplib.SMTPException) as exc:
             return Health(ok=False, detail=self._map(exc, sent_data=False).message)
-        if code != 250:
+        if code != 250 and code not in (500, 502):  # (500, 502: a server without NOOP)
             conn.close()
             return Health(ok=False, detail=f"{self.name}: NOOP answered {code}")
         self._close_politely(conn)
         user = self.secrets.get("SMTP_USERNAME")
-        detail = f"EHLO ok at {self.host}:{self.port}" + (", authenticated" if user else "")
+        detail = (f"{'EHLO' if conn.does_esmtp else 'HELO'} ok at {self.host}:{self.port}"
+                  + (", authenticated" if user else ""))
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)
 
     def _slow_down_s(self, code: int, text: str) -> float | None:

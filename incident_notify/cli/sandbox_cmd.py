@@ -205,9 +205,10 @@ def fault(
     busy_logins: Annotated[int | None, typer.Option(
         min=0, help="smtp: answer the next N AUTH commands 454 (too many login attempts, "
         "try again later).")] = None,
-    no_ehlo: Annotated[bool | None, typer.Option(
-        "--no-ehlo/--ehlo", help="smtp: answer EHLO 502 and speak HELO only (no "
-        "extensions), as an old or minimal server.")] = None,
+    unknown_command: Annotated[list[str] | None, typer.Option(
+        help="smtp: a command answered 502 (not implemented), as an old or minimal server: "
+        "EHLO (HELO only, no extensions), NOOP, RSET (repeatable).",
+        show_default=False)] = None,
     sender_queue_full: Annotated[bool | None, typer.Option(
         "--sender-queue-full/--no-sender-queue-full", help="twilio: the From number's "
         "queue is full (21611): every send refused.")] = None,
@@ -232,8 +233,8 @@ def fault(
     for wanted, fault, where, why, hint in (
             (locked, "--locked", ("twitter",), "a Twitter fault: a locked X account",
              "use it with twitter; --bad-sender refuses a Twilio number or an SMTP sender"),
-            (no_ehlo, "--no-ehlo", ("smtp",), "an SMTP fault: a server that speaks HELO "
-             "only", "use it with smtp"),
+            (unknown_command, "--unknown-command", ("smtp",), "an SMTP fault: commands a "
+             "server does not know", "use it with smtp"),
             (busy_logins, "--busy-logins", ("smtp",), "an SMTP fault: logins refused for now",
              "use it with smtp"),
             (deferred_recipient, "--deferred-recipient", ("smtp",),
@@ -266,8 +267,7 @@ def fault(
         "outage_after", "drop_after_accept", "garble_after_accept", "dribble_ms",
         "error_after_accept", "error_status", "clock_skew_s", "idless_after_accept",
         "bad_recipient_code", "messages_per_connection", "daily_limit", "sender_queue_full",
-        "busy_logins", "no_dm_permission", "throttled_connections", "account_status",
-        "no_ehlo")
+        "busy_logins", "no_dm_permission", "throttled_connections", "account_status")
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
@@ -276,7 +276,8 @@ def fault(
                         ("failed_recipients", failed_recipient),
                         ("no_extensions", no_extension),
                         ("deferred_recipients", deferred_recipient),
-                        ("full_mailboxes", full_mailbox)):
+                        ("full_mailboxes", full_mailbox),
+                        ("unknown_commands", unknown_command)):
         if given:
             body[name] = list(given)
     result = _call("POST", f"/{service}/faults", body)

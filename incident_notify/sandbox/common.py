@@ -107,9 +107,10 @@ class Faults:
     no_extensions: list[str] = field(default_factory=list)
     """SMTP: extensions left out of the EHLO answer (AUTH, SMTPUTF8...), as a relay that
     offers less than the sender needs."""
-    no_ehlo: bool = False
-    """SMTP: answer EHLO "502 Command not implemented" and speak HELO only, with no
-    extensions (no AUTH, no SMTPUTF8), as an old or minimal server does."""
+    unknown_commands: list[str] = field(default_factory=list)
+    """SMTP: commands answered "502 5.5.1 Command not implemented", as an old or minimal
+    server answers what it does not know: EHLO (it speaks HELO only, with no extensions:
+    no AUTH, no SMTPUTF8), NOOP, RSET..."""
     failed_recipients: list[str] = field(default_factory=list)
     """Recipients whose message is refused once sent: Twilio takes it (201) with the status
     already "failed" (error 30003, unreachable handset), as a carrier filter or a stricter

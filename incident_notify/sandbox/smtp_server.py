@@ -134,8 +134,8 @@ class _Session(socketserver.BaseRequestHandler):
         line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        if verb == "EHLO" and self.emu.faults.no_ehlo:
-            self._send("502 5.5.1 Command not implemented: EHLO")
+        if _listed([verb], self.emu.faults.unknown_commands):
+            self._send(f"502 5.5.1 Command not implemented: {verb[:20]}")
         elif verb in ("EHLO", "HELO"):
             if self._down():
                 return False
@@ -355,7 +355,7 @@ class _Session(socketserver.BaseRequestHandler):
 
 
 def _listed(addresses: list[str], listing: list[str]) -> bool:
-    """Whether any of `addresses` is in a fault's `listing` (addresses match in any case)."""
+    """Whether any of `addresses` (or commands) is in a fault's `listing`, in any case."""
     listed = {b.lower() for b in listing}
     return any(a.lower() in listed for a in addresses)
 
