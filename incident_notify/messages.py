@@ -71,6 +71,10 @@ def template_dirs(pb: Playbook) -> list[Path]:
     INCIDENT_NOTIFY_TEMPLATES first). Never the playbook's own folder or the working
     directory: contacts, secrets and playbooks live there, and a template could include
     them into a public tweet."""
+    return [d for d in _template_places(pb) if d.is_dir()]
+
+
+def _template_places(pb: Playbook) -> list[Path]:
     dirs = [pb.path.parent / "templates", pb.path.parent.parent / "templates"]
     env = os.environ.get("INCIDENT_NOTIFY_TEMPLATES")
     if env:
@@ -78,7 +82,7 @@ def template_dirs(pb: Playbook) -> list[Path]:
     unique: list[Path] = []
     for d in dirs:
         resolved = d.resolve()
-        if resolved not in unique and resolved.is_dir():
+        if resolved not in unique:
             unique.append(resolved)
     return unique
 
@@ -86,7 +90,7 @@ def template_dirs(pb: Playbook) -> list[Path]:
 def make_renderer(pb: Playbook) -> Renderer:
     from incident_notify.render import Renderer
 
-    return Renderer(template_dirs(pb))
+    return Renderer(template_dirs(pb), looked_in=_template_places(pb))
 
 
 # ------------------------------------------------------------------ variables

@@ -275,8 +275,11 @@ class TemplateFacts:
 class Renderer:
     """Renders inline templates and template files for one playbook."""
 
-    def __init__(self, template_dirs: Sequence[Path]) -> None:
+    def __init__(self, template_dirs: Sequence[Path],
+                 looked_in: Sequence[Path] = ()) -> None:
         self.template_dirs = list(template_dirs)
+        self.looked_in = list(looked_in) or self.template_dirs
+        """Every place a template may be (for the error when one is not found)."""
         self._text = _make_env(self.template_dirs, autoescape=False)
         self._html = _make_env(self.template_dirs, autoescape=True)
         self._compiled: dict[tuple[str, bool], Any] = {}
@@ -307,10 +310,13 @@ class Renderer:
         try:
             template = env.get_template(name)
         except TemplateNotFound:
-            searched = ", ".join(str(d) for d in self.template_dirs) or "(none)"
+            searched = ", ".join(str(d) + ("" if d in self.template_dirs else " (no such folder)")
+                                 for d in self.looked_in) or "(none)"
             raise TemplateError([Problem(origin or name, line, None,
                                          f"template file {name!r} not found",
-                                         f"searched: {searched}")]) from None
+                                         f"searched: {searched}; template files live in a "
+                                         "'templates' folder beside the playbook or beside "
+                                         "its folder, or in INCIDENT_NOTIFY_TEMPLATES")]) from None
         except Exception as exc:
             raise self._error(exc, str(Path(self._path_of(name))), None) from None
         try:

@@ -244,6 +244,24 @@ def test_shipped_playbook_broken_copy_names_line(tmp_path: Path) -> None:
     assert "servics" in proc.stdout + proc.stderr
 
 
+def test_a_playbook_copied_without_its_templates_says_where_they_were_looked_for(
+        tmp_path: Path) -> None:
+    """A commander copies the playbooks folder elsewhere. The error said "searched:
+    (none)": neither where templates are looked for nor how to fix it."""
+    copy = tmp_path / "ops" / "playbooks"
+    shutil.copytree(PLAYBOOKS, copy)
+    target = copy / "dc-power-failure.yaml"
+    proc = run_cli("validate", str(target))
+    assert_clean_failure(proc)
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert "template file 'power/team.txt.j2' not found" in said
+    assert (f"searched: {copy / 'templates'} (no such folder), "
+            f"{tmp_path / 'ops' / 'templates'} (no such folder)") in said
+    assert "INCIDENT_NOTIFY_TEMPLATES" in said
+    shutil.copytree(ROOT / "templates", tmp_path / "ops" / "templates")
+    assert run_cli("validate", str(target)).returncode == 0
+
+
 def test_preview_shows_counts_per_channel() -> None:
     proc = run_cli("preview", str(PLAYBOOKS / "dc-power-failure.yaml"), "--stage",
                    "investigating", "--set", "site=LON-2", "--set", "services=compute",
