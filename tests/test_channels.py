@@ -353,6 +353,23 @@ def test_email_over_tls_with_a_private_ca(tls: str) -> None:
         assert emu.received.all()[0]["subject"] == "tls"
 
 
+@pytest.mark.parametrize("tls", ["none", "starttls"])
+def test_the_smtp_emulator_leaves_nothing_in_the_temporary_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls: str) -> None:
+    """Every start of the SMTP emulator (each sandbox, each drill, each test) made a folder
+    in /tmp and never removed it, with a TLS private key in it when TLS was on: tens of
+    thousands of them on a machine that runs the suite."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with SmtpEmulator(tls=tls) as emu:  # type: ignore[arg-type]
+        assert (emu.cafile is not None) == (tls != "none")
+        assert emu.cafile is None or Path(emu.cafile).exists()
+    assert list(temp.iterdir()) == []
+
+
 @pytest.mark.parametrize("unknown", [["EHLO"], ["EHLO", "NOOP", "RSET"]])
 def test_a_mail_server_that_speaks_only_helo_is_sent_to(unknown: list[str]) -> None:
     """An old or minimal relay answers EHLO "502 Command not implemented". The channel

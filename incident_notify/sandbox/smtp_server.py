@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import shutil
 import socket
 import socketserver
 import ssl
@@ -387,10 +388,12 @@ class SmtpEmulator:
         self.connections = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
-        self._dir = Path(tempfile.mkdtemp(prefix="incident-notify-smtp-"))
+        self._dir: Path | None = None
+        """The TLS certificate and key, removed when the emulator stops."""
         self.cafile: str | None = None
         self.ssl_context: ssl.SSLContext | None = None
         if tls != "none":
+            self._dir = Path(tempfile.mkdtemp(prefix="incident-notify-smtp-"))
             cert, key = make_self_signed(self._dir)
             self.cafile = str(cert)
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -447,6 +450,9 @@ class SmtpEmulator:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        if self._dir is not None:  # (every start made one: /tmp filled with them)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def reset(self) -> None:
         self.received.clear()
