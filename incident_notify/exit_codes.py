@@ -15,7 +15,8 @@ class ExitCode(IntEnum):
     INVALID_PLAYBOOK = 3
     """A playbook, template or variables file is invalid (schema, YAML, Jinja, limits)."""
     INVALID_CONTACTS = 4
-    """A contacts source has invalid records or columns (validate / contacts check)."""
+    """A contacts source has invalid records or columns, or cannot be read, or an audience
+    selects nobody (validate, contacts check; a send or a planning resume refuses)."""
     PARTIAL_DELIVERY = 5
     """Some deliveries did not reach their recipient on any channel (see the summary)."""
     DELIVERY_FAILED = 6

@@ -221,28 +221,10 @@ def prepare(rt: Runtime, pb: Playbook, incident_id: str, update_no: int, spec: U
 
 def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, stage: str,
                        messages: list[RenderedMessage], state: IncidentState | None) -> None:
-    """Stop before anything is sent when sending would mislead: contacts that did not load
-    (people would silently not be told), an internal or customer audience that selects
-    nobody (a tag lost from a contacts export: "everyone was reached" would count only the
-    others), or a tweet identical to one this incident already posted (the provider
-    refuses it)."""
+    """Stop before anything is sent when sending would mislead: internal words on a public
+    path, contacts that cannot be planned from (`refuse_unusable_contacts`), or a tweet
+    identical to one this incident already posted (the provider refuses it)."""
     from incident_notify.channels import channel_class
-    from incident_notify.errors import ContactsError
-
-    problems = list(contacts.problems)
-    for aname in pb.audiences_for(stage):
-        aud = pb.model.audiences[aname]
-        if aud.kind == "public":
-            continue
-        sel = aud.select
-        if next(iter(contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids)), None) \
-                is None:
-            who = "the incident team would not" if aud.kind == "internal" else "no customer would"
-            problems.append(pb.source.problem(
-                ("audiences", aname), f"{aud.kind} audience {aname!r} selects nobody in the "
-                f"contacts: {who} be told",
-                "check its groups/tags against the contact files (incident-notify contacts "
-                "list)"))
     from incident_notify.sensitivity import leak_problems
 
     leaks = leak_problems(pb, renderer, stage)
@@ -251,10 +233,7 @@ def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, st
 
         raise PlaybookError(leaks, hint="nothing was sent; incident-notify validate shows "
                             "every path")
-    if problems:
-        raise ContactsError(problems, "nothing was sent: the contacts are not what the "
-                            "playbook needs", hint="fix the contact files (incident-notify "
-                            "contacts check shows every problem), then run the command again")
+    refuse_unusable_contacts(pb, contacts, stage)
     if state is None:
         return
     posted: dict[str, set[str]] = {}
@@ -274,6 +253,34 @@ def refuse_misleading(pb: Playbook, renderer: Renderer, contacts: ContactSet, st
                     f"already posted, which {m.channel_type} refuses as a duplicate; nothing "
                     "was sent",
                     hint="say what is new with --message \"...\" (or --set changed values)")
+
+
+def refuse_unusable_contacts(pb: Playbook, contacts: ContactSet, stage: str) -> None:
+    """Stop before an update is planned from contacts that did not load (people would
+    silently not be told), or where an internal or customer audience selects nobody (a
+    tag lost from a contacts export: "everyone was reached" would count only the others).
+    Every send that plans checks it: declare, update, and resume of an update whose plan
+    a crash cut short."""
+    from incident_notify.errors import ContactsError
+
+    problems = list(contacts.problems)
+    for aname in pb.audiences_for(stage):
+        aud = pb.model.audiences[aname]
+        if aud.kind == "public":
+            continue
+        sel = aud.select
+        if next(iter(contacts.select(groups=sel.groups, tags=sel.tags, ids=sel.ids)), None) \
+                is None:
+            who = "the incident team would not" if aud.kind == "internal" else "no customer would"
+            problems.append(pb.source.problem(
+                ("audiences", aname), f"{aud.kind} audience {aname!r} selects nobody in the "
+                f"contacts: {who} be told",
+                "check its groups/tags against the contact files (incident-notify contacts "
+                "list)"))
+    if problems:
+        raise ContactsError(problems, "nothing was sent: the contacts are not what the "
+                            "playbook needs", hint="fix the contact files (incident-notify "
+                            "contacts check shows every problem), then run the command again")
 
 
 def stage_channels(pb: Playbook, stage: str) -> list[str]:

@@ -31,6 +31,7 @@ from incident_notify.lifecycle import (
     load_state,
     make_planner,
     playbook_of,
+    refuse_unusable_contacts,
     sending_lock,
     stage_channels,
 )
@@ -172,6 +173,9 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
         return SendOutcome(incident_id, state.stage, state.update_no, dry_run, None,
                            DispatchResult(), verdict(state, state.update_no))
     contacts = load_contact_set(rt, pb)
+    for upd in unfinished:
+        if not upd.planned:  # (planned from the contacts as they are now, as a declare is)
+            refuse_unusable_contacts(pb, contacts, upd.stage)
     channels = build_channels(rt, pb, list(pb.model.channels))
     try:
         numbers = [u.update_no for u in unfinished]

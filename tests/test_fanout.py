@@ -563,8 +563,9 @@ def test_audit_log_that_cannot_grow_stops_the_fan_out_with_nothing_sent_unrecord
 
     proc = subprocess.run(
         [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-        text=True, timeout=120, preexec_fn=full_disk)
+         "--yes", "--sandbox"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        # (Under the limit, Python would leave a cut-short .pyc for the next import.)
+        env={**os.environ, **env, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=full_disk)
     assert proc.returncode == 8, (proc.returncode, proc.stderr[-2000:])
     out = proc.stdout + proc.stderr
     assert "stopped: audit log write failed" in out and "Traceback" not in out, out[-2000:]

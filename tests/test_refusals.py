@@ -85,6 +85,60 @@ def test_broken_contacts_cli_exit_4_nothing_sent(tmp_path: Path, sandbox: Any) -
     assert received_total(sandbox) == 0
 
 
+@pytest.mark.parametrize("breakage", ["missing", "invalid-row"])
+def test_resuming_an_update_a_crash_left_unplanned_refuses_contacts_that_fail_to_load(
+        tmp_path: Path, sandbox: Any, breakage: str) -> None:
+    """A declare stopped after recording the incident and before its plan (the disk
+    filled, a kill) leaves an update that `resume` plans. It planned from whatever the
+    contacts were by then, unchecked: with the contacts file gone, "Everyone was reached:
+    0 recipient(s)", exit 0, and nobody told; with a row broken, that person silently
+    left out. Planning in resume refuses them as a declare does (exit 4, nothing sent),
+    and once the file is fixed, resume reaches everyone once."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, mail_to, sms_to
+
+    people = 200
+    pb = make_fanout_playbook(tmp_path / "pb", people)
+    csv = tmp_path / "pb" / "people.csv"
+    good = csv.read_text()
+    sandbox.write_state()
+    audit = tmp_path / "audit.jsonl"
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
+
+    def room_for_the_declaration_only() -> None:  # (the plan of 200 people is ~80 kB)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    import os
+
+    stopped = subprocess.run(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        # (Under the limit, Python would leave a cut-short .pyc for the next import.)
+        env={**os.environ, **env, "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=room_for_the_declaration_only)
+    assert stopped.returncode == 8, stopped.stderr
+    [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
+    assert incident["pending"] == 0 and received_total(sandbox) == 0  # (nothing planned)
+    if breakage == "missing":
+        csv.unlink()
+    else:
+        csv.write_text(good.replace("person7@example.com", "person7-example.com"))
+    refused = run_cli("resume", incident["id"], "--yes", "--sandbox", env=env)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "nothing was sent" in refused.stderr and "people.csv" in refused.stderr
+    assert received_total(sandbox) == 0
+    csv.write_text(good)
+    resumed = run_cli("resume", incident["id"], "--yes", "--sandbox", env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert len(sms_to(sandbox)) == people and set(sms_to(sandbox).values()) == {1}
+    assert len(mail_to(sandbox)) == people and set(mail_to(sandbox).values()) == {1}
+
+
 def test_internal_audience_of_nobody_stops_the_send(tmp_path: Path, sandbox: Any) -> None:
     pb = make_fanout_playbook(tmp_path / "pb", 3)
     text = pb.read_text().replace("select: {groups: [team]}", "select: {groups: [tema]}")

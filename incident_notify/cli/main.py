@@ -78,8 +78,10 @@ def report_error(env: Environment, exc: IncidentNotifyError, command: str) -> in
         for problem in exc.problems:
             con.print(f"[bold red]error:[/] {output.safe(problem)}", markup=True,
                       highlight=False)
-        con.print(output.inert(f"{len(exc.problems)} problem(s). {exc.hint}".rstrip()),
-                  markup=False)
+        said = f"{len(exc.problems)} problem(s)"
+        if exc.message and exc.message != f"{said} found":  # (what it means: "nothing was sent")
+            said += f"; {exc.message}"
+        con.print(output.inert(f"{said}. {exc.hint}".rstrip()), markup=False)
     else:
         text = f"error: {exc.message}"
         if exc.hint:
