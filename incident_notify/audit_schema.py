@@ -14,7 +14,7 @@ EVENTS = (
     "message.rendered", "update.planned", "update.completed",
     "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
     "delivery.unknown", "delivery.skipped", "delivery.failover", "delivery.settled",
-    "channel.circuit_open", "channel.circuit_closed", "optout.added",
+    "delivery.requeued", "channel.circuit_open", "channel.circuit_closed", "optout.added",
     "audit.torn_tail_recovered", "reply.received",
 )
 
@@ -43,6 +43,7 @@ PAYLOAD_SCHEMA: dict[str, dict[str, Kind]] = {
     "delivery.attempt": {"attempt": _INT},
     "delivery.sent": {"provider_id": _STR},
     "delivery.settled": {"outcome": _STR},
+    "delivery.requeued": {"reason": _STR},
     "delivery.skipped": {"reason": _STR},
     "reply.received": {"id": _STR, "text": _STR},
 }

@@ -12,6 +12,9 @@ Event vocabulary (payload keys in docs/audit-log.md):
 * ``delivery.settled``: `resume` asked the provider about an unknown delivery; outcome
   ``sent`` (with the provider's id: as ``delivery.sent``) or ``not_sent`` (planned again,
   safe to send).
+* ``delivery.requeued``: `resume --retry-not-reached` sends a failed delivery of someone
+  the update did not reach again (planned again); a later ``delivery.planned`` of a key
+  that failed is the same (a failover planning that person's next channel again).
 * ``update.planned`` (every delivery of the update is in the log) and
   ``update.completed`` (fan-out finished, with its summary).
 * ``channel.circuit_open`` / ``channel.circuit_closed``, ``optout.added``.
@@ -181,7 +184,10 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
         return
     key = rec.key
     if event == "delivery.planned" and key:
-        if key not in state.deliveries:
+        again = state.deliveries.get(key)
+        if again is not None and again.status in ("failed", "failed_over"):
+            again.status, again.error = "planned", None  # (a retry of someone not reached)
+        elif again is None:
             # Channel names and contact ids are interned (every delivery on a channel, and
             # a person's delivery on each channel, share one copy). Keys and recipients are
             # one per delivery: interning them only grew the interpreter's table.
@@ -208,6 +214,10 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
         if p.get("outcome") == "sent":
             _sent(state, d, p)
         else:
+            d.status, d.error = "planned", None
+        return
+    if event == "delivery.requeued":
+        if d.status in ("failed", "failed_over"):
             d.status, d.error = "planned", None
         return
     if event in OUTCOMES:

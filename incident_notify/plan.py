@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -348,6 +348,12 @@ class Planner:
             "fallback_from": d.fallback_from, "threading": self._contract(d.channel)[2],
         }
         return Planned(delivery=d, payload=payload, channel_type=channel_type)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Let these deliveries (failed ones of someone not reached, sent again by `resume
+        --retry-not-reached`) be planned again when a failover comes to their channel."""
+        with self._lock:
+            self._keys.difference_update(keys)
 
     def _claim(self, key: str) -> bool:
         with self._lock:

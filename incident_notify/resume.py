@@ -1,6 +1,7 @@
 """`resume`: finish what a crash or Ctrl-C left. Every delivery in doubt is first settled
 with its provider (`settle`), the answers recorded (``delivery.settled``), then what has no
-outcome is sent through the same path as a first run."""
+outcome is sent through the same path as a first run. Asked to, it also sends the latest
+update again to the people it did not reach (``delivery.requeued``, `retries`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from incident_notify.contacts import ContactSet
+    from incident_notify.playbook import Playbook
 
 from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel
@@ -133,6 +135,18 @@ def _record_settlements(rt: Runtime, state: IncidentState,
         apply(state, record)
 
 
+def _record_retries(rt: Runtime, state: IncidentState, again: list[DeliveryState]) -> None:
+    from incident_notify.audit import AuditEntry
+
+    entries = [AuditEntry("delivery.requeued", incident=state.id, channel=d.channel,
+                          recipient=d.recipient, key=d.key,
+                          payload={"reason": "not reached: sent again (resume "
+                                   "--retry-not-reached)", "was": d.status})
+               for d in again]
+    for record in rt.audit.append_many(entries) if entries else []:
+        apply(state, record)
+
+
 def _merge(verdicts: list[Verdict]) -> Verdict:
     from collections import Counter
 
@@ -147,28 +161,63 @@ def _merge(verdicts: list[Verdict]) -> Verdict:
 
 def resume(rt: Runtime, incident_id: str, *, include_unknown: bool = False,
            dry_run: bool = False, confirm: ConfirmFn | None = None,
-           progress: ProgressFn | None = None, playbook: Path | None = None) -> SendOutcome:
+           progress: ProgressFn | None = None, playbook: Path | None = None,
+           retry_not_reached: bool = False) -> SendOutcome:
     """Finish what a crashed or interrupted run left: settle every delivery in doubt with
     its provider first (found -> recorded sent with the provider's id; absent -> sent now),
     then send what has no outcome. What no provider can settle is listed, and re-sent only
-    with `include_unknown` (email keeps its Message-ID on a resend). Refused while another
-    process is sending the incident (see `sending_lock`)."""
+    with `include_unknown` (email keeps its Message-ID on a resend). `retry_not_reached`:
+    the people the latest update did not reach (all channels failed or down) are sent it
+    again (`retries`), now that a provider may be back. Refused while another process is
+    sending the incident (see `sending_lock`)."""
     sending = sending_lock(rt, incident_id, resume=True)
     try:
         return _resume(rt, incident_id, include_unknown=include_unknown, dry_run=dry_run,
-                       confirm=confirm, progress=progress, playbook=playbook)
+                       confirm=confirm, progress=progress, playbook=playbook,
+                       retry_not_reached=retry_not_reached)
     finally:
         sending.close()
 
 
+def retries(state: IncidentState, pb: Playbook,
+            update_no: int) -> tuple[list[DeliveryState], set[str]]:
+    """For `--retry-not-reached`: the failed deliveries of an update to send again, for each
+    person it did not reach (their first channel again; every channel of an internal
+    audience, which is told on all of them; a public post's failed parts), and the keys of
+    their other failed deliveries, which a failover may then plan again. Nobody reached,
+    or in doubt, is sent anything."""
+    lost = {r.who for r in verdict(state, update_no).not_reached}
+    chains: dict[str, list[DeliveryState]] = {}
+    for d in state.deliveries.values():  # (in the order they were planned)
+        who = d.contact_id or f"public:{d.channel}"
+        if d.update_no == update_no and who in lost and d.status in ("failed", "failed_over"):
+            chains.setdefault(who, []).append(d)
+    again: list[DeliveryState] = []
+    released: set[str] = set()
+    for who, chain in chains.items():
+        if who.startswith("public:"):
+            first = [d for d in chain if d.status == "failed"]
+        else:
+            audience = pb.model.audiences.get(chain[0].payload.get("audience", ""))
+            first = [d for d in chain if d.payload.get("fallback_from") is None] \
+                if audience is not None and audience.kind == "internal" else []
+            first = first or chain[:1]
+        again += first
+        released.update(d.key for d in chain if d not in first)
+    return again, released
+
+
 def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bool,
             confirm: ConfirmFn | None, progress: ProgressFn | None,
-            playbook: Path | None) -> SendOutcome:
+            playbook: Path | None, retry_not_reached: bool = False) -> SendOutcome:
     state = load_state(rt, incident_id)
     pb = playbook_of(state, playbook)
+    latest = state.updates[-1] if state.updates else None
+    again, released = retries(state, pb, latest.update_no) \
+        if retry_not_reached and latest is not None else ([], set())
     unfinished = [u for u in state.updates
                   if not u.completed or state.pending(u.update_no)
-                  or state.in_doubt(u.update_no)]
+                  or state.in_doubt(u.update_no) or (again and u is latest)]
     if not unfinished:
         return SendOutcome(incident_id, state.stage, state.update_no, dry_run, None,
                            DispatchResult(), verdict(state, state.update_no))
@@ -191,6 +240,8 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
         for s in settled:
             if s.outcome == "not_sent" or (include_unknown and s.delivery.key in unknowable):
                 sizes[s.delivery.channel] = sizes.get(s.delivery.channel, 0) + 1
+        for d in again:
+            sizes[d.channel] = sizes.get(d.channel, 0) + 1
         last = unfinished[-1]
         pre = Preflight(incident_id=incident_id, playbook=pb, stage=last.stage,
                         update_no=last.update_no, event="resume", messages=[],
@@ -204,6 +255,7 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
             raise AbortedError("nothing was sent or recorded: the commander declined",
                                hint="rerun when ready; --dry-run previews without asking")
         _record_settlements(rt, state, settled)
+        _record_retries(rt, state, again)
         verdicts = []
         result = DispatchResult()
         in_doubt: list[dict[str, Any]] = []
@@ -211,6 +263,8 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
             spec = UpdateSpec(upd.event, upd.stage, upd.message, upd.variables)
             planner = make_planner(rt, pb, contacts, incident_id, upd.update_no, spec, state,
                                     state.declared_at)
+            if upd is latest:
+                planner.release(released)
             if not upd.planned:
                 # Crashed while planning: plan again; keys already in the log are skipped.
                 for written in write_plan(rt, planner, planner.plan(), incident_id,

@@ -277,6 +277,43 @@ def test_sms_dropped_after_accept_is_unknown_never_resent_then_settled(
     assert settled.exit_code == 0 and not settled.in_doubt
 
 
+def test_once_a_provider_is_back_the_people_an_update_missed_are_reached_and_nobody_else(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio was down and two people's mail servers refused them: the update reached the
+    others by email and not those two (exit 5). Nothing could reach them afterwards but a
+    new update to everyone. `resume --retry-not-reached` sends the update again to the
+    people it missed, on their channels, once Twilio is back; nobody reached is sent
+    anything, and a second retry has nothing left to do."""
+    people = 6
+    pb = make_fanout_playbook(tmp_path / "pb", people)
+    rt = runtime(tmp_path, sandbox)
+    refused = ["person0@example.com", "person1@example.com"]
+    sandbox.twilio.faults.update(outage=True)
+    sandbox.smtp.faults.update(bad_recipients=refused)
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 5 and not sms_to(sandbox)
+    assert sorted(r.who for r in outcome.verdict.not_reached) == ["p00000", "p00001"]
+    mail = mail_to(sandbox)
+    assert len(mail) == people - 2
+
+    sandbox.twilio.faults.update(outage=False)
+    plain = resume(rt, outcome.incident_id)  # (without asking: nothing is sent again)
+    assert plain.exit_code == 5 and not sms_to(sandbox)
+    retried = resume(rt, outcome.incident_id, retry_not_reached=True)
+    assert retried.exit_code == 0, retried.verdict
+    assert sms_to(sandbox) == {"+12025550000": 1, "+12025550001": 1}
+    assert mail_to(sandbox) == mail, "nobody reached is sent anything again"
+    requeued = events(rt, "delivery.requeued")
+    assert sorted(r.recipient for r in requeued) == [
+        "+12025550000", "+12025550001", *refused]  # (a team is told on every channel)
+    again = resume(rt, outcome.incident_id, retry_not_reached=True)
+    assert again.exit_code == 0 and sms_to(sandbox) == {"+12025550000": 1,
+                                                          "+12025550001": 1}
+    assert len(events(rt, "delivery.requeued")) == len(requeued)
+    assert run_cli("audit", "verify", "--audit-log", str(rt.settings.audit_path())
+                   ).returncode == 0
+
+
 def test_a_customer_whose_sms_is_in_doubt_hears_by_email_now_and_never_twice_by_sms(
         tmp_path: Path, sandbox: Any) -> None:
     """Twilio takes every message and the line drops before each answer (a proxy in the

@@ -189,3 +189,54 @@ def test_replies_to_the_public_thread_reach_the_timeline(sandbox: Any,
         "reply on status_twitter from @carol_ops", "reply on status_twitter from @dev_p"]
     assert any("Is block storage affected too?" in e["lines"] for e in replies)
     assert run_cli("audit", "verify", env=attached).returncode == 0
+
+
+@pytest.mark.parametrize("twilio_back", [True, False])
+def test_retry_not_reached_after_an_outage_tells_each_person_once_on_their_first_channel(
+        sandbox: Any, attached: dict[str, str], twilio_back: bool) -> None:
+    """Twilio and the mail server were both down for the first update: the tweet and the
+    DMs went out, and everyone who hears by SMS or email was not reached (their first
+    channel failed over to the next, which was down too). Once both are back, `resume
+    --retry-not-reached` tells each of them once, on their first channel again (the
+    fallback a failover planned is planned again only if that channel fails again);
+    the incident team, told on every channel, gets both; nobody reached hears twice.
+    With only the mail server back, the SMS fail over to email again, planned anew."""
+    from collections import Counter
+
+    from incident_notify.contacts import load_contacts
+
+    sandbox.twilio.faults.update(outage=True)
+    sandbox.smtp.faults.update(outage=True)
+    first = cli(attached, "declare", str(POWER), *POWER_VARS, "--yes", "--sandbox")
+    assert first["exit_code"] == 5, first
+    dms = [m for m in sandbox.twitter.received.all() if m["kind"] == "dm"]
+    assert dms and not sandbox.twilio.received.all() and not sandbox.smtp.received.all()
+    sandbox.twilio.faults.update(outage=not twilio_back)
+    sandbox.smtp.faults.update(outage=False)
+    incident = first["data"]["incident"]
+    dry = cli(attached, "resume", incident, "--retry-not-reached", "--dry-run", "--sandbox")
+    assert dry["exit_code"] == 0 and not sandbox.twilio.received.all()
+    retried = cli(attached, "resume", incident, "--retry-not-reached", "--yes", "--sandbox")
+    assert retried["exit_code"] == 0, retried
+    people = retried["data"]["result"]["people"]
+    assert people["not_reached"] == 0 and people["reached"] == people["intended"]
+
+    heard: Counter[str] = Counter()
+    contacts = load_contacts([PLAYBOOKS / "contacts"]).contacts.values()
+    by_phone = {c.phone: c.id for c in contacts if c.phone}
+    by_mail = {c.email.lower(): c.id for c in contacts if c.email}
+    by_handle = {c.twitter.lstrip("@").lower(): c.id for c in contacts if c.twitter}
+    for m in sandbox.twilio.received.all():
+        heard[by_phone[m["to"]]] += 1
+    for m in sandbox.smtp.received.all():
+        for rcpt in m["rcpt_tos"]:
+            heard[by_mail[rcpt.lower()]] += 1
+    for m in sandbox.twitter.received.all():
+        if m["kind"] == "dm":
+            heard[by_handle[m["username"].lower()]] += 1
+    team = {c.id for c in contacts if {"oncall", "sre"} & set(c.groups)}
+    for who, n in heard.items():
+        assert n == (2 if who in team and twilio_back else 1), (who, n)
+    assert len(heard) == people["intended"] - 1  # (and the public, by the tweet)
+    assert bool(sandbox.twilio.received.all()) is twilio_back
+    assert len([m for m in sandbox.twitter.received.all() if m["kind"] == "tweet"]) == 1

@@ -240,20 +240,27 @@ def resume(
                            help="Also re-send deliveries no provider could settle (they may "
                            "have been delivered already; an email keeps its Message-ID).")
     ] = False,
+    retry_not_reached: Annotated[
+        bool, typer.Option("--retry-not-reached",
+                           help="Also send the latest update again to each person it did not "
+                           "reach (every channel failed or was down), on their channels in "
+                           "order; nobody reached or in doubt is sent anything.")
+    ] = False,
 ) -> None:
     """After a crash or Ctrl-C: settle what is in doubt, then send what has no outcome.
 
     Each delivery attempted without a recorded answer is first looked up at its provider
     (Twilio's message list, the account's tweets, the DM conversation): found, it is
     recorded sent; absent, it is sent now. What no provider can settle (email) is listed
-    by person and channel, and re-sent only with --include-unknown. Shows the same preview
-    and confirmation as every sending command.
+    by person and channel, and re-sent only with --include-unknown. Once a provider is
+    back, --retry-not-reached reaches the people the latest update missed. Shows the same
+    preview and confirmation as every sending command.
     """
     from incident_notify.resume import resume as resume_incident
 
     _send(ctx, "resume", send, lambda rt, confirm, progress: resume_incident(
         rt, incident, include_unknown=include_unknown, dry_run=send.dry_run, confirm=confirm,
-        progress=progress, playbook=send.playbook))
+        progress=progress, playbook=send.playbook, retry_not_reached=retry_not_reached))
 
 
 @app.command()
