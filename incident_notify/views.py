@@ -108,6 +108,14 @@ def timeline_entries(rt: Runtime, incident: str, deliveries: bool = False) -> li
                 detail = p.get("provider_id") or p.get("error") or p.get("reason") or ""
                 entries.append({**base, "what": f"{rec.event[9:]} {rec.channel} -> "
                                 f"{rec.recipient or 'public'}", "lines": [str(detail)]})
+        elif rec.event == "delivery.requeued":
+            last = entries[-1] if entries else None
+            if last is not None and last["event"] == rec.event and last["ts"] == rec.ts:
+                last["count"] += 1  # (one retry writes its deliveries at once)
+            else:
+                last = {**base, "count": 1, "lines": [str(p.get("reason", ""))]}
+                entries.append(last)
+            last["what"] = f"sent again to people not reached: {last['count']} deliveries"
         elif rec.event.startswith("channel."):
             entries.append({**base, "what": f"{rec.channel}: "
                             f"{'DOWN' if rec.event.endswith('open') else 'recovered'}",

@@ -310,8 +310,10 @@ def test_once_a_provider_is_back_the_people_an_update_missed_are_reached_and_nob
     assert again.exit_code == 0 and sms_to(sandbox) == {"+12025550000": 1,
                                                           "+12025550001": 1}
     assert len(events(rt, "delivery.requeued")) == len(requeued)
-    assert run_cli("audit", "verify", "--audit-log", str(rt.settings.audit_path())
-                   ).returncode == 0
+    log = str(rt.settings.audit_path())
+    assert run_cli("audit", "verify", "--audit-log", log).returncode == 0
+    timeline = run_cli("timeline", outcome.incident_id, "--audit-log", log)
+    assert "sent again to people not reached: 4 deliveries" in timeline.stdout, timeline.stdout
 
 
 def test_a_customer_whose_sms_is_in_doubt_hears_by_email_now_and_never_twice_by_sms(
