@@ -208,9 +208,14 @@ def test_a_provider_name_whose_first_address_drops_connections_is_reached_at_the
     added for hung name lookups covered the lookup and every address together, 6 s: the
     first two addresses took all of it, the live one was never tried, and the provider
     was unreachable on every retry, where before it was reached 10 s late. Each address
-    now has the connect timeout of its own, after a lookup bounded on its own."""
+    now has the connect timeout of its own, after a lookup bounded on its own, and the
+    next address is tried beside a silent one after a quarter of a second (RFC 8305), so
+    the live one answers within a second, not two connect timeouts later: the health
+    check (8 s) called such a provider down, though sending reached it."""
     import socket
 
+    from incident_notify.channel_setup import check_health
+    from incident_notify.channels._deadline import STAGGER_S
     from incident_notify.channels._http import CONNECT_TIMEOUT_S
     from incident_notify.channels.base import ChannelSpec, Delivery, NoAttempt, OutgoingMessage
     from incident_notify.channels.email import EmailChannel
@@ -246,9 +251,65 @@ def test_a_provider_name_whose_first_address_drops_connections_is_reached_at_the
                                         message=OutgoingMessage(text="Power lost.",
                                                                 subject="s")), NoAttempt())
         took = time.monotonic() - started
+        channel.close()
+        health = check_health({"c": channel})["c"]  # (all of it within HEALTH_DEADLINE_S)
     channel.close()
     assert receipt.provider_id and len(emulator.received.all()) == 1
-    assert 2 * CONNECT_TIMEOUT_S - 0.5 < took < 2 * CONNECT_TIMEOUT_S + 3, took
+    assert took < 2 * STAGGER_S + 1.5 < CONNECT_TIMEOUT_S, took
+    assert health.ok, health
+
+
+def test_connecting_tries_the_next_address_beside_a_silent_one_and_closes_late_winners(
+        ) -> None:
+    """`first_to_open`, the order and timing it keeps with addresses that are silent,
+    refuse at once, open late or open fast: the next is started after STAGGER_S beside a
+    silent one and at once after a refusal; one that opens after the winner is closed;
+    when none opens, the last failure is raised; an error that is no connection failure
+    is raised as it is."""
+    import threading
+
+    from incident_notify.channels._deadline import STAGGER_S, first_to_open
+
+    closed: list[str] = []
+    done = threading.Event()
+
+    class Opened:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        def close(self) -> None:
+            closed.append(self.address)
+            done.set()
+
+    def open_at(address: str) -> Opened:
+        kind, _, seconds = address.partition(":")
+        time.sleep(float(seconds or 0))
+        if kind == "silent":
+            raise TimeoutError(address)
+        if kind == "refused":
+            raise ConnectionRefusedError(address)
+        if kind == "bug":
+            raise ValueError(address)
+        return Opened(address)
+
+    def timed(found: list[str]) -> tuple[Any, float]:
+        started = time.monotonic()
+        try:
+            return first_to_open(found, open_at, (OSError,)), time.monotonic() - started
+        except Exception as exc:
+            return exc, time.monotonic() - started
+
+    won, took = timed(["silent:2", "silent:2", "open"])
+    assert won.address == "open" and 2 * STAGGER_S <= took < 2 * STAGGER_S + 0.3
+    won, took = timed(["refused", "refused", "open"])
+    assert won.address == "open" and took < STAGGER_S
+    won, took = timed(["open:0.6", "open:0.05"])
+    assert won.address == "open:0.05" and took < 0.6
+    assert done.wait(2) and closed == ["open:0.6"]
+    failed, took = timed(["silent:0.3", "refused:0.5"])
+    assert isinstance(failed, ConnectionRefusedError) and took < 1
+    failed, _ = timed(["bug", "open:0.3"])
+    assert isinstance(failed, ValueError)
 
 
 # ------------------------------------------------------------------ accepted, then dropped

@@ -17,6 +17,7 @@ so a deadline ends up to a quarter of a second late.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -138,20 +139,64 @@ def addresses(host: str, port: int, seconds: float) -> list[str]:
     return found
 
 
+STAGGER_S = 0.25
+"""How long one address has to open before the next is tried beside it (RFC 8305's
+"connection attempt delay")."""
+
+
 def first_to_open(found: list[str], open_at: Callable[[str], T],
                   errors: tuple[type[BaseException], ...]) -> T:
-    """`open_at(address)` for each address in turn, as the clients themselves connect, each
-    with its own connect timeout (one that drops connection requests, an IPv6 route that
-    is gone, must not keep the others from being tried); the last failure when none
-    opens."""
-    failed: BaseException | None = None
-    for address in found:
+    """The first of `open_at(address)` to succeed, each with its own connect timeout, as
+    browsers connect (RFC 8305, Happy Eyeballs): the next address is tried beside the
+    others once the last started has not opened within STAGGER_S, or at once when it
+    failed; the last failure when none opens. One address that drops connection requests
+    (an edge of the provider down, an IPv6 route that is gone) costs a quarter of a
+    second, not a connect timeout per connection, so a name whose first two addresses are
+    dead is still reached within the health check's time. `open_at` runs in threads of
+    its own and must not change shared state; what opens after the winner is closed."""
+    if len(found) == 1:
+        return open_at(found[0])
+    import queue
+
+    results: queue.Queue[tuple[bool, Any]] = queue.Queue()
+
+    def attempt(address: str) -> None:
         try:
-            return open_at(address)
-        except errors as exc:
-            failed = exc
-    assert failed is not None
-    raise failed
+            results.put((True, open_at(address)))
+        except BaseException as exc:  # (handed to the caller)
+            results.put((False, exc))
+
+    started = finished = 0
+    try:
+        while True:
+            if started < len(found):  # (the first; the next beside it, or after a failure)
+                threading.Thread(target=attempt, args=(found[started],), daemon=True,
+                                 name="connect").start()
+                started += 1
+            try:
+                ok, value = results.get(timeout=STAGGER_S if started < len(found) else None)
+            except queue.Empty:
+                continue
+            finished += 1
+            if ok:
+                return value
+            if not isinstance(value, errors) or finished == len(found):
+                raise value
+    finally:
+        if finished < started:
+            threading.Thread(target=_close_late, args=(results, started - finished),
+                             daemon=True, name="connect-late").start()
+
+
+def _close_late(results: Any, count: int) -> None:
+    """Close what opens after the winner (or after the caller gave up)."""
+    for _ in range(count):
+        ok, value = results.get()
+        if ok:
+            try:
+                value.close()
+            except Exception:
+                pass
 
 
 # ---------------------------------------------------------------- requests / urllib3
@@ -171,6 +216,7 @@ def _adapter_class() -> type:
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
 
     class Watched:
         def request(self, *args: Any, **kwargs: Any) -> None:
@@ -191,12 +237,23 @@ def _adapter_class() -> type:
             except OSError:
                 return opening()  # (urllib3 says it: a name that does not resolve)
 
-            def at(address: str) -> Any:  # (the name is put back for TLS)
-                self._dns_host = address
+            conn: Any = self
+
+            def at(address: str) -> Any:
+                # urllib3's own `_new_conn` for one address, without setting `_dns_host`
+                # (the attempts run side by side; TLS then checks the name, `host`).
                 try:
-                    return opening()
-                finally:
-                    self._dns_host = name
+                    sock = create_connection((address, conn.port), limit,
+                                             source_address=conn.source_address,
+                                             socket_options=conn.socket_options)
+                except TimeoutError as exc:
+                    raise ConnectTimeoutError(conn, f"Connection to {name} timed out. "
+                                              f"(connect timeout={limit})") from exc
+                except OSError as exc:
+                    raise NewConnectionError(conn, "Failed to establish a new connection: "
+                                             f"{exc}") from exc
+                sys.audit("http.client.connect", conn, conn.host, conn.port)
+                return sock
 
             return first_to_open(found, at, (ConnectTimeoutError, NewConnectionError))
 
