@@ -45,6 +45,7 @@ from incident_notify.channels.base import (
 )
 from incident_notify.errors import AuditError, IncidentNotifyError
 from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
+from incident_notify.same_address import Same, SharedSends
 
 
 # --------------------------------------------------------------------- interfaces
@@ -166,6 +167,9 @@ class Dispatcher:
         self._slots = threading.Semaphore(max_queued)
         self._lock = threading.Lock()
         self._down = dict(down) if isinstance(down, Mapping) else dict.fromkeys(down, "")
+        self.shared = SharedSends()
+        """Deliveries of the same message to the same address (contacts sharing a phone
+        or a mailbox): sent once (see `same_address`)."""
         self._reroute_lock = threading.Lock()
         self._attempts: dict[str, int] = {}
         """Attempts (requests that may have reached the provider) per key, this run."""
@@ -291,6 +295,16 @@ class Dispatcher:
 
     # -- one job (a delivery, or the parts of a thread in order)
     def _run_job(self, runner: ChannelRunner, job: list[Delivery]) -> None:
+        if len(job) == 1:
+            how, same = self.shared.claim(job[0])
+            if same is not None:
+                if how == "own":
+                    receipt = self._deliver(runner, job[0], whole=job)
+                    for follower in self.shared.settle(same, receipt):
+                        self._follow(same, follower)
+                elif how == "follow":
+                    self._follow(same, job[0])
+                return  # ("wait": its owner settles it)
         reply_to = job[0].reply_to
         for index, delivery in enumerate(job):
             if self.stop.is_set():
@@ -370,6 +384,25 @@ class Dispatcher:
                 "reply_to": d.reply_to, "detail": dict(receipt.detail),
             })
             return receipt
+
+    def _follow(self, same: Same, d: Delivery) -> None:
+        """Settle `d` on the outcome of the delivery that sent the same message to the same
+        address: sent with it, in doubt with it, or sent on its own when it was refused
+        or failed over (so that `d` fails over to its own person's next channel)."""
+        if same.receipt is not None:
+            self._record(d, "sent", {
+                "provider_id": same.receipt.provider_id, "segments": 0, "attempt": 0,
+                "channel_type": self.types.get(d.channel, ""), "reply_to": d.reply_to,
+                "detail": {"same_message_as": same.owner}})
+        elif same.outcome == "unknown":
+            reason = (f"the same message to the same address ({same.owner}) may have "
+                      "arrived")
+            self._record(d, "unknown", {"error": reason, "code": "shared", "attempt": 0,
+                                        "same_message_as": same.owner})
+            self._cover_unknown(d, reason, [d])
+        elif not self.stop.is_set():
+            self.shared.alone(d)
+            self._submit([d], from_feeder=False)
 
     def _down_reason(self, runner: ChannelRunner) -> str:
         return runner.down_reason or "channel down (circuit open)"
@@ -541,6 +574,7 @@ class Dispatcher:
             self.result.failovers.append({"key": original.key, **info})
             for m, _ in moved:
                 self.result.add(m.channel, "failed_over")
+                self.shared.note(m.key, "failed_over")
         self._emit("failover", original, info)
         for m, payload in moved:
             self._emit("failed_over", m, payload)
@@ -552,6 +586,7 @@ class Dispatcher:
         self.audit.append(f"delivery.{event}", incident=self.incident_id, channel=d.channel,
                           recipient=d.recipient or None, key=d.key, payload=dict(payload))
         kind = outcome or event
+        self.shared.note(d.key, kind)
         with self._lock:
             self.result.add(d.channel, kind)
             if kind in ("failed", "unknown"):

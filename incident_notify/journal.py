@@ -140,6 +140,18 @@ def delivery_from_state(ds: DeliveryState, state: IncidentState, contacts: Conta
     )
 
 
+def sent_singles(state: IncidentState, contacts: ContactSet,
+                 update_no: int) -> Iterator[tuple[Delivery, str]]:
+    """The messages of an update already sent to one person each, with their provider ids
+    (a resume sends none of them again to the same address, whoever it is for)."""
+    for ds in state.deliveries.values():
+        if (ds.update_no == update_no and ds.status == "sent" and ds.provider_id
+                and ds.contact_id and int(ds.payload.get("parts", 1)) <= 1):
+            d = delivery_from_state(ds, state, contacts, None)
+            if d is not None:
+                yield d, ds.provider_id
+
+
 def pending_jobs(state: IncidentState, contacts: ContactSet, update_no: int,
                  include_unknown: bool = False) -> Iterator[list[Delivery]]:
     """Jobs for the deliveries of an update that have no outcome yet, threads grouped."""

@@ -45,6 +45,7 @@ from incident_notify.journal import (
     finish_update,
     in_doubt_list,
     pending_jobs,
+    sent_singles,
     write_plan,
 )
 from incident_notify.messages import IncidentContext, RenderedMessage
@@ -52,6 +53,7 @@ from incident_notify.outcome import ConfirmFn, Preflight, SendOutcome
 from incident_notify.plan import Plan, Planner
 from incident_notify.playbook import Playbook, channels_with_fallbacks, load_playbook
 from incident_notify.runtime import Runtime
+from incident_notify.same_address import sharing_keys
 
 if TYPE_CHECKING:
     from incident_notify.contacts import ContactSet
@@ -313,6 +315,10 @@ def dispatch_update(rt: Runtime, pb: Playbook, planner: Planner, state: Incident
             dispatcher = Dispatcher(built, writer, router, incident_id=state.id,
                                     policy=rt.policy, on_event=progress, channel_types=types,
                                     down=down)
+            dispatcher.shared.tracked = sharing_keys(state.deliveries.values(), update_no)
+            if dispatcher.shared.tracked:
+                for sent in sent_singles(state, contacts, update_no):  # (a resumed update)
+                    dispatcher.shared.seed(*sent)
             return dispatcher.run(pending_jobs(state, contacts, update_no, include_unknown))
     finally:
         close_channels(extra)

@@ -312,6 +312,91 @@ def test_connecting_tries_the_next_address_beside_a_silent_one_and_closes_late_w
     assert isinstance(failed, ValueError)
 
 
+@pytest.mark.parametrize("fault", ["none", "drop-after-accept", "refused"])
+def test_contacts_sharing_an_address_get_one_message_and_each_is_reached(
+        tmp_path: Path, sandbox: Any, fault: str) -> None:
+    """Two on-call engineers carry one phone; two people are listed with one mailbox. The
+    phone buzzed twice and the mailbox got two identical emails for every update. Now
+    the address gets the message once and each person is recorded reached with it; when
+    the answer to it is lost, both are in doubt and `resume` settles both from the one
+    message Twilio has; when the number is refused, each is tried on their own, so each
+    fails over as their own person."""
+    people = 6
+    # (One SMS at a time: the first is the shared phone's, the one whose answer is lost.)
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=1)
+    csv = tmp_path / "pb" / "people.csv"
+    csv.write_text(csv.read_text().replace("+12025550001", "+12025550000")
+                   .replace("person3@example.com", "person2@example.com"))
+    rt = runtime(tmp_path, sandbox)
+    if fault == "refused":
+        sandbox.twilio.faults.update(bad_recipients=["+12025550000"])
+    confirm = after_confirmation(lambda: sandbox.twilio.faults.update(drop_after_accept=1)) \
+        if fault == "drop-after-accept" else None
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=confirm)
+    sms, mail = sms_to(sandbox), mail_to(sandbox)
+    assert mail == {f"person{i}@example.com": 1 for i in (0, 1, 2, 4, 5)}
+    assert outcome.verdict is not None and outcome.verdict.count("not_reached") == 0
+    shared = [r for r in events(rt, "delivery.sent")
+              if r.payload.get("detail", {}).get("same_message_as")]
+    if fault == "refused":
+        assert "+12025550000" not in sms
+        refused = [r for r in events(rt, "delivery.failover", "team_sms")
+                   if r.recipient == "+12025550000"]
+        assert len(refused) == 2, "each person's SMS refused on its own"
+        assert len(shared) == 1  # (the shared mailbox)
+        return
+    if fault == "drop-after-accept":
+        doubt = [r.key for r in events(rt, "delivery.unknown", "team_sms")]
+        assert sorted(k.split("/")[3] for k in doubt) == ["p00000", "p00001"], doubt
+        resume(rt, outcome.incident_id)
+        assert sms_to(sandbox) == sms, "settled from Twilio's record, never sent again"
+    assert sms == {f"+1202555{i:04d}": 1 for i in (0, 2, 3, 4, 5)}
+    final = resume(rt, outcome.incident_id)
+    assert final.exit_code == 0 and not final.in_doubt
+    assert final.verdict is not None and final.verdict.count("reached") == people
+
+
+def test_a_resume_after_a_kill_does_not_send_a_shared_address_what_it_already_got(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The first person of a shared phone was sent the SMS, then the process was killed
+    before the second person's turn. `resume` records the second reached with the
+    message the phone already has, and sends it nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    people = 6
+    pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=1)
+    csv = tmp_path / "pb" / "people.csv"
+    csv.write_text(csv.read_text().replace("+12025550005", "+12025550000"))
+    sandbox.twilio.faults.update(latency_ms=300)
+    sandbox.write_state()
+    audit = tmp_path / "audit.jsonl"
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
+         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = audit.read_text() if audit.exists() else ""
+        if any('"delivery.sent"' in line and "team_sms/p00000" in line
+               for line in text.splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sms_to(sandbox) == {"+12025550000": 1}, "killed after the first SMS"
+    sandbox.twilio.faults.update(latency_ms=0)
+    [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
+    resumed = run_cli("resume", incident["id"], "--yes", "--sandbox", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sms_to(sandbox) == {f"+1202555{i:04d}": 1 for i in range(5)}
+
+
 # ------------------------------------------------------------------ accepted, then dropped
 # skew: Twilio's clock an hour behind this machine's (a laptop whose clock drifted ahead):
 # a message it created "before" the attempt, on this clock, is still the attempt's.
