@@ -569,6 +569,10 @@ def test_a_commander_rehearsing_sets_every_fault_from_the_command_line(
     run_cli("sandbox", "fault", "smtp", "--throttled-connections", "0")
     run_cli("sandbox", "fault", "twitter", "--daily-limit", "50")
     assert sandbox.twitter.faults.daily_limit == 50
+    run_cli("sandbox", "fault", "twitter", "--daily-limit", "-1")
+    assert sandbox.twitter.faults.daily_limit is None
+    said = run_cli("sandbox", "fault", "twitter", "--daily-limit", "0")
+    assert sandbox.twitter.faults.daily_limit == 0 and "daily limit 0" in said.stdout
     said = run_cli("sandbox", "fault", "twilio", "--account-status", "")
     assert sandbox.twilio.faults.account_status == "" and "account status left out" in said.stdout
     run_cli("sandbox", "fault", "twilio", "--account-status", "active")

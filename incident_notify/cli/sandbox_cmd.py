@@ -216,8 +216,8 @@ def fault(
         help="twilio: the account's status in its lookup (the health check): suspended, "
         "closed, active; '' leaves it out.", show_default=False)] = None,
     daily_limit: Annotated[int | None, typer.Option(
-        min=0, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
-        "the daily cap's reset hours away.")] = None,
+        min=-1, help="twitter: posts (tweets and DMs) allowed in 24 hours; past it, 429 with "
+        "the daily cap's reset hours away; -1 removes the cap.")] = None,
     no_dm_permission: Annotated[bool | None, typer.Option(
         "--no-dm-permission/--dm-permission", help="twitter: the app may post but not send "
         "DMs (403, problem oauth1-permissions).")] = None,
@@ -271,6 +271,8 @@ def fault(
         if options[k] is not None}
     if rate_limit is not None:
         body["rate_limit"] = rate_limit or None
+    if daily_limit == -1:  # (0 is a spent cap: nothing allowed)
+        body["daily_limit"] = None
     for name, given in (("bad_recipients", bad_recipient), ("bad_senders", bad_sender),
                         ("rate_limited_paths", rate_limited_path),
                         ("failed_recipients", failed_recipient),
@@ -285,7 +287,8 @@ def fault(
         env.emit_json("sandbox fault", {"service": service, "faults": result})
     else:
         active = {k: v for k, v in result.items()
-                  if (v != "active" if k == "account_status" else v)
+                  if (v != "active" if k == "account_status"
+                      else v is not None if k == "daily_limit" else v)
                   and (k != "rate_window_s" or result.get("rate_limit") is not None)
                   and (k != "error_status" or result.get("error_after_accept"))
                   and (k != "bad_recipient_code" or result.get("bad_recipients"))}
