@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from incident_notify.errors import PlaybookError, Problem, ProblemsError
+from incident_notify.errors import NotFoundError, PlaybookError, Problem, ProblemsError
 from incident_notify.messages import (
     IncidentContext,
     RenderedMessage,
@@ -97,6 +97,10 @@ def check_playbook(path: Path, *, check_contacts: bool = True, region: str = "US
         pb = load_playbook(path)
     except ProblemsError as exc:
         report.problems.extend(exc.problems)
+        return report
+    except NotFoundError as exc:  # (validate reports it with the others: exit 3)
+        report.problems.append(Problem(str(path), None, None, "file not found",
+                                       exc.hint))
         return report
     report.name = pb.name
     renderer = make_renderer(pb)

@@ -370,7 +370,14 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def load_playbook(path: Path) -> Playbook:
-    """Load and schema-check one playbook; raise PlaybookError listing every problem."""
+    """Load and schema-check one playbook; raise PlaybookError listing every problem, or
+    NotFoundError (exit 9, as documented) when no file has that name."""
+    if not path.exists() and not path.is_symlink():
+        from incident_notify.errors import NotFoundError
+
+        raise NotFoundError(f"{path}: no such playbook file",
+                            hint="check the path (incident-notify validate playbooks/ lists "
+                            "the playbooks there)")
     data, smap = load_yaml(path)
     if not isinstance(data, dict):
         raise PlaybookError(

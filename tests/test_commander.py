@@ -135,6 +135,20 @@ def test_unknown_incident_is_not_found_without_traceback(attached: dict[str, str
     assert "Traceback" not in proc.stderr and "no incident" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["declare", "--sandbox"], ["preview"], ["drill"],
+                                     ["channels", "check", "--sandbox"]])
+def test_a_playbook_path_with_a_typo_is_not_found_as_documented(
+        tmp_path: Path, attached: dict[str, str], command: list[str]) -> None:
+    """exit-codes.md says 9 for a playbook that does not exist; a typo in its path gave 3,
+    as if the playbook were invalid, so a runbook could not tell the two apart."""
+    missing = tmp_path / "dc-power-falure.yaml"
+    proc = run_cli(*command, str(missing), env=attached)
+    assert proc.returncode == ExitCode.NOT_FOUND, proc.stdout + proc.stderr
+    assert f"{missing}: no such playbook file" in proc.stderr and "Traceback" not in proc.stderr
+    listed = run_cli("validate", str(missing))  # (a lint lists it with the other problems)
+    assert listed.returncode == ExitCode.INVALID_PLAYBOOK and "file not found" in listed.stdout
+
+
 def test_config_file_and_sources(tmp_path: Path) -> None:
     (tmp_path / "incident-notify.toml").write_text('audit_log = "logs/audit.jsonl"\n'
                                                    'default_region = "GB"\n')
