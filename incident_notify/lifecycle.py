@@ -73,7 +73,9 @@ def load_state(rt: Runtime, incident_id: str) -> IncidentState:
 
 
 def playbook_of(state: IncidentState, override: Path | None = None) -> Playbook:
-    path = override or Path(state.playbook)
+    if override is not None:
+        return load_playbook(override)  # (its own "no such playbook file" when mistyped)
+    path = Path(state.playbook)
     if not path.exists():
         raise NotFoundError(f"the playbook of {state.id} ({path}) is not there any more",
                             hint="pass --playbook PATH to use its current location")

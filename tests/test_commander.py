@@ -149,6 +149,21 @@ def test_a_playbook_path_with_a_typo_is_not_found_as_documented(
     assert listed.returncode == ExitCode.INVALID_PLAYBOOK and "file not found" in listed.stdout
 
 
+def test_resume_with_a_mistyped_playbook_says_so(tmp_path: Path,
+                                                 attached: dict[str, str]) -> None:
+    """`resume --playbook` with a typo said the incident's playbook "is not there any
+    more" and told the commander to pass --playbook, which they had just done."""
+    doc = json_doc(run_cli("declare", str(POWER), "--set", "site=LON-2", "--set",
+                           "services=compute", "--set", "status_url=https://s.example/1",
+                           "--yes", "--sandbox", "--json", env=attached))
+    missing = tmp_path / "moved" / "dc-power-failure.yaml"
+    proc = run_cli("resume", doc["data"]["incident"], "--playbook", str(missing), "--sandbox",
+                   env=attached)
+    assert proc.returncode == ExitCode.NOT_FOUND, proc.stderr
+    assert f"{missing}: no such playbook file" in proc.stderr
+    assert "not there any more" not in proc.stderr
+
+
 def test_config_file_and_sources(tmp_path: Path) -> None:
     (tmp_path / "incident-notify.toml").write_text('audit_log = "logs/audit.jsonl"\n'
                                                    'default_region = "GB"\n')
