@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from incident_notify.channels.base import Delivery, Receipt
 
@@ -88,7 +88,8 @@ class SharedSends:
                 self._by_signature.setdefault(sig, Same(owner=d.key, done=True,
                                                         receipt=Receipt(provider_id)))
 
-    def claim(self, d: Delivery) -> tuple[str, Same | None]:
+    def claim(self, d: Delivery) -> tuple[Literal["send", "own", "follow", "wait"],
+                                          Same | None]:
         """("send", None): send it, nothing shares it; ("own", same): send it, then
         `settle(same, ...)`; ("follow", same): the owner is done, settle this one on its
         outcome; ("wait", same): the owner is in flight, and will settle this one."""
