@@ -5,8 +5,10 @@ update again to the people it did not reach (``delivery.requeued``, `retries`)."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from incident_notify.playbook import Playbook
 
 from incident_notify.channel_setup import build_channels, check_health
-from incident_notify.channels.base import Channel
+from incident_notify.channels.base import Channel, ChannelError, Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, ProgressFn
 from incident_notify.errors import AbortedError
 from incident_notify.incident import DeliveryState, IncidentState, apply
@@ -71,17 +73,31 @@ def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
     return previous.provider_id if previous is not None else None
 
 
+SETTLE_GRACE_S = 5.0
+"""How long a provider may take to record a request after it arrives (an API's slowest
+answers take a second or two) before `settle` trusts that it is not there. Every delivery
+a kill caught between its attempt record and its request waits this long in a `resume`
+run at once, so it is kept short."""
+
+
 def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Channel],
-           update_nos: list[int]) -> list[Settlement]:
+           update_nos: list[int],
+           waiting: Callable[[list[str], float], None] | None = None) -> list[Settlement]:
     """Ask each provider what became of the deliveries in doubt (attempted, no answer
     recorded). Read-only: the caller records the answers. A provider that cannot be asked
-    (down, or no lookup: SMTP) leaves its deliveries unknowable, asked once per channel."""
-    from datetime import datetime as dt
+    (down, or no lookup: SMTP) leaves its deliveries unknowable, asked once per channel.
 
-    from incident_notify.channels.base import ChannelError
-
+    "Not in the provider's records" is trusted only once the request has had time to get
+    there: a provider still working on a request the crash cut off (slow to record it)
+    would take it after the lookup, and the resend would be a second message. A delivery
+    attempted less than SETTLE_GRACE_S ago (at most its channel's request deadline) and
+    not found is looked up again once that time has passed (`waiting` is told how long,
+    and for which channels). A provider that holds a request for longer still (hanging,
+    then recording it) is beyond what a lookup can settle."""
     out: list[Settlement] = []
     unreachable: dict[str, str] = {}
+    recent: list[tuple[DeliveryState, Delivery, Channel, datetime]] = []
+    until = 0.0
     for upd in update_nos:
         for ds in sorted(state.in_doubt(upd), key=lambda d: d.key):
             ch = channels.get(ds.channel)
@@ -94,26 +110,57 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
                 out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
                 continue
             try:
-                since = dt.fromisoformat((ds.attempted_at or state.declared_at)
-                                         .replace("Z", "+00:00"))
+                since = datetime.fromisoformat((ds.attempted_at or state.declared_at)
+                                               .replace("Z", "+00:00"))
             except ValueError:
-                since = dt.fromisoformat(state.declared_at.replace("Z", "+00:00"))
-            try:
-                receipt = ch.find_sent(d, since)
-            except ChannelError as exc:
-                unreachable[ds.channel] = exc.message
-                out.append(Settlement(ds, "unknowable", detail=exc.message))
-                continue
-            except Exception as exc:  # a malformed answer: cannot tell
-                unreachable[ds.channel] = f"unexpected answer ({type(exc).__name__})"
-                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
-                continue
-            if receipt is None:
-                out.append(Settlement(ds, "not_sent", detail="not in the provider's records"))
-            else:
-                out.append(Settlement(ds, "sent", provider_id=receipt.provider_id,
-                                      detail="found in the provider's records"))
+                since = datetime.fromisoformat(state.declared_at.replace("Z", "+00:00"))
+            found = _look_up(ch, ds, d, since, unreachable)
+            if found.outcome == "not_sent" and ds.attempted_at:
+                ends = since.timestamp() + min(SETTLE_GRACE_S, ch.request_deadline_s())
+                if ends > time.time():
+                    recent.append((ds, d, ch, since))
+                    until = max(until, ends)
+                    continue
+            out.append(found)
+    if recent:
+        if waiting is not None:
+            waiting(sorted({ds.channel for ds, *_ in recent}), until - time.time())
+        time.sleep(max(0.0, until - time.time()))
+        for ds, d, ch, since in recent:
+            out.append(_look_up(ch, ds, d, since, unreachable))
     return out
+
+
+def _look_up(ch: Channel, ds: DeliveryState, d: Delivery, since: datetime,
+             unreachable: dict[str, str]) -> Settlement:
+    if ds.channel in unreachable:
+        return Settlement(ds, "unknowable", detail=unreachable[ds.channel])
+    try:
+        receipt = ch.find_sent(d, since)
+    except ChannelError as exc:
+        unreachable[ds.channel] = exc.message
+        return Settlement(ds, "unknowable", detail=exc.message)
+    except Exception as exc:  # a malformed answer: cannot tell
+        unreachable[ds.channel] = f"unexpected answer ({type(exc).__name__})"
+        return Settlement(ds, "unknowable", detail=unreachable[ds.channel])
+    if receipt is None:
+        return Settlement(ds, "not_sent", detail="not in the provider's records")
+    return Settlement(ds, "sent", provider_id=receipt.provider_id,
+                      detail="found in the provider's records")
+
+
+def _waiting_notice(progress: ProgressFn | None) -> Callable[[list[str], float], None]:
+    """Say on stderr (as a warning, through the progress display) why resume pauses."""
+    def say(names: list[str], seconds: float) -> None:
+        if progress is None:
+            return
+        for name in names:
+            progress("warning", Delivery(key="", incident_id="", update_no=0, channel=name,
+                                         recipient="", message=OutgoingMessage(text="")),
+                     {"reason": f"a request the crash cut off may still reach the provider; "
+                      f"waiting {seconds:.0f}s before trusting that it did not"})
+
+    return say
 
 
 def _record_settlements(rt: Runtime, state: IncidentState,
@@ -228,7 +275,7 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
     channels = build_channels(rt, pb, list(pb.model.channels))
     try:
         numbers = [u.update_no for u in unfinished]
-        settled = settle(state, contacts, channels, numbers)
+        settled = settle(state, contacts, channels, numbers, _waiting_notice(progress))
         used = sorted({c for u in unfinished for c in stage_channels(pb, u.stage)})
         health = check_health({n: channels[n] for n in used if n in channels},
                               retry_after_s=rt.health_retry_s)

@@ -158,7 +158,7 @@ class UnreachablePort:
 
 def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
                          subscribers: int = 0, rate: float = 1000.0, concurrency: int = 8,
-                         fallback_notice: bool = True) -> Path:
+                         fallback_notice: bool = True, timeout_s: float | None = None) -> Path:
     """A playbook + CSV of `people` team members, each told by SMS and email (internal),
     and optionally a public Twitter account that falls back to SMS for `subscribers`
     status subscribers (distinct people, phone numbers from +1 415 555 0000)."""
@@ -173,6 +173,8 @@ def make_fanout_playbook(directory: Path, people: int, *, twitter: bool = False,
                     f"sms;email,,status-subscriber")
     (directory / "people.csv").write_text("\n".join(rows) + "\n")
     limits = f"    rate_per_second: {rate}\n    burst: 100\n    concurrency: {concurrency}\n"
+    if timeout_s is not None:
+        limits += f"    timeout_s: {timeout_s}\n"
     twitter_channel = ("  status_twitter:\n    type: twitter\n    sender: \"@acme_status\"\n"
                        "    fallback: [team_sms, team_email]\n"
                        "    rate_per_second: 50\n    burst: 10\n") if twitter else ""

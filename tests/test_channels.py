@@ -384,6 +384,9 @@ def test_a_mail_server_that_speaks_only_helo_is_sent_to(unknown: list[str]) -> N
         health = ch.check()
         assert health.ok, health
         assert health.detail.startswith("HELO ok")
+        emu.faults.update(unknown_commands=[])
+        assert ch.check().detail.startswith("EHLO ok")  # (and a server that knows EHLO)
+        emu.faults.update(unknown_commands=unknown)
         ch.send(delivery("mail", "a@example.org", "over HELO", subject="helo"), NoAttempt())
         with pytest.raises(PermanentChannelError):  # (then RSET, 502 if unknown)
             ch.send(delivery("mail", "gone@example.org", "x", subject="gone"), NoAttempt())

@@ -432,13 +432,13 @@ class EmailChannel(Channel):
             return Health(ok=False, detail=exc.message)
         except (OSError, smtplib.SMTPException) as exc:
             return Health(ok=False, detail=self._map(exc, sent_data=False).message)
+        greeted = "EHLO" if conn.does_esmtp else "HELO"  # (QUIT forgets which)
         if code != 250 and code not in (500, 502):  # (500, 502: a server without NOOP)
             conn.close()
             return Health(ok=False, detail=f"{self.name}: NOOP answered {code}")
         self._close_politely(conn)
         user = self.secrets.get("SMTP_USERNAME")
-        detail = (f"{'EHLO' if conn.does_esmtp else 'HELO'} ok at {self.host}:{self.port}"
-                  + (", authenticated" if user else ""))
+        detail = f"{greeted} ok at {self.host}:{self.port}" + (", authenticated" if user else "")
         return Health(ok=True, detail=detail, latency_ms=(time.monotonic() - started) * 1000)
 
     def _slow_down_s(self, code: int, text: str) -> float | None:
