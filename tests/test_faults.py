@@ -356,13 +356,10 @@ def test_contacts_sharing_an_address_get_one_message_and_each_is_reached(
     assert final.verdict is not None and final.verdict.count("reached") == people
 
 
-def test_a_resume_right_after_a_kill_waits_for_what_the_provider_is_still_taking(
-        tmp_path: Path, sandbox: Any) -> None:
-    """SIGKILL while an SMS is on its way to a slow Twilio (it records a message 4 s
-    after the request arrives), then `resume` at once. The lookup found nothing yet, so
-    the SMS was sent again, and Twilio then took the first one too: two messages. A
-    delivery attempted less than its request deadline ago (3 x timeout_s) and not found
-    is looked up again once that deadline has passed."""
+def _declare_killed_when(pb: Path, sandbox: Any, tmp_path: Path,
+                         ready: Any) -> dict[str, str]:
+    """`declare --yes --sandbox` of `pb` in a process of its own, SIGKILLed as soon as
+    `ready()` (within a minute); the environment that finds its record again."""
     import os
     import signal
     import subprocess
@@ -370,24 +367,33 @@ def test_a_resume_right_after_a_kill_waits_for_what_the_provider_is_still_taking
 
     from tests.conftest import ROOT
 
-    pb = make_fanout_playbook(tmp_path / "pb", 3, concurrency=1, timeout_s=2)
-    sandbox.twilio.faults.update(send_latency_ms=4000)
     sandbox.write_state()
-    audit = tmp_path / "audit.jsonl"
-    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
+    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
          "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    sends = f"/2010-04-01/Accounts/{sandbox.twilio.account_sid}/Messages.json"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sandbox.twilio.hits[sends]:  # (the request has reached Twilio, which sleeps)
-            break
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
     proc.wait()
+    return env
+
+
+def test_a_resume_right_after_a_kill_waits_for_what_the_provider_is_still_taking(
+        tmp_path: Path, sandbox: Any) -> None:
+    """SIGKILL while an SMS is on its way to a slow Twilio (it records a message 4 s
+    after the request arrives), then `resume` at once. The lookup found nothing yet, so
+    the SMS was sent again, and Twilio then took the first one too: two messages. A
+    delivery attempted less than SETTLE_GRACE_S (5 s) ago and not found is looked up
+    again once that time has passed."""
+    pb = make_fanout_playbook(tmp_path / "pb", 3, concurrency=1, timeout_s=2)
+    sandbox.twilio.faults.update(send_latency_ms=4000)
+    sends = f"/2010-04-01/Accounts/{sandbox.twilio.account_sid}/Messages.json"
+    # (Killed once the request has reached Twilio, which sleeps before it records it.)
+    env = _declare_killed_when(pb, sandbox, tmp_path, lambda: bool(sandbox.twilio.hits[sends]))
+    killed = time.monotonic()
     assert not sms_to(sandbox), "killed while the first SMS was on its way"
     sandbox.twilio.faults.update(send_latency_ms=0)  # (the one on its way still takes 4 s)
     [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
@@ -407,34 +413,19 @@ def test_a_resume_after_a_kill_does_not_send_a_shared_address_what_it_already_go
     """The first person of a shared phone was sent the SMS, then the process was killed
     before the second person's turn. `resume` records the second reached with the
     message the phone already has, and sends it nothing."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     people = 6
     pb = make_fanout_playbook(tmp_path / "pb", people, concurrency=1, timeout_s=2)
     csv = tmp_path / "pb" / "people.csv"
     csv.write_text(csv.read_text().replace("+12025550005", "+12025550000"))
     sandbox.twilio.faults.update(latency_ms=300)
-    sandbox.write_state()
     audit = tmp_path / "audit.jsonl"
-    env = {"INCIDENT_NOTIFY_AUDIT_LOG": str(audit)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "incident_notify", "declare", str(pb), "--set", "site=LON-2",
-         "--yes", "--sandbox"], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def first_sms_sent() -> bool:
         text = audit.read_text() if audit.exists() else ""
-        if any('"delivery.sent"' in line and "team_sms/p00000" in line
-               for line in text.splitlines()):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        return any('"delivery.sent"' in line and "team_sms/p00000" in line
+                   for line in text.splitlines())
+
+    env = _declare_killed_when(pb, sandbox, tmp_path, first_sms_sent)
     assert sms_to(sandbox) == {"+12025550000": 1}, "killed after the first SMS"
     sandbox.twilio.faults.update(latency_ms=0)
     [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
