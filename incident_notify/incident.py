@@ -185,9 +185,9 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
     key = rec.key
     if event == "delivery.planned" and key:
         again = state.deliveries.get(key)
-        if again is not None and again.status in ("failed", "failed_over"):
-            again.status, again.error = "planned", None  # (a retry of someone not reached)
-        elif again is None:
+        if again is not None:
+            _plan_again(again)  # (a failover planning a retried person's channel again)
+        else:
             # Channel names and contact ids are interned (every delivery on a channel, and
             # a person's delivery on each channel, share one copy). Keys and recipients are
             # one per delivery: interning them only grew the interpreter's table.
@@ -217,8 +217,7 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
             d.status, d.error = "planned", None
         return
     if event == "delivery.requeued":
-        if d.status in ("failed", "failed_over"):
-            d.status, d.error = "planned", None
+        _plan_again(d)
         return
     if event in OUTCOMES:
         d.status = OUTCOMES[event]
@@ -231,6 +230,13 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
             _sent(state, d, p)
         if event == "delivery.failover":
             _note_failover(state, rec, p)
+
+
+def _plan_again(d: DeliveryState) -> None:
+    """A failed delivery of someone not reached, sent again (`resume --retry-not-reached`):
+    planned again. Any other status stands (a key planned twice is planned once)."""
+    if d.status in ("failed", "failed_over"):
+        d.status, d.error = "planned", None
 
 
 def _shared(state: IncidentState, payload: dict[str, Any]) -> dict[str, Any]:

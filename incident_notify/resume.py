@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from incident_notify.contacts import ContactSet
     from incident_notify.playbook import Playbook
 
+from incident_notify.audit import AuditEntry
 from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel, ChannelError, Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, ProgressFn
@@ -106,9 +107,6 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
                 out.append(Settlement(ds, "unknowable", detail="its channel or contact is "
                                       "no longer in the playbook"))
                 continue
-            if ds.channel in unreachable:
-                out.append(Settlement(ds, "unknowable", detail=unreachable[ds.channel]))
-                continue
             try:
                 since = datetime.fromisoformat((ds.attempted_at or state.declared_at)
                                                .replace("Z", "+00:00"))
@@ -163,10 +161,7 @@ def _waiting_notice(progress: ProgressFn | None) -> Callable[[list[str], float],
     return say
 
 
-def _record_settlements(rt: Runtime, state: IncidentState,
-                        settled: list[Settlement]) -> None:
-    from incident_notify.audit import AuditEntry
-
+def _settlement_entries(state: IncidentState, settled: list[Settlement]) -> list[AuditEntry]:
     entries = []
     for s in settled:
         if s.outcome == "unknowable":
@@ -178,20 +173,15 @@ def _record_settlements(rt: Runtime, state: IncidentState,
                            channel_type=d.payload.get("channel_type", ""))
         entries.append(AuditEntry("delivery.settled", incident=state.id, channel=d.channel,
                                   recipient=d.recipient, key=d.key, payload=payload))
-    for record in rt.audit.append_many(entries) if entries else []:
-        apply(state, record)
+    return entries
 
 
-def _record_retries(rt: Runtime, state: IncidentState, again: list[DeliveryState]) -> None:
-    from incident_notify.audit import AuditEntry
-
-    entries = [AuditEntry("delivery.requeued", incident=state.id, channel=d.channel,
-                          recipient=d.recipient, key=d.key,
-                          payload={"reason": "not reached: sent again (resume "
-                                   "--retry-not-reached)", "was": d.status})
-               for d in again]
-    for record in rt.audit.append_many(entries) if entries else []:
-        apply(state, record)
+def _retry_entries(state: IncidentState, again: list[DeliveryState]) -> list[AuditEntry]:
+    return [AuditEntry("delivery.requeued", incident=state.id, channel=d.channel,
+                       recipient=d.recipient, key=d.key,
+                       payload={"reason": "not reached: sent again (resume "
+                                "--retry-not-reached)", "was": d.status})
+            for d in again]
 
 
 def _merge(verdicts: list[Verdict]) -> Verdict:
@@ -301,8 +291,10 @@ def _resume(rt: Runtime, incident_id: str, *, include_unknown: bool, dry_run: bo
         if confirm is not None and (sizes or settled) and not confirm(pre):
             raise AbortedError("nothing was sent or recorded: the commander declined",
                                hint="rerun when ready; --dry-run previews without asking")
-        _record_settlements(rt, state, settled)
-        _record_retries(rt, state, again)
+        # What the providers said, and who is sent the update again: one write.
+        entries = _settlement_entries(state, settled) + _retry_entries(state, again)
+        for record in rt.audit.append_many(entries) if entries else []:
+            apply(state, record)
         verdicts = []
         result = DispatchResult()
         in_doubt: list[dict[str, Any]] = []

@@ -105,8 +105,6 @@ class SharedSends:
             if same is None:
                 same = self._by_signature[sig] = self._owners[d.key] = Same(owner=d.key)
                 return "own", same
-            if same.owner == d.key:
-                return "send", None  # (its own retry after a resume)
             if not same.done:
                 same.waiting.append(d)
                 return "wait", same

@@ -433,7 +433,7 @@ class EmailChannel(Channel):
         except (OSError, smtplib.SMTPException) as exc:
             return Health(ok=False, detail=self._map(exc, sent_data=False).message)
         greeted = "EHLO" if conn.does_esmtp else "HELO"  # (QUIT forgets which)
-        if code != 250 and code not in (500, 502):  # (500, 502: a server without NOOP)
+        if code != 250 and code not in _UNKNOWN_COMMAND:  # (a server without NOOP: up)
             conn.close()
             return Health(ok=False, detail=f"{self.name}: NOOP answered {code}")
         self._close_politely(conn)
@@ -577,6 +577,8 @@ _MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox (?:is )?full|over quota|quota 
 """A temporary refusal about one mailbox (RFC 3463's X.2.X, "mailbox status")."""
 SLOW_DOWN_PAUSE_S = 2.0
 """How long the channel pauses when a server asks to slow down and says not how long."""
+_UNKNOWN_COMMAND = (500, 502)
+"""Replies of a server that does not know a command (an old or minimal one: EHLO, NOOP)."""
 
 
 @lru_cache(maxsize=2)
@@ -620,7 +622,7 @@ def _hello(conn: smtplib.SMTP) -> None:
     import smtplib
 
     code, reply = conn.ehlo()
-    if code in (500, 502):
+    if code in _UNKNOWN_COMMAND:
         code, reply = conn.helo()
     if code != 250:
         conn.close()
