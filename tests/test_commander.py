@@ -379,3 +379,22 @@ def test_audit_commands_read_the_rehearsal_log_and_export_reports_in_json(
     to_stdout = run_cli("audit", "export", "--json", env=env)
     assert to_stdout.returncode == ExitCode.USAGE
     assert "-o FILE" in json_doc(to_stdout)["errors"][0]["message"]
+
+
+def test_status_counts_failed_over_deliveries_as_the_summary_does(
+        sandbox: Any, attached: dict[str, str]) -> None:
+    """With Twilio down, the team's SMS fail over to the email they already get (no new
+    message) and the customers' to email: status counted only the failovers that moved
+    someone (9), where the send's summary said 14 deliveries failed over."""
+    sandbox.twilio.faults.update(outage=True)
+    declared = json_doc(run_cli("declare", str(POWER), *VARS, "--yes", "--sandbox", "--json",
+                                env=attached))
+    failed_over = declared["data"]["result"]["totals"]["failed_over"]
+    assert failed_over == sum(n for ch, n in (
+        (c, counts.get("failed_over", 0))
+        for c, counts in declared["data"]["result"]["channels"].items()) if "sms" in ch)
+    shown = run_cli("status", "--sandbox", env={**attached, "COLUMNS": "160"})
+    header, row = [line for line in shown.stdout.splitlines() if line.startswith("| ")][:2]
+    cells = dict(zip([h.strip() for h in header.strip("|").split("|")],
+                     [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert cells["failed over"] == str(failed_over), shown.stdout

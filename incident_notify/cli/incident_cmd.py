@@ -273,7 +273,7 @@ def status(
     audit_log: AuditLogOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Open incidents: stage, age, last update, deliveries per channel, failovers."""
+    """Open incidents: stage, age, last update, deliveries per channel, failed over."""
     env = environment(ctx)
     from incident_notify.config import load_settings
     from incident_notify.runtime import open_runtime
@@ -296,8 +296,10 @@ def status(
         return
     from incident_notify.cli.render_results import table
 
+    # "failed over" counts deliveries, as the summary of a send and the per-channel table
+    # below do (a failover event can move many people, or none: those already told).
     t = table(env, "incident", "stage", "status", "age", "last event (UTC)", "updates", "sent",
-              "failed", "failovers")
+              "failed", "failed over")
     for column in t.columns:
         column.no_wrap = True
     for r in rows:
@@ -305,7 +307,7 @@ def status(
         t.add_row(r["id"], r["stage"], r["status"], r["age"],
                   r["last_event_at"][11:19] if r["last_event_at"] else "", str(r["updates"]),
                   str(totals.get("sent", 0)), str(totals.get("failed", 0)),
-                  str(len(r["failovers"])))
+                  str(totals.get("failed_over", 0)))
     con.print(t)
     if incident:
         r = rows[0]
