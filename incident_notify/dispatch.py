@@ -578,6 +578,7 @@ class Dispatcher:
         self._emit("failover", original, info)
         for m, payload in moved:
             self._emit("failed_over", m, payload)
+        self.shared.track([p.delivery.key for p in planned])
         for p in planned:
             self._submit([p.delivery], from_feeder=False)
 

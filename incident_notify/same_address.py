@@ -79,6 +79,13 @@ class SharedSends:
         self.tracked = tracked
         """The keys that may share an address (`sharing_keys`); None: every delivery."""
 
+    def track(self, keys: Collection[str]) -> None:
+        """Deliveries planned while sending (a failover's) may share an address with each
+        other: two people whose SMS fail over to the mailbox they share."""
+        if self.tracked is not None:
+            with self._lock:
+                self.tracked.update(keys)
+
     def seed(self, d: Delivery, provider_id: str) -> None:
         """`d` was already sent (a resumed update): the same message to its address is not
         sent again."""

@@ -906,6 +906,34 @@ def _falling_back(directory: Path, people: int, channel: str, fallback: str) -> 
     return pb
 
 
+@pytest.mark.parametrize("outage", [True, False], ids=["down", "down-mid-run"])
+def test_people_sharing_a_mailbox_whose_sms_fail_over_get_one_email(
+        tmp_path: Path, sandbox: Any, outage: bool) -> None:
+    """Two people hear by SMS, each on their own phone, and share a mailbox they hear on
+    when SMS fails. With Twilio down (from the start, or once it refuses the From number),
+    each failover planned its own email to that mailbox, and it got the same email twice:
+    the dispatcher only knew of the addresses shared when the update was planned. Both
+    are reached by one."""
+    pb = _falling_back(tmp_path / "pb", 4, "team_sms", "team_email")
+    people = pb.parent / "people.csv"
+    people.write_text(people.read_text().replace("person1@example.com", "person0@example.com"))
+    rt = runtime(tmp_path, sandbox)
+    if outage:
+        sandbox.twilio.faults.update(outage=True)
+    outcome = declare(rt, pb, {"site": "LON-2"}, confirm=None if outage else
+                      after_confirmation(lambda: sandbox.twilio.faults.update(
+                          bad_senders=["+15005550006"])))
+    assert mail_to(sandbox) == {"person0@example.com": 1, "person2@example.com": 1,
+                                "person3@example.com": 1}
+    assert outcome.exit_code == 0
+    assert outcome.verdict is not None and outcome.verdict.count("reached") == 4
+    [shared] = [r for r in events(rt, "delivery.sent", "team_email")
+                if r.payload.get("detail", {}).get("same_message_as")]
+    assert shared.recipient == "person0@example.com"
+    final = resume(rt, outcome.incident_id)
+    assert final.exit_code == 0 and len(sandbox.smtp.received.all()) == 3
+
+
 @pytest.mark.parametrize(("fault", "reason"), [
     ({"bad_senders": ["ops@acme.example"]}, "553"),
     ({"no_extensions": ["AUTH"]}, "does not offer")], ids=["sender-refused", "no-auth"])
