@@ -518,9 +518,9 @@ class Dispatcher:
             except IncidentNotifyError:
                 nxt = None
             if nxt is not None:
-                self._start(nxt, d, str(exc), [(d, {**payload, "to": [p.delivery.key
-                                                                      for p in nxt],
-                                                     "reason": str(exc)})])
+                self._start(nxt, d, str(exc), [(d, {
+                    **payload, "to": [p.delivery.key for p in nxt], "reason": str(exc),
+                    "to_channels": sorted({p.delivery.channel for p in nxt})})])
                 return
         self._record(d, "failed", payload)
         for rest in whole[1:]:

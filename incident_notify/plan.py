@@ -395,7 +395,9 @@ class Planner:
                                      fallback_from=delivery.channel)
 
     def next_channel(self, delivery: Delivery) -> list[Planned] | None:
-        """A permanent recipient error: try the person's next channel in this audience."""
+        """A permanent recipient error: try the person's next channel in this audience,
+        then the channel's fallbacks (an audience told on one channel that falls back to
+        another: the person whose number is refused hears on the fallback)."""
         person = self.contacts.contacts.get(delivery.contact_id)
         aud = self.pb.model.audiences.get(delivery.audience)
         if person is None or aud is None or aud.kind == "public":
@@ -403,8 +405,15 @@ class Planner:
         candidates = self._preferred(aud.channels, person)
         after = (candidates[candidates.index(delivery.channel) + 1:]
                  if delivery.channel in candidates else candidates)
-        return self._first_reachable(iter([person]), after, delivery.audience,
-                                     aud.kind != "internal")
+        respect = aud.kind != "internal"
+        found = self._first_reachable(iter([person]), after, delivery.audience, respect)
+        if found is None:
+            fallbacks = [c for c in self.pb.model.channels[delivery.channel].fallback
+                         if c not in candidates]
+            found = self._first_reachable(iter([person]), fallbacks, delivery.audience,
+                                          respect, fallback_from=delivery.channel) \
+                if fallbacks else None
+        return found
 
     def _first_reachable(self, people: Iterator[Contact], channels: list[str], audience: str,
                          respect_optout: bool, fallback_from: str | None = None

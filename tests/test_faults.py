@@ -906,6 +906,30 @@ def _falling_back(directory: Path, people: int, channel: str, fallback: str) -> 
     return pb
 
 
+@pytest.mark.parametrize("audience", ["internal", "customers"])
+def test_a_person_whose_number_is_refused_hears_on_the_channels_fallback(
+        tmp_path: Path, sandbox: Any, audience: str) -> None:
+    """The team hears by SMS alone, and the SMS channel falls back to email. Twilio refuses
+    one engineer's number (21211: not a valid phone number; a landline, a number since
+    ported). The refusal tried only the next channel of the audience, which has none: that
+    engineer was failed, told nothing, though the playbook says SMS falls back to email
+    and their email is on file. The channel's fallback is now tried after the audience's
+    own channels, as it is when the whole channel is down."""
+    pb = _falling_back(tmp_path / "pb", 4, "team_sms", "team_email")
+    if audience == "customers":
+        pb.write_text(pb.read_text().replace("kind: internal", "kind: customers"))
+    rt = runtime(tmp_path, sandbox)
+    sandbox.twilio.faults.update(bad_recipients=["+12025550001"])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert set(sms_to(sandbox)) == {"+12025550000", "+12025550002", "+12025550003"}
+    assert mail_to(sandbox) == {"person1@example.com": 1}
+    [moved] = events(rt, "delivery.failover", "team_sms")
+    assert moved.recipient == "+12025550001" and moved.payload["permanent"]
+    assert moved.payload["to_channels"] == ["team_email"]
+    assert outcome.exit_code == 0 and outcome.verdict is not None
+    assert outcome.verdict.count("reached") == 4
+
+
 @pytest.mark.parametrize("outage", [True, False], ids=["down", "down-mid-run"])
 def test_people_sharing_a_mailbox_whose_sms_fail_over_get_one_email(
         tmp_path: Path, sandbox: Any, outage: bool) -> None:
@@ -1003,12 +1027,13 @@ def test_a_relay_without_smtputf8_refuses_only_the_unicode_address(
     outcome = declare(rt, pb, {"site": "LON-2"}, confirm=after_confirmation(
         lambda: sandbox.smtp.faults.update(no_extensions=["SMTPUTF8"])))
     # The address is the problem, not the relay: the others get their email, the channel
-    # stays up, and that person (whose audience has no other channel) is not reached.
+    # stays up, and that person (whose audience has no other channel) hears on the email
+    # channel's fallback, SMS.
     assert set(mail_to(sandbox)) == {"person0@example.com", "person2@example.com"}
-    assert sms_to(sandbox) == {} and not events(rt, "channel.circuit_open")
-    [failed] = events(rt, "delivery.failed", "team_email")
-    assert failed.payload["code"] == "smtputf8" and failed.payload["permanent"]
-    assert outcome.exit_code == 5
+    assert sms_to(sandbox) == {"+12025550001": 1} and not events(rt, "channel.circuit_open")
+    [moved] = events(rt, "delivery.failover", "team_email")
+    assert moved.payload["code"] == "smtputf8" and moved.payload["permanent"]
+    assert outcome.exit_code == 0
 
 
 def _declare_with_hanging_sends(tmp_path: Path, sandbox: Any, pb: Path, sender: str,
