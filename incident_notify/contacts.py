@@ -258,6 +258,9 @@ Record = tuple[Any, ...] | Mapping[str, Any] | InvalidField
 Rows = Iterator[tuple[int, Record]]
 
 
+_SEPARATOR_NAMES = {",": "a comma", ";": "a ';'", "\t": "a tab"}
+
+
 def _delimiter(handle: IO[str]) -> str:
     """',' unless the header row has none and is split by ';' (what a spreadsheet saves as
     CSV where the decimal separator is a comma) or by tabs. The handle is rewound."""
@@ -282,7 +285,8 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
     undecodable = [] if utf16 else _undecodable_lines(path)
     with open(path, newline="", encoding="utf-16" if utf16 else "utf-8-sig",
               errors="replace" if undecodable or utf16 else "strict") as handle:
-        reader = csv.reader(handle, delimiter=_delimiter(handle))
+        delimiter = _delimiter(handle)
+        reader = csv.reader(handle, delimiter=delimiter)
         start = 1
         try:
             header: list[str] | None = None
@@ -319,8 +323,9 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                 if size > width:
                     if any(v.strip() for v in row[width:]):
                         yield line, InvalidField("row", f"{size} values but the header has "
-                                                 f"{width} columns", "a value that contains a "
-                                                 "comma must be in double quotes")
+                                                 f"{width} columns", "a value that contains "
+                                                 f"{_SEPARATOR_NAMES[delimiter]} must be in "
+                                                 "double quotes")
                         continue
                     del row[width:]
                 elif size < width:
@@ -385,7 +390,7 @@ def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
     items = data.get("contacts") if isinstance(data, dict) else data
     prefix: tuple[str | int, ...] = ("contacts",) if isinstance(data, dict) else ()
     if not isinstance(items, list):
-        problems.append(smap.problem(prefix, "expected a list of contacts"))
+        problems.append(smap.problem(prefix, "expected a list of contacts", _FORMATS_HINT))
         return
     for i, item in enumerate(items):
         pos = smap.position((*prefix, i))
@@ -397,7 +402,13 @@ def _rows_yaml(path: Path, source: str, problems: list[Problem]) -> Rows:
         yield line, item
 
 
-CONTACT_SUFFIXES = (".csv", ".yaml", ".yml")
+CONTACT_SUFFIXES = (".csv", ".tsv", ".yaml", ".yml")
+"""What a directory of contacts holds."""
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+"""Read as a table (a header row, then a person per row; separated by commas, ';' or tabs):
+a spreadsheet's "Unicode Text" export is named .txt. Anything else is read as YAML."""
+_FORMATS_HINT = ("a contacts file is a table (.csv, .tsv or .txt: a header row naming the "
+                 "fields, then one person per row) or YAML (.yaml, .yml: a list of people)")
 
 
 def source_files(paths: Sequence[Path]) -> Iterator[Path]:
@@ -457,7 +468,7 @@ def iter_contacts(paths: Sequence[Path], *, default_region: str = "US",
             else:
                 sink.append(Problem(source, None, None, exc.message, exc.hint))
             continue
-        rows = (_rows_csv(path, source, sink) if path.suffix.lower() == ".csv"
+        rows = (_rows_csv(path, source, sink) if path.suffix.lower() in TABLE_SUFFIXES
                 else _rows_yaml(path, source, sink))
         try:
             for line, record in rows:

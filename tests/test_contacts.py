@@ -279,6 +279,46 @@ def test_a_spreadsheet_saved_with_semicolons_or_tabs_reads_as_with_commas(
     assert other.contacts["a"].channels == ("sms", "email")
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".txt", ".TSV"])
+def test_a_tab_separated_export_named_tsv_or_txt_reads_as_a_csv(
+        tmp_path: Path, suffix: str) -> None:
+    """A spreadsheet's "Unicode Text" export is named .txt, and tab-separated files .tsv.
+    Either was read as YAML: "expected a list of contacts", nobody loaded, exit 4, where
+    the same bytes named .csv load. A directory now holds .tsv files too (not .txt: a
+    README there is no contact list)."""
+    text = "id\tname\temail\r\na\tAnn\tann@example.com\r\nb\tBen\tben@example.com\r\n"
+    named = tmp_path / f"export{suffix}"
+    named.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    cs = load_contacts([named])
+    assert not cs.problems and sorted(cs.contacts) == ["a", "b"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"people{suffix}").write_text(text)
+    (folder / "README.md").write_text("# who is who\n")
+    read = load_contacts([folder])
+    if suffix == ".txt":
+        assert not read.contacts and read.problems  # (a folder of no contact file: said)
+    else:
+        assert not read.problems and sorted(read.contacts) == ["a", "b"]
+
+
+def test_a_contacts_file_that_is_neither_csv_nor_yaml_says_which_formats_are_read(
+        tmp_path: Path) -> None:
+    """A file of another kind (a vCard, an export named .dat) was read as YAML and said only
+    "expected a list of contacts"."""
+    odd = tmp_path / "people.vcf"
+    odd.write_text("BEGIN:VCARD\nFN:Ann\nEND:VCARD\n")
+    [problem] = load_contacts([odd]).problems
+    assert problem.hint is not None and ".csv" in problem.hint and ".yaml" in problem.hint
+
+
+def test_a_row_split_by_the_files_own_separator_names_it_in_the_hint(tmp_path: Path) -> None:
+    semi = tmp_path / "semi.csv"
+    semi.write_text("id;name;tags\na;Ann;oncall;primary\n")
+    [problem] = load_contacts([semi]).problems
+    assert problem.hint is not None and "';'" in problem.hint, problem
+
+
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
 def test_a_spreadsheets_unicode_text_export_reads_as_its_csv_utf8_does(
         tmp_path: Path, encoding: str) -> None:
