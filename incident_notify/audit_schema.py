@@ -14,8 +14,8 @@ EVENTS = (
     "message.rendered", "update.planned", "update.completed",
     "delivery.planned", "delivery.attempt", "delivery.sent", "delivery.failed",
     "delivery.unknown", "delivery.skipped", "delivery.failover", "delivery.settled",
-    "delivery.requeued", "channel.circuit_open", "channel.circuit_closed", "optout.added",
-    "audit.torn_tail_recovered", "reply.received",
+    "delivery.requeued", "delivery.held", "channel.circuit_open", "channel.circuit_closed",
+    "optout.added", "audit.torn_tail_recovered", "reply.received",
 )
 
 def is_int(v: Any) -> bool:
@@ -40,7 +40,7 @@ PAYLOAD_SCHEMA: dict[str, dict[str, Kind]] = {
                          "subject": _OPT_STR, "html": _OPT_STR},
     "update.planned": {"update_no": _INT}, "update.completed": {"update_no": _INT},
     "delivery.planned": {"update_no": _INT, "part": _INT, "parts": _INT},
-    "delivery.attempt": {"attempt": _INT},
+    "delivery.attempt": {"attempt": _INT}, "delivery.held": {"attempt": _INT},
     "delivery.sent": {"provider_id": _STR},
     "delivery.settled": {"outcome": _STR},
     "delivery.requeued": {"reason": _STR},

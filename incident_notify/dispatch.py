@@ -45,6 +45,7 @@ from incident_notify.channels.base import (
 )
 from incident_notify.errors import AuditError, IncidentNotifyError
 from incident_notify.flow import CircuitBreaker, RetryPolicy, TokenBucket
+from incident_notify.held import HeldWatch
 from incident_notify.same_address import Same, SharedSends
 
 
@@ -173,6 +174,8 @@ class Dispatcher:
         self._reroute_lock = threading.Lock()
         self._attempts: dict[str, int] = {}
         """Attempts (requests that may have reached the provider) per key, this run."""
+        self.held = HeldWatch(self._record_held)
+        """Requests unanswered for a while, recorded while held (see `held`)."""
 
     # -- public
     def run(self, jobs: Iterable[Sequence[Delivery]]) -> DispatchResult:
@@ -257,6 +260,7 @@ class Dispatcher:
                 self._done.wait(timeout=0.2)
 
     def _shutdown(self, wait: bool = True) -> None:
+        self.held.close()
         for runner in self._runners.values():
             with runner.cond:
                 runner.queue.extend(None for _ in runner.threads)
@@ -350,7 +354,10 @@ class Dispatcher:
             first_attempt_at = first_attempt_at or time.monotonic()
             attempt = _Attempt(self, d)
             try:
-                receipt = runner.channel.send(d, attempt)
+                try:
+                    receipt = runner.channel.send(d, attempt)
+                finally:
+                    self.held.ended(d.key)
             except TransientChannelError as exc:
                 runner.channel.hide_secrets(exc)  # (a plugin's error text too)
                 outcome = self._transient(runner, d, exc, attempt, tries, first_attempt_at,
@@ -596,6 +603,11 @@ class Dispatcher:
                                              "error": payload.get("error")})
         self._emit(kind, d, payload)
 
+    def _record_held(self, d: Delivery, number: int, seconds: float) -> None:
+        self.audit.append("delivery.held", incident=self.incident_id, channel=d.channel,
+                          recipient=d.recipient or None, key=d.key,
+                          payload={"attempt": number, "held_s": round(seconds, 1)})
+
     def _emit(self, kind: str, d: Delivery, info: Mapping[str, Any]) -> None:
         if self.on_event is not None:
             try:
@@ -638,6 +650,7 @@ class _Attempt:
         dispatcher.audit.append("delivery.attempt", incident=dispatcher.incident_id,
                                 channel=d.channel, recipient=d.recipient or None, key=d.key,
                                 payload={"attempt": self.number})
+        dispatcher.held.started(d, self.number)
 
 
 def _err(exc: ChannelError, attempt: int) -> dict[str, Any]:

@@ -61,6 +61,10 @@ class DeliveryState:
     opted_out: bool = False
     """Skipped because the person opted out: not someone this update intends to reach."""
     contact_id: str = ""
+    held_s: float = 0.0
+    """How long, as recorded, the provider held the latest attempt without an answer (a
+    timeout's whole wait, `delivery.held` while it was held): `resume` then allows that
+    the provider may still be working on it."""
 
 
 @dataclass
@@ -219,10 +223,17 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
     if event == "delivery.requeued":
         _plan_again(d)
         return
+    if event == "delivery.held":
+        if d.status in ("attempting", "unknown"):
+            held = p.get("held_s")
+            d.held_s = max(d.held_s, float(held) if isinstance(held, (int, float)) else 0.0)
+        return
     if event in OUTCOMES:
         d.status = OUTCOMES[event]
         if d.status != "unknown":
             d.attempted_at = ""
+        elif d.attempted_at:
+            d.held_s = seconds_between(d.attempted_at, rec.ts)
         d.error = p.get("error") or p.get("reason")
         if event == "delivery.skipped":
             d.opted_out = bool(p.get("opted_out"))
@@ -279,6 +290,15 @@ def list_incidents(records: Iterable[AuditRecord]) -> dict[str, IncidentState]:
             st = states[rec.incident] = IncidentState(id=rec.incident)
         apply(st, rec)
     return states
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    """Seconds from one record's timestamp to another's (0 when either cannot be read)."""
+    try:
+        return (datetime.fromisoformat(later.replace("Z", "+00:00"))
+                - datetime.fromisoformat(earlier.replace("Z", "+00:00"))).total_seconds()
+    except ValueError:
+        return 0.0
 
 
 def age(ts: str, now: datetime) -> str:

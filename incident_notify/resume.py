@@ -21,7 +21,8 @@ from incident_notify.channel_setup import build_channels, check_health
 from incident_notify.channels.base import Channel, ChannelError, Delivery, OutgoingMessage
 from incident_notify.dispatch import DispatchResult, ProgressFn
 from incident_notify.errors import AbortedError
-from incident_notify.incident import DeliveryState, IncidentState, apply
+from incident_notify.held import HELD_S
+from incident_notify.incident import DeliveryState, IncidentState, apply, seconds_between
 from incident_notify.journal import (
     delivery_from_state,
     finish_update,
@@ -93,8 +94,10 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
     would take it after the lookup, and the resend would be a second message. A delivery
     attempted less than SETTLE_GRACE_S ago (at most its channel's request deadline) and
     not found is looked up again once that time has passed (`waiting` is told how long,
-    and for which channels). A provider that holds a request for longer still (hanging,
-    then recording it) is beyond what a lookup can settle."""
+    and for which channels). When the record shows the provider holding the attempt
+    (HELD_S without an answer), that time is the channel's whole request deadline. A
+    provider that holds a request for longer still before recording it is beyond what a
+    lookup can settle."""
     out: list[Settlement] = []
     unreachable: dict[str, str] = {}
     recent: list[tuple[DeliveryState, Delivery, Channel, datetime]] = []
@@ -114,7 +117,12 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
                 since = datetime.fromisoformat(state.declared_at.replace("Z", "+00:00"))
             found = _look_up(ch, ds, d, since, unreachable)
             if found.outcome == "not_sent" and ds.attempted_at:
-                ends = since.timestamp() + min(SETTLE_GRACE_S, ch.request_deadline_s())
+                held = max(ds.held_s, 0.0 if ds.status == "unknown" else
+                           seconds_between(ds.attempted_at, state.last_event_at))
+                # (held: the provider may still take it, see `held`)
+                grace = ch.request_deadline_s() if held >= HELD_S else \
+                    min(SETTLE_GRACE_S, ch.request_deadline_s())
+                ends = since.timestamp() + grace
                 if ends > time.time():
                     recent.append((ds, d, ch, since))
                     until = max(until, ends)
@@ -155,8 +163,9 @@ def _waiting_notice(progress: ProgressFn | None) -> Callable[[list[str], float],
         for name in names:
             progress("warning", Delivery(key="", incident_id="", update_no=0, channel=name,
                                          recipient="", message=OutgoingMessage(text="")),
-                     {"reason": f"a request the crash cut off may still reach the provider; "
-                      f"waiting {seconds:.0f}s before trusting that it did not"})
+                     {"reason": "a request cut off (by a crash, or a timeout while the "
+                      "provider held it) may still reach the provider; waiting "
+                      f"{seconds:.0f}s before trusting that it did not"})
 
     return say
 

@@ -436,6 +436,39 @@ def test_a_resume_after_a_kill_does_not_send_a_shared_address_what_it_already_go
     assert sms_to(sandbox) == {f"+1202555{i:04d}": 1 for i in range(5)}
 
 
+def test_a_resume_after_a_kill_while_twilio_held_the_sms_waits_for_it(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio holds the send 7 s before it records the message; the process is killed 3 s
+    into that wait, and `resume` runs at once. The record ended at the attempt, so resume
+    trusted "not at Twilio" 5 s after it and sent the SMS again; Twilio then recorded the
+    first one too. While a request is held, the dispatcher now records `delivery.held`;
+    resume then waits for the channel's request deadline and finds the message."""
+    pb = _falling_back(tmp_path / "pb", 1, "team_sms", "team_email")
+    _time_out(pb, '"+15005550006"', 10)  # (no timeout before Twilio's 7 s)
+    sandbox.twilio.faults.update(send_latency_ms=7_000)
+    audit = tmp_path / "audit.jsonl"
+    attempted: list[float] = []
+
+    def held_for_3s() -> bool:
+        if not attempted:
+            if '"delivery.attempt"' in (audit.read_text() if audit.exists() else ""):
+                attempted.append(time.monotonic())
+            return False
+        return time.monotonic() - attempted[0] >= 3
+
+    started = time.monotonic()
+    env = _declare_killed_when(pb, sandbox, tmp_path, held_for_3s)
+    assert '"delivery.held"' in audit.read_text()
+    assert sms_to(sandbox) == {}, "killed while Twilio held the SMS"
+    sandbox.twilio.faults.update(send_latency_ms=0)
+    [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
+    resumed = run_cli("resume", incident["id"], "--yes", "--sandbox", "--json", env=env)
+    time.sleep(max(0.0, started + 10 - time.monotonic()))  # (the held request is recorded)
+    assert sms_to(sandbox) == {"+12025550000": 1}, resumed.stderr
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "waiting" in resumed.stderr.lower() or "wait" in resumed.stderr.lower()
+
+
 # ------------------------------------------------------------------ accepted, then dropped
 # skew: Twilio's clock an hour behind this machine's (a laptop whose clock drifted ahead):
 # a message it created "before" the attempt, on this clock, is still the attempt's.
@@ -1072,6 +1105,31 @@ def test_email_server_that_hangs_after_accepting_is_unknown_in_bounded_time_neve
     assert listed.exit_code == 5 and len(listed.in_doubt) == people
     mail = mail_to(sandbox)
     assert len(mail) == people and set(mail.values()) == {1}, "none sent twice"
+
+
+def test_a_resume_at_once_after_sms_timed_out_waits_for_the_twilio_that_held_them(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Twilio holds each send 7 s before it records the message (a provider that hangs,
+    then takes it). The SMS channel gives up after its 3 s timeout: the SMS is in doubt and
+    the person hears by email. A resume run at once looked the SMS up 5 s after its
+    attempt, did not find it, and sent it again; Twilio then recorded the first one too:
+    two SMS. The record shows that Twilio held the request 3 s without an answer, so
+    "not found" is now trusted only once the channel's request deadline (9 s) has passed
+    since the attempt: the lookup finds the message, and nothing is sent again."""
+    pb = _falling_back(tmp_path / "pb", 1, "team_sms", "team_email")
+    _time_out(pb, '"+15005550006"', 3)
+    sandbox.twilio.faults.update(send_latency_ms=7_000)
+    rt = runtime(tmp_path, sandbox)
+    started = time.monotonic()
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert outcome.exit_code == 5 and mail_to(sandbox) == {"person0@example.com": 1}
+    sandbox.twilio.faults.update(send_latency_ms=0)
+    final = resume(rt, outcome.incident_id)
+    time.sleep(max(0.0, started + 9 - time.monotonic()))  # (the held request is recorded)
+    assert sms_to(sandbox) == {"+12025550000": 1}
+    [settled] = events(rt, "delivery.settled", "team_sms")
+    assert settled.payload["outcome"] == "sent"
+    assert final.exit_code == 0 and not final.in_doubt
 
 
 # ------------------------------------------------------------------ far rate limits
