@@ -210,7 +210,7 @@ def apply(state: IncidentState, rec: AuditRecord) -> None:
         return
     if event == "delivery.attempt":
         d.attempts = max(d.attempts, int(p.get("attempt", d.attempts + 1)))
-        d.attempted_at = rec.ts
+        d.attempted_at, d.held_s = rec.ts, 0.0
         if d.status == "planned":
             d.status = "attempting"
         return
