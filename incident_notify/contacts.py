@@ -299,14 +299,23 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                 problems.append(Problem(source, 1, None, "no header row", _HEADER_HINT))
                 return
             header_line = start - 1
+            if any(header_line <= n < start for n in undecodable) or (
+                    utf16 and any("\ufffd" in h for h in header)):
+                problems.append(Problem(source, header_line, None, "the header row is not "
+                                        f"{'UTF-16' if utf16 else 'UTF-8'} text: not a CSV "
+                                        "file, or saved in another encoding",
+                                        "save it as CSV UTF-8 (a spreadsheet's 'CSV UTF-8' "
+                                        "format)"))
+                return
             columns: list[str] = []
             for name in (h.strip().lower() for h in header):
                 if name and name in columns:
                     problems.append(Problem(source, header_line, None, f"column {name!r} "
                                             "appears twice; the later one is ignored"))
                 elif name and name not in _FIELD_SET:
-                    problems.append(Problem(source, header_line, None, f"column {name!r} is not "
-                                            "a contact field and is ignored", _FIELDS_HINT))
+                    shown = name if len(name) <= 40 else name[:39] + "…"
+                    problems.append(Problem(source, header_line, None, f"column {shown!r} is "
+                                            "not a contact field and is ignored", _FIELDS_HINT))
                 columns.append(name)
             if "id" not in columns:
                 problems.append(Problem(source, header_line, None, "no 'id' column: no row can "

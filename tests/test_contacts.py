@@ -312,6 +312,22 @@ def test_a_contacts_file_that_is_neither_csv_nor_yaml_says_which_formats_are_rea
     assert problem.hint is not None and ".csv" in problem.hint and ".yaml" in problem.hint
 
 
+def test_a_file_that_is_not_text_or_has_a_long_stray_column_is_said_briefly(
+        tmp_path: Path) -> None:
+    """A binary file named .csv (an .xlsx renamed, a wrong export) printed its first "row"
+    as a column name: hundreds of characters of noise, then "no 'id' column". It is now
+    one problem: the header row is not UTF-8 text."""
+    binary = tmp_path / "people.csv"
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(128, 256)) * 4
+                       + b"\n" + bytes(range(128, 256)) + b",\n")  # (an .xlsx is a zip)
+    [problem] = load_contacts([binary]).problems
+    assert "header row is not UTF-8 text" in problem.message and len(problem.message) < 120
+    stray = tmp_path / "stray.csv"
+    stray.write_text("id,name,email," + "x" * 300 + "\na,Ann,ann@example.com,\n")
+    [long] = load_contacts([stray]).problems
+    assert "is not a contact field" in long.message and len(long.message) < 120
+
+
 def test_a_row_split_by_the_files_own_separator_names_it_in_the_hint(tmp_path: Path) -> None:
     semi = tmp_path / "semi.csv"
     semi.write_text("id;name;tags\na;Ann;oncall;primary\n")
