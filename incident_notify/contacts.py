@@ -1,10 +1,11 @@
 """Contacts: people, their addresses, groups, tags and channel preferences.
 
 Sources are YAML files (a list of people, or ``{contacts: [...]}``), tables (.csv, .tsv or
-.txt: one person per row) or directories of them. Every record is validated — phone numbers normalised to
-E.164 with `phonenumbers`, emails with `email-validator` (syntax only, no network), Twitter
-handles by Twitter's rules — and a bad record is reported as ``file:line: field: problem``
-while the rest still load. CSV is streamed row by row. Reference: docs/contacts.md.
+.txt: one person per row) or directories of them. Every record is validated — phone
+numbers normalised to E.164 with `phonenumbers`, emails with `email-validator` (syntax
+only, no network), Twitter handles by Twitter's rules — and a bad record is reported as
+``file:line: field: problem`` while the rest still load. CSV is streamed row by row.
+Reference: docs/contacts.md.
 
 Long on purpose: every contact source (CSV, YAML) goes through one loader and one field
 validator, so all are checked alike, with located problems.
