@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 from incident_notify.channels.base import Delivery
 
-HELD_S = 2.0
-"""A request unanswered this long: its provider may be holding it (an API's slowest answers
-take a second or two)."""
+HELD_S = 1.0
+"""A request unanswered this long: its provider may be holding it (an API answers in well
+under a second; a record or two more for a slow one costs nothing)."""
 CHECK_EVERY_S = 0.5
 
 Record = Callable[[Delivery, int, float], None]

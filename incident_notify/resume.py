@@ -76,10 +76,10 @@ def _reply_target(ds: DeliveryState, state: IncidentState) -> str | None:
 
 
 SETTLE_GRACE_S = 5.0
-"""How long a provider may take to record a request after it arrives (an API's slowest
-answers take a second or two) before `settle` trusts that it is not there. Every delivery
-a kill caught between its attempt record and its request waits this long in a `resume`
-run at once, so it is kept short."""
+"""The least time a provider is given to record a request after it arrives (an API's
+slowest answers take a second or two) before `settle` trusts that it is not there; a
+channel whose `timeout_s` is longer gives it that: a provider may hold a request as long as
+a sender waits for its answer, and a kill can come at any moment of that wait."""
 
 
 def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Channel],
@@ -92,12 +92,12 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
     "Not in the provider's records" is trusted only once the request has had time to get
     there: a provider still working on a request the crash cut off (slow to record it)
     would take it after the lookup, and the resend would be a second message. A delivery
-    attempted less than SETTLE_GRACE_S ago (at most its channel's request deadline) and
-    not found is looked up again once that time has passed (`waiting` is told how long,
-    and for which channels). When the record shows the provider holding the attempt
-    (HELD_S without an answer), that time is the channel's whole request deadline. A
-    provider that holds a request for longer still before recording it is beyond what a
-    lookup can settle."""
+    attempted less than its channel's `timeout_s` ago (at least SETTLE_GRACE_S) and not
+    found is looked up again once that time has passed (`waiting` is told how long, and
+    for which channels). When the record shows the provider holding the attempt (HELD_S
+    without an answer), that time is the channel's whole request deadline. A provider
+    that holds a request for longer still before recording it is beyond what a lookup can
+    settle."""
     out: list[Settlement] = []
     unreachable: dict[str, str] = {}
     recent: list[tuple[DeliveryState, Delivery, Channel, datetime]] = []
@@ -120,8 +120,9 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
                 held = max(ds.held_s, 0.0 if ds.status == "unknown" else
                            seconds_between(ds.attempted_at, state.last_event_at))
                 # (held: the provider may still take it, see `held`)
-                grace = ch.request_deadline_s() if held >= HELD_S else \
-                    min(SETTLE_GRACE_S, ch.request_deadline_s())
+                deadline = ch.request_deadline_s()
+                grace = deadline if held >= HELD_S else min(deadline, max(
+                    SETTLE_GRACE_S, deadline / ch.REQUEST_DEADLINE_FACTOR))
                 ends = since.timestamp() + grace
                 if ends > time.time():
                     recent.append((ds, d, ch, since))

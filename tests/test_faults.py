@@ -436,6 +436,27 @@ def test_a_resume_after_a_kill_does_not_send_a_shared_address_what_it_already_go
     assert sms_to(sandbox) == {f"+1202555{i:04d}": 1 for i in range(5)}
 
 
+def test_a_resume_right_after_a_kill_gives_a_provider_as_long_as_a_sender_waits(
+        tmp_path: Path, sandbox: Any) -> None:
+    """SIGKILL the moment the SMS reaches a Twilio that holds it 8 s before recording it
+    (well within the channel's 10 s `timeout_s`: a live sender would have waited for it),
+    then `resume` at once. Nothing in the record says Twilio was holding it, and resume
+    trusted "not there" after 5 s: it sent the SMS again, and Twilio then recorded both.
+    "Not there" is now trusted once the provider has had the channel's `timeout_s`."""
+    pb = _falling_back(tmp_path / "pb", 1, "team_sms", "team_email")
+    _time_out(pb, '"+15005550006"', 10)
+    sandbox.twilio.faults.update(send_latency_ms=8_000)
+    sends = f"/2010-04-01/Accounts/{sandbox.twilio.account_sid}/Messages.json"
+    env = _declare_killed_when(pb, sandbox, tmp_path, lambda: bool(sandbox.twilio.hits[sends]))
+    killed = time.monotonic()
+    sandbox.twilio.faults.update(send_latency_ms=0)
+    [incident] = json_doc(run_cli("status", "--json", env=env))["data"]["incidents"]
+    resumed = run_cli("resume", incident["id"], "--yes", "--sandbox", "--json", env=env)
+    time.sleep(max(0.0, killed + 8.5 - time.monotonic()))  # (the held request is recorded)
+    assert sms_to(sandbox) == {"+12025550000": 1}, resumed.stderr
+    assert resumed.returncode == 0 and time.monotonic() - killed < 10 + 8
+
+
 def test_a_resume_after_a_kill_while_twilio_held_the_sms_waits_for_it(
         tmp_path: Path, sandbox: Any) -> None:
     """Twilio holds the send 7 s before it records the message; the process is killed 3 s
