@@ -4,10 +4,11 @@
 provider has no record of it. A provider that holds a request (it hangs) and records the
 message only later would then get it twice. When the sending process was killed while the
 provider held the request, its record ends at the attempt: nothing in it says that the
-provider was holding it, and `resume` trusts "not there" after a few seconds. So while
-sending, a watcher appends `delivery.held` for each request still unanswered after
-`HELD_S`, once per attempt; `resume` then waits for the channel's whole request deadline
-before it trusts that such a delivery is not at the provider.
+provider was holding it, and `resume` trusts "not there" once the provider has had the
+channel's `timeout_s`, however long it holds requests. So while sending, a watcher appends
+`delivery.held` for each request still unanswered after `HELD_S`, once per attempt;
+`resume` then waits for the channel's whole request deadline before it trusts that such a
+delivery is not at the provider.
 
 Requests answered sooner cost a dictionary entry each, and the watcher thread starts with
 the first attempt of a run and looks twice a second.
@@ -31,6 +32,8 @@ Record = Callable[[Delivery, int, float], None]
 
 
 class HeldWatch:
+    """The requests of one dispatcher run, from their attempt record to their answer."""
+
     def __init__(self, record: Record) -> None:
         self._record = record
         self._lock = threading.Lock()
