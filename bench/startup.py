@@ -2,7 +2,9 @@
 
 Each command runs in a fresh process, several times; the best wall time is compared with
 `python -c pass` and with `incident-notify --version` (issue 13's yardstick: validate and
-preview within 2x --version).
+preview within 2x --version). The last row, `bench/startup_floor.py`, is what a validate
+costs that only imports this project's libraries, reads the playbooks and compiles their
+templates: the floor under the tool's own figure.
 
     python bench/startup.py [--repeat 5]
 """
@@ -51,6 +53,8 @@ def main() -> int:
             "validate playbooks/": [*tool, "validate", "playbooks/"],
             "preview (one stage)": [*tool, "preview", str(POWER), *VARS],
             "status (empty log)": [*tool, "status"],
+            "floor: validate": [sys.executable, str(ROOT / "bench" / "startup_floor.py"),
+                                "validate", "playbooks/"],
         }
         figures = {name: best(cmd, args.repeat, env) for name, cmd in commands.items()}
     base, version = figures["python -c pass"], figures["--version"]
