@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from incident_notify.errors import InvalidField, Problem
+from incident_notify.errors import InvalidField, Problem, did_you_mean
 from incident_notify.phones import normalise_phone, region_code
 
 __all__ = ["KINDS", "Contact", "ContactSet", "InvalidField", "SourceSummary", "build_contact",
@@ -197,7 +197,8 @@ def build_contact(raw: Mapping[str, Any], source: str, line: int, region: str) -
     """Validate one record (a YAML mapping); raise InvalidField for the first bad field."""
     unknown = raw.keys() - _FIELD_SET
     if unknown:
-        raise InvalidField(str(sorted(unknown, key=str)[0]), "unknown field", _FIELDS_HINT)
+        first = str(sorted(unknown, key=str)[0])
+        raise InvalidField(first, "unknown field" + did_you_mean(first, FIELDS), _FIELDS_HINT)
     values = []
     for name in FIELDS:  # the shape of a CSV row: text, and YAML lists as tuples
         value = raw.get(name)
@@ -316,7 +317,8 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
                 elif name and name not in _FIELD_SET:
                     shown = name if len(name) <= 40 else name[:39] + "…"
                     problems.append(Problem(source, header_line, None, f"column {shown!r} is "
-                                            "not a contact field and is ignored", _FIELDS_HINT))
+                                            "not a contact field and is ignored"
+                                            + did_you_mean(name, FIELDS), _FIELDS_HINT))
                 columns.append(name)
             if "id" not in columns:
                 problems.append(Problem(source, header_line, None, "no 'id' column: no row can "

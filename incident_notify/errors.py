@@ -6,7 +6,7 @@ The CLI turns these into one paragraph on stderr and the matching exit code
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from incident_notify.exit_codes import ExitCode
@@ -80,6 +80,14 @@ class ConfigError(IncidentNotifyError):
 
 class NotFoundError(IncidentNotifyError):
     exit_code = ExitCode.NOT_FOUND
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """" (did you mean 'x'?)" when one of `choices` is a likely spelling of `word`; ""."""
+    from difflib import get_close_matches
+
+    found = get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.75)
+    return f" (did you mean {found[0]!r}?)" if found else ""
 
 
 def no_incident(incident: str, log: object) -> NotFoundError:

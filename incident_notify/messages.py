@@ -20,7 +20,7 @@ from itertools import cycle, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from incident_notify.errors import PlaybookError, Problem, UsageError
+from incident_notify.errors import PlaybookError, Problem, UsageError, did_you_mean
 from incident_notify.playbook import BUILTIN_VARIABLES, MessageSpec, Playbook, TemplateFile
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ def resolve_variables(
     for name in given:
         if name not in declared:
             problems.append(smap.problem(
-                ("variables",), f"unknown variable {name!r} given",
+                ("variables",), f"unknown variable {name!r} given"
+                + did_you_mean(name, declared),
                 f"declared variables: {', '.join(declared) or '(none)'}"))
     for name, var in declared.items():
         if mode == "example":

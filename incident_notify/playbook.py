@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from incident_notify.channels.base import ChannelSpec, endpoint_refusal
-from incident_notify.errors import PlaybookError, Problem
+from incident_notify.errors import PlaybookError, Problem, did_you_mean
 from incident_notify.patterns import slow_pattern
 from incident_notify.yamlmap import SourceMap, load_yaml
 
@@ -255,7 +255,8 @@ class Playbook:
         if name not in self.model.stages:
             from incident_notify.errors import NotFoundError
 
-            raise NotFoundError(f"{self.path}: no stage {name!r}",
+            raise NotFoundError(f"{self.path}: no stage {name!r}"
+                                + did_you_mean(name, self.stage_names),
                                 hint=f"stages: {', '.join(self.stage_names)}")
         return name
 
@@ -347,7 +348,8 @@ def _pydantic_problems(exc: ValidationError, smap: SourceMap) -> Iterator[Proble
         where = ".".join(str(p) for p in path) or "(top level)"
         if kind == "extra_forbidden":
             parent = ".".join(str(p) for p in path[:-1]) or "the top level"
-            message = f"unknown key {path[-1]!r} in {parent}"
+            message = f"unknown key {path[-1]!r} in {parent}" + did_you_mean(path[-1],
+                                                                              _schema_keys())
             hint = "check the spelling; see docs/playbook-format.md for the keys allowed here"
         elif kind == "missing":
             message = f"{where}: missing required key {loc[-1]!r}"
@@ -356,6 +358,15 @@ def _pydantic_problems(exc: ValidationError, smap: SourceMap) -> Iterator[Proble
             message = f"{where}: {_pydantic_text(err)}"
             hint = ""
         yield smap.problem(path, message, hint)
+
+
+def _schema_keys() -> set[str]:
+    """Every key the playbook schema knows, at any level (for a misspelt one's likely
+    spelling)."""
+    models: tuple[type[BaseModel], ...] = (PlaybookModel, Variable, TemplateFile, MessageSpec,
+                                           Stage, ChannelConfig, Selector, Audience)
+    return {info.alias or name for model in models
+            for name, info in model.model_fields.items()}
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
@@ -447,7 +458,9 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
                 for err in exc.errors():
                     key = err["loc"][0] if err["loc"] else ""
                     if err["type"] == "extra_forbidden":
-                        msg = f"channel {name!r}: unknown option {key!r} for type {cfg.type!r}"
+                        msg = (f"channel {name!r}: unknown option {key!r} for type "
+                               f"{cfg.type!r}" + did_you_mean(key, [
+                                   *kind.Options.model_fields, *ChannelConfig.model_fields]))
                     else:
                         msg = f"channel {name!r}: {f'{key}: ' if key else ''}" \
                             f"{_pydantic_text(err)}"
@@ -456,7 +469,8 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
         for i, fb in enumerate(cfg.fallback):
             if fb not in m.channels:
                 yield smap.problem((*base, "fallback", i), f"fallback channel {fb!r} is not "
-                                   "defined", f"defined channels: {', '.join(m.channels)}")
+                                   "defined" + did_you_mean(fb, m.channels),
+                                   f"defined channels: {', '.join(m.channels)}")
             elif fb == name:
                 yield smap.problem((*base, "fallback", i), "a channel cannot fall back to itself")
     for aname, aud in m.audiences.items():
@@ -464,7 +478,8 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
         for i, ch in enumerate(aud.channels):
             if ch not in m.channels:
                 yield smap.problem((*base, "channels", i), f"audience {aname!r} uses undefined "
-                                   f"channel {ch!r}", f"defined channels: {', '.join(m.channels)}")
+                                   f"channel {ch!r}" + did_you_mean(ch, m.channels),
+                                   f"defined channels: {', '.join(m.channels)}")
         if aud.kind != "public" and aud.select.is_empty():
             yield smap.problem(base, f"audience {aname!r} selects nobody",
                                "add select: {groups: [...]} or {tags: [...]}")
@@ -487,17 +502,20 @@ def check_references(pb: Playbook) -> Iterator[Problem]:
         for i, a in enumerate(stage.audiences or []):
             if a not in m.audiences:
                 yield smap.problem((*base, "audiences", i), f"stage {sname!r} names undefined "
-                                   f"audience {a!r}", f"defined: {', '.join(m.audiences)}")
+                                   f"audience {a!r}" + did_you_mean(a, m.audiences),
+                                   f"defined: {', '.join(m.audiences)}")
         for i, nxt in enumerate(stage.next or []):
             if nxt not in m.stages:
                 yield smap.problem((*base, "next", i), f"stage {sname!r}: next stage {nxt!r} "
-                                   "is not defined", f"stages: {', '.join(m.stages)}")
+                                   "is not defined" + did_you_mean(nxt, m.stages),
+                                   f"stages: {', '.join(m.stages)}")
         known_keys = set(m.channels) | {c.type for c in m.channels.values()}
         for key in stage.messages:
             if key not in known_keys:
                 yield smap.problem((*base, "messages", key), f"stage {sname!r}: message for "
-                                   f"unknown channel {key!r}", "keys are channel names or "
-                                   f"types: {', '.join(sorted(known_keys))}")
+                                   f"unknown channel {key!r}" + did_you_mean(key, known_keys),
+                                   "keys are channel names or types: "
+                                   f"{', '.join(sorted(known_keys))}")
         for aud_name, msgs in stage.audience_messages.items():
             if aud_name not in m.audiences:
                 yield smap.problem((*base, "audience_messages", aud_name), f"stage {sname!r}: "

@@ -328,6 +328,16 @@ def test_a_file_that_is_not_text_or_has_a_long_stray_column_is_said_briefly(
     assert "is not a contact field" in long.message and len(long.message) < 120
 
 
+def test_a_misspelt_contact_field_is_answered_with_the_likely_one(tmp_path: Path) -> None:
+    table = tmp_path / "people.csv"
+    table.write_text("id,name,emial,phone\na,Ann,ann@example.com,+12025550101\n")
+    listed = tmp_path / "people.yaml"
+    listed.write_text("- id: b\n  name: Ben\n  phnoe: '+12025550102'\n")
+    messages = [p.message for p in load_contacts([table, listed]).problems]
+    assert any("did you mean 'email'?" in m for m in messages), messages
+    assert any("did you mean 'phone'?" in m for m in messages), messages
+
+
 def test_a_row_split_by_the_files_own_separator_names_it_in_the_hint(tmp_path: Path) -> None:
     semi = tmp_path / "semi.csv"
     semi.write_text("id;name;tags\na;Ann;oncall;primary\n")

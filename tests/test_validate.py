@@ -148,6 +148,38 @@ def test_each_error_names_its_line(tmp_path: Path, old: str, new: str, line: int
         assert "INCIDENT_NOTIFY_TWILIO_API_BASE" in out  # where the endpoint does go
 
 
+@pytest.mark.parametrize(("old", "new", "suggestion"), [
+    ("    max_segments: 1\n", "    max_segment: 1\n", "max_segments"),
+    ("    sender: \"+15005550006\"\n",
+     "    sender: \"+15005550006\"\n    fallbak: [status_twitter]\n", "fallback"),
+    ("severity: sev2\n", "severity: sev2\ntitel: Again\n", "title"),
+    ("    max_length: 12\n", "    max_lenght: 12\n", "max_length"),
+    ("    channels: [team_sms]\n", "    channels: [team_smss]\n", "team_sms"),
+    ("    select: {groups: [oncall]}\n", "    selct: {groups: [oncall]}\n", "select"),
+    ("  investigating:\n    messages:\n",
+     "  investigating:\n    audiences: [tem]\n    messages:\n", "team"),
+], ids=["option", "fallback", "top-level", "variable-key", "channel", "audience-key",
+        "audience-name"])
+def test_a_misspelt_name_in_a_playbook_is_answered_with_the_likely_one(
+        tmp_path: Path, old: str, new: str, suggestion: str) -> None:
+    """A routine typo said only that the name was unknown (and sometimes listed a dozen
+    valid ones): the commander had to find the one meant."""
+    assert old in MINIMAL
+    proc = validate(write(tmp_path, MINIMAL.replace(old, new, 1)))
+    assert_clean_failure(proc)
+    assert f"did you mean {suggestion!r}?" in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_a_misspelt_stage_or_variable_on_the_command_line_is_answered_too() -> None:
+    power = str(PLAYBOOKS / "dc-power-failure.yaml")
+    stage = run_cli("preview", power, "--stage", "investigatng", "--set", "site=X",
+                    "--set", "services=x", "--set", "status_url=https://status.acme.example")
+    assert stage.returncode == 9 and "did you mean 'investigating'?" in stage.stderr
+    variable = run_cli("preview", power, "--set", "site=X", "--set", "sevices=x",
+                       "--set", "status_url=https://status.acme.example")
+    assert variable.returncode == 3 and "did you mean 'services'?" in variable.stderr
+
+
 def test_all_problems_of_a_file_are_reported(tmp_path: Path) -> None:
     text = MINIMAL.replace("type: sms", "type: pager").replace(
         "kind: internal", "kind: everyone").replace("severity: sev2", "severity: urgent")
