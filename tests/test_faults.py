@@ -1151,6 +1151,8 @@ def test_a_resume_at_once_after_sms_timed_out_waits_for_the_twilio_that_held_the
     [settled] = events(rt, "delivery.settled", "team_sms")
     assert settled.payload["outcome"] == "sent"
     assert final.exit_code == 0 and not final.in_doubt
+    [held] = events(rt, "delivery.held", "team_sms")  # (recorded while Twilio held it)
+    assert 1 <= held.payload["held_s"] < 3 and rt.audit.verify().ok
 
 
 # ------------------------------------------------------------------ far rate limits
