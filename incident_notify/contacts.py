@@ -272,9 +272,17 @@ def _delimiter(handle: IO[str]) -> str:
         if not header or header.strip():
             break
     handle.seek(0)
+    stated = header.strip()
+    if len(stated) == 5 and stated.lower().startswith("sep="):
+        return stated[4]  # (Excel's "sep=;" line, naming the separator: skipped as read)
     if "," in header:
         return ","
     return ";" if ";" in header else "\t" if "\t" in header else ","
+
+
+def _is_separator_line(row: list[str]) -> bool:
+    """Excel's first line "sep=;" (the separator it names splits it in two)."""
+    return [v.strip().lower() for v in row] == ["sep=", ""]
 
 
 def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
@@ -295,8 +303,12 @@ def _rows_csv(path: Path, source: str, problems: list[Problem]) -> Rows:
             for row in reader:  # the first row that is not blank
                 start = reader.line_num + 1
                 if any(v.strip() for v in row):
+                    if header is None and _is_separator_line(row):
+                        header = []  # (skipped once)
+                        continue
                     header = row
                     break
+            header = header or None
             if header is None:
                 problems.append(Problem(source, 1, None, "no header row", _HEADER_HINT))
                 return

@@ -328,6 +328,19 @@ def test_a_file_that_is_not_text_or_has_a_long_stray_column_is_said_briefly(
     assert "is not a contact field" in long.message and len(long.message) < 120
 
 
+@pytest.mark.parametrize("sep", [";", ",", "\t"], ids=["semicolon", "comma", "tab"])
+def test_excels_sep_line_names_the_separator_and_is_not_the_header(
+        tmp_path: Path, sep: str) -> None:
+    """A CSV made for Excel may start with "sep=;". It was taken for the header: "column
+    'sep=' is not a contact field", "no 'id' column", nobody loaded (exit 4)."""
+    path = tmp_path / "people.csv"
+    path.write_text(f"sep={sep}\nid{sep}name{sep}email\na{sep}Ann{sep}ann@example.com\n"
+                    f"b{sep}Ben{sep}not-an-address\n")
+    cs = load_contacts([path])
+    assert sorted(cs.contacts) == ["a"] and cs.contacts["a"].line == 3
+    assert [p.line for p in cs.problems] == [4]
+
+
 def test_a_misspelt_contact_field_is_answered_with_the_likely_one(tmp_path: Path) -> None:
     table = tmp_path / "people.csv"
     table.write_text("id,name,emial,phone\na,Ann,ann@example.com,+12025550101\n")
