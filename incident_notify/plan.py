@@ -119,8 +119,13 @@ class Planner:
         self._keys: set[str] = set()
         self._contracts: dict[str, tuple[str | None, str | None, str]] = {}
         """channel -> (preference kind, contact field, threading) from its type's contract."""
+        self._gone: set[str] = set()
+        """Keys whose delivery failed, failed over or was skipped: nobody is told there, so
+        a failover coming to that channel does not count the person as told on it."""
         if state is not None:
             self._keys.update(k for k, d in state.deliveries.items() if d.update_no == update_no)
+            self._gone.update(k for k, d in state.deliveries.items() if d.update_no == update_no
+                              and d.status in ("failed", "failed_over", "skipped"))
         self._lock = threading.Lock()
         self.walks = 0
         """How many times the audiences were walked (once: the plan is kept)."""
@@ -354,6 +359,7 @@ class Planner:
         --retry-not-reached`) be planned again when a failover comes to their channel."""
         with self._lock:
             self._keys.difference_update(keys)
+            self._gone.difference_update(keys)
 
     def _claim(self, key: str) -> bool:
         with self._lock:
@@ -367,6 +373,8 @@ class Planner:
         key = delivery_key(self.incident_id, self.update_no, channel, person.id, 1)
         if not self._claim(key):
             return
+        with self._lock:
+            self._gone.add(key)
         self.stats.skipped += 1
         self.skips.append(Skip(key, channel, person.id, self._address(channel, person),
                                audience, reason, opted_out))
@@ -378,6 +386,7 @@ class Planner:
         Returns None when nobody can be reached another way, or the new deliveries
         (empty when everyone concerned is already told on a fallback channel).
         """
+        self._leaving(delivery)
         fallbacks = self.pb.model.channels[delivery.channel].fallback
         if not fallbacks:
             return None
@@ -398,6 +407,7 @@ class Planner:
         """A permanent recipient error: try the person's next channel in this audience,
         then the channel's fallbacks (an audience told on one channel that falls back to
         another: the person whose number is refused hears on the fallback)."""
+        self._leaving(delivery)
         person = self.contacts.contacts.get(delivery.contact_id)
         aud = self.pb.model.audiences.get(delivery.audience)
         if person is None or aud is None or aud.kind == "public":
@@ -415,6 +425,11 @@ class Planner:
                 if fallbacks else None
         return found
 
+    def _leaving(self, delivery: Delivery) -> None:
+        """`delivery` is being moved off its channel (down, or it was refused there)."""
+        with self._lock:
+            self._gone.add(delivery.key)
+
     def _first_reachable(self, people: Iterator[Contact], channels: list[str], audience: str,
                          respect_optout: bool, fallback_from: str | None = None
                          ) -> list[Planned] | None:
@@ -430,8 +445,9 @@ class Planner:
                     out.append(planned)
                     break
                 key = delivery_key(self.incident_id, self.update_no, ch, person.id, 1)
-                if self._address(ch, person) is not None and key in self._keys:
-                    covered = True  # already told on this channel in this update
+                if self._address(ch, person) is not None and key in self._keys \
+                        and key not in self._gone:
+                    covered = True  # already told (or being told) on this channel
                     break
         return out if (out or covered) else None
 

@@ -984,6 +984,29 @@ def test_a_person_whose_number_is_refused_hears_on_the_channels_fallback(
     assert outcome.verdict.count("reached") == 4
 
 
+def test_a_person_refused_on_the_fallback_of_a_channel_down_is_recorded_failed(
+        tmp_path: Path, sandbox: Any) -> None:
+    """SMS and email fall back to each other. Twilio is down, so the team's SMS fail over
+    to email, and one engineer's mailbox refuses it. The refusal looked for another
+    channel, found the SMS key already there and recorded a failover "to" nothing, which
+    reads as "already told by SMS" though that SMS had failed over itself. The verdict
+    was right (not reached, exit 5); the record now says it too: the email failed."""
+    pb = _falling_back(tmp_path / "pb", 3, "team_sms", "team_email")
+    pb.write_text(pb.read_text().replace(
+        'sender: "Ops <ops@acme.example>"\n',
+        'sender: "Ops <ops@acme.example>"\n    fallback: [team_sms]\n'))
+    rt = runtime(tmp_path, sandbox)
+    sandbox.twilio.faults.update(outage=True)
+    sandbox.smtp.faults.update(bad_recipients=["person1@example.com"])
+    outcome = declare(rt, pb, {"site": "LON-2"})
+    assert mail_to(sandbox) == {"person0@example.com": 1, "person2@example.com": 1}
+    [failed] = events(rt, "delivery.failed", "team_email")
+    assert failed.recipient == "person1@example.com" and failed.payload["permanent"]
+    assert not [r for r in events(rt, "delivery.failover", "team_email")]
+    assert outcome.exit_code == 5 and outcome.verdict is not None
+    assert outcome.verdict.count("not_reached") == 1
+
+
 @pytest.mark.parametrize("outage", [True, False], ids=["down", "down-mid-run"])
 def test_people_sharing_a_mailbox_whose_sms_fail_over_get_one_email(
         tmp_path: Path, sandbox: Any, outage: bool) -> None:
