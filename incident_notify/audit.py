@@ -441,6 +441,19 @@ class AuditLog:
                     return
                 yield number, raw
 
+    def names_channel(self, channel: str) -> bool:
+        """Whether a record names `channel` (read from the raw lines, as `records`
+        pre-filters them: records are canonical JSON); stops at the first."""
+        needle = b'"channel":' + json.dumps(channel).encode()
+        return any(needle in raw for _, raw in self._lines())
+
+    def channel_names(self) -> set[str]:
+        """Every channel a record names."""
+        import re
+
+        pattern = re.compile(rb'"channel":"([^"\\]+)"')
+        return {m.decode() for _, raw in self._lines() for m in pattern.findall(raw)}
+
     def records(self, *, incident: str | None = None, event_prefix: str | None = None,
                 channel: str | None = None, since: datetime | None = None,
                 incidents: Collection[str] | None = None,

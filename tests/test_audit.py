@@ -293,6 +293,25 @@ def test_cli_verify_ok_and_tampered(log: AuditLog) -> None:
     assert doc["exit_code"] == 8 and doc["data"]["first_bad_line"] == 12
 
 
+@pytest.mark.parametrize(("option", "typo", "code", "said"), [
+    ("--channel", "smss", 9, "no record of channel 'smss'"),
+    ("--status", "sentt", 2, "no delivery status 'sentt'"),
+    ("--event", "delivery.sentt", 2, "no event starts with 'delivery.sentt'"),
+])
+def test_a_mistyped_filter_is_said_not_shown_as_nothing(
+        log: AuditLog, option: str, typo: str, code: int, said: str) -> None:
+    """`audit show --channel team_smss` printed an empty table, exit 0: as if nothing had
+    gone out on the team's SMS. A filter that cannot match is now said, with the likely
+    name; a filter that matches nothing now (a status no delivery has yet) still shows
+    an empty table."""
+    for command in ("show", "export"):
+        typo_run = run_cli("audit", command, "--audit-log", str(log.path), option, typo)
+        assert typo_run.returncode == code and said in typo_run.stderr, typo_run.stderr
+        assert "did you mean" in typo_run.stderr and typo_run.stdout == ""
+    empty = run_cli("audit", "show", "--audit-log", str(log.path), "--status", "failed")
+    assert empty.returncode == 0 and empty.stderr == ""
+
+
 def test_cli_show_and_export(log: AuditLog, tmp_path: Path) -> None:
     doc = json_doc(run_cli("audit", "show", "--audit-log", str(log.path), "--incident",
                            "INC-1", "--json"))

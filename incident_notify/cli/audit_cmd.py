@@ -60,11 +60,25 @@ def parse_since(value: str | None) -> datetime | None:
 
 def _filtered(path: Path | None, sandbox: bool, incident: str | None, channel: str | None,
               status: str | None, event: str | None, since: str | None) -> Any:
+    from incident_notify.audit_schema import EVENTS
+    from incident_notify.errors import NotFoundError, UsageError, did_you_mean
+
+    statuses = [e.split(".", 1)[1] for e in EVENTS if e.startswith("delivery.")]
+    if status and status not in statuses:
+        raise UsageError(f"no delivery status {status!r}" + did_you_mean(status, statuses),
+                         hint=f"--status takes one of: {', '.join(statuses)}")
+    if event and not any(e.startswith(event) for e in EVENTS):
+        raise UsageError(f"no event starts with {event!r}" + did_you_mean(event, EVENTS),
+                         hint=f"events: {', '.join(EVENTS)}")
     prefix = f"delivery.{status}" if status else event
     log = _log(path, sandbox)
+    if channel and not log.names_channel(channel):
+        # (As with an incident id: a mistyped channel would show nothing, as if it were so.)
+        names = log.channel_names()
+        raise NotFoundError(f"no record of channel {channel!r} in {log.path}"
+                            + did_you_mean(channel, names),
+                            hint=f"channels recorded: {', '.join(sorted(names)) or 'none'}")
     if incident and next(iter(log.records(incident=incident)), None) is None:
-        from incident_notify.errors import NotFoundError
-
         # (A mistyped id would otherwise show or export nothing, as if it were so.)
         raise NotFoundError(f"no incident {incident!r} in {log.path}",
                             hint="incident-notify status lists the incidents")
