@@ -341,6 +341,20 @@ def test_excels_sep_line_names_the_separator_and_is_not_the_header(
     assert [p.line for p in cs.problems] == [4]
 
 
+def test_contacts_list_of_a_mistyped_group_or_tag_says_so() -> None:
+    """`contacts list --group oncal` printed an empty table, exit 0: "nobody is on call".
+    A group or tag that no contact has is said, with the likely one (exit 9)."""
+    for option, typo, likely in (("--group", "oncal", "oncall"), ("--tag", "custmer",
+                                                                  "customer")):
+        proc = run_cli("contacts", "list", str(PLAYBOOKS / "contacts"), option, typo)
+        assert proc.returncode == 9 and f"did you mean {likely!r}?" in proc.stderr
+        assert proc.stdout == ""
+    known = run_cli("contacts", "list", str(PLAYBOOKS / "contacts"), "--group", "exec",
+                    "--json")
+    assert known.returncode == 0
+    assert {c["id"] for c in json_doc(known)["data"]["contacts"]} and known.stderr == ""
+
+
 def test_a_misspelt_contact_field_is_answered_with_the_likely_one(tmp_path: Path) -> None:
     table = tmp_path / "people.csv"
     table.write_text("id,name,emial,phone\na,Ann,ann@example.com,+12025550101\n")

@@ -20,7 +20,7 @@ app.add_typer(contacts_app, name="contacts")
 optout_app = typer.Typer(help="The opt-out list.", no_args_is_help=True)
 contacts_app.add_typer(optout_app, name="optout")
 
-PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv), "
+PathsArg = Annotated[list[Path], typer.Argument(help="Contact files (.yaml, .csv, .tsv), "
                                                  "directories of them, or playbooks (their "
                                                  "contact sources).")]
 RegionOpt = Annotated[str | None, typer.Option(
@@ -173,6 +173,10 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     env.json = json
     settings = _settings(region, None)
     cs = load_contacts(_sources(paths, settings), default_region=settings.default_region)
+    _refuse_unknown_names(cs, "group", group or [], {g for c in cs.contacts.values()
+                                                     for g in c.groups})
+    _refuse_unknown_names(cs, "tag", tag or [], {t for c in cs.contacts.values()
+                                                 for t in c.tags})
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
@@ -191,6 +195,18 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     for problem in cs.problems:  # (diagnostics: stderr)
         env.err_console().print(f"[bold red]invalid:[/] {escape(str(problem))}")
     raise typer.Exit(code)
+
+
+def _refuse_unknown_names(cs: Any, kind: str, given: list[str], known: set[str]) -> None:
+    """A group or tag no contact has: said (with the likely one), not listed as nobody,
+    which reads as "nobody is on call"."""
+    from incident_notify.errors import NotFoundError, did_you_mean
+
+    for name in given:
+        if name not in known and cs.contacts:
+            raise NotFoundError(f"no contact has the {kind} {name!r}"
+                                + did_you_mean(name, known),
+                                hint=f"{kind}s: {', '.join(sorted(known)) or 'none'}")
 
 
 KindArg = Annotated[str, typer.Argument(help="sms, email or twitter_dm.")]
