@@ -417,12 +417,11 @@ class Planner:
                  if delivery.channel in candidates else candidates)
         respect = aud.kind != "internal"
         found = self._first_reachable(iter([person]), after, delivery.audience, respect)
-        if found is None:
+        if found is None:  # (no fallback left: None, as for no next channel)
             fallbacks = [c for c in self.pb.model.channels[delivery.channel].fallback
                          if c not in candidates]
             found = self._first_reachable(iter([person]), fallbacks, delivery.audience,
-                                          respect, fallback_from=delivery.channel) \
-                if fallbacks else None
+                                          respect, fallback_from=delivery.channel)
         return found
 
     def _leaving(self, delivery: Delivery) -> None:

@@ -120,10 +120,9 @@ def settle(state: IncidentState, contacts: ContactSet, channels: Mapping[str, Ch
                 held = max(ds.held_s, 0.0 if ds.status == "unknown" else
                            seconds_between(ds.attempted_at, state.last_event_at))
                 deadline = ch.request_deadline_s()
-                timeout = deadline / ch.REQUEST_DEADLINE_FACTOR  # (the channel's timeout_s)
                 # Seen holding it, the provider may take it as late as the deadline.
-                grace = deadline if held >= HELD_S else min(deadline,
-                                                            max(SETTLE_GRACE_S, timeout))
+                grace = deadline if held >= HELD_S else min(
+                    deadline, max(SETTLE_GRACE_S, ch.answer_timeout_s()))
                 ends = since.timestamp() + grace
                 if ends > time.time():
                     recent.append((ds, d, ch, since))

@@ -33,7 +33,7 @@ def make_client(channel: Channel) -> Any:
     import tweepy
 
     base = channel.api_base(TWITTER_API)
-    timeout = (CONNECT_TIMEOUT_S, float(getattr(channel.options, "timeout_s", 20.0)))
+    timeout = (CONNECT_TIMEOUT_S, channel.answer_timeout_s())
 
     class RewritingSession(requests.Session):
         last_date: tuple[str, float] | None = None

@@ -387,11 +387,15 @@ class Channel(ABC):
 
     REQUEST_DEADLINE_FACTOR: ClassVar[float] = 3.0
 
+    def answer_timeout_s(self) -> float:
+        """The channel's `timeout_s` (20 s unless set): how long a sender waits on each
+        socket operation for the provider's answer."""
+        return float(getattr(self.options, "timeout_s", 20.0))
+
     def request_deadline_s(self) -> float:
         """The most one request may take, whole (connecting, sending, reading the answer):
-        three times the channel's `timeout_s` (20 s unless set), which bounds each socket
-        operation only."""
-        return self.REQUEST_DEADLINE_FACTOR * float(getattr(self.options, "timeout_s", 20.0))
+        three times `answer_timeout_s`, which bounds each socket operation only."""
+        return self.REQUEST_DEADLINE_FACTOR * self.answer_timeout_s()
 
     def bounded(self, provider: str, *, maybe_delivered: bool,
                 mapped: Callable[[Exception], ChannelError]) -> _Bounded:

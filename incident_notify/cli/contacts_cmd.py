@@ -173,10 +173,8 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     env.json = json
     settings = _settings(region, None)
     cs = load_contacts(_sources(paths, settings), default_region=settings.default_region)
-    _refuse_unknown_names(cs, "group", group or [], {g for c in cs.contacts.values()
-                                                     for g in c.groups})
-    _refuse_unknown_names(cs, "tag", tag or [], {t for c in cs.contacts.values()
-                                                 for t in c.tags})
+    _refuse_unknown_names(cs, "group", group or [])
+    _refuse_unknown_names(cs, "tag", tag or [])
     people = (list(cs.select(groups=group or [], tags=tag or [])) if (group or tag)
               else list(cs.contacts.values()))
     code = int(ExitCode.INVALID_CONTACTS if cs.problems else ExitCode.OK)
@@ -197,13 +195,16 @@ def list_(ctx: typer.Context, paths: PathsArg, group: Annotated[list[str] | None
     raise typer.Exit(code)
 
 
-def _refuse_unknown_names(cs: Any, kind: str, given: list[str], known: set[str]) -> None:
+def _refuse_unknown_names(cs: Any, kind: str, given: list[str]) -> None:
     """A group or tag no contact has: said (with the likely one), not listed as nobody,
     which reads as "nobody is on call"."""
     from incident_notify.errors import NotFoundError, did_you_mean
 
+    if not given or not cs.contacts:
+        return
+    known = {name for c in cs.contacts.values() for name in getattr(c, f"{kind}s")}
     for name in given:
-        if name not in known and cs.contacts:
+        if name not in known:
             raise NotFoundError(f"no contact has the {kind} {name!r}"
                                 + did_you_mean(name, known),
                                 hint=f"{kind}s: {', '.join(sorted(known)) or 'none'}")
